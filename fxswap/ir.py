@@ -1,0 +1,72 @@
+"""Plain-data description of a captured graph: everything the planner needs, nothing from torch.
+
+Capture (``fxswap.trace``) produces a :class:`GraphIR`; the planning passes in ``fxswap.passes``
+consume it. Keeping this module free of torch imports lets the planner be tested on generated
+graphs (lists of ints) and keeps the dependency direction trace -> analyse -> plan -> rewrite -> run.
+
+Indices: ops are numbered 0..len(ops)-1 in execution order (FX order, which is topological).
+A buffer with ``start == s`` and ``end == e`` occupies memory while ops s..e (inclusive) run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BufferInfo", "GraphIR", "InputInfo", "OpInfo", "WeightInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class WeightInfo:
+    """One parameter (or buffer) the graph reads. Swap units are made of these."""
+
+    name: str  # fully qualified name, as in model.named_parameters() / named_buffers()
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    nbytes: int
+    module: str  # owning module path, e.g. "blocks.3.self_attn.q"; "" for the root module
+
+
+@dataclass(frozen=True, slots=True)
+class InputInfo:
+    """One user input of the graph (not a weight)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpInfo:
+    """One compute node of the graph, in execution order."""
+
+    name: str  # FX node name, unique within the graph
+    target: str  # printable target, e.g. "torch._C._nn.linear"
+    module: str  # innermost module path from nn_module_stack; "" outside any submodule
+    weights: tuple[str, ...]  # names of the weights this op reads directly
+    out_bytes: int  # bytes of new storage this op allocates (0 for views and aliases)
+    flops: float  # matmul / conv / attention FLOPs from shapes; 0 where not modelled
+    mem_bytes: int  # bytes read plus written, for ops whose cost is memory traffic
+
+
+@dataclass(frozen=True, slots=True)
+class BufferInfo:
+    """One activation storage (aliases folded into their base) and its live range."""
+
+    name: str  # the op (or input) that allocates it
+    nbytes: int
+    start: int  # index of the allocating op; 0 for graph inputs
+    end: int  # index of the last op that reads it (inclusive); len(ops) - 1 for outputs
+
+
+@dataclass(frozen=True, slots=True)
+class GraphIR:
+    """A captured graph as plain data."""
+
+    ops: tuple[OpInfo, ...]
+    weights: tuple[WeightInfo, ...]  # in order of first use
+    buffers: tuple[BufferInfo, ...]
+    inputs: tuple[InputInfo, ...]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
