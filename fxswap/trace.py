@@ -1,0 +1,220 @@
+"""Capture: one FX graph of a model's forward, with every weight named, as a :class:`GraphIR`.
+
+The graph comes from ``torch.compile(..., backend=<capturing backend>, fullgraph=True,
+dynamic=False)``, the path that ends in Inductor, so the runtime can rewrite this very
+GraphModule. Parameters and buffers arrive as placeholders (``inline_inbuilt_nn_modules``) and
+are named by *object identity* against ``named_parameters()`` / ``named_buffers()``; Dynamo's
+mangled placeholder names are never parsed for that.
+
+The capturing backend never runs the graph: it hands Dynamo a stub that raises a private
+sentinel, so tracing a real model costs no compute and no activation memory.
+
+Each trace compiles a fresh copy of a small entry function (a new code object), so Dynamo's
+per-code cache starts empty, repeated traces of the same model really re-trace, and nothing is
+left in the user's compile caches when the copy is dropped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fxswap.errors import CaptureError
+from fxswap.ir import GraphIR
+from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
+
+__all__ = ["Traced", "trace"]
+
+
+@dataclass(frozen=True)
+class Traced:
+    """The result of :func:`trace`.
+
+    ``gm`` is Dynamo's GraphModule (kept as is for the runtime rewrite), ``example_inputs`` the
+    flat list Dynamo passed to the backend (parameters are the model's own Parameter objects),
+    ``placeholder_params`` the weight FQN per placeholder position (None for user inputs),
+    ``placeholder_names`` a readable name per position (the FQN, or e.g. ``context[0]``).
+    """
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    placeholder_params: tuple[str | None, ...]
+    placeholder_names: tuple[str, ...]
+    ir: GraphIR
+    capture_seconds: float
+
+
+class _CaptureDone(Exception):
+    """Raised by the stub the capturing backend returns, to stop before the graph would run."""
+
+
+def _entry(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return model(*args, **kwargs)
+
+
+def _fresh_entry() -> Callable[..., Any]:
+    # A new code object has its own (empty) Dynamo cache; see the module docstring.
+    code = _entry.__code__.replace()
+    return types.FunctionType(code, _entry.__globals__, "_fxswap_capture_entry")
+
+
+def _input_names(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, str]:
+    """id(tensor) -> readable name for every tensor in the user's example inputs."""
+    named: dict[str, Any] = {}
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        for pname, value in bound.arguments.items():
+            kind = bound.signature.parameters[pname].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                named.update({f"{pname}[{i}]": v for i, v in enumerate(value)})
+            else:
+                named[pname] = value
+    except (TypeError, ValueError):
+        named = {f"args[{i}]": a for i, a in enumerate(args)} | dict(kwargs)
+    out: dict[int, str] = {}
+    for pname, value in named.items():
+        leaves, _ = pytree.tree_flatten_with_path(value)
+        for path, leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                out.setdefault(id(leaf), pname + pytree.keystr(path))
+    return out
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    stack = getattr(exc, "real_stack", None)
+    if stack:
+        return list(stack)[-1]
+    frame = getattr(exc, "innermost_user_frame_summary", None)
+    if isinstance(frame, traceback.FrameSummary):
+        return frame
+    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    user = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(torch_dir) and f.filename != __file__
+    ]
+    return user[-1] if user else None
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(getattr(exc, "msg", "") or exc)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for ln in lines:
+        at = ln.find("Could not guard on data-dependent")
+        if at >= 0:
+            return ln[at:].split(" (unhinted", 1)[0]
+        if "data dependent" in ln.lower():
+            return ln
+    gb_type = getattr(exc, "gb_type", None)
+    explanation = next(
+        (ln.removeprefix("Explanation:").strip() for ln in lines if ln.startswith("Explanation:")), ""
+    )
+    if gb_type:
+        return f"{gb_type}" + (f" ({explanation})" if explanation else "")
+    head = lines[0] if lines else type(exc).__name__
+    return head + (f" ({explanation})" if explanation and explanation not in head else "")
+
+
+def _capture_error(exc: BaseException, model: torch.nn.Module) -> CaptureError:
+    frame = _user_frame(exc)
+    where = "an unknown source line"
+    if frame is not None:
+        code = (frame.line or "").strip()
+        where = f"{frame.filename}:{frame.lineno} in {frame.name}" + (f": `{code}`" if code else "")
+    return CaptureError(
+        f"fxswap.trace could not capture {type(model).__name__} as one graph: {_reason(exc)} "
+        f"[{type(exc).__name__}] at {where}. Fix: make that line traceable (keep shapes as Python ints "
+        "instead of calling .tolist()/.item(), drop print/graph_break, avoid data-dependent control "
+        "flow) so the whole forward compiles with fullgraph=True."
+    )
+
+
+def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Traced:
+    """Capture ``model(*example_inputs, **example_kwargs)`` as one FX graph, without running it.
+
+    Works on real or ``meta`` tensors. Inference only: runs under ``torch.no_grad()`` with every
+    parameter's ``requires_grad`` set to False for the duration and restored afterwards.
+    Raises :class:`fxswap.CaptureError` (naming the break and its source line) when the forward
+    does not compile to a single graph.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; pass the module itself"
+        )
+
+    captured: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def backend(gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        captured.append((gm, list(inputs)))
+
+        def stub(*_args: Any) -> Any:
+            raise _CaptureDone
+
+        return stub
+
+    grad_state = [(p, p.requires_grad) for p in model.parameters()]
+    start = time.perf_counter()
+    try:
+        for p, _ in grad_state:
+            p.requires_grad_(False)
+        compiled = torch.compile(_fresh_entry(), backend=backend, fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            compiled(model, example_inputs, example_kwargs)
+    except _CaptureDone:
+        pass
+    except Exception as exc:
+        raise _capture_error(exc, model) from exc
+    finally:
+        for p, req in grad_state:
+            p.requires_grad_(req)
+    capture_seconds = time.perf_counter() - start
+
+    if len(captured) != 1:
+        raise CaptureError(
+            f"fxswap.trace expected exactly one graph from {type(model).__name__} but Dynamo produced "
+            f"{len(captured)}; a forward with no tensor operations, or one Dynamo skips, cannot be planned. "
+            "Fix: call trace on the module whose forward does the tensor work."
+        )
+    gm, flat_inputs = captured[0]
+
+    fqn: dict[int, str] = {}
+    for name, b in model.named_buffers():
+        fqn.setdefault(id(b), name)
+    for name, p in model.named_parameters():
+        fqn.setdefault(id(p), name)
+    user_names = _input_names(model, example_inputs, example_kwargs)
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roles: list[PlaceholderRole] = []
+    for i, (ph, value) in enumerate(zip(placeholders, flat_inputs, strict=True)):
+        weight = fqn.get(id(value))
+        if weight is not None:
+            roles.append(PlaceholderRole(weight=weight, name=weight))
+            continue
+        user_name = user_names.get(id(value))
+        if user_name is None:
+            # A plain tensor attribute of the model (not a registered buffer) or a global.
+            source = getattr(ph, "_dynamo_source", None)
+            user_name = (module_path(source.name) if source is not None else ph.name) or f"input{i}"
+        roles.append(PlaceholderRole(weight=None, name=user_name))
+
+    ir = graph_ir(gm, roles)
+    return Traced(
+        gm=gm,
+        example_inputs=flat_inputs,
+        placeholder_params=tuple(r.weight for r in roles),
+        placeholder_names=tuple(r.name for r in roles),
+        ir=ir,
+        capture_seconds=capture_seconds,
+    )

@@ -1,0 +1,350 @@
+"""FX graph -> :class:`fxswap.ir.GraphIR`: the torch.fx-level analysis behind ``fxswap.trace``.
+
+Works on the GraphModule a Dynamo backend receives: every node carries ``meta['example_value']``
+(a FakeTensor, or a tuple/list of them) with its real shape and dtype, and parameters arrive as
+placeholders. Views and aliases are folded into their base *storage*: two FakeTensors that share
+an untyped storage are one allocation, whatever chain of ``view``/``transpose``/``chunk``/
+``getitem``/``contiguous`` (no-op) produced them. Storage identity is exact where a list of
+"view ops" would be a guess (``reshape`` and ``contiguous`` copy only sometimes).
+
+This module has no global state; :func:`graph_ir` is a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxswap.ir import BufferInfo, GraphIR, InputInfo, OpInfo, WeightInfo
+
+__all__ = ["PlaceholderRole", "graph_ir", "module_path", "target_name"]
+
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+# Targets whose FLOPs are modelled, by printable name (see target_name).
+_LINEAR = {"torch._C._nn.linear", "torch.nn.functional.linear"}
+_MATMUL = {
+    "torch.matmul",
+    "torch.mm",
+    "torch.bmm",
+    "_operator.matmul",
+    "operator.matmul",
+    "Tensor.matmul",
+    "Tensor.mm",
+    "Tensor.bmm",
+    "Tensor.__matmul__",
+}
+_ADDMM = {"torch.addmm", "torch.baddbmm", "Tensor.addmm", "Tensor.baddbmm"}
+_CONV = {"torch.conv1d", "torch.conv2d", "torch.conv3d", "torch.convolution"}
+_CONV_T = {"torch.conv_transpose1d", "torch.conv_transpose2d", "torch.conv_transpose3d"}
+_SDPA = {"torch._C._nn.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention"}
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceholderRole:
+    """What one placeholder of the graph is: a named weight (``weight`` set) or a user input."""
+
+    weight: str | None  # FQN for parameters/buffers, None for user inputs
+    name: str  # FQN for weights; a readable input name (e.g. "context[0]") otherwise
+
+
+def target_name(node: fx.Node) -> str:
+    """A stable printable name for a node's target, e.g. ``torch._C._nn.linear`` or ``Tensor.view``."""
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    if node.op == "call_module":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+    if module is None and name is not None and getattr(target, "__self__", None) is not None:
+        # builtins bound to a module object, e.g. torch.relu is a method of torch._C._VariableFunctions
+        owner = getattr(target, "__self__", None)
+        module = getattr(owner, "__name__", None)
+        if module == "torch._C._VariableFunctions":
+            module = "torch"
+    if name is None:
+        return repr(target)
+    if name.startswith("_VariableFunctionsClass."):
+        # torch.rsqrt and friends report this private class as their qualname
+        return "torch." + name.split(".", 1)[1]
+    if module in (None, "torch._C._VariableFunctions"):
+        module = "torch"
+    return f"{module}.{name}"
+
+
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]*['\"]\]")
+_GETATTR = re.compile(r"getattr\(([^()]*), ['\"]([^'\"]*)['\"]\)")
+_SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]*)['\"]?\]")
+
+
+def module_path(source: str) -> str:
+    """Turn a Dynamo source string into a module FQN relative to the traced root.
+
+    ``L['self'].blocks.0.attn``, ``L['self']._modules['blocks']._modules['0']._modules['attn']``,
+    ``getattr(L['self'].blocks, '0').attn`` and ``L['self'].blocks[0].attn`` all give
+    ``blocks.0.attn``; the root itself gives ``""``.
+    """
+    s = source
+    while True:
+        new = _GETATTR.sub(r"\1.\2", s)
+        if new == s:
+            break
+        s = new
+    s = _ROOT.sub("", s, count=1)
+    s = s.replace("._modules", "").replace("._parameters", "").replace("._buffers", "")
+    s = _SUBSCRIPT.sub(r".\1", s)
+    return s.strip(".")
+
+
+def _innermost_module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return module_path(str(path))
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _node_tensors(node: fx.Node) -> list[torch.Tensor]:
+    return list(_tensors(node.meta.get("example_value", node.meta.get("val"))))
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    # The address of the StorageImpl: equal exactly for tensors sharing one allocation. The
+    # FakeTensors stay alive in node.meta for the whole analysis, so addresses are not reused.
+    return int(t.untyped_storage()._cdata)
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _arg_tensor(node: fx.Node, i: int, key: str | None = None) -> torch.Tensor | None:
+    arg = node.args[i] if i < len(node.args) else (node.kwargs.get(key) if key else None)
+    if isinstance(arg, fx.Node):
+        ts = _node_tensors(arg)
+        if len(ts) == 1:
+            return ts[0]
+    return None
+
+
+def _flops(node: fx.Node, target: str, outs: list[torch.Tensor]) -> float:
+    """Multiply-accumulate FLOPs (2 per MAC) from shapes; 0 for ops whose cost is memory traffic."""
+    if not outs:
+        return 0.0
+    out_numel = outs[0].numel()
+    if target in _LINEAR or target in _MATMUL:
+        a = _arg_tensor(node, 0, "input")
+        if a is None or a.dim() == 0:
+            return 0.0
+        return 2.0 * out_numel * a.shape[-1]
+    if target in _ADDMM:
+        a = _arg_tensor(node, 1, "mat1" if "addmm" in target else "batch1")
+        if a is None or a.dim() == 0:
+            return 0.0
+        return 2.0 * out_numel * a.shape[-1]
+    if target in _CONV:
+        w = _arg_tensor(node, 1, "weight")
+        if w is None:
+            return 0.0
+        # weight is (Cout, Cin/groups, *kernel): each output element is Cin/groups*prod(kernel) MACs
+        return 2.0 * out_numel * math.prod(w.shape[1:])
+    if target in _CONV_T:
+        x = _arg_tensor(node, 0, "input")
+        w = _arg_tensor(node, 1, "weight")
+        if x is None or w is None:
+            return 0.0
+        # weight is (Cin, Cout/groups, *kernel): each input element scatters into that many outputs
+        return 2.0 * x.numel() * math.prod(w.shape[1:])
+    if target in _SDPA:
+        q = _arg_tensor(node, 0, "query")
+        k = _arg_tensor(node, 1, "key")
+        v = _arg_tensor(node, 2, "value")
+        if q is None or k is None or v is None or q.dim() < 2:
+            return 0.0
+        batch_heads = math.prod(q.shape[:-2])
+        lq, lk = q.shape[-2], k.shape[-2]
+        # Q@K^T (2*Lq*Lk*d) plus P@V (2*Lq*Lk*dv); = 4*B*H*Lq*Lk*d when d == dv
+        return 2.0 * batch_heads * lq * lk * (q.shape[-1] + v.shape[-1])
+    return 0.0
+
+
+def _is_inplace(node: fx.Node, target: str) -> bool:
+    last = target.rsplit(".", 1)[-1]
+    if last.endswith("_") and not last.endswith("__"):
+        return True
+    if last in ("setitem", "__setitem__"):
+        return True
+    return bool(node.kwargs.get("inplace")) or "out" in node.kwargs
+
+
+def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
+    """Describe ``gm`` as plain data.
+
+    ``roles`` has one entry per placeholder of ``gm``, in graph order. Placeholders that hold no
+    tensor (none appear with ``dynamic=False``) are skipped.
+
+    - ``ops``: every call_function/call_method/call_module node in FX order. ``out_bytes`` counts
+      only storages first seen at this node (views, aliases and in-place results count 0; a fresh
+      op returning a tuple allocates each distinct storage among its elements). ``weights`` lists
+      the weights whose storage (directly or through a view of it) the node reads.
+    - ``buffers``: one per activation storage (graph inputs start at 0), ending at the last op that
+      reads any alias of it, or at the last op if the graph returns it.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(roles) != len(placeholders):
+        raise ValueError(
+            f"roles has {len(roles)} entries but the graph has {len(placeholders)} placeholders; "
+            "pass one PlaceholderRole per placeholder, in graph order"
+        )
+    ops_nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE_OPS]
+    last_op = len(ops_nodes) - 1
+
+    weight_of: dict[int, str] = {}  # storage -> weight FQN
+    weight_tensor: dict[str, torch.Tensor] = {}
+    buffer_name: list[str] = []
+    buffer_bytes: list[int] = []
+    buffer_start: list[int] = []
+    buffer_of: dict[int, int] = {}  # storage -> index into the buffer_* lists
+    inputs: list[InputInfo] = []
+
+    for ph, role in zip(placeholders, roles, strict=True):
+        ts = _node_tensors(ph)
+        if len(ts) != 1:
+            continue
+        t = ts[0]
+        key = _storage_key(t)
+        if role.weight is not None:
+            weight_of[key] = role.weight
+            weight_tensor.setdefault(role.weight, t)
+            continue
+        inputs.append(
+            InputInfo(name=role.name, shape=tuple(int(s) for s in t.shape), dtype=_dtype_name(t.dtype))
+        )
+        if key not in buffer_of:
+            buffer_of[key] = len(buffer_name)
+            # the placeholder's FX name: unique among node names, unlike the user-facing input name
+            buffer_name.append(ph.name)
+            buffer_bytes.append(int(t.untyped_storage().nbytes()))
+            buffer_start.append(0)
+
+    buffer_end = list(buffer_start)
+    weight_first_use: dict[str, int] = {}
+    ops: list[OpInfo] = []
+
+    for i, node in enumerate(ops_nodes):
+        outs = _node_tensors(node)
+        target = target_name(node)
+
+        read_tensors: list[torch.Tensor] = []
+        for arg in node.all_input_nodes:
+            if node.target is operator.getitem and isinstance(arg.meta.get("example_value"), (tuple, list)):
+                # getitem reads one element of a tuple: the element it returns, not the others
+                read_tensors.extend(outs)
+            else:
+                read_tensors.extend(_node_tensors(arg))
+
+        weights: list[str] = []
+        read_bytes = 0
+        seen_read: set[int] = set()
+        for t in read_tensors:
+            key = _storage_key(t)
+            if id(t) not in seen_read:
+                seen_read.add(id(t))
+                read_bytes += _tensor_bytes(t)
+            w = weight_of.get(key)
+            if w is not None:
+                if w not in weights:
+                    weights.append(w)
+                weight_first_use.setdefault(w, i)
+            b = buffer_of.get(key)
+            if b is not None:
+                buffer_end[b] = max(buffer_end[b], i)
+
+        out_bytes = 0
+        write_bytes = 0
+        for t in outs:
+            key = _storage_key(t)
+            write_bytes += _tensor_bytes(t)
+            if key in weight_of:
+                w = weight_of[key]
+                if w not in weights:
+                    weights.append(w)
+                weight_first_use.setdefault(w, i)
+                continue
+            if key in buffer_of:
+                b = buffer_of[key]
+                buffer_end[b] = max(buffer_end[b], i)
+                continue
+            nbytes = int(t.untyped_storage().nbytes())
+            if nbytes == 0:
+                continue
+            buffer_of[key] = len(buffer_name)
+            buffer_name.append(node.name)
+            buffer_bytes.append(nbytes)
+            buffer_start.append(i)
+            buffer_end.append(i)
+            out_bytes += nbytes
+
+        pure_alias = out_bytes == 0 and not _is_inplace(node, target)
+        mem_bytes = 0 if pure_alias else read_bytes + write_bytes
+        ops.append(
+            OpInfo(
+                name=node.name,
+                target=target,
+                module=_innermost_module(node),
+                weights=tuple(weights),
+                out_bytes=out_bytes,
+                flops=_flops(node, target, outs),
+                mem_bytes=mem_bytes,
+            )
+        )
+
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            continue
+        for arg in node.all_input_nodes:
+            for t in _node_tensors(arg):
+                b = buffer_of.get(_storage_key(t))
+                if b is not None:
+                    buffer_end[b] = max(buffer_end[b], last_op)
+
+    ordered = sorted(weight_tensor, key=lambda w: weight_first_use.get(w, len(ops_nodes)))
+    weights_info = tuple(
+        WeightInfo(
+            name=w,
+            shape=tuple(int(s) for s in weight_tensor[w].shape),
+            dtype=_dtype_name(weight_tensor[w].dtype),
+            nbytes=_tensor_bytes(weight_tensor[w]),
+            module=w.rsplit(".", 1)[0] if "." in w else "",
+        )
+        for w in ordered
+    )
+    buffers = tuple(
+        BufferInfo(name=n, nbytes=b, start=s, end=max(e, s))
+        for n, b, s, e in zip(buffer_name, buffer_bytes, buffer_start, buffer_end, strict=True)
+    )
+    return GraphIR(ops=tuple(ops), weights=weights_info, buffers=buffers, inputs=tuple(inputs))
