@@ -56,6 +56,7 @@ __all__ = [
     "select_expert",
     "sinusoidal_embedding",
     "tiny_config",
+    "unpatchify",
 ]
 
 #: CLIP ViT-H/14 at 224 px: 16 x 16 patches + 1 class token (Wan2.1 I2V image conditioning).
@@ -304,9 +305,14 @@ def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
 
 
 def rope_cos_sin(
-    head_dim: int, frames: int, height: int, width: int, device: torch.device | str | None = None
+    head_dim: int,
+    frames: int,
+    height: int,
+    width: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
-    """float32 cos and sin, each ``[frames*height*width, 1, head_dim//2]``, for a row-major token grid.
+    """cos and sin (``dtype``, float32 by default), each ``[frames*height*width, 1, head_dim//2]``.
 
     Pair ``i`` of the first ``t_dim/2`` pairs rotates with the frame index, the next ones with the row,
     the last ones with the column (``rope_split``). Angles are formed in float64 like the original
@@ -325,9 +331,9 @@ def rope_cos_sin(
     def grid(fn: Callable[[Tensor], Tensor]) -> Tensor:
         shape = (frames, height, width, -1)
         parts = [
-            fn(at).float()[:, None, None, :].expand(shape),
-            fn(ah).float()[None, :, None, :].expand(shape),
-            fn(aw).float()[None, None, :, :].expand(shape),
+            fn(at).to(dtype)[:, None, None, :].expand(shape),
+            fn(ah).to(dtype)[None, :, None, :].expand(shape),
+            fn(aw).to(dtype)[None, None, :, :].expand(shape),
         ]
         return torch.cat(parts, dim=-1).reshape(frames * height * width, 1, head_dim // 2)
 
@@ -337,12 +343,28 @@ def rope_cos_sin(
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x: [B, L, H, d]`` by ``cos/sin: [L, 1, d/2]``.
 
-    Equal to the original ``view_as_complex(x) * polar(1, angle)``; done in float32 and cast back.
+    Equal to the original ``view_as_complex(x) * polar(1, angle)``. Done in float32 (float64 if ``x`` or
+    the tables are float64) and cast back to ``x.dtype``.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
+    work = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
+    pairs = x.to(work).unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
+
+
+def unpatchify(
+    x: Tensor, grid: tuple[int, int, int], patch_size: tuple[int, int, int], channels: int
+) -> Tensor:
+    """Head output ``[B, f*h*w, pt*ph*pw*C]`` -> video ``[B, C, f*pt, h*ph, w*pw]``.
+
+    The head's features are ordered ``(pt, ph, pw, c)`` with the channel fastest (the original
+    ``einsum('fhwpqrc->cfphqwr')``), the opposite of the patch embedding's channel-slowest input order.
+    """
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(x.shape[0], channels, f * pt, h * ph, w * pw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -638,10 +660,7 @@ class WanModel(nn.Module):
         for block in self.blocks:
             x = block(x, e0, context, cos, sin, context_img)
 
-        x = self.head(x, e)
-        # Head features are ordered (pt, ph, pw, c), channel fastest (original unpatchify einsum).
-        x = x.reshape(b, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
+        return unpatchify(self.head(x, e), (f, h, w), cfg.patch_size, cfg.out_dim)
 
 
 # --------------------------------------------------------------------------------------------------
