@@ -1,0 +1,126 @@
+"""Cost model: from a captured graph and a hardware profile to milliseconds and a physical bound.
+
+The per-op time itself is the planner's (:func:`fxswap.passes.simulate.op_costs`: an op takes
+``max(flops / compute rate, mem_bytes / device-memory rate)``; FLOPs of matmul, conv and attention
+come from shapes at capture, everything else is costed by the bytes it moves). This module only
+feeds it a :class:`fxswap.hardware.HardwareProfile`, so that the planner, the peers and the bench
+price every op the same way.
+
+Physical bound of one call (one forward of the traced graph)::
+
+    bound = max(compute_ms, min_swapped_bytes / pinned H2D rate)
+    min_swapped_bytes = max(0, weight_bytes - (budget - reserve - max_i act[i]))
+
+Why it is a lower bound for every schedule the simulator can express: compute cannot go faster
+than the ops; every swapped byte crosses the single copy stream once per call; and at the op with
+the most live activations the device holds at least ``reserve + resident + act``, so no schedule
+keeps more than ``budget - reserve - max act`` bytes resident. It ignores the bytes of the units
+in flight at that op, which a real schedule also needs, so it is optimistic (never above what a
+schedule can reach) - which is what a bound must be.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fxswap.hardware import HardwareProfile
+from fxswap.ir import GraphIR
+from fxswap.passes.liveness import activation_profile
+from fxswap.passes.simulate import OpCosts, op_costs
+
+__all__ = [
+    "PhysicalBound",
+    "copy_ms",
+    "graph_costs",
+    "physical_bound",
+    "plan_rates",
+    "resident_compute_ms",
+    "wan_block_flops",
+]
+
+
+def graph_costs(ir: GraphIR, hw: HardwareProfile) -> OpCosts:
+    """Per-op compute times of ``ir`` on ``hw`` (the planner's op model with the profile's rates)."""
+    return op_costs(ir.ops, hw.compute_tflops, hw.mem_gbps)
+
+
+def resident_compute_ms(ir: GraphIR, hw: HardwareProfile) -> float:
+    """Time of one call with every weight resident: the sum of the op times."""
+    return graph_costs(ir, hw).prefix_ms[-1]
+
+
+def copy_ms(nbytes: int, gbps: float) -> float:
+    """Milliseconds to move ``nbytes`` at ``gbps`` (1e9 bytes per second)."""
+    if gbps <= 0:
+        raise ValueError(f"gbps={gbps!r} must be > 0")
+    return nbytes * 1e3 / (gbps * 1e9)
+
+
+def plan_rates(hw: HardwareProfile) -> dict[str, float]:
+    """The ``PlanOptions`` rates that make adaptive planning price ops and copies as ``hw`` does.
+
+    fxswap keeps host copies of swapped weights pinned, so the pinned rate is the one that applies.
+    """
+    return {
+        "h2d_gbps": hw.pinned_h2d_gbps,
+        "compute_tflops": hw.compute_tflops,
+        "device_mem_gbps": hw.mem_gbps,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class PhysicalBound:
+    """The physical bound of one call and its parts. ``feasible`` is False when the activations
+    alone do not fit the budget (then ``bound_ms`` is ``inf``)."""
+
+    compute_ms: float
+    max_resident_bytes: int
+    min_swapped_bytes: int
+    copy_ms: float
+    bound_ms: float
+    feasible: bool
+
+
+def physical_bound(
+    ir: GraphIR,
+    hw: HardwareProfile,
+    budget_bytes: int,
+    reserve_bytes: int,
+    act: tuple[int, ...] | None = None,
+) -> PhysicalBound:
+    """The bound of the module docstring for ``ir`` on ``hw`` under ``budget_bytes``.
+
+    Args:
+        ir: the captured graph.
+        hw: the hardware profile (compute rates and pinned H2D rate).
+        budget_bytes: the VRAM budget.
+        reserve_bytes: workspace and allocator slack, the same the planner counts.
+        act: activation bytes per op, when the caller already has them.
+    """
+    if act is None:
+        act = activation_profile(ir)
+    compute = resident_compute_ms(ir, hw)
+    room = budget_bytes - reserve_bytes - (max(act) if act else 0)
+    weights = ir.weight_bytes
+    if room < 0:
+        return PhysicalBound(compute, 0, weights, math.inf, math.inf, False)
+    resident = min(weights, room)
+    swapped = weights - resident
+    copy = copy_ms(swapped, hw.pinned_h2d_gbps)
+    return PhysicalBound(compute, resident, swapped, copy, max(compute, copy), True)
+
+
+def wan_block_flops(
+    dim: int, ffn_dim: int, tokens: int, text_tokens: int = 512, image_tokens: int = 0
+) -> float:
+    """FLOPs of one WAN transformer block forward, ``wan_architecture.md`` section 5 (B=1).
+
+    Used to cross-check the FLOPs that capture derives from shapes; elementwise work is ignored
+    there as here (< 1%).
+    """
+    d, f, n, t, i = dim, ffn_dim, tokens, text_tokens, image_tokens
+    self_attn = 8 * n * d * d + 4 * n * n * d
+    cross_attn = 4 * n * d * d + 4 * t * d * d + 4 * n * t * d + 4 * i * d * d + 4 * n * i * d
+    ffn = 4 * n * d * f
+    return float(self_attn + cross_attn + ffn)
