@@ -1,0 +1,272 @@
+"""Planner: GraphIR + PlanOptions -> SwapPlan, by liveness -> partition -> schedule -> simulate -> validate.
+
+Pure Python on plain data (no torch, no torch.fx). The result for a 3-block chain might read::
+
+    units (first-use order)   resident  load_at  wait_at  release_after
+    embed                     yes       -        -        -
+    blocks.0                  no        0        1        4
+    blocks.1                  no        1        5        8     # depth 1: issued at blocks.0's wait
+    head                      yes       -        -        -
+
+Choice per mode (all three fill the budget with resident units, greedily, see
+:mod:`fxswap.passes.schedule`):
+
+- layerwise / chunkwise: the one partition of that mode; prefetch depth = the largest
+  ``d <= max_prefetch_depth`` whose all-swapped schedule fits (falling back to 0).
+- adaptive: candidates = the layerwise partition and chunkwise partitions at
+  :func:`fxswap.passes.partition.adaptive_block_sizes` (64 MiB .. 2 GiB and the user's block size,
+  identical partitions merged), each at every depth 0..max_prefetch_depth; the cost model
+  (:func:`fxswap.passes.simulate.simulate_time`) picks the least predicted step time, then more
+  resident bytes, then fewer units, then the earlier candidate (layerwise first, then sizes
+  ascending, depths ascending) so the choice is deterministic.
+
+Minimum budget of a mode: the peak of its partition all swapped at depth 0 (the least over
+candidate partitions for adaptive); see the monotonicity NOTE in :mod:`fxswap.passes.simulate`.
+Below it :class:`fxswap.errors.BudgetInfeasibleError` says the minimum and what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from fxswap.passes.liveness import Liveness, analyse_liveness
+from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_chunkwise, partition_layerwise
+from fxswap.passes.schedule import PreparedPartition, Schedule, fill_resident, prepare_partition
+from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
+from fxswap.passes.validate import validate_plan
+
+from fxswap.errors import BudgetInfeasibleError, PlanError
+from fxswap.ir import GraphIR
+from fxswap.plan import (
+    SCHEMA_VERSION,
+    PlanOptions,
+    SwapPlan,
+    SwapUnit,
+    combine_fingerprint,
+    fingerprint_parts,
+)
+
+__all__ = ["build_plan", "candidate_partitions", "mode_min_vram_bytes"]
+
+logger = logging.getLogger("fxswap.planner")
+GiB = 2**30
+MiB = 2**20
+
+
+def candidate_partitions(
+    mode: str, order: Sequence[str], nbytes: dict[str, int], block_size_bytes: int
+) -> list[tuple[str, tuple[UnitSpec, ...]]]:
+    """The partitions a mode considers, as ``(label, units)``; identical partitions appear once.
+
+    Args:
+        mode: "layerwise", "chunkwise" or "adaptive".
+        order: weight names in first-use order.
+        nbytes: size of every weight.
+        block_size_bytes: the user's block size.
+    """
+    if mode == "layerwise":
+        return [("layerwise", partition_layerwise(order, nbytes))]
+    if mode == "chunkwise":
+        return [
+            (
+                f"chunkwise {block_size_bytes / MiB:g} MiB",
+                partition_chunkwise(order, nbytes, block_size_bytes),
+            )
+        ]
+    out = [("layerwise", partition_layerwise(order, nbytes))]
+    for size in adaptive_block_sizes(block_size_bytes):
+        out.append((f"chunkwise {size / MiB:g} MiB", partition_chunkwise(order, nbytes, size)))
+    seen: set[tuple[tuple[str, ...], ...]] = set()
+    unique = []
+    for label, units in out:
+        key = tuple(u.params for u in units)
+        if key not in seen:
+            seen.add(key)
+            unique.append((label, units))
+    return unique
+
+
+def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
+    parts = candidate_partitions(mode, live.order, dict(live.nbytes), options.block_size_bytes)
+    return [prepare_partition(label, units, live, options.reserve_bytes) for label, units in parts]
+
+
+def mode_min_vram_bytes(ir: GraphIR, options: PlanOptions, mode: str | None = None) -> int:
+    """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph."""
+    live = analyse_liveness(ir)
+    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode))
+
+
+def _raise_if_infeasible(
+    ir: GraphIR, live: Liveness, options: PlanOptions, parts: list[PreparedPartition]
+) -> None:
+    mins = [p.min_budget() for p in parts]
+    best = min(mins)
+    if options.max_vram_bytes >= best:
+        return
+    part = parts[mins.index(best)]
+    # Break the minimum down at its peak so that the message says what dominates.
+    windows = [
+        UnitWindow(u.bytes, False, f, f, ll)
+        for u, f, ll in zip(part.units, part.first_use, part.last_use, strict=True)
+    ]
+    tl = simulate_memory(live.act, windows, options.reserve_bytes)
+    at = ir.ops[tl.peak_op].name if tl.peak_op >= 0 else "-"
+    biggest = max(part.units, key=lambda u: u.bytes, default=None)
+    fixes = [f"raise max_vram_gb to at least {best / GiB:.2f}"]
+    if options.mode == "chunkwise" and biggest is not None and not biggest.oversized:
+        fixes.append("lower block_size_mb (smaller chunks lower the minimum)")
+    if options.mode != "adaptive":
+        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive"))
+        if other < best:
+            fixes.append(f"use mode='adaptive' (minimum {other / GiB:.2f} GiB)")
+        if options.mode == "chunkwise":
+            lw = _prepare(ir, live, options, "layerwise")[0].min_budget()
+            if lw < best:
+                fixes.append(f"use mode='layerwise' (minimum {lw / GiB:.2f} GiB)")
+    if options.reserve_bytes:
+        fixes.append("lower reserve_mb")
+    fixes.append("or use a smaller input (resolution, frames) to shrink activations")
+    big = f"; largest unit {biggest.name!r} {biggest.bytes / GiB:.2f} GiB" if biggest is not None else ""
+    swapped_at = tl.swapped[tl.peak_op] if tl.peak_op >= 0 else 0
+    act_at = tl.act[tl.peak_op] if tl.peak_op >= 0 else 0
+    budget = options.max_vram_bytes
+    raise BudgetInfeasibleError(
+        f"max_vram_bytes={budget} ({budget / GiB:.2f} GiB) is below the smallest budget that works "
+        f"for mode {options.mode!r} with this input: {best / GiB:.2f} GiB ({best} bytes). At that "
+        f"minimum the peak is at op {tl.peak_op} ({at!r}): reserve {options.reserve_bytes / GiB:.2f} GiB "
+        f"+ swapped units in memory {swapped_at / GiB:.2f} GiB + activations {act_at / GiB:.2f} GiB{big}. "
+        "Fix: " + "; ".join(fixes),
+        min_vram_bytes=best,
+        mode=options.mode,
+    )
+
+
+def _choose(
+    parts: list[PreparedPartition], options: PlanOptions, costs: OpCosts, h2d: float
+) -> tuple[PreparedPartition, Schedule, TimeReport]:
+    budget = options.max_vram_bytes
+    if options.mode != "adaptive":
+        part = parts[0]
+        for depth in range(options.max_prefetch_depth, -1, -1):
+            sched = fill_resident(part, depth, budget)
+            if sched is not None:
+                return part, sched, simulate_time(costs, sched.windows(), h2d)
+        raise AssertionError("unreachable: depth 0 fits whenever the budget is >= the minimum")
+    best: tuple[tuple[float, int, int, int], PreparedPartition, Schedule, TimeReport] | None = None
+    index = 0
+    for part in parts:
+        for depth in range(options.max_prefetch_depth + 1):
+            sched = fill_resident(part, depth, budget)
+            index += 1
+            if sched is None:
+                continue
+            report = simulate_time(costs, sched.windows(), h2d)
+            # Rounded so that float noise between equal timings does not beat the tie-breaks.
+            key = (round(report.step_ms, 9), -sched.resident_bytes, len(sched.units), index)
+            if best is None or key < best[0]:
+                best = (key, part, sched, report)
+    assert best is not None, "unreachable: some candidate fits whenever the budget is >= the minimum"
+    return best[1], best[2], best[3]
+
+
+def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
+    """Plan which units stay resident and when the others are loaded, waited for and released.
+
+    Args:
+        ir: the captured graph (plain data).
+        options: mode, budget, block size, reserve, prefetch depth and cost-model rates.
+
+    Returns:
+        A validated :class:`fxswap.plan.SwapPlan` whose simulated peak is within the budget.
+
+    Raises:
+        BudgetInfeasibleError: the budget is below the mode's minimum for this graph; the message
+            and ``.min_vram_bytes`` state that minimum.
+        PlanError: the graph is malformed (a weight read but not listed, a bad buffer range), or
+            the plan failed validation (a bug: please report it with the graph).
+    """
+    if not ir.ops and ir.weights:
+        raise PlanError(
+            f"the graph has {len(ir.weights)} weights but no ops; capture produced an empty graph"
+        )
+    live = analyse_liveness(ir)
+    parts = _prepare(ir, live, options, options.mode)
+    _raise_if_infeasible(ir, live, options, parts)
+    min_vram = min(p.min_budget() for p in parts)
+    costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
+    part, sched, report = _choose(parts, options, costs, options.h2d_gbps)
+    timeline = simulate_memory(live.act, sched.windows(), options.reserve_bytes)
+    if timeline.peak_bytes != sched.peak_bytes:
+        raise PlanError(
+            f"internal: segment model peak {sched.peak_bytes} != per-op simulation {timeline.peak_bytes}; "
+            "please report this graph"
+        )
+    names = [op.name for op in ir.ops]
+    units = []
+    for u, res, la, f, ll in zip(
+        sched.units, sched.resident, sched.load_at, sched.first_use, sched.last_use, strict=True
+    ):
+        units.append(
+            SwapUnit(
+                name=u.name,
+                params=u.params,
+                bytes=u.bytes,
+                resident=res,
+                oversized=u.oversized,
+                first_use=f,
+                last_use=ll,
+                load_at=None if res else la,
+                wait_at=None if res else f,
+                release_after=None if res else ll,
+                load_node=None if res else names[la],
+                wait_node=None if res else names[f],
+                release_node=None if res else names[ll],
+            )
+        )
+    fparts = fingerprint_parts(ir, options)
+    resident = sum(u.bytes for u in units if u.resident)
+    plan = SwapPlan(
+        schema_version=SCHEMA_VERSION,
+        fingerprint=combine_fingerprint(fparts),
+        fingerprint_parts=tuple(fparts.items()),
+        mode=options.mode,
+        partition=part.label,
+        max_vram_bytes=options.max_vram_bytes,
+        block_size_bytes=options.block_size_bytes,
+        reserve_bytes=options.reserve_bytes,
+        prefetch_depth=sched.depth,
+        peak_bytes=timeline.peak_bytes,
+        peak_op=names[timeline.peak_op] if timeline.peak_op >= 0 else "",
+        resident_bytes=resident,
+        swapped_bytes=sum(u.bytes for u in units) - resident,
+        weight_bytes=sum(u.bytes for u in units),
+        activation_peak_bytes=max(live.act, default=0),
+        min_vram_bytes=min_vram,
+        moved_bytes_per_call=report.moved_bytes,
+        predicted_step_ms=report.step_ms,
+        predicted_compute_ms=report.compute_ms,
+        predicted_stall_ms=report.stall_ms,
+        h2d_gbps=options.h2d_gbps,
+        compute_tflops=options.compute_tflops,
+        device_mem_gbps=options.device_mem_gbps,
+        num_ops=len(ir.ops),
+        units=tuple(units),
+    )
+    validate_plan(ir, plan)
+    logger.info(
+        "fxswap: %s (%s, depth %d): %d units, %d swapped, peak %.2f GiB (budget %.2f GiB, min %.2f GiB), "
+        "%.2f GiB moved per call, predicted %.1f ms",
+        options.mode,
+        part.label,
+        sched.depth,
+        len(units),
+        sum(not u.resident for u in units),
+        plan.peak_bytes / GiB,
+        plan.max_vram_bytes / GiB,
+        min_vram / GiB,
+        plan.moved_bytes_per_call / GiB,
+        plan.predicted_step_ms,
+    )
+    return plan

@@ -1,0 +1,265 @@
+"""The one memory and time model of fxswap: planner, validator, tests and CLI all use it.
+
+Memory (bytes on the device while op ``i`` runs)::
+
+    mem[i] = reserve + resident + sum(bytes[k] for swapped k with load_at[k] <= i <= release_after[k])
+             + act[i]
+
+``reserve`` is workspace plus allocator slack, ``resident`` the units kept on the device for the whole
+call, ``act`` the live activations (:func:`fxswap.passes.liveness.activation_profile`). A swapped unit
+is allocated when its load is issued (before op ``load_at``) and freed after op ``release_after``.
+
+Prefetch (:func:`load_points`): units sorted by first use; with depth ``d`` the load of unit ``k`` is
+issued before the first use of unit ``k - d`` (op 0 when ``k < d``); ``d = 0`` loads just before use.
+
+NOTE (monotonicity; the brute-force property test checks it): making a unit resident widens its
+interval to the whole call, and a larger depth moves every ``load_at`` earlier (or keeps it), so
+neither lowers ``mem[i]`` at any op. Hence for a fixed partition the smallest budget that any
+schedule fits is the peak of the all-swapped, depth-0 schedule, and :class:`SegmentModel` can
+check a candidate resident unit in O(segments) without re-simulating.
+
+Time (:func:`simulate_time`), two streams:
+
+- compute runs ops in order; op time = max(flops / compute rate, mem_bytes / device memory rate);
+- copy runs loads in issue order; a load starts when compute has reached ``load_at`` and the copy
+  stream is free, and takes ``bytes / h2d rate``;
+- before op ``wait_at`` compute stalls until that load has finished.
+
+Resident units are loaded once, outside the step, and are not counted per call. Loading the first
+units of the *next* call during the tail of this one is not modelled (each call starts cold).
+
+NOTE: the planner evaluates dozens of candidates on graphs of ~7,000 ops, so :class:`SegmentModel`
+compresses the timeline to segments between unit events (which depend only on the units' first
+and last uses, not on residency or depth) and precomputes the activation maximum per segment once.
+:func:`simulate_memory` is the per-op reference used for reports and validation.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fxswap.ir import OpInfo
+
+__all__ = [
+    "DEFAULT_DEVICE_MEM_GBPS",
+    "MemoryTimeline",
+    "OpCosts",
+    "SegmentModel",
+    "TimeReport",
+    "UnitWindow",
+    "load_points",
+    "op_costs",
+    "simulate_memory",
+    "simulate_time",
+]
+
+# Achieved device-memory bandwidth for memory-bound ops (norms, adds, softmax). 1,500 GB/s is
+# roughly 75% of an H100 PCIe / A100 80GB peak; consumer cards are lower (RTX 4090: ~1,000 peak).
+DEFAULT_DEVICE_MEM_GBPS = 1500.0
+
+
+@dataclass(frozen=True, slots=True)
+class UnitWindow:
+    """A scheduled unit as the simulators see it (op indices into the graph)."""
+
+    bytes: int
+    resident: bool
+    load_at: int = 0  # ignored when resident
+    wait_at: int = 0
+    release_after: int = 0
+
+
+def load_points(first_uses: Sequence[int], depth: int) -> list[int]:
+    """Op index before which each unit's load is issued, for units sorted by first use.
+
+    Args:
+        first_uses: first use of every unit (resident ones included), non-decreasing.
+        depth: prefetch depth; 0 loads each unit just before its first use.
+
+    Returns:
+        ``load_at[k] = first_uses[k - depth]`` (0 when ``k < depth``).
+    """
+    return [first_uses[k - depth] if k >= depth else 0 for k in range(len(first_uses))]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryTimeline:
+    """Per-op memory, split into its parts. ``peak_op`` is -1 for a graph without ops."""
+
+    reserve_bytes: int
+    resident_bytes: int
+    swapped: tuple[int, ...]  # bytes of swapped units allocated (in flight or live) at op i
+    act: tuple[int, ...]
+    peak_bytes: int
+    peak_op: int
+
+    def total(self, i: int) -> int:
+        return self.reserve_bytes + self.resident_bytes + self.swapped[i] + self.act[i]
+
+    def to_table(self, op_names: Sequence[str] | None = None, limit: int = 40) -> str:
+        """A fixed-width table of the ``limit`` ops around the peak (GiB)."""
+        n = len(self.act)
+        lo = max(0, min(self.peak_op - limit // 2, n - limit))
+        rows = [f"{'op':>6} {'name':<32} {'resident':>9} {'swapped':>9} {'act':>9} {'total':>9}"]
+        for i in range(lo, min(n, lo + limit)):
+            name = op_names[i] if op_names is not None else ""
+            mark = " <- peak" if i == self.peak_op else ""
+            rows.append(
+                f"{i:>6} {name[:32]:<32} {self.resident_bytes / 2**30:>9.3f} "
+                f"{self.swapped[i] / 2**30:>9.3f} {self.act[i] / 2**30:>9.3f} "
+                f"{self.total(i) / 2**30:>9.3f}{mark}"
+            )
+        return "\n".join(rows)
+
+
+def simulate_memory(act: Sequence[int], units: Sequence[UnitWindow], reserve_bytes: int) -> MemoryTimeline:
+    """Per-op memory of a schedule (difference array; O(ops + units)).
+
+    Args:
+        act: activation bytes per op.
+        units: every unit, resident or swapped.
+        reserve_bytes: workspace and allocator slack counted at every op.
+
+    Returns:
+        The :class:`MemoryTimeline`; for a graph without ops the peak is reserve + resident.
+    """
+    n = len(act)
+    resident = sum(u.bytes for u in units if u.resident)
+    diff = [0] * (n + 1)
+    for u in units:
+        if not u.resident and n:
+            diff[u.load_at] += u.bytes
+            diff[u.release_after + 1] -= u.bytes
+    swapped = []
+    running = 0
+    peak, peak_op = reserve_bytes + resident, -1
+    for i in range(n):
+        running += diff[i]
+        swapped.append(running)
+        total = reserve_bytes + resident + running + act[i]
+        if peak_op < 0 or total > peak:
+            peak, peak_op = total, i
+    return MemoryTimeline(reserve_bytes, resident, tuple(swapped), tuple(act), peak, peak_op)
+
+
+@dataclass(frozen=True, slots=True)
+class OpCosts:
+    """Modelled compute time of every op and its prefix sum (``prefix_ms[i]`` = start of op i)."""
+
+    op_ms: tuple[float, ...]
+    prefix_ms: tuple[float, ...]
+
+
+def op_costs(ops: Sequence[OpInfo], compute_tflops: float, device_mem_gbps: float) -> OpCosts:
+    """Op time = max(flops / compute rate, mem_bytes / memory rate), in milliseconds."""
+    flop_ms = 1e3 / (compute_tflops * 1e12)
+    byte_ms = 1e3 / (device_mem_gbps * 1e9)
+    times = tuple(max(op.flops * flop_ms, op.mem_bytes * byte_ms) for op in ops)
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + t)
+    return OpCosts(times, tuple(prefix))
+
+
+@dataclass(frozen=True, slots=True)
+class TimeReport:
+    """Predicted timing of one call. Per-load tuples follow the order of the ``units`` argument
+    (entries for resident units are 0.0)."""
+
+    step_ms: float
+    compute_ms: float
+    stall_ms: float
+    moved_bytes: int
+    load_start_ms: tuple[float, ...]
+    load_end_ms: tuple[float, ...]
+    stall_ms_per_unit: tuple[float, ...]
+
+
+def simulate_time(costs: OpCosts, units: Sequence[UnitWindow], h2d_gbps: float) -> TimeReport:
+    """Two-stream time model of one call (see the module docstring). O(units log units).
+
+    Args:
+        costs: per-op compute times from :func:`op_costs`.
+        units: every unit; resident ones cost nothing per call. Loads issued at the same op go to
+            the copy stream in the order given here (callers pass units sorted by first use).
+        h2d_gbps: host-to-device copy rate in GB/s (1e9 bytes per second).
+
+    Returns:
+        The :class:`TimeReport`.
+    """
+    byte_ms = 1e3 / (h2d_gbps * 1e9)
+    m = len(units)
+    # Events at op i: issue loads first, then waits, so that depth 0 (load_at == wait_at) works.
+    events = sorted(
+        [(u.load_at, 0, k) for k, u in enumerate(units) if not u.resident]
+        + [(u.wait_at, 1, k) for k, u in enumerate(units) if not u.resident]
+    )
+    start = [0.0] * m
+    end = [0.0] * m
+    stall_k = [0.0] * m
+    stall = 0.0
+    copy_free = 0.0
+    prefix = costs.prefix_ms
+    for op, kind, k in events:
+        now = prefix[op] + stall
+        if kind == 0:
+            start[k] = max(now, copy_free)
+            end[k] = copy_free = start[k] + units[k].bytes * byte_ms
+        elif end[k] > now:
+            stall_k[k] = end[k] - now
+            stall += stall_k[k]
+    compute = prefix[-1]
+    moved = sum(u.bytes for u in units if not u.resident)
+    return TimeReport(compute + stall, compute, stall, moved, tuple(start), tuple(end), tuple(stall_k))
+
+
+class SegmentModel:
+    """Fast peak evaluation for one partition: units with fixed first/last uses, any residency/depth.
+
+    Segments are the maximal op ranges in which no unit can start or stop occupying memory; their
+    boundaries are op 0, every unit's first use (every possible ``load_at``) and every
+    ``last_use + 1``. Each unit then covers whole segments, and a segment's peak is its fixed
+    unit bytes plus the activation maximum over its ops, computed once here.
+
+    Not a frozen record: a helper the schedule pass builds per partition and discards.
+    """
+
+    __slots__ = ("act_max", "bounds", "first", "last", "n", "reserve")
+
+    def __init__(self, act: Sequence[int], first: Sequence[int], last: Sequence[int], reserve: int) -> None:
+        self.n = len(act)
+        self.first = list(first)
+        self.last = list(last)
+        self.reserve = reserve
+        cuts = {0} | set(first) | {e + 1 for e in last}
+        self.bounds = sorted(c for c in cuts if 0 <= c < self.n) if self.n else [0]
+        ends = [*self.bounds[1:], self.n]
+        self.act_max = [max(act[s:e]) if e > s else 0 for s, e in zip(self.bounds, ends, strict=True)]
+
+    def seg(self, op: int) -> int:
+        """Index of the segment that contains op ``op``."""
+        return bisect.bisect_right(self.bounds, op) - 1
+
+    def swapped_levels(self, depth: int, sizes: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Memory per segment with every unit swapped, and each unit's segment span at ``depth``.
+
+        Returns:
+            ``(levels, spans)``: ``levels[j]`` = reserve + max activation + swapped bytes in
+            segment j; ``spans[k]`` = first and last segment that unit k occupies.
+        """
+        loads = load_points(self.first, depth)
+        diff = [0] * (len(self.bounds) + 1)
+        spans = []
+        for k, size in enumerate(sizes):
+            a, b = self.seg(loads[k]), self.seg(self.last[k])
+            spans.append((a, b))
+            diff[a] += size
+            diff[b + 1] -= size
+        levels = []
+        running = 0
+        for j, am in enumerate(self.act_max):
+            running += diff[j]
+            levels.append(self.reserve + am + running)
+        return levels, spans

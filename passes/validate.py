@@ -1,0 +1,136 @@
+"""Validate pass: check a finished :class:`fxswap.plan.SwapPlan` against its graph.
+
+Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index and name) and unit::
+
+    units partition GraphIR.weights exactly (each weight in one unit, sizes add up)
+    resident unit:  load_at = wait_at = release_after = None (and no node names)
+    swapped unit:   0 <= load_at <= wait_at,  release_after < len(ops)
+                    for every op i reading one of its weights:  wait_at <= i <= release_after
+    simulated peak (fxswap.passes.simulate.simulate_memory) <= max_vram_bytes and == plan.peak_bytes
+
+The validator recomputes everything from the graph; it trusts nothing the planner computed except
+the plan itself, so it also checks plans loaded from JSON.
+"""
+
+from __future__ import annotations
+
+from fxswap.passes.liveness import activation_profile
+from fxswap.passes.simulate import MemoryTimeline, UnitWindow, simulate_memory
+
+from fxswap.errors import PlanError
+from fxswap.ir import GraphIR
+from fxswap.plan import SwapPlan, SwapUnit
+
+__all__ = ["validate_plan"]
+
+
+def _op(ir: GraphIR, i: int) -> str:
+    return (
+        f"op {i} ({ir.ops[i].name!r})"
+        if 0 <= i < len(ir.ops)
+        else f"op {i} (out of range 0..{len(ir.ops) - 1})"
+    )
+
+
+def _check_unit_fields(ir: GraphIR, u: SwapUnit) -> None:
+    points = (u.load_at, u.wait_at, u.release_after)
+    nodes = (u.load_node, u.wait_node, u.release_node)
+    if u.resident:
+        if any(p is not None for p in points) or any(n is not None for n in nodes):
+            raise PlanError(f"unit {u.name!r} is resident but has load/wait/release points {points}")
+        return
+    if u.load_at is None or u.wait_at is None or u.release_after is None:
+        raise PlanError(f"unit {u.name!r} is swapped but lacks a load/wait/release point: {points}")
+    n = len(ir.ops)
+    for label, at in (("load_at", u.load_at), ("wait_at", u.wait_at), ("release_after", u.release_after)):
+        if not 0 <= at < n:
+            raise PlanError(f"unit {u.name!r}: {label}={at} is outside the graph's ops 0..{n - 1}")
+    if u.load_at > u.wait_at:
+        raise PlanError(
+            f"unit {u.name!r} is waited for before {_op(ir, u.wait_at)} "
+            f"but only loaded before {_op(ir, u.load_at)}"
+        )
+    for label, at, node in (
+        ("load_node", u.load_at, u.load_node),
+        ("wait_node", u.wait_at, u.wait_node),
+        ("release_node", u.release_after, u.release_node),
+    ):
+        if node != ir.ops[at].name:
+            raise PlanError(f"unit {u.name!r}: {label} is {node!r} but {_op(ir, at)} is at that index")
+
+
+def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
+    """Check ``plan`` against ``ir``; return the simulated memory timeline.
+
+    Args:
+        ir: the graph the plan was made for.
+        plan: the plan to check.
+
+    Returns:
+        The per-op :class:`fxswap.passes.simulate.MemoryTimeline` of the plan.
+
+    Raises:
+        PlanError: the first violation found, naming the op and the unit.
+    """
+    nbytes = {w.name: w.nbytes for w in ir.weights}
+    owner: dict[str, SwapUnit] = {}
+    for u in plan.units:
+        for p in u.params:
+            if p not in nbytes:
+                raise PlanError(f"unit {u.name!r} holds {p!r}, which the graph does not have")
+            if p in owner:
+                raise PlanError(f"weight {p!r} is in two units: {owner[p].name!r} and {u.name!r}")
+            owner[p] = u
+        if u.bytes != sum(nbytes[p] for p in u.params):
+            raise PlanError(
+                f"unit {u.name!r} says {u.bytes} bytes but its weights add up to a different size"
+            )
+        _check_unit_fields(ir, u)
+    missing = [w for w in nbytes if w not in owner]
+    if missing:
+        raise PlanError(f"weight {missing[0]!r} is in no unit ({len(missing)} weights missing)")
+    for i, op in enumerate(ir.ops):
+        for w in op.weights:
+            unit = owner.get(w)
+            if unit is None:
+                raise PlanError(f"{_op(ir, i)} reads {w!r}, which is in no unit")
+            if unit.resident:
+                continue
+            assert unit.wait_at is not None and unit.release_after is not None  # checked above
+            if i < unit.wait_at:
+                raise PlanError(
+                    f"{_op(ir, i)} reads {w!r} of unit {unit.name!r} before its wait "
+                    f"at {_op(ir, unit.wait_at)}"
+                )
+            if i > unit.release_after:
+                raise PlanError(
+                    f"{_op(ir, i)} reads {w!r} of unit {unit.name!r} after its release after "
+                    f"{_op(ir, unit.release_after)}"
+                )
+    windows = [
+        UnitWindow(u.bytes, True)
+        if u.resident
+        else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
+        for u in plan.units
+    ]
+    timeline = simulate_memory(activation_profile(ir), windows, plan.reserve_bytes)
+    where = _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph"
+    if timeline.peak_bytes > plan.max_vram_bytes:
+        worst = [
+            u.name
+            for u in plan.units
+            if not u.resident
+            and u.load_at is not None
+            and u.release_after is not None
+            and u.load_at <= timeline.peak_op <= u.release_after
+        ]
+        raise PlanError(
+            f"simulated peak {timeline.peak_bytes} bytes at {where} exceeds the budget "
+            f"{plan.max_vram_bytes} bytes; swapped units in memory there: {worst[:8]}"
+        )
+    if timeline.peak_bytes != plan.peak_bytes:
+        raise PlanError(
+            f"plan says peak_bytes={plan.peak_bytes} but the simulation gives "
+            f"{timeline.peak_bytes} at {where}"
+        )
+    return timeline
