@@ -6,13 +6,13 @@ import dataclasses
 import time
 
 import pytest
-
-from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.passes.liveness import activation_profile, analyse_liveness
 from fxswap.passes.partition import block_key, partition_chunkwise, partition_layerwise
 from fxswap.passes.planner import build_plan, mode_min_vram_bytes
 from fxswap.passes.simulate import UnitWindow, load_points, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
+
+from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.plan import MODES, PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph, transformer_graph
 
