@@ -1,0 +1,116 @@
+"""``fxswap.plan``: capture a model and plan its weight swapping under a VRAM budget, in one call."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fxswap.plan import MODES, PlanOptions, SwapPlan
+from fxswap.trace import Traced, trace
+
+__all__ = ["make_options", "plan", "plan_traced"]
+
+
+def _positive(name: str, value: object, unit: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name}={value!r} is invalid: pass a finite number > 0 ({unit})")
+
+
+def make_options(
+    *,
+    mode: str = "adaptive",
+    max_vram_gb: float = 16,
+    block_size_mb: float = 300,
+    reserve_mb: float | None = None,
+    h2d_gbps: float | None = None,
+    compute_tflops: float | None = None,
+    max_prefetch_depth: int | None = None,
+) -> PlanOptions:
+    """Validated :class:`PlanOptions` from user units; ``None`` keeps PlanOptions' documented default.
+
+    Raises:
+        ValueError: naming the argument, its value and the fix.
+    """
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode={mode!r} is invalid: use one of {', '.join(repr(m) for m in MODES)}")
+    _positive("max_vram_gb", max_vram_gb, "GiB of device memory, e.g. 16")
+    _positive("block_size_mb", block_size_mb, "MiB per chunk, e.g. 300")
+    if reserve_mb is not None and (
+        isinstance(reserve_mb, bool)
+        or not isinstance(reserve_mb, (int, float))
+        or not math.isfinite(reserve_mb)
+        or reserve_mb < 0
+    ):
+        raise ValueError(f"reserve_mb={reserve_mb!r} is invalid: pass a finite number of MiB >= 0, or None")
+    if h2d_gbps is not None:
+        _positive("h2d_gbps", h2d_gbps, "host-to-device GB/s, e.g. 22 for PCIe 4.0 x16")
+    if compute_tflops is not None:
+        _positive("compute_tflops", compute_tflops, "achieved TFLOP/s, e.g. 150")
+    if max_prefetch_depth is not None and (
+        isinstance(max_prefetch_depth, bool)
+        or not isinstance(max_prefetch_depth, int)
+        or max_prefetch_depth < 0
+    ):
+        raise ValueError(f"max_prefetch_depth={max_prefetch_depth!r} is invalid: pass an int >= 0, or None")
+    given: dict[str, Any] = {
+        "reserve_mb": reserve_mb,
+        "h2d_gbps": h2d_gbps,
+        "compute_tflops": compute_tflops,
+        "max_prefetch_depth": max_prefetch_depth,
+    }
+    return PlanOptions.from_user(
+        mode=mode,
+        max_vram_gb=max_vram_gb,
+        block_size_mb=block_size_mb,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def plan_traced(traced: Traced, options: PlanOptions) -> SwapPlan:
+    """Plan an already captured graph (what :func:`plan` does after :func:`fxswap.trace`)."""
+    from fxswap.passes.planner import build_plan
+
+    return build_plan(traced.ir, options)
+
+
+def plan(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    mode: str = "adaptive",
+    max_vram_gb: float = 16,
+    block_size_mb: float = 300,
+    reserve_mb: float | None = None,
+    h2d_gbps: float | None = None,
+    compute_tflops: float | None = None,
+    **example_kwargs: Any,
+) -> SwapPlan:
+    """Capture ``model(*example_inputs, **example_kwargs)`` and plan it under ``max_vram_gb``.
+
+    ``max_vram_gb`` is GiB (2**30 bytes) and ``block_size_mb`` MiB; ``reserve_mb`` (workspace and
+    allocator slack counted at every op), ``h2d_gbps`` and ``compute_tflops`` default to
+    :class:`fxswap.PlanOptions`' documented values when None. The inputs may be ``meta`` tensors:
+    nothing runs. Keyword arguments other than these options are passed to the model, so a model
+    keyword named like an option (``mode``...) must be passed positionally.
+
+    Raises:
+        ValueError: an invalid option (named, with its value and the fix); checked before capture.
+        fxswap.CaptureError: the model does not capture as one graph.
+        fxswap.BudgetInfeasibleError: the budget is below the smallest that works for this mode and
+            input (``.min_vram_bytes``).
+    """
+    options = make_options(
+        mode=mode,
+        max_vram_gb=max_vram_gb,
+        block_size_mb=block_size_mb,
+        reserve_mb=reserve_mb,
+        h2d_gbps=h2d_gbps,
+        compute_tflops=compute_tflops,
+    )
+    return plan_traced(trace(model, *example_inputs, **example_kwargs), options)

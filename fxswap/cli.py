@@ -1,0 +1,273 @@
+"""The ``fxswap`` command line. ``fxswap plan`` plans a named WAN config on meta tensors.
+
+Nothing heavy is imported at module level so that ``fxswap --help`` stays fast: torch, the WAN
+model and the planner are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fxswap.ir import GraphIR
+
+__all__ = ["main"]
+
+DTYPES = ("bf16", "fp16", "fp32", "fp8")
+EXIT_INFEASIBLE = 2
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` -> (width, height)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT in pixels, e.g. 832x480")
+    return int(parts[0]), int(parts[1])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxswap", description="Compile-time weight swapping for large diffusion transformers."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser(
+        "plan",
+        help="plan weight swapping for a named WAN model on meta tensors (no weights, no GPU)",
+        description=(
+            "Build a named WAN config on the meta device, capture one forward at the given video size and "
+            "plan which weights stay resident and how the rest are swapped under --max-vram-gb. Prints a "
+            f"summary; exits {EXIT_INFEASIBLE} if the budget is below the minimum for the mode."
+        ),
+    )
+    p.add_argument("--model", required=True, help="WAN config name, e.g. wan2.1-t2v-14b")
+    p.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=(832, 480),
+        metavar="WxH",
+        help="video size (default 832x480)",
+    )
+    p.add_argument("--frames", type=_positive_int, default=81, help="video frames, 1 + 4k (default 81)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument(
+        "--max-vram-gb", type=_positive_float, default=16.0, help="device budget in GiB (default 16)"
+    )
+    p.add_argument(
+        "--block-size-mb", type=_positive_float, default=300.0, help="chunk size in MiB (default 300)"
+    )
+    p.add_argument("--mode", choices=("layerwise", "chunkwise", "adaptive"), default="adaptive")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="bf16",
+        help="weight storage dtype (default bf16); fp8 stores Linear weights as float8_e4m3fn",
+    )
+    p.add_argument(
+        "--reserve-mb", type=_non_negative_float, default=None, help="workspace/allocator reserve in MiB"
+    )
+    p.add_argument(
+        "--h2d-gbps", type=_positive_float, default=None, help="host-to-device GB/s for the cost model"
+    )
+    p.add_argument(
+        "--compute-tflops", type=_positive_float, default=None, help="achieved TFLOP/s for the cost model"
+    )
+    p.add_argument(
+        "--expert",
+        choices=("high", "low"),
+        default="high",
+        help="Wan2.2 A14B: which expert to plan (both share one architecture, so one plan fits both)",
+    )
+    p.add_argument(
+        "--layers",
+        type=_positive_int,
+        default=None,
+        help="keep only the first N transformer blocks (quick looks)",
+    )
+    p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
+    parser.set_defaults(plan_parser=p)
+    return parser
+
+
+def _fp8_linear_weights(ir: GraphIR, linear_weights: set[str]) -> GraphIR:
+    """The IR with ``linear_weights`` stored as float8_e4m3fn (1 byte per element).
+
+    At use each fp8 Linear weight is upcast to the compute dtype, so each Linear op gets a
+    transient buffer of the upcast copy, live during that op only. Activations are unchanged.
+    """
+    import dataclasses
+
+    from fxswap.ir import BufferInfo
+
+    weights = []
+    upcast: dict[str, int] = {}
+    for w in ir.weights:
+        if w.name in linear_weights:
+            numel = math.prod(w.shape)
+            upcast[w.name] = w.nbytes
+            w = dataclasses.replace(w, dtype="float8_e4m3fn", nbytes=numel)
+        weights.append(w)
+    ops = []
+    extra: list[BufferInfo] = []
+    for i, op in enumerate(ir.ops):
+        transient = sum(upcast.get(w, 0) for w in op.weights if op.target.endswith("linear"))
+        if transient:
+            extra.append(BufferInfo(name=f"{op.name}.weight_upcast", nbytes=transient, start=i, end=i))
+            op = dataclasses.replace(op, out_bytes=op.out_bytes + transient)
+        ops.append(op)
+    buffers = sorted((*ir.buffers, *extra), key=lambda b: b.start)
+    return dataclasses.replace(ir, ops=tuple(ops), weights=tuple(weights), buffers=tuple(buffers))
+
+
+def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from fxswap.api import make_options, plan_traced
+    from fxswap.errors import BudgetInfeasibleError, CaptureError
+    from fxswap.models import wan
+    from fxswap.trace import trace
+
+    if args.model not in wan.CONFIGS:
+        parser.error(
+            f"argument --model: unknown model {args.model!r}; known: {', '.join(sorted(wan.CONFIGS))}"
+        )
+    config = wan.CONFIGS[args.model]
+    width, height = args.resolution
+    try:
+        latent = wan.latent_shape(config, args.frames, height, width)
+    except ValueError as e:
+        parser.error(f"argument --resolution/--frames: {e}")
+    if args.layers is not None and args.layers > config.num_layers:
+        parser.error(
+            f"argument --layers: {args.layers} exceeds the {config.num_layers} blocks of {args.model}"
+        )
+    try:
+        options = make_options(
+            mode=args.mode,
+            max_vram_gb=args.max_vram_gb,
+            block_size_mb=args.block_size_mb,
+            reserve_mb=args.reserve_mb,
+            h2d_gbps=args.h2d_gbps,
+            compute_tflops=args.compute_tflops,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+
+    # fp8: the graph is captured in bf16 (activations and compute stay bf16) and the Linear weights'
+    # storage is then re-sized to 1 byte per element; see _fp8_linear_weights.
+    build_dtype = {
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "fp8": torch.bfloat16,
+    }
+    dtype = build_dtype[args.dtype]
+    overrides: dict[str, Any] = {} if args.layers is None else {"num_layers": args.layers}
+    model = wan.build(config, device="meta", dtype=dtype, **overrides)
+    inputs = wan.example_inputs(
+        model.config,
+        batch=args.batch,
+        frames=args.frames,
+        height=height,
+        width=width,
+        device="meta",
+        dtype=dtype,
+    )
+    try:
+        traced = trace(model, **inputs)
+    except CaptureError as e:
+        print(f"fxswap plan: error: {e}", file=sys.stderr)
+        return 1
+    ir = traced.ir
+    if args.dtype == "fp8":
+        linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        ir = _fp8_linear_weights(ir, linears)
+        traced = dataclasses.replace(traced, ir=ir)
+
+    start = time.perf_counter()
+    try:
+        plan = plan_traced(traced, options)
+    except BudgetInfeasibleError as e:
+        print(
+            f"fxswap plan: error: --max-vram-gb {args.max_vram_gb:g} is infeasible for {args.model} at "
+            f"{width}x{height}, {args.frames} frames, mode {args.mode}; the minimum budget is "
+            f"{e.min_vram_bytes / 2**30:.2f} GiB. Details: {e}",
+            file=sys.stderr,
+        )
+        return EXIT_INFEASIBLE
+    plan_seconds = time.perf_counter() - start
+
+    layers = "" if args.layers is None else f", first {args.layers} of {config.num_layers} blocks"
+    print(
+        f"model {args.model} ({model.config.num_layers} blocks{layers}), {width}x{height}, "
+        f"{args.frames} frames, batch {args.batch}, latent {tuple(latent)}, weights {args.dtype}, "
+        f"meta capture {traced.capture_seconds:.1f} s, planning {plan_seconds:.2f} s"
+    )
+    if args.dtype == "fp8":
+        print(
+            "dtype fp8: nn.Linear weights counted as float8_e4m3fn (1 byte/element, upcast to bf16 at "
+            "use: each Linear op holds a transient bf16 copy of its weight); biases, norms, modulation, "
+            "the patch embedding and all activations stay bf16"
+        )
+    if config.num_experts == 2:
+        print(
+            f"{args.model} has two experts: planned the {args.expert}-noise expert only. Both share one "
+            "architecture, so this plan fits either; holding both under one budget is the runtime's concern"
+        )
+    print(plan.summary())
+    if args.output:
+        plan.save(args.output)
+        print(f"plan written to {args.output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fxswap`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "plan":
+        # errors about plan's arguments print plan's usage line, not the top-level one
+        return _cmd_plan(args.plan_parser, args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2  # unreachable: parser.error exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())
