@@ -12,6 +12,7 @@ hard-codes 512 text tokens (``encoder_hidden_states.shape[1] - 512``), so the i2
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,9 +26,9 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 TOL = 1e-5
 
 
-def _diffusers_model(cfg: wan.WanConfig, seed: int) -> torch.nn.Module:
+def _diffusers_model(cfg: wan.WanConfig, seed: int) -> Any:
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(
+    model: Any = WanTransformer3DModel(
         patch_size=cfg.patch_size,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
@@ -66,7 +67,7 @@ def _inputs(cfg: wan.WanConfig, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _run_diffusers(model: torch.nn.Module, inp: dict[str, torch.Tensor]) -> torch.Tensor:
+def _run_diffusers(model: Any, inp: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = inp["x"] if "y" not in inp else torch.cat([inp["x"], inp["y"]], dim=1)
     with torch.no_grad():
         out: torch.Tensor = model(
@@ -128,7 +129,11 @@ def test_diffusers_config_json_supplies_heads(tmp_path: Path) -> None:
     _, info = load_state_dict(tmp_path)
     assert info.config is not None
     assert info.num_heads_source == "config.json"
-    assert (info.config.num_heads, info.config.dim, info.config.ffn_dim) == (cfg.num_heads, cfg.dim, cfg.ffn_dim)
+    assert (info.config.num_heads, info.config.dim, info.config.ffn_dim) == (
+        cfg.num_heads,
+        cfg.dim,
+        cfg.ffn_dim,
+    )
 
 
 def test_fxswap_to_diffusers_direction(tmp_path: Path) -> None:
