@@ -1,0 +1,273 @@
+"""Property tests of the planner on generated graphs, against an independent per-op simulator.
+
+Run more cases with ``FXSWAP_HYPOTHESIS_PROFILE=nightly`` (10,000 examples per property).
+
+The reference simulator below is written from the contract in the issue, not from
+``fxswap.passes.simulate``: it recomputes uses, unit order, load points and per-op memory with
+plain loops. The brute force enumerates every resident subset x prefetch depth x candidate
+partition, so it checks the planner's minimum (and the monotonicity argument behind it)
+rather than trusting it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+from fxswap.passes.liveness import analyse_liveness
+from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
+from fxswap.passes.validate import validate_plan
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxswap.errors import BudgetInfeasibleError, PlanMismatchError
+from fxswap.ir import GraphIR, InputInfo, OpInfo, WeightInfo
+from fxswap.plan import MODES, PlanOptions, SwapPlan, fingerprint_parts
+from tests.graphs import graphs
+
+MiB = 2**20
+GiB = 2**30
+
+modes = st.sampled_from(MODES)
+depths = st.integers(0, 2)
+reserves = st.sampled_from([0, 1, 64 * MiB, 256 * MiB])
+block_sizes = st.sampled_from([1 * MiB, 64 * MiB, 100 * MiB, 300 * MiB, 700 * MiB, 4 * GiB])
+
+
+# ---------------------------------------------------------------- reference model
+
+
+def ref_act(g: GraphIR) -> list[int]:
+    return [sum(b.nbytes for b in g.buffers if b.start <= i <= b.end) for i in range(len(g.ops))]
+
+
+def ref_ranges(g: GraphIR, units: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    out = []
+    for params in units:
+        uses = [i for i, op in enumerate(g.ops) if any(w in params for w in op.weights)]
+        out.append((min(uses), max(uses)) if uses else (0, 0))
+    return out
+
+
+def ref_peak(
+    g: GraphIR,
+    act: Sequence[int],
+    sizes: Sequence[int],
+    ranges: Sequence[tuple[int, int]],
+    resident: Sequence[bool],
+    depth: int,
+    reserve: int,
+) -> int:
+    """Peak of a schedule per the contract: units sorted by first use (stable), load at the first
+    use of the unit ``depth`` places earlier (op 0 for the first ``depth``), release after last use."""
+    order = sorted(range(len(sizes)), key=lambda k: ranges[k][0])
+    load = {k: (ranges[order[pos - depth]][0] if pos >= depth else 0) for pos, k in enumerate(order)}
+    res = sum(s for s, r in zip(sizes, resident, strict=True) if r)
+    totals = [
+        reserve
+        + res
+        + act[i]
+        + sum(sizes[k] for k in range(len(sizes)) if not resident[k] and load[k] <= i <= ranges[k][1])
+        for i in range(len(g.ops))
+    ]
+    return max(totals) if totals else reserve + res
+
+
+def ref_plan_peak(g: GraphIR, plan: SwapPlan) -> int:
+    act = ref_act(g)
+    peak = None
+    res = sum(u.bytes for u in plan.units if u.resident)
+    for i in range(len(g.ops)):
+        inflight = sum(
+            u.bytes
+            for u in plan.units
+            if not u.resident
+            and u.load_at is not None
+            and u.release_after is not None
+            and u.load_at <= i <= u.release_after
+        )
+        total = plan.reserve_bytes + res + inflight + act[i]
+        peak = total if peak is None else max(peak, total)
+    return plan.reserve_bytes + res if peak is None else peak
+
+
+def brute_force_min(g: GraphIR, o: PlanOptions) -> int:
+    live = analyse_liveness(g)
+    act = ref_act(g)
+    best = None
+    for _, units in candidate_partitions(o.mode, live.order, dict(live.nbytes), o.block_size_bytes):
+        params = [u.params for u in units]
+        sizes = [sum(w.nbytes for w in g.weights if w.name in p) for p in params]
+        ranges = ref_ranges(g, params)
+        for depth in range(o.max_prefetch_depth + 1):
+            for resident in itertools.product((False, True), repeat=len(units)):
+                p = ref_peak(g, act, sizes, ranges, resident, depth, o.reserve_bytes)
+                best = p if best is None else min(best, p)
+    assert best is not None
+    return best
+
+
+def check_plan_contract(g: GraphIR, plan: SwapPlan, budget: int) -> None:
+    """Everything a plan must satisfy, checked without the planner's own code (except the final
+    cross-check with the validator)."""
+    assert plan.peak_bytes <= budget
+    assert ref_plan_peak(g, plan) == plan.peak_bytes
+    # units partition the weights exactly
+    names = [p for u in plan.units for p in u.params]
+    assert sorted(names) == sorted(w.name for w in g.weights)
+    sizes = {w.name: w.nbytes for w in g.weights}
+    assert all(u.bytes == sum(sizes[p] for p in u.params) for u in plan.units)
+    owner = {p: u for u in plan.units for p in u.params}
+    # every use follows its wait and precedes its release
+    for i, op in enumerate(g.ops):
+        for w in op.weights:
+            u = owner[w]
+            if not u.resident:
+                assert u.load_at is not None and u.wait_at is not None and u.release_after is not None
+                assert u.load_at <= u.wait_at <= i <= u.release_after, (i, u)
+    # prefetch rule over all units in first-use order
+    firsts = [u.first_use for u in plan.units]
+    assert firsts == sorted(firsts)
+    d = plan.prefetch_depth
+    for k, u in enumerate(plan.units):
+        if u.resident:
+            assert (u.load_at, u.wait_at, u.release_after) == (None, None, None)
+        else:
+            assert u.load_at == (firsts[k - d] if k >= d else 0)
+            assert u.wait_at == u.first_use and u.release_after == u.last_use
+    # the greedy fill leaves no swapped unit that would still fit as resident
+    act = ref_act(g)
+    params = [u.params for u in plan.units]
+    ranges = ref_ranges(g, params)
+    assert ranges == [(u.first_use, u.last_use) for u in plan.units]
+    bytes_ = [u.bytes for u in plan.units]
+    resident = [u.resident for u in plan.units]
+    for k in range(len(plan.units)):
+        if not resident[k]:
+            more = resident[:k] + [True] + resident[k + 1 :]
+            assert ref_peak(g, act, bytes_, ranges, more, d, plan.reserve_bytes) > budget
+    validate_plan(g, plan)
+
+
+# ---------------------------------------------------------------- properties
+
+
+@given(g=graphs(), mode=modes, depth=depths, reserve=reserves, block=block_sizes, data=st.data())
+def test_plan_fits_budget_or_raises_exactly_below_minimum(
+    g: GraphIR, mode: str, depth: int, reserve: int, block: int, data: st.DataObject
+) -> None:
+    base = PlanOptions(
+        mode=mode, max_vram_bytes=1, reserve_bytes=reserve, block_size_bytes=block, max_prefetch_depth=depth
+    )
+    low = mode_min_vram_bytes(g, base)
+    budget = data.draw(
+        st.one_of(st.integers(1, 6 * GiB), st.integers(-low // 2, low).map(lambda d: max(1, low + d))),
+        label="budget",
+    )
+    o = dataclasses.replace(base, max_vram_bytes=budget)
+    try:
+        plan = build_plan(g, o)
+    except BudgetInfeasibleError as e:
+        assert budget < low == e.min_vram_bytes and e.mode == mode
+        return
+    assert budget >= low == plan.min_vram_bytes
+    check_plan_contract(g, plan, budget)
+
+
+@given(
+    g=graphs(max_weights=5, max_extra_ops=3), mode=modes, depth=depths, reserve=reserves, block=block_sizes
+)
+def test_minimum_equals_brute_force_minimum(
+    g: GraphIR, mode: str, depth: int, reserve: int, block: int
+) -> None:
+    o = PlanOptions(
+        mode=mode, max_vram_bytes=1, reserve_bytes=reserve, block_size_bytes=block, max_prefetch_depth=depth
+    )
+    low = brute_force_min(g, o)
+    assert mode_min_vram_bytes(g, o) == low
+    # a budget must be positive, so a graph that needs nothing is planned at 1 byte
+    plan = build_plan(g, dataclasses.replace(o, max_vram_bytes=max(low, 1)))
+    assert plan.min_vram_bytes == low
+    check_plan_contract(g, plan, max(low, 1))
+    if low > 1:
+        try:
+            build_plan(g, dataclasses.replace(o, max_vram_bytes=low - 1))
+        except BudgetInfeasibleError as e:
+            assert e.min_vram_bytes == low
+        else:
+            raise AssertionError(f"a plan at {low - 1} bytes, below the brute-force minimum {low}")
+
+
+@given(
+    g=graphs(), mode=modes, depth=depths, reserve=reserves, block=block_sizes, slack=st.integers(0, 4 * GiB)
+)
+def test_plans_are_deterministic_and_round_trip(
+    g: GraphIR, mode: str, depth: int, reserve: int, block: int, slack: int
+) -> None:
+    base = PlanOptions(
+        mode=mode, max_vram_bytes=1, reserve_bytes=reserve, block_size_bytes=block, max_prefetch_depth=depth
+    )
+    o = dataclasses.replace(base, max_vram_bytes=max(1, mode_min_vram_bytes(g, base) + slack))
+    plan = build_plan(g, o)
+    # an equal graph built from fresh objects gives an equal plan
+    copy = GraphIR(
+        ops=tuple(OpInfo(*dataclasses.astuple(op)) for op in g.ops),
+        weights=tuple(WeightInfo(*dataclasses.astuple(w)) for w in g.weights),
+        buffers=g.buffers,
+        inputs=tuple(InputInfo(*dataclasses.astuple(i)) for i in g.inputs),
+    )
+    assert build_plan(copy, o) == plan
+    assert SwapPlan.from_json(plan.to_json()) == plan
+    assert plan.fingerprint == build_plan(g, o).fingerprint
+
+
+@given(g=graphs(), mode=modes, what=st.sampled_from(["graph", "params", "inputs", "options"]), data=st.data())
+def test_plan_refused_for_another_graph(g: GraphIR, mode: str, what: str, data: st.DataObject) -> None:
+    base = PlanOptions(mode=mode, max_vram_bytes=1, reserve_bytes=0)
+    o = dataclasses.replace(base, max_vram_bytes=mode_min_vram_bytes(g, base) + GiB)
+    plan = build_plan(g, o)
+    plan.check_compatible(fingerprint_parts(g, o))
+    g2, o2 = g, o
+    if what == "graph":
+        k = data.draw(st.integers(0, len(g.ops) - 1), label="op")
+        op = g.ops[k]
+        g2 = dataclasses.replace(
+            g, ops=g.ops[:k] + (dataclasses.replace(op, target=op.target + "_2"),) + g.ops[k + 1 :]
+        )
+    elif what == "params" and g.weights:
+        k = data.draw(st.integers(0, len(g.weights) - 1), label="weight")
+        w = g.weights[k]
+        new = data.draw(st.sampled_from([("float16", w.shape), (w.dtype, (*w.shape, 1))]), label="change")
+        g2 = dataclasses.replace(
+            g,
+            weights=g.weights[:k]
+            + (dataclasses.replace(w, dtype=new[0], shape=new[1]),)
+            + g.weights[k + 1 :],
+        )
+    elif what == "inputs":
+        x = g.inputs[0]
+        new_x = data.draw(
+            st.sampled_from(
+                [dataclasses.replace(x, shape=(*x.shape, 2)), dataclasses.replace(x, dtype="float32")]
+            )
+        )
+        g2 = dataclasses.replace(g, inputs=(new_x, *g.inputs[1:]))
+    else:
+        what = "options"
+        o2 = data.draw(
+            st.sampled_from(
+                [
+                    dataclasses.replace(o, max_vram_bytes=o.max_vram_bytes + 1),
+                    dataclasses.replace(o, block_size_bytes=o.block_size_bytes * 2),
+                    dataclasses.replace(o, mode=MODES[(MODES.index(mode) + 1) % 3]),
+                    dataclasses.replace(o, h2d_gbps=o.h2d_gbps * 2),
+                ]
+            )
+        )
+    try:
+        plan.check_compatible(fingerprint_parts(g2, o2))
+    except PlanMismatchError as e:
+        assert what in str(e) and e.fields == (what,)  # type: ignore[attr-defined]
+    else:
+        raise AssertionError(f"a plan was accepted for a graph with different {what}")
