@@ -1,0 +1,212 @@
+"""The three fxswap custom ops and the process-wide unit registry they dispatch through.
+
+The rewrite pass (``fxswap.passes.rewrite.insert_swaps``) inserts, per swapped unit ``u`` with
+literal integer id ``7``::
+
+    tok   = torch.ops.fxswap.load.default(7, anchor)       # before op load_at: start the H2D copy
+    ws    = torch.ops.fxswap.wait.default(7, tok)          # before op wait_at: fresh device tensors
+    w0    = ws[0]; w1 = ws[1]                              # replace the unit's parameter placeholders
+    ...   = linear(x, w0, w1)                              # the unit's uses
+    rtok  = torch.ops.fxswap.release.default(7, ws, last)  # after op release_after: the release point
+
+Contract (why these ops survive Inductor; see shared/reference/torch_mechanics.md Q3):
+
+- ``load`` returns a 0-size token and ``wait`` consumes it, so the load -> wait -> consumer order is
+  data flow, not an effect chain (effect tokens were observed misordered by Inductor's reordering).
+- ``wait`` pops the device tensors from the registry and returns them: from then on the GRAPH owns
+  them. The registry keeps no reference, so Inductor may free or reuse those buffers after their last
+  use without corrupting anything (a registry-kept tensor was observed overwritten via buffer reuse).
+- ``release`` takes the unit's tensors and the output of the last use as arguments. It is the last
+  reader of the tensors, so the graph drops its references right after it: that is where the memory
+  returns (to the caching allocator on CUDA; the CPU ledger observes it through tensor finalizers).
+  It returns a token nobody reads; ``torch.fx.has_side_effect`` keeps FX, AOT and Inductor dead-code
+  elimination from removing it (Inductor's ``FallbackKernel.has_side_effects`` consults the same set).
+- No op declares a mutation: functionalization would clone and copy back the buffers.
+- Unit ids are literal ints in the graph: a SymInt id would make the fake impls unhashable.
+
+The ops are defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``:
+custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~2.5 us
+(``benchmarks/bench_ops.py`` measures ours).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FXSWAP_OPS",
+    "UnitHandle",
+    "UnitMeta",
+    "load",
+    "lookup",
+    "probe",
+    "register_probe",
+    "register_unit",
+    "release",
+    "unregister_probe",
+    "unregister_unit",
+    "wait",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitMeta:
+    """Shapes and dtypes (as the graph sees them, i.e. after any on-device cast) of one unit."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[torch.dtype, ...]
+
+
+class UnitHandle(Protocol):
+    """What the ops need from whoever owns a unit (``fxswap.runtime.SwapRuntime``)."""
+
+    meta: UnitMeta
+
+    def start_load(self) -> None: ...
+
+    def finish_wait(self) -> list[Tensor]: ...
+
+    def on_release(self) -> None: ...
+
+
+# NOTE: the ops are called with a bare int, so a process-wide table is the only way to reach the
+# owning runtime. Ids are never reused, so a stale graph calling a freed unit fails loudly instead of
+# loading some other model's weights.
+_UNITS: dict[int, UnitHandle] = {}
+_UNITS_LOCK = threading.Lock()
+_NEXT_ID = itertools.count(1)
+
+
+def register_unit(handle: UnitHandle) -> int:
+    """Register ``handle`` and return the fresh integer id the rewrite bakes into the graph."""
+    with _UNITS_LOCK:
+        uid = next(_NEXT_ID)
+        _UNITS[uid] = handle
+    return uid
+
+
+def unregister_unit(uid: int) -> None:
+    """Forget unit ``uid`` (a compiled graph that still references it will then raise)."""
+    with _UNITS_LOCK:
+        _UNITS.pop(uid, None)
+
+
+def lookup(uid: int) -> UnitHandle:
+    """Return the handle of unit ``uid``; raise a KeyError stating the contract if it is unknown."""
+    try:
+        return _UNITS[uid]
+    except KeyError:
+        raise KeyError(
+            f"fxswap: unit id {uid} is not registered. Every fxswap op in a graph must belong to a live "
+            "fxswap.compile(...) object; the graph outlived its runtime or was built for another process."
+        ) from None
+
+
+_lib = torch.library.Library("fxswap", "DEF")  # noqa: TOR901 (module-lifetime library)
+_lib.define("load(int uid, Tensor anchor) -> Tensor")
+_lib.define("wait(int uid, Tensor token) -> Tensor[]")
+_lib.define("release(int uid, Tensor[] weights, Tensor after) -> Tensor")
+# A pass-through op for tests: calls a registered Python callback, returns its input unchanged
+# (fresh alias-free output). Used to observe the ledger at a precise point of a compiled graph.
+_lib.define("probe(int pid, Tensor x) -> Tensor")
+
+
+def _token(like: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=like.device)
+
+
+def _load_impl(uid: int, anchor: Tensor) -> Tensor:
+    handle = _UNITS.get(uid) or lookup(uid)
+    handle.start_load()
+    return _token(anchor)
+
+
+def _wait_impl(uid: int, token: Tensor) -> list[Tensor]:
+    handle = _UNITS.get(uid) or lookup(uid)
+    return handle.finish_wait()
+
+
+def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
+    handle = _UNITS.get(uid) or lookup(uid)
+    handle.on_release()
+    return _token(after)
+
+
+_PROBES: dict[int, Callable[[], None]] = {}
+
+
+def _probe_impl(pid: int, x: Tensor) -> Tensor:
+    cb = _PROBES.get(pid)
+    if cb is not None:
+        cb()
+    # A fresh tensor: returning the input itself from a non-aliasing schema is illegal.
+    return x.clone()
+
+
+for _name, _fn in (
+    ("load", _load_impl),
+    ("wait", _wait_impl),
+    ("release", _release_impl),
+    ("probe", _probe_impl),
+):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+def _load_fake(uid: int, anchor: Tensor) -> Tensor:
+    return _token(anchor)
+
+
+def _wait_fake(uid: int, token: Tensor) -> list[Tensor]:
+    meta = lookup(uid).meta
+    dev = token.device
+    return [torch.empty(s, dtype=d, device=dev) for s, d in zip(meta.shapes, meta.dtypes, strict=True)]
+
+
+def _release_fake(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
+    return _token(after)
+
+
+def _probe_fake(pid: int, x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+torch.library.register_fake("fxswap::load", _load_fake, lib=_lib)
+torch.library.register_fake("fxswap::wait", _wait_fake, lib=_lib)
+torch.library.register_fake("fxswap::release", _release_fake, lib=_lib)
+torch.library.register_fake("fxswap::probe", _probe_fake, lib=_lib)
+
+load = torch.ops.fxswap.load.default
+wait = torch.ops.fxswap.wait.default
+release = torch.ops.fxswap.release.default
+probe = torch.ops.fxswap.probe.default
+
+for _op in (load, wait, release, probe):
+    torch.fx.has_side_effect(_op)
+
+#: Targets of every node the rewrite inserts; passes recognise fxswap nodes by target, never by name.
+FXSWAP_OPS: frozenset[Any] = frozenset({load, wait, release})
+
+_NEXT_PROBE = itertools.count(1)
+
+
+def register_probe(callback: Callable[[], None]) -> int:
+    """Register ``callback`` for ``torch.ops.fxswap.probe(pid, x)`` and return ``pid`` (tests, debugging)."""
+    pid = next(_NEXT_PROBE)
+    _PROBES[pid] = callback
+    return pid
+
+
+def unregister_probe(pid: int) -> None:
+    _PROBES.pop(pid, None)
+
+
+def unit_ids_in(nodes: Sequence[Any]) -> list[int]:
+    """Unit ids of the ``load`` nodes among ``nodes`` (FX nodes), in graph order."""
+    return [int(n.args[0]) for n in nodes if getattr(n, "target", None) is load]

@@ -1,0 +1,382 @@
+"""What the fxswap ops do when a compiled graph runs: host store, transfers, device ledger.
+
+One :class:`SwapRuntime` per compiled model and device. It owns
+
+- a :class:`HostStore`: exactly one host copy of every swapped weight (pinned on CUDA up to a share of
+  RAM, pageable beyond that with a warning), kept in its storage dtype;
+- the device copies of the resident weights (made once, handed to the graph as ordinary inputs);
+- a :class:`TransferBackend` that copies a unit to the device asynchronously;
+- a :class:`Ledger` of device bytes held by fxswap, kept exact by tensor finalizers.
+
+CUDA transfer protocol (torch's activation-offloading design, ``torch/_functorch/_activation_offloading``)::
+
+    load:    dst = empty(...)                    # allocated on the COMPUTE stream: the allocator
+                                                 # attributes it to the stream that frees it
+             side.wait_stream(compute)           # the block may be reused memory still being read
+             with side: dst.copy_(host, non_blocking=True); ev.record(side)
+    wait:    compute.wait_event(ev)              # a device-side wait; the host never blocks
+    release: the graph drops its last reference  # no record_stream, no D2H copy (the host copy stays)
+
+On the CPU the "device" is the CPU itself and a copy is a clone into a fresh tensor, so the same code
+path (ops, ownership, ledger) runs in every test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+import weakref
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fxswap import ops
+
+__all__ = [
+    "CopyBackend",
+    "CudaStreamBackend",
+    "HostStore",
+    "LateCopyBackend",
+    "Ledger",
+    "PendingTransfer",
+    "SwapRuntime",
+    "TransferBackend",
+    "default_backend",
+]
+
+logger = logging.getLogger("fxswap.runtime")
+
+
+# --------------------------------------------------------------------------------------------- ledger
+class Ledger:
+    """Bytes of device memory currently held by fxswap tensors, and the peak since the last reset.
+
+    A tensor is added when fxswap allocates it and subtracted by a ``weakref.finalize`` when its
+    storage dies, so the ledger sees exactly when the graph lets go of a unit (tensor objects keep
+    their Python identity while any view of them lives, so views keep the bytes counted).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.peak = 0
+
+    def track(self, t: Tensor) -> Tensor:
+        n = t.untyped_storage().nbytes()
+        with self._lock:
+            self.bytes += n
+            self.peak = max(self.peak, self.bytes)
+        weakref.finalize(t, self._sub, n)
+        return t
+
+    def _sub(self, n: int) -> None:
+        with self._lock:
+            self.bytes -= n
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.bytes
+
+
+# ----------------------------------------------------------------------------------------- host store
+def _total_ram_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+class HostStore:
+    """Exactly one host copy per weight name, in its storage dtype.
+
+    Args:
+        pin: pin the copies (page-locked memory makes ``non_blocking`` H2D copies truly async).
+        pin_share: at most this share of physical RAM is pinned; the rest stays pageable and a
+            warning says so once (pinning everything can starve the OS and the dataloader).
+    """
+
+    def __init__(self, *, pin: bool, pin_share: float = 0.5) -> None:
+        if not 0.0 <= pin_share <= 1.0:
+            raise ValueError(f"`pin_share` must be within [0, 1], got {pin_share!r}")
+        self.pin = pin
+        self.pin_limit_bytes = int(_total_ram_bytes() * pin_share)
+        self.pinned_bytes = 0
+        self.pageable_bytes = 0
+        self._tensors: dict[str, Tensor] = {}
+        self._warned = False
+
+    def put(self, name: str, tensor: Tensor, storage_dtype: torch.dtype | None = None) -> Tensor:
+        """Store ``tensor`` (a host tensor) under ``name`` once and return the host copy."""
+        if name in self._tensors:
+            return self._tensors[name]
+        if tensor.device.type != "cpu":
+            raise ValueError(
+                f"weight `{name}` is on {tensor.device}; fxswap keeps swapped weights on the host. "
+                "Build or load the model on the CPU (or on meta and load weights later) before compiling."
+            )
+        host = tensor.detach()
+        if storage_dtype is not None and storage_dtype != host.dtype:
+            host = host.to(storage_dtype)
+        host = host.contiguous()
+        nbytes = host.untyped_storage().nbytes()
+        if self.pin and self.pinned_bytes + nbytes <= self.pin_limit_bytes:
+            host = host.pin_memory()
+            self.pinned_bytes += nbytes
+        else:
+            if self.pin and not self._warned:
+                warnings.warn(
+                    f"fxswap: pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB "
+                    "(`pin_share`); further weights stay pageable, so their copies are slower and not "
+                    "fully asynchronous. Raise `pin_share` if the machine has RAM to spare.",
+                    stacklevel=3,
+                )
+                self._warned = True
+            self.pageable_bytes += nbytes
+        self._tensors[name] = host
+        return host
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+# ---------------------------------------------------------------------------------- transfer backends
+class PendingTransfer(ABC):
+    """Device tensors whose contents are valid only after :meth:`wait`."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = tensors
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Make the current stream (or thread) wait until the copy has landed."""
+
+
+class TransferBackend(ABC):
+    """Starts the copy of host tensors to ``device``; pluggable so tests can inject a late one."""
+
+    @abstractmethod
+    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer: ...
+
+
+class _Done(PendingTransfer):
+    def wait(self) -> None:
+        return None
+
+
+class CopyBackend(TransferBackend):
+    """Synchronous copy into a fresh tensor (the CPU path; also a CUDA fallback without streams)."""
+
+    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer:
+        out = []
+        for h in host:
+            d = torch.empty_like(h, device=device)
+            d.copy_(h)
+            out.append(d)
+        return _Done(out)
+
+
+class _CudaPending(PendingTransfer):
+    def __init__(self, tensors: list[Tensor], event: torch.cuda.Event, device: torch.device) -> None:
+        super().__init__(tensors)
+        self.event = event
+        self.device = device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+class CudaStreamBackend(TransferBackend):
+    """One transfer stream per device; see the module docstring for the protocol."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        s = self._streams.get(device)
+        if s is None:
+            s = self._streams[device] = torch.cuda.Stream(device)
+        return s
+
+    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer:
+        compute = torch.cuda.current_stream(device)
+        side = self._side(device)
+        out = [torch.empty_like(h, device=device) for h in host]  # on the compute stream
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            for d, h in zip(out, host, strict=True):
+                d.copy_(h, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        return _CudaPending(out, ev, device)
+
+
+class _LatePending(PendingTransfer):
+    def __init__(self, tensors: list[Tensor], thread: threading.Thread) -> None:
+        super().__init__(tensors)
+        self.thread = thread
+
+    def wait(self) -> None:
+        self.thread.join()
+
+
+class LateCopyBackend(TransferBackend):
+    """A race detector: destinations read NaN (or -1 for integers) until a background thread copies
+    the data ``delay_s`` later. A graph that reads a unit before its wait produces garbage.
+    """
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        self.delay_s = delay_s
+        self.started = 0
+
+    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer:
+        out = []
+        for h in host:
+            d = torch.empty_like(h, device=device)
+            d.fill_(float("nan") if d.is_floating_point() else -1)
+            out.append(d)
+        srcs = list(host)
+
+        def finish() -> None:
+            time.sleep(self.delay_s)
+            for d, h in zip(out, srcs, strict=True):
+                d.copy_(h)
+
+        th = threading.Thread(target=finish, daemon=True)
+        th.start()
+        self.started += 1
+        return _LatePending(out, th)
+
+
+def default_backend(device: torch.device) -> TransferBackend:
+    """The transfer stream on CUDA, a plain copy elsewhere."""
+    return CudaStreamBackend() if device.type == "cuda" else CopyBackend()
+
+
+# ---------------------------------------------------------------------------------------------- units
+@dataclass
+class _Unit:
+    """One swapped unit as the ops see it (implements ``fxswap.ops.UnitHandle``)."""
+
+    runtime: SwapRuntime
+    name: str
+    params: tuple[str, ...]
+    host: list[Tensor]
+    meta: ops.UnitMeta
+    pending: deque[PendingTransfer] = field(default_factory=deque)
+
+    def start_load(self) -> None:
+        rt = self.runtime
+        p = rt.backend.start(self.host, rt.device)
+        for t in p.tensors:
+            rt.ledger.track(t)
+        self.pending.append(p)
+        rt.stats["loads"] += 1
+
+    def finish_wait(self) -> list[Tensor]:
+        if not self.pending:
+            raise RuntimeError(
+                f"fxswap.wait for unit `{self.name}` without a preceding fxswap.load; every wait must "
+                "follow its load in the graph (was the graph edited after the rewrite?)"
+            )
+        p = self.pending.popleft()
+        p.wait()
+        out = p.tensors
+        p.tensors = []  # ownership passes to the graph: keep no reference
+        for i, dt in enumerate(self.meta.dtypes):
+            if out[i].dtype != dt:  # stored in a narrower dtype: cast on the device
+                out[i] = self.runtime.ledger.track(out[i].to(dt))
+        self.runtime.stats["waits"] += 1
+        return out
+
+    def on_release(self) -> None:
+        self.runtime.stats["releases"] += 1
+
+
+class SwapRuntime:
+    """Host store, resident device copies, transfer backend and ledger of one compiled model.
+
+    Args:
+        device: where the graph runs.
+        backend: transfer backend; :func:`default_backend` if None.
+        pin_share: cap on pinned host memory, as a share of physical RAM (CUDA only).
+        storage_dtype: keep swapped weights on the host (and copy them) in this dtype, casting back
+            to the compute dtype on the device; None keeps each weight's own dtype.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        *,
+        backend: TransferBackend | None = None,
+        pin_share: float = 0.5,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.backend = backend if backend is not None else default_backend(self.device)
+        self.store = HostStore(pin=self.device.type == "cuda", pin_share=pin_share)
+        self.storage_dtype = storage_dtype
+        self.ledger = Ledger()
+        self.stats = {"loads": 0, "waits": 0, "releases": 0}
+        self._residents: dict[str, Tensor] = {}
+        self._uids: dict[str, int] = {}
+
+    # -- swapped units
+    def add_unit(self, name: str, params: Sequence[tuple[str, Tensor]]) -> int:
+        """Register a swapped unit made of ``params`` (fqn, host tensor); return its op id."""
+        if name in self._uids:
+            return self._uids[name]
+        host = [self.store.put(fqn, t, self.storage_dtype) for fqn, t in params]
+        meta = ops.UnitMeta(tuple(tuple(t.shape) for _, t in params), tuple(t.dtype for _, t in params))
+        uid = ops.register_unit(_Unit(self, name, tuple(f for f, _ in params), host, meta))
+        self._uids[name] = uid
+        return uid
+
+    @property
+    def unit_ids(self) -> dict[str, int]:
+        return dict(self._uids)
+
+    # -- resident weights
+    def resident(self, fqn: str, tensor: Tensor) -> Tensor:
+        """The device copy of a resident weight, made on first request (one copy per name)."""
+        d = self._residents.get(fqn)
+        if d is None:
+            src = tensor.detach()
+            # NOTE: always a fresh tensor, also on the CPU, so the ledger accounts for it and the
+            # graph never aliases the user's parameter.
+            d = torch.empty_like(src, device=self.device, memory_format=torch.contiguous_format)
+            d.copy_(src)
+            self._residents[fqn] = self.ledger.track(d)
+        return d
+
+    def retain_residents(self, keep: frozenset[str] | set[str]) -> None:
+        """Release the resident device copies whose names are not in ``keep``."""
+        for k in [k for k in self._residents if k not in keep]:
+            del self._residents[k]
+
+    def drop_residents(self) -> None:
+        """Release every resident device copy (switching experts; the host copies stay valid)."""
+        self._residents.clear()
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self._residents.values())
+
+    def close(self) -> None:
+        """Drop residents and unregister every unit (graphs using them then fail loudly)."""
+        self.drop_residents()
+        for uid in self._uids.values():
+            ops.unregister_unit(uid)
+        self._uids.clear()

@@ -1,0 +1,266 @@
+"""insert_swaps on Dynamo graphs captured here with a tiny backend and hand-written plans.
+
+Independent of the planner: units are duck-typed. Checks the inserted pattern, that Dynamo's graph
+is left alone, errors, that memory is returned at the release node (probe + ledger), and that the
+order, the release ops and the ownership of weights survive Inductor (read from its output code).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+from torch import fx
+
+from fxswap import ops
+from fxswap.errors import PlanError
+from fxswap.passes.rewrite import insert_swaps
+from fxswap.runtime import LateCopyBackend, SwapRuntime
+
+COMPUTE = ("call_function", "call_method", "call_module")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    params: tuple[str, ...]
+    resident: bool
+    load_node: str | None = None
+    wait_node: str | None = None
+    release_node: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    units: tuple[Unit, ...]
+
+
+def capture(model: nn.Module, *args: Any) -> tuple[fx.GraphModule, list[str | None]]:
+    """Dynamo graph of model(*args) and the FQN per placeholder (None for inputs)."""
+    got: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def backend(gm: fx.GraphModule, ex: list[Any]) -> Any:
+        got.append((gm, ex))
+        return gm
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(*args)
+    gm, ex = got[0]
+    fqn = {id(p): n for n, p in model.named_parameters()}
+    return gm, [fqn.get(id(e)) for e in ex]
+
+
+def mlp(n: int = 4, d: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(d, d) for _ in range(n)]).requires_grad_(False)
+
+
+def layer_plan(gm: fx.GraphModule, n: int, resident: set[int], depth: int = 1) -> Plan:
+    """One unit per Linear layer i (op i), loaded `depth` ops ahead, released after its use."""
+    names = [x.name for x in gm.graph.nodes if x.op in COMPUTE]
+    units = []
+    for i in range(n):
+        use = names[i]
+        units.append(
+            Unit(str(i), (f"{i}.weight", f"{i}.bias"), i in resident, names[max(0, i - depth)], use, use)
+        )
+    return Plan(tuple(units))
+
+
+def run_args(gm_new: fx.GraphModule, pp: list[str | None], model: nn.Module, rt: SwapRuntime, x: Any) -> list:
+    named = dict(model.named_parameters())
+    kept = {n.name for n in gm_new.graph.nodes if n.op == "placeholder"}
+    phs = [n for n in capture_cache[id(model)].graph.nodes if n.op == "placeholder"]
+    out = []
+    for ph, f in zip(phs, pp, strict=True):
+        if ph.name not in kept:
+            continue
+        out.append(x if f is None else rt.resident(f, named[f]))
+    return out
+
+
+capture_cache: dict[int, fx.GraphModule] = {}
+
+
+@pytest.fixture(scope="module")
+def mlp_graph() -> tuple[nn.Module, fx.GraphModule, list[str | None], torch.Tensor]:
+    m = mlp()
+    x = torch.randn(3, 16)
+    gm, pp = capture(m, x)
+    capture_cache[id(m)] = gm
+    return m, gm, pp, x
+
+
+def fx_ops(gm: fx.GraphModule) -> list[tuple[str, int]]:
+    kind = {ops.load: "load", ops.wait: "wait", ops.release: "release"}
+    return [(kind[n.target], n.args[0]) for n in gm.graph.nodes if n.target in kind]
+
+
+def test_inserted_pattern_and_exact_eager(mlp_graph: Any) -> None:
+    m, gm, pp, x = mlp_graph
+    before = gm.code
+    rt = SwapRuntime("cpu", backend=LateCopyBackend(0.002))
+    plan = layer_plan(gm, 4, resident={0})
+    uids = {u.name: rt.add_unit(u.name, [(p, dict(m.named_parameters())[p]) for p in u.params]) for u in plan.units
+            if not u.resident}
+    new = insert_swaps(gm, plan, pp, unit_ids=uids)
+    assert gm.code == before, "Dynamo's own graph must not be edited"
+    seq = fx_ops(new)
+    for uid in uids.values():
+        kinds = [k for k, u in seq if u == uid]
+        assert kinds == ["load", "wait", "release"]
+    # unit ids are literal ints in the graph
+    assert all(isinstance(u, int) for _, u in seq)
+    # swapped weights are no longer graph inputs; the resident ones are
+    ph = [n for n in new.graph.nodes if n.op == "placeholder"]
+    assert len(ph) == 3  # 0.weight, 0.bias, x
+    # each weight use reads the wait's output, and comes after it
+    order = {n: i for i, n in enumerate(new.graph.nodes)}
+    for n in new.graph.nodes:
+        if n.target is ops.wait:
+            users = [u for g in n.users if g.target is operator.getitem for u in g.users]
+            rel = [u for u in n.users if u.target is ops.release]
+            assert len(rel) == 1
+            assert all(order[n] < order[u] < order[rel[0]] for u in users)
+    args = run_args(new, pp, m, rt, x)
+    for _ in range(3):
+        assert torch.equal(new(*args)[0], m(x))
+    assert rt.stats == {"loads": 9, "waits": 9, "releases": 9}
+
+
+def test_empty_plan_is_a_copy(mlp_graph: Any) -> None:
+    m, gm, pp, x = mlp_graph
+    plan = layer_plan(gm, 4, resident={0, 1, 2, 3})
+    new = insert_swaps(gm, plan, pp, unit_ids={})
+    assert new is not gm and new.code == gm.code
+
+
+def test_errors_name_unit_and_node(mlp_graph: Any) -> None:
+    m, gm, pp, x = mlp_graph
+    good = layer_plan(gm, 4, resident={0, 1, 2})
+    u3 = good.units[3]
+    bad_node = Plan(good.units[:3] + (Unit("3", u3.params, False, "nope", u3.wait_node, u3.release_node),))
+    with pytest.raises(PlanError, match=r"unit `3`.*'nope'"):
+        insert_swaps(gm, bad_node, pp, unit_ids={"3": 1})
+    bad_param = Plan(good.units[:3] + (Unit("3", ("3.weight", "x.y"), False, u3.load_node, u3.wait_node,
+                                            u3.release_node),))
+    with pytest.raises(PlanError, match="x.y"):
+        insert_swaps(gm, bad_param, pp, unit_ids={"3": 1})
+    names = [x.name for x in gm.graph.nodes if x.op in COMPUTE]
+    # waits after its first use: the graph would read the weight before it exists
+    late = Plan(good.units[:2] + (Unit("2", ("2.weight", "2.bias"), False, names[2], names[3], names[3]),
+                                  good.units[3]))
+    with pytest.raises(PlanError, match="invalid graph"):
+        insert_swaps(gm, late, pp, unit_ids={"2": 1, "3": 2})
+    with pytest.raises(PlanError, match="unit_ids"):
+        insert_swaps(gm, layer_plan(gm, 4, resident=set()), pp, unit_ids={})
+
+
+def _insert_probes(gm: fx.GraphModule, pid: int) -> fx.GraphModule:
+    """A probe right before and right after every release node (probe reads the ledger)."""
+    g = gm.graph
+    for rel in [n for n in g.nodes if n.target is ops.release]:
+        with g.inserting_before(rel):
+            pre = g.call_function(ops.probe, (pid, rel.args[2]))
+        rel.update_arg(2, pre)  # the release now comes after the "before" probe
+        with g.inserting_after(rel):
+            g.call_function(ops.probe, (pid, rel))
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_memory_returns_at_release(mlp_graph: Any, backend: str) -> None:
+    """The ledger (tensor finalizers) drops by exactly the unit's bytes across each release node."""
+    m, gm, pp, x = mlp_graph
+    rt = SwapRuntime("cpu")
+    plan = layer_plan(gm, 4, resident=set(), depth=0)
+    named = dict(m.named_parameters())
+    uids = {u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units}
+    seen: list[int] = []
+    pid = ops.register_probe(lambda: seen.append(rt.ledger.bytes))
+    try:
+        new = _insert_probes(insert_swaps(gm, plan, pp, unit_ids=uids), pid)
+        args = run_args(new, pp, m, rt, x)
+        if backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            with torch._inductor.config.patch(reorder_for_locality=False):
+                fn = compile_fx(new, args)
+        else:
+            fn = new.forward
+        out = fn(*args)
+        assert torch.equal(out[0], m(x)) if backend == "eager" else torch.allclose(out[0], m(x))
+    finally:
+        ops.unregister_probe(pid)
+    unit_bytes = (16 * 16 + 16) * 4
+    assert len(seen) == 8
+    for before, after in zip(seen[0::2], seen[1::2], strict=True):
+        assert before == unit_bytes, seen  # depth 0: exactly this unit is on the device
+        assert after == 0, seen  # ... and gone right after its release node
+    assert rt.ledger.bytes == 0
+
+
+# ------------------------------------------------------------------------------------------- inductor
+@pytest.fixture(scope="module")
+def inductor_run(mlp_graph: Any) -> dict[str, Any]:
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    m, gm, pp, x = mlp_graph
+    rt = SwapRuntime("cpu", backend=LateCopyBackend(0.002))
+    plan = layer_plan(gm, 4, resident={0}, depth=1)
+    named = dict(m.named_parameters())
+    uids = {u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units if not u.resident}
+    new = insert_swaps(gm, plan, pp, unit_ids=uids)
+    args = run_args(new, pp, m, rt, x)
+    holder: dict[str, Any] = {}
+
+    def go() -> Any:
+        with torch._inductor.config.patch(reorder_for_locality=False):
+            holder["fn"] = compile_fx(new, args)
+        return holder["fn"](*args)
+
+    with fresh_cache():
+        out, code = run_and_get_code(go)
+    return {"m": m, "x": x, "new": new, "fn": holder["fn"], "args": args, "out": out, "code": code[0], "rt": rt}
+
+
+def test_inductor_keeps_every_op_in_fx_order(inductor_run: dict[str, Any]) -> None:
+    code = inductor_run["code"]
+    body = code[code.index("def call(") :]
+    got = [(k, int(u)) for k, u in re.findall(r"torch\.ops\.fxswap\.(load|wait|release)\.default\((\d+)", body)]
+    assert got == fx_ops(inductor_run["new"])  # none DCE'd (release included), none reordered
+    # loads are issued before the matmul they should overlap with (not sunk past it)
+    lines = [ln.strip() for ln in body.splitlines()]
+    kinds = [
+        "L" if "= torch.ops.fxswap.load.default(" in ln else "M"
+        for ln in lines
+        if "= torch.ops.fxswap.load.default(" in ln or ln.startswith("extern_kernels.addmm(")
+    ]
+    assert "".join(kinds) == "LMLMLMM", kinds  # load(1) before mm0, load(2) before mm1, ...
+
+
+def test_inductor_never_reuses_weight_buffers(inductor_run: dict[str, Any]) -> None:
+    code = inductor_run["code"]
+    weights = set(re.findall(r"(buf\d+) = buf\d+\[\d+\]", code))  # elements of wait's list
+    assert weights
+    reused = set(re.findall(r"buf\d+ = (buf\d+); del buf\d+  # reuse", code))
+    assert not (weights & reused), f"Inductor reused weight buffers {weights & reused}"
+
+
+def test_inductor_exact_over_calls_host_copies_intact(inductor_run: dict[str, Any]) -> None:
+    m, x, fn, args = inductor_run["m"], inductor_run["x"], inductor_run["fn"], inductor_run["args"]
+    ref = torch.compile(m, backend="inductor")(x)
+    assert torch.equal(inductor_run["out"][0], ref)
+    host = [inductor_run["rt"].store[f"{i}.weight"].clone() for i in range(1, 4)]
+    for _ in range(3):
+        assert torch.equal(fn(*list(args))[0], ref)  # a reused (overwritten) weight would break this
+    for i, h in enumerate(host, start=1):
+        assert torch.equal(inductor_run["rt"].store[f"{i}.weight"], h)
