@@ -30,7 +30,7 @@ EXPECTED_PARAMS = {
     "wan2.2-t2v-a14b": 14_288_491_584,
     "wan2.2-i2v-a14b": 14_288_901_184,
 }
-SMALL_VIDEO = dict(frames=5, height=32, width=48)  # latent (2, 4, 6) -> token grid (2, 2, 3)
+SMALL_VIDEO: dict[str, Any] = dict(frames=5, height=32, width=48)  # latent (2, 4, 6) -> token grid (2, 2, 3)
 
 
 def _numel(model: torch.nn.Module) -> int:
@@ -245,6 +245,24 @@ def test_bfloat16_compute_follows_parameters() -> None:
     with torch.no_grad():
         ref = model(**inp)
         out = model.to(torch.bfloat16)(**inp)  # float32 inputs are cast to the compute dtype
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_float32_norms_and_modulation_in_bfloat16_model() -> None:
+    # A loader may keep norm weights and modulation tables in float32 (diffusers' _keep_in_fp32_modules).
+    cfg = wan.tiny_config("i2v")
+    model = _perturbed(cfg)
+    inp = wan.example_inputs(cfg, **SMALL_VIDEO)
+    with torch.no_grad():
+        ref = model(**inp)
+        model.to(torch.bfloat16)
+        for module in model.modules():
+            if isinstance(module, (wan.RMSNorm, wan.FP32LayerNorm)):
+                module.float()
+        for table in [model.head.modulation, *(block.modulation for block in model.blocks)]:
+            table.data = table.data.float()
+        out = model(**inp)
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 

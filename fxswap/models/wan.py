@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "example_inputs",
     "get_attention",
     "latent_shape",
+    "load",
     "rope_cos_sin",
     "rope_split",
     "select_expert",
@@ -392,7 +394,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # The final cast keeps q/k in the activation dtype even if a loader kept this weight in float32.
+        return (normed.type_as(x) * self.weight).type_as(x)
 
 
 class WanSelfAttention(nn.Module):
@@ -694,6 +697,16 @@ def build(
     if overrides:
         config = dataclasses.replace(config, **overrides)
     return WanModel(config, device=device, dtype=dtype)
+
+
+def load(path: str | os.PathLike[str], **kwargs: Any) -> WanModel:
+    """Load a WAN checkpoint into a ``WanModel``: ``fxswap.models.wan_checkpoint.load`` (see there).
+
+    Lives in the loader module; re-exported here so that ``fxswap.models.wan.load`` is the public name.
+    """
+    from fxswap.models import wan_checkpoint  # lazy: the loader imports this module
+
+    return wan_checkpoint.load(path, **kwargs)
 
 
 def latent_shape(config: WanConfig | str, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
