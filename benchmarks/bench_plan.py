@@ -1,0 +1,109 @@
+"""Speed of capture and planning for WAN 14B at 480p, 81 frames, on meta tensors (no GPU, no weights).
+
+Measures, on this machine:
+- ``cli_wall_s``: the whole ``fxswap plan`` command (a child process: interpreter start, imports,
+  meta build, capture, planning, summary, JSON), target <= 60 s;
+- ``cli_peak_rss_mb``: that child's peak resident set (``ru_maxrss`` from ``wait4``), target <= 2048;
+- ``capture_s``: ``fxswap.trace`` of the meta model in this process;
+- ``plan_s``: ``build_plan`` on the captured IR (median of ``--repeat`` runs), target <= 1 s.
+
+Prints one JSON line. Usage: ``python benchmarks/bench_plan.py [--repeat 3] [--mode adaptive]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODEL = "wan2.1-t2v-14b"
+
+
+def _run_cli(mode: str, budget_gb: float) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit status) of one ``fxswap plan`` child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable, "-m", "fxswap.cli", "plan", "--model", MODEL, "--resolution", "832x480",
+            "--frames", "81", "--max-vram-gb", str(budget_gb), "--block-size-mb", "300", "--mode", mode,
+            "-o", os.path.join(tmp, "plan.json"),
+        ]  # fmt: skip
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"`{' '.join(cmd)}` failed with status {proc.returncode}: {err}")
+    return wall, usage.ru_maxrss / 1024, proc.returncode  # Linux reports ru_maxrss in KiB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="planning runs (median reported)")
+    parser.add_argument("--mode", default="adaptive", choices=("layerwise", "chunkwise", "adaptive"))
+    parser.add_argument("--max-vram-gb", type=float, default=16.0)
+    args = parser.parse_args()
+
+    # The child runs first, so that it does not compete with this process's own capture for the CPUs.
+    cli_wall, cli_rss, _ = _run_cli(args.mode, args.max_vram_gb)
+
+    import torch
+    from fxswap.passes.planner import build_plan
+
+    from fxswap.api import make_options
+    from fxswap.models import wan
+    from fxswap.trace import trace
+
+    model = wan.build(MODEL, device="meta", dtype=torch.bfloat16)
+    inputs = wan.example_inputs(MODEL, frames=81, height=480, width=832, device="meta", dtype=torch.bfloat16)
+    start = time.perf_counter()
+    traced = trace(model, **inputs)
+    capture = time.perf_counter() - start
+
+    options = make_options(mode=args.mode, max_vram_gb=args.max_vram_gb, block_size_mb=300)
+    times = []
+    for _ in range(max(1, args.repeat)):
+        start = time.perf_counter()
+        plan = build_plan(traced.ir, options)
+        times.append(time.perf_counter() - start)
+    plan_s = statistics.median(times)
+
+    print(
+        json.dumps(
+            {
+                "bench": "plan",
+                "model": MODEL,
+                "input": "832x480, 81 frames, batch 1, bf16, meta",
+                "mode": args.mode,
+                "max_vram_gb": args.max_vram_gb,
+                "ops": len(traced.ir.ops),
+                "weights": len(traced.ir.weights),
+                "capture_s": round(capture, 2),
+                "plan_s": round(plan_s, 3),
+                "plan_s_all": [round(t, 3) for t in times],
+                "cli_wall_s": round(cli_wall, 2),
+                "cli_peak_rss_mb": round(cli_rss, 1),
+                "plan_ok": plan_s <= 1.0,
+                "cli_wall_ok": cli_wall <= 60.0,
+                "rss_ok": cli_rss <= 2048.0,
+                "peak_gib": round(plan.peak_bytes / 2**30, 2),
+                "units": len(plan.units),
+                "cpu_count": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 2),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
