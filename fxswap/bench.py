@@ -16,8 +16,9 @@ a CFG step is two calls, which doubles step time, compute and bytes moved alike)
 - ``moved_bytes``: host-to-device bytes per call; ``d2h_bytes`` device-to-host (WanVideoWrapper).
 - fp8 rows: the bf16 graph with every 2-D ``*.weight`` (the Linear weights) at 1 byte per element,
   as ComfyUI/WVW fp8 checkpoints store them (``wan_architecture.md`` section 4); biases, norms,
-  modulation and the patch-embedding conv stay 2 bytes. Compute is still priced at the bf16 rate
-  (the weights are upcast per layer; fp8 tensor-core matmuls are not modelled).
+  modulation and the patch-embedding conv stay 2 bytes; each Linear op holds a transient bf16 copy
+  of its weight (the upcast). Compute is still priced at the bf16 rate (fp8 tensor-core matmuls are
+  not modelled).
 - A14B rows (``wan2.2-t2v-a14b``): one expert (the two share the architecture). The rows are per
   call of the active expert; switching experts (once per generation, at the boundary step) costs
   loading the other expert's resident set, reported separately as ``switch_ms`` = resident bytes
@@ -56,6 +57,7 @@ __all__ = [
     "ir_from_json",
     "ir_to_json",
     "load_wan_ir",
+    "read_json",
     "readme_table",
     "run_bench",
     "summarize",
@@ -138,14 +140,17 @@ def ir_from_json(data: dict[str, Any]) -> GraphIR:
 
 
 def fp8_ir(ir: GraphIR) -> GraphIR:
-    """The graph with Linear weights (2-D ``*.weight``) stored at 1 byte per element (module docstring)."""
+    """The graph with Linear weights stored at 1 byte per element (module docstring).
 
-    def fp8(w: WeightInfo) -> WeightInfo:
-        if len(w.shape) == 2 and w.name.endswith(".weight"):
-            return replace(w, nbytes=math.prod(w.shape), dtype="float8_e4m3fn")
-        return w
+    The Linear weights are the 2-D ``*.weight`` tensors (in WAN every other weight is 1-D, 3-D or the
+    5-D patch-embedding conv). The resizing, including the transient bf16 copy each Linear op holds
+    while it upcasts its fp8 weight, is the same function ``fxswap plan --dtype fp8`` uses, so the
+    bench and the CLI count fp8 memory the same way.
+    """
+    from fxswap.cli import _fp8_linear_weights  # one definition of the fp8 rule, shared with the CLI
 
-    return replace(ir, weights=tuple(fp8(w) for w in ir.weights))
+    linears = {w.name for w in ir.weights if len(w.shape) == 2 and w.name.endswith(".weight")}
+    return _fp8_linear_weights(ir, linears)
 
 
 def case_size(model: str, case: str) -> tuple[int, int, int]:
@@ -169,19 +174,25 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
     from fxswap.models import wan
     from fxswap.trace import trace
 
-    if model not in wan.CONFIGS:
-        raise FxswapError(f"model={model!r} is unknown; use one of {', '.join(wan.CONFIGS)}")
+    if model.startswith("tiny-") and model.removeprefix("tiny-") in wan.MODEL_TYPES:
+        config = wan.tiny_config(model.removeprefix("tiny-"))  # for tests: the full structure, tiny sizes
+    elif model in wan.CONFIGS:
+        config = wan.CONFIGS[model]
+    else:
+        raise FxswapError(
+            f"model={model!r} is unknown; use one of {', '.join(wan.CONFIGS)} (or tiny-t2v for a test model)"
+        )
     width, height, frames = case_size(model, case)
     key_src = json.dumps(
-        [IR_CACHE_VERSION, repr(wan.CONFIGS[model]), width, height, frames, _source_hash()], sort_keys=True
+        [IR_CACHE_VERSION, repr(config), width, height, frames, _source_hash()], sort_keys=True
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     path = cache_dir / f"{model}-{case}-{key}.json" if cache_dir else None
     if path is not None and path.exists():
         return ir_from_json(json.loads(path.read_text()))
-    net = wan.build(model, device="meta", dtype=torch.bfloat16)
+    net = wan.build(config, device="meta", dtype=torch.bfloat16)
     kwargs = wan.example_inputs(
-        model, frames=frames, height=height, width=width, device="meta", dtype=torch.bfloat16
+        config, frames=frames, height=height, width=width, device="meta", dtype=torch.bfloat16
     )
     ir = trace(net, **kwargs).ir
     if path is not None:
@@ -399,6 +410,14 @@ def _row_dict(row: BenchRow) -> dict[str, Any]:
 def write_json(rows: Iterable[BenchRow], path: str | Path) -> None:
     """A JSON list of rows (the :class:`BenchRow` fields plus ``over_compute`` and ``over_bound``)."""
     Path(path).write_text(json.dumps([_row_dict(r) for r in rows], indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> list[BenchRow]:
+    """Rows written by :func:`write_json`."""
+    names = {f.name for f in fields(BenchRow)}
+    return [
+        BenchRow(**{k: v for k, v in d.items() if k in names}) for d in json.loads(Path(path).read_text())
+    ]
 
 
 def write_csv(rows: Iterable[BenchRow], path: str | Path) -> None:
@@ -683,7 +702,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.md:
         write_markdown(rows, args.md, header=f"# fxswap bench --sim\n\n{len(rows)} rows, {elapsed:.0f} s.\n")
     if args.chart:
-        from fxswap.plots import plot_bench
-
+        try:
+            from fxswap.plots import plot_bench
+        except ImportError as exc:  # matplotlib is the optional "plot" extra
+            print(
+                f"fxswap bench: --chart needs matplotlib (pip install fxswap[plot]): {exc}", file=sys.stderr
+            )
+            return 2
         plot_bench(rows, args.chart)
     return 0

@@ -1,0 +1,185 @@
+"""Plots (optional extra ``fxswap[plot]``: matplotlib): a plan's memory timeline and the bench chart.
+
+matplotlib is imported inside the functions so that ``import fxswap.plots`` costs nothing and a
+missing matplotlib fails with an ImportError that says how to install it, only when a plot is asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fxswap.ir import GraphIR
+
+if TYPE_CHECKING:
+    from fxswap.bench import BenchRow
+    from fxswap.plan import SwapPlan
+
+__all__ = ["plot_bench", "plot_timeline", "timeline_parts"]
+
+GiB = 2**30
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(
+            f"plots need matplotlib, which is not installed ({exc}); "
+            "install it with `pip install 'fxswap[plot]'`"
+        ) from None
+    return plt
+
+
+def timeline_parts(plan: SwapPlan, ir: GraphIR) -> dict[str, list[int]]:
+    """Per-op bytes of a plan split into what the plot stacks, from the one memory simulator.
+
+    Returns:
+        ``reserve``, ``resident``, ``in_flight`` (swapped units loaded but not yet waited for:
+        ``load_at <= i < wait_at``), ``swapped_live`` (``wait_at <= i <= release_after``),
+        ``act`` and ``total``. ``total`` is :func:`fxswap.passes.simulate.simulate_memory`'s.
+    """
+    from fxswap.passes.liveness import activation_profile
+    from fxswap.passes.simulate import UnitWindow, simulate_memory
+
+    if plan.num_ops != len(ir.ops):
+        raise ValueError(
+            f"plan has num_ops={plan.num_ops} but the graph has {len(ir.ops)} ops; plot the plan with the "
+            "graph it was made for"
+        )
+    act = activation_profile(ir)
+    n = len(act)
+    windows = []
+    flight = []
+    for u in plan.units:
+        if u.resident:
+            windows.append(UnitWindow(u.bytes, True))
+            continue
+        la, wa, ra = u.load_at or 0, u.wait_at or 0, u.release_after or 0
+        windows.append(UnitWindow(u.bytes, False, la, wa, ra))
+        if wa > la:
+            flight.append(UnitWindow(u.bytes, False, la, wa, wa - 1))
+    full = simulate_memory(act, windows, plan.reserve_bytes)
+    zeros = [0] * n
+    in_flight = list(simulate_memory(zeros, flight, 0).swapped) if n else []
+    live = [s - f for s, f in zip(full.swapped, in_flight, strict=True)]
+    return {
+        "reserve": [plan.reserve_bytes] * n,
+        "resident": [full.resident_bytes] * n,
+        "in_flight": in_flight,
+        "swapped_live": live,
+        "act": list(act),
+        "total": [full.total(i) for i in range(n)],
+    }
+
+
+def plot_timeline(plan: SwapPlan, ir: GraphIR, path: str | Path) -> None:
+    """Memory over the graph for ``plan`` as a png: budget line, resident, in flight, activations.
+
+    Args:
+        plan: a plan made for ``ir``.
+        ir: the captured graph.
+        path: the png to write.
+    """
+    plt = _pyplot()
+    parts = timeline_parts(plan, ir)
+    x = list(range(len(parts["act"])))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    stack = [
+        ("reserve", "reserve (workspace)", "#bbbbbb"),
+        ("resident", "resident weights", "#4c72b0"),
+        ("swapped_live", "swapped units in use", "#55a868"),
+        ("in_flight", "swapped units in flight", "#dd8452"),
+        ("act", "activations", "#c44e52"),
+    ]
+    ax.stackplot(
+        x,
+        *[[v / GiB for v in parts[k]] for k, _, _ in stack],
+        labels=[label for _, label, _ in stack],
+        colors=[c for _, _, c in stack],
+        step="post",
+    )
+    ax.axhline(plan.max_vram_bytes / GiB, color="black", linestyle="--", linewidth=1.2, label="budget")
+    ax.axhline(plan.peak_bytes / GiB, color="black", linestyle=":", linewidth=0.8, label="simulated peak")
+    ax.set_xlabel("op (execution order)")
+    ax.set_ylabel("GiB on the device")
+    ax.set_xlim(0, max(1, len(x) - 1))
+    ax.set_title(
+        f"fxswap {plan.mode} ({plan.partition}, depth {plan.prefetch_depth}): peak "
+        f"{plan.peak_bytes / GiB:.2f} / {plan.max_vram_bytes / GiB:.2f} GiB, "
+        f"{plan.moved_bytes_per_call / GiB:.2f} GiB moved per call"
+    )
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bench(
+    rows: Sequence[BenchRow],
+    path: str | Path,
+    card: str = "rtx4090",
+    resolution: str = "832x480",
+    frames: int = 81,
+    dtype: str = "bf16",
+) -> None:
+    """Grouped bars of step / resident compute, one panel per model, one group per budget.
+
+    Bars of settings where a policy exceeds the budget are drawn hatched at 0 with "OOM". If the
+    requested card/case has no rows, the first card/case present is used instead.
+    """
+    plt = _pyplot()
+    sel = [r for r in rows if r.card == card and r.resolution == resolution and r.frames == frames]
+    sel = [r for r in sel if r.dtype == dtype]
+    if not sel and rows:
+        first = rows[0]
+        card, resolution, frames, dtype = first.card, first.resolution, first.frames, first.dtype
+        sel = [
+            r
+            for r in rows
+            if r.card == card and r.resolution == resolution and r.frames == frames and r.dtype == dtype
+        ]
+    models = list(dict.fromkeys(r.model for r in sel))
+    policies = list(dict.fromkeys(r.policy for r in sel))
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, model in zip(axes[0], models, strict=False):
+        mrows = [r for r in sel if r.model == model]
+        budgets = sorted({r.budget_gb for r in mrows})
+        width = 0.8 / max(1, len(policies))
+        for j, pol in enumerate(policies):
+            xs, ys, oom = [], [], []
+            for i, b in enumerate(budgets):
+                r = next((r for r in mrows if r.budget_gb == b and r.policy == pol), None)
+                if r is None:
+                    continue
+                x = i + (j - (len(policies) - 1) / 2) * width
+                if r.feasible and r.step_ms is not None:
+                    xs.append(x)
+                    ys.append(r.step_ms / r.resident_compute_ms)
+                else:
+                    oom.append(x)
+            ax.bar(xs, ys, width, color=cmap(j % 10), label=pol)
+            for x in oom:
+                ax.bar([x], [0.05], width, color="none", edgecolor=cmap(j % 10), hatch="xx")
+                ax.text(x, 0.07, "OOM", rotation=90, ha="center", va="bottom", fontsize=6)
+        bounds = []
+        for b in budgets:
+            r = next((r for r in mrows if r.budget_gb == b), None)
+            bounds.append(r.bound_ms / r.resident_compute_ms if r and r.bound_ms else math.nan)
+        ax.plot(range(len(budgets)), bounds, "k_", markersize=22, label="physical bound")
+        ax.set_xticks(range(len(budgets)))
+        ax.set_xticklabels([f"{b:g} GiB" for b in budgets])
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("step / resident compute")
+        ax.axhline(1.0, color="gray", linewidth=0.6)
+    axes[0][0].legend(fontsize=6, loc="upper right")
+    fig.suptitle(f"fxswap bench --sim: {card}, {resolution}x{frames}, {dtype} (lower is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
