@@ -237,6 +237,8 @@ def test_bare_pickle_and_truncated_pth_are_refused(tmp_path: Path) -> None:
 def test_detect_config_of_named_models(name: str) -> None:
     cfg = wan.CONFIGS[name]
     got = detect_config(_meta_shapes(name))
+    meta_sd = wan.build(name, device="meta").state_dict()  # tensors (not shapes) work too
+    assert detect_config(meta_sd) == got and detect_layout(meta_sd) == "original"
     if name == "wan2.2-t2v-a14b":
         # Each A14B T2V expert has exactly the Wan2.1 T2V-14B architecture; shapes cannot tell them apart.
         assert got == wan.CONFIGS["wan2.1-t2v-14b"]

@@ -231,8 +231,17 @@ def convert_state_dict(
 # ---------------------------------------------------------------------------------------------
 # Layout detection
 # ---------------------------------------------------------------------------------------------
-def detect_layout(keys: Iterable[str] | Mapping[str, Sequence[int]]) -> str:
+def _shape_of(value: Any) -> tuple[int, ...]:
+    """Shape of a tensor, or a shape given directly (torch.Size, tuple, list)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return tuple(int(x) for x in value)
+
+
+def detect_layout(keys: Iterable[str] | Mapping[str, Any]) -> str:
     """Name the layout of a WAN checkpoint from its keys (and shapes, when given a key->shape map).
+
+    ``keys``: key names, or a mapping from keys to shapes or tensors (a state dict).
 
     Returns one of :data:`LAYOUTS`. A TurboWan file is recognised by its SLA keys, or (shapes
     needed) by its 2-D patch embedding. Raises CheckpointError naming the known layouts and a
@@ -252,7 +261,7 @@ def detect_layout(keys: Iterable[str] | Mapping[str, Sequence[int]]) -> str:
     if (
         shapes is not None
         and "patch_embedding.weight" in shapes
-        and len(shapes["patch_embedding.weight"]) == 2
+        and len(_shape_of(shapes["patch_embedding.weight"])) == 2
     ):
         return "turbowan"
     diffusers_markers = ("scale_shift_table", "proj_out.weight", "condition_embedder.time_proj.weight")
@@ -725,10 +734,10 @@ def _config_hints(path: Path, metadata: Mapping[str, str], info: CheckpointInfo)
 # ---------------------------------------------------------------------------------------------
 # Config detection
 # ---------------------------------------------------------------------------------------------
-def detect_config(
-    shapes: Mapping[str, Sequence[int]], *, hints: Mapping[str, Any] | None = None
-) -> WanConfig:
+def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None = None) -> WanConfig:
     """Derive the WanConfig of an original-layout state dict from its tensor shapes.
+
+    ``shapes``: key -> shape (or key -> tensor: a state dict, possibly on ``meta``).
 
     dim from ``head.modulation``, in_dim and patch size from the patch embedding (Conv3d or
     TurboWan Linear), out_dim from ``head.head.weight`` / prod(patch), ffn_dim from
@@ -750,7 +759,7 @@ def detect_config(
                 f"detect_config: key {key!r} is missing, so the config cannot be derived; "
                 f"pass config= explicitly or check that the file is a complete WAN transformer"
             )
-        s = tuple(int(x) for x in shapes[key])
+        s = _shape_of(shapes[key])
         if ndim is not None and len(s) != ndim:
             raise CheckpointError(f"detect_config: {key!r} has shape {list(s)}, expected {ndim} dimensions")
         return s
@@ -778,7 +787,7 @@ def detect_config(
             f"detect_config: block indices are not contiguous; blocks {gaps} are missing. "
             f"The checkpoint is incomplete (a shard is missing?)"
         )
-    image_dim = int(shapes["img_emb.proj.0.bias"][0]) if "img_emb.proj.0.bias" in shapes else None
+    image_dim = _shape_of(shapes["img_emb.proj.0.bias"])[0] if "img_emb.proj.0.bias" in shapes else None
     if in_dim == 48 and out_dim == 48:
         model_type = "ti2v"
     elif image_dim is not None or in_dim > out_dim:
@@ -942,9 +951,7 @@ def _resolve_load_args(
         )
     cfg = info.config
     if cfg is None:
-        raise CheckpointError(
-            f"{info.path}: the config could not be detected: {info.config_error}"
-        )
+        raise CheckpointError(f"{info.path}: the config could not be detected: {info.config_error}")
     if cfg.attention_type != attention_type:
         try:
             cfg = dataclasses.replace(cfg, attention_type=attention_type)
