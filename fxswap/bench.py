@@ -487,8 +487,23 @@ class Summary:
     faster_than: dict[str, int]  # peer -> settings where adaptive is strictly faster (> 1%)
     slower_than: dict[str, int]  # peer -> settings where a feasible peer is faster than adaptive
     adaptive_infeasible_peer_feasible: dict[str, int]
-    slower_examples: tuple[str, ...]
-    not_within_3pct_examples: tuple[str, ...]
+    slower_examples: tuple[str, ...]  # the worst 12, most slower first
+    not_within_3pct_examples: tuple[str, ...]  # the worst 12
+    # peer -> reason -> settings where adaptive is strictly faster for that reason (several may apply):
+    # "no copy back" (the peer copies each block back to the host), "resident set" (the peer moves
+    # more bytes per call), "overlap" (the peer moves no more bytes but exposes more copy time).
+    reasons: dict[str, dict[str, int]]
+
+
+def _reasons(a: BenchRow, r: BenchRow) -> list[str]:
+    out = []
+    if r.d2h_bytes:
+        out.append("no copy back")
+    if (r.moved_bytes or 0) > (a.moved_bytes or 0) * 1.01:
+        out.append("resident set")
+    if (r.stall_ms or 0) > (a.stall_ms or 0) and (r.moved_bytes or 0) <= (a.moved_bytes or 0) * 1.01:
+        out.append("overlap")
+    return out or ["overlap"]
 
 
 def summarize(rows: Sequence[BenchRow], tolerance: float = 0.03) -> Summary:
@@ -501,8 +516,9 @@ def summarize(rows: Sequence[BenchRow], tolerance: float = 0.03) -> Summary:
     faster = dict.fromkeys(PEER_POLICIES, 0)
     slower = dict.fromkeys(PEER_POLICIES, 0)
     only_peer = dict.fromkeys(PEER_POLICIES, 0)
-    slow_ex: list[str] = []
-    miss_ex: list[str] = []
+    reasons: dict[str, dict[str, int]] = {p: {} for p in PEER_POLICIES}
+    slow_ex: list[tuple[float, str]] = []
+    miss_ex: list[tuple[float, str]] = []
     for key, by in groups.items():
         a = by.get("fxswap-adaptive")
         if a is None:
@@ -519,8 +535,8 @@ def summarize(rows: Sequence[BenchRow], tolerance: float = 0.03) -> Summary:
                     below += 1
                 if ratio <= 1 + tolerance:
                     within += 1
-                elif len(miss_ex) < 12:
-                    miss_ex.append(f"{label}: {ratio:.3f}x bound ({a.setting})")
+                else:
+                    miss_ex.append((ratio, f"{label}: {ratio:.3f}x bound ({a.setting})"))
         for p in PEER_POLICIES:
             r = by.get(p)
             if r is None or not r.feasible or r.step_ms is None:
@@ -529,12 +545,12 @@ def summarize(rows: Sequence[BenchRow], tolerance: float = 0.03) -> Summary:
                 only_peer[p] += 1
             elif a.step_ms < r.step_ms * 0.99:
                 faster[p] += 1
+                for why in _reasons(a, r):
+                    reasons[p][why] = reasons[p].get(why, 0) + 1
             elif r.step_ms < a.step_ms * (1 - 1e-9):
                 slower[p] += 1
-                if len(slow_ex) < 12:
-                    slow_ex.append(
-                        f"{label}: {p} {r.step_ms:.1f} ms < adaptive {a.step_ms:.1f} ms ({a.setting})"
-                    )
+                text = f"{label}: {p} {r.step_ms:.1f} ms ({r.setting}) < adaptive {a.step_ms:.1f} ms"
+                slow_ex.append((a.step_ms / r.step_ms, f"{text} ({a.setting})"))
     return Summary(
         len(groups),
         feas,
@@ -545,8 +561,9 @@ def summarize(rows: Sequence[BenchRow], tolerance: float = 0.03) -> Summary:
         faster,
         slower,
         only_peer,
-        tuple(slow_ex),
-        tuple(miss_ex),
+        tuple(x for _, x in sorted(slow_ex, reverse=True)[:12]),
+        tuple(x for _, x in sorted(miss_ex, reverse=True)[:12]),
+        reasons,
     )
 
 
@@ -561,13 +578,14 @@ def summary_text(s: Summary) -> str:
     for p in s.faster_than:
         lines.append(
             f"vs {p}: adaptive strictly faster (>1%) on {s.faster_than[p]}, slower on {s.slower_than[p]}, "
-            f"peer feasible where adaptive is not on {s.adaptive_infeasible_peer_feasible[p]}"
+            f"peer feasible where adaptive is not on {s.adaptive_infeasible_peer_feasible[p]}; why faster: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(s.reasons[p].items())) or "-")
         )
     if s.not_within_3pct_examples:
-        lines.append("not within 3% (first rows):")
+        lines.append("not within 3% (worst rows):")
         lines += [f"  {x}" for x in s.not_within_3pct_examples]
     if s.slower_examples:
-        lines.append("a peer faster than adaptive (first rows):")
+        lines.append("a peer faster than adaptive (worst rows):")
         lines += [f"  {x}" for x in s.slower_examples]
     return "\n".join(lines)
 
