@@ -459,7 +459,7 @@ def _rss_anon_kb() -> int:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc to see mappings")
 def test_tensors_are_memory_mapped_not_copied(tmp_path: Path) -> None:
-    # A ~128 MB fp32 model: a 4096-wide, 1-block config (head_dim 128 so detection is automatic).
+    # A ~320 MB fp32 model: dim 2048, 1 block (head_dim 128, so detection needs no hint).
     cfg = wan.tiny_config("t2v", dim=2048, num_heads=16, ffn_dim=4096, num_layers=1, text_dim=64, freq_dim=32)
     m = wan.build(cfg, device="meta")
     sd = {k: torch.full(v.shape, 0.5) for k, v in m.state_dict().items()}
