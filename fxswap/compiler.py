@@ -42,7 +42,15 @@ from fxswap.errors import CaptureError, FxswapError
 from fxswap.plan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 from fxswap.runtime import SwapRuntime, TransferBackend
 
-__all__ = ["DeviceError", "Experts", "SignatureError", "SwapModule", "compile", "compile_experts"]
+__all__ = [
+    "DeviceError",
+    "Experts",
+    "SignatureError",
+    "SwapModule",
+    "clear_capture_cache",
+    "compile",
+    "compile_experts",
+]
 
 logger = logging.getLogger("fxswap.compiler")
 
@@ -247,6 +255,35 @@ def _capture(
     return _Capture(gm, tuple(r.weight for r in roles), tuple(getters), spec, tuple(slots), tuple(consts), ir)
 
 
+# NOTE: a capture depends only on the model's code, its weights' names/shapes/dtypes and the call
+# signature, so compiling one model several times (other budgets, modes, experts benchmarks) reuses
+# it: Dynamo tracing is by far the slowest step of planning (seconds for WAN; planning takes ms).
+# Weak keys: the cache dies with the model. clear_capture_cache() drops it (e.g. after editing code).
+_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, _Capture]] = weakref.WeakKeyDictionary()
+
+
+def clear_capture_cache() -> None:
+    """Forget every cached capture (they are re-traced on the next first call)."""
+    _CAPTURES.clear()
+
+
+def _cached_capture(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device
+) -> tuple[_Capture, bool]:
+    weights = tuple(
+        (k, tuple(v.shape), v.dtype)
+        for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
+    )
+    key = (_signature(args, kwargs), weights, str(device), model.training)
+    per_model = _CAPTURES.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None:
+        return hit, False
+    cap = _capture(model, args, kwargs, device)
+    per_model[key] = cap
+    return cap, True
+
+
 @dataclass
 class _Entry:
     plan: SwapPlan
@@ -313,8 +350,8 @@ class SwapModule:
         from fxswap.passes.rewrite import insert_swaps
 
         t0 = time.perf_counter()
-        cap = _capture(self.model, args, kwargs, self.device)
-        self.stats["captures"] += 1
+        cap, fresh = _cached_capture(self.model, args, kwargs, self.device)
+        self.stats["captures"] += int(fresh)
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))
             plan = self._given_plan
@@ -381,19 +418,23 @@ class SwapModule:
                 )
             self._check_devices(args, kwargs)
             entry = self._build(args, kwargs)
+            try:
+                outs = self._run(entry, args, kwargs)
+            except Exception as e:
+                # The capture ran on meta tensors, which do not check everything (e.g. mixed dtypes
+                # in a matmul). The first real run does: report it against the new signature and
+                # keep nothing of it.
+                self._active = self._current = None
+                self.runtime.drop_residents()
+                dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self._named.values()})
+                raise SignatureError(
+                    f"{type(self.model).__name__} failed on its first call with inputs "
+                    f"{_describe(args, kwargs)}: {type(e).__name__}: {e}. The model's weights are "
+                    f"{'/'.join(dtypes)}. Fix: pass inputs in the dtypes (and shapes) the model computes in."
+                ) from e
             self._entries[sig] = entry
-        self._current = entry
-        self._activate(entry)
-        root = {"args": args, "kwargs": kwargs}
-        flat = [
-            get(root) if kind == "user" else self.runtime.resident(get, self._named[get])
-            for kind, get in entry.inputs
-        ]
-        with torch.no_grad():
-            if entry.fn is None:
-                entry.fn = self._compile(entry, flat)
-            outs = entry.fn(*flat)
-        del flat
+        else:
+            outs = self._run(entry, args, kwargs)
         self.stats["calls"] += 1
         if (
             self.empty_cache_freq
@@ -407,6 +448,19 @@ class SwapModule:
         return pytree.tree_unflatten(leaves, cap.out_spec)
 
     forward = __call__
+
+    def _run(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._current = entry
+        self._activate(entry)
+        root = {"args": args, "kwargs": kwargs}
+        flat = [
+            get(root) if kind == "user" else self.runtime.resident(get, self._named[get])
+            for kind, get in entry.inputs
+        ]
+        with torch.no_grad():
+            if entry.fn is None:
+                entry.fn = self._compile(entry, flat)
+            return entry.fn(*flat)
 
     def _check_devices(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:

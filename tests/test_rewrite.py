@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+from fxswap.passes.rewrite import insert_swaps
 from torch import fx
 
 from fxswap import ops
 from fxswap.errors import PlanError
-from fxswap.passes.rewrite import insert_swaps
 from fxswap.runtime import LateCopyBackend, SwapRuntime
 
 COMPUTE = ("call_function", "call_method", "call_module")
@@ -106,8 +106,11 @@ def test_inserted_pattern_and_exact_eager(mlp_graph: Any) -> None:
     before = gm.code
     rt = SwapRuntime("cpu", backend=LateCopyBackend(0.002))
     plan = layer_plan(gm, 4, resident={0})
-    uids = {u.name: rt.add_unit(u.name, [(p, dict(m.named_parameters())[p]) for p in u.params]) for u in plan.units
-            if not u.resident}
+    uids = {
+        u.name: rt.add_unit(u.name, [(p, dict(m.named_parameters())[p]) for p in u.params])
+        for u in plan.units
+        if not u.resident
+    }
     new = insert_swaps(gm, plan, pp, unit_ids=uids)
     assert gm.code == before, "Dynamo's own graph must not be edited"
     seq = fx_ops(new)
@@ -147,14 +150,17 @@ def test_errors_name_unit_and_node(mlp_graph: Any) -> None:
     bad_node = Plan(good.units[:3] + (Unit("3", u3.params, False, "nope", u3.wait_node, u3.release_node),))
     with pytest.raises(PlanError, match=r"unit `3`.*'nope'"):
         insert_swaps(gm, bad_node, pp, unit_ids={"3": 1})
-    bad_param = Plan(good.units[:3] + (Unit("3", ("3.weight", "x.y"), False, u3.load_node, u3.wait_node,
-                                            u3.release_node),))
+    bad_param = Plan(
+        good.units[:3] + (Unit("3", ("3.weight", "x.y"), False, u3.load_node, u3.wait_node, u3.release_node),)
+    )
     with pytest.raises(PlanError, match="x.y"):
         insert_swaps(gm, bad_param, pp, unit_ids={"3": 1})
     names = [x.name for x in gm.graph.nodes if x.op in COMPUTE]
     # waits after its first use: the graph would read the weight before it exists
-    late = Plan(good.units[:2] + (Unit("2", ("2.weight", "2.bias"), False, names[2], names[3], names[3]),
-                                  good.units[3]))
+    late = Plan(
+        good.units[:2]
+        + (Unit("2", ("2.weight", "2.bias"), False, names[2], names[3], names[3]), good.units[3])
+    )
     with pytest.raises(PlanError, match="invalid graph"):
         insert_swaps(gm, late, pp, unit_ids={"2": 1, "3": 2})
     with pytest.raises(PlanError, match="unit_ids"):
@@ -217,7 +223,9 @@ def inductor_run(mlp_graph: Any) -> dict[str, Any]:
     rt = SwapRuntime("cpu", backend=LateCopyBackend(0.002))
     plan = layer_plan(gm, 4, resident={0}, depth=1)
     named = dict(m.named_parameters())
-    uids = {u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units if not u.resident}
+    uids = {
+        u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units if not u.resident
+    }
     new = insert_swaps(gm, plan, pp, unit_ids=uids)
     args = run_args(new, pp, m, rt, x)
     holder: dict[str, Any] = {}
@@ -229,13 +237,24 @@ def inductor_run(mlp_graph: Any) -> dict[str, Any]:
 
     with fresh_cache():
         out, code = run_and_get_code(go)
-    return {"m": m, "x": x, "new": new, "fn": holder["fn"], "args": args, "out": out, "code": code[0], "rt": rt}
+    return {
+        "m": m,
+        "x": x,
+        "new": new,
+        "fn": holder["fn"],
+        "args": args,
+        "out": out,
+        "code": code[0],
+        "rt": rt,
+    }
 
 
 def test_inductor_keeps_every_op_in_fx_order(inductor_run: dict[str, Any]) -> None:
     code = inductor_run["code"]
     body = code[code.index("def call(") :]
-    got = [(k, int(u)) for k, u in re.findall(r"torch\.ops\.fxswap\.(load|wait|release)\.default\((\d+)", body)]
+    got = [
+        (k, int(u)) for k, u in re.findall(r"torch\.ops\.fxswap\.(load|wait|release)\.default\((\d+)", body)
+    ]
     assert got == fx_ops(inductor_run["new"])  # none DCE'd (release included), none reordered
     # loads are issued before the matmul they should overlap with (not sunk past it)
     lines = [ln.strip() for ln in body.splitlines()]

@@ -1,0 +1,394 @@
+"""fxswap.compile end to end on the CPU: exactness, races, ledger, caching, experts, bad input.
+
+Budgets come from the planner itself: the minimum (``BudgetInfeasibleError.min_vram_bytes``), the
+midpoint to "all resident", and ten times the minimum (everything resident for these models).
+Every eager run uses :class:`LateCopyBackend`, whose copies land late on another thread and read
+NaN until then: a missing or misplaced wait would show up as NaN / inexact output.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxswap
+from fxswap.compiler import DeviceError, SignatureError, SwapModule, compile_experts
+from fxswap.compiler import compile as fx_compile
+from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanMismatchError
+from fxswap.models import wan
+from fxswap.plan import SwapPlan
+from fxswap.runtime import LateCopyBackend
+
+MODES = ("layerwise", "chunkwise", "adaptive")
+COMMON = dict(reserve_mb=0, block_size_mb=0.004)
+
+
+# ----------------------------------------------------------------------------------------- models
+class MLP(nn.Module):
+    def __init__(self, n: int = 6, d: int = 64) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = F.gelu(b(x))
+        return x
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.c3(x)).mean(dim=(2, 3))
+        return self.head(x)
+
+
+class Shared(nn.Module):
+    """One weight used in two places (the same Linear twice, and a tied output projection)."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Linear(d, d, bias=False)
+        self.mid = nn.Linear(d, d)
+        self.out = nn.Linear(d, d, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.emb(x)
+        h = self.mid(torch.tanh(h))
+        h = self.mid(h)  # second use of mid
+        return self.out(h), h.sum()
+
+
+@dataclass
+class Case:
+    model: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    ref: Any
+
+
+def _build(name: str) -> Case:
+    torch.manual_seed(0)
+    if name in ("wan_t2v", "wan_i2v"):
+        cfg = wan.tiny_config(name.removeprefix("wan_"))
+        m = wan.build(cfg).requires_grad_(False)
+        args: tuple[Any, ...] = ()
+        kwargs = wan.example_inputs(cfg, frames=5, height=32, width=32)
+    else:
+        m = {"mlp": MLP, "conv": ConvNet, "shared": Shared}[name]().requires_grad_(False)
+        x = (
+            torch.randn(2, 3, 12, 12)
+            if name == "conv"
+            else torch.randn(3, m.mid.in_features if name == "shared" else 64)
+        )
+        args, kwargs = (x,), {}
+    m.eval()
+    with torch.no_grad():
+        ref = m(*args, **kwargs)
+    return Case(m, args, kwargs, ref)
+
+
+MODEL_NAMES = ("mlp", "conv", "shared", "wan_t2v", "wan_i2v")
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    return {}
+
+
+def case(cases: dict[str, Case], name: str) -> Case:
+    if name not in cases:
+        cases[name] = _build(name)
+    return cases[name]
+
+
+def min_budget(c: Case, mode: str) -> int:
+    with pytest.raises(BudgetInfeasibleError) as ei:
+        fx_compile(c.model, mode=mode, max_vram_gb=1e-9, backend="eager", **COMMON)(*c.args, **c.kwargs)
+    assert ei.value.mode == mode and ei.value.min_vram_bytes > 0
+    return ei.value.min_vram_bytes
+
+
+def weight_peak(plan: SwapPlan) -> int:
+    """Weights on the device at the worst op: residents + units between their load and release."""
+    peak = 0
+    for i in range(plan.num_ops):
+        live = sum(
+            u.bytes
+            for u in plan.units
+            if not u.resident and u.load_at is not None and u.load_at <= i <= (u.release_after or 0)
+        )
+        peak = max(peak, live)
+    return plan.resident_bytes + peak
+
+
+def same(a: Any, b: Any, eq: Callable[[torch.Tensor, torch.Tensor], bool] = torch.equal) -> bool:
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(eq(x, y) for x, y in zip(la, lb, strict=True))
+
+
+# ---------------------------------------------------------------------------------- exactness matrix
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_exact_at_every_budget_with_late_copies(cases: dict[str, Case], name: str, mode: str) -> None:
+    c = case(cases, name)
+    lo = min_budget(c, mode)
+    weights = sum(p.numel() * p.element_size() for p in c.model.parameters())
+    swapped_counts = []
+    for budget in (lo, (lo + lo + weights) // 2, 10 * lo + weights):
+        sm = fx_compile(
+            c.model, mode=mode, max_vram_gb=budget / 2**30, backend="eager",
+            transfer_backend=LateCopyBackend(0.0005), **COMMON,
+        )  # fmt: skip
+        out = sm(*c.args, **c.kwargs)
+        assert same(out, c.ref), f"{name} {mode} budget {budget}: not bitwise equal"
+        plan = sm.plan
+        assert plan is not None and plan.peak_bytes <= budget
+        assert sm.runtime.ledger.peak <= weight_peak(plan), "device weights exceeded the plan's prediction"
+        swapped_counts.append(sum(not u.resident for u in plan.units))
+    assert swapped_counts[0] > 0, "the minimum budget must swap something"
+    assert swapped_counts[-1] == 0, "the largest budget keeps everything resident"
+
+
+def test_ledger_bounded_and_flat_over_100_calls(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    lo = min_budget(c, "chunkwise")
+    sm = fx_compile(c.model, mode="chunkwise", max_vram_gb=lo / 2**30, backend="eager", **COMMON)
+    sm(*c.args)
+    assert sm.plan is not None
+    after_first = sm.runtime.ledger.bytes
+    assert after_first == sm.plan.resident_bytes  # only residents stay between calls
+    for _ in range(100):
+        out = sm(*c.args)
+    gc.collect()
+    assert torch.equal(out, c.ref)
+    assert sm.runtime.ledger.bytes == after_first
+    assert sm.runtime.ledger.peak <= weight_peak(sm.plan)
+    assert (
+        sm.runtime.stats["loads"]
+        == sm.runtime.stats["releases"]
+        == 101 * sum(not u.resident for u in sm.plan.units)
+    )
+
+
+# ------------------------------------------------------------------------------------------ inductor
+@pytest.fixture(scope="module")
+def inductor_mlp(cases: dict[str, Case]) -> tuple[Case, SwapModule, int]:
+    c = case(cases, "mlp")
+    lo = min_budget(c, "adaptive")
+    sm = fx_compile(c.model, mode="adaptive", max_vram_gb=lo / 2**30, backend="inductor", **COMMON)
+    return c, sm, lo
+
+
+def test_inductor_equals_torch_compile_and_never_recompiles(inductor_mlp: Any) -> None:
+    from torch._dynamo.utils import counters
+
+    c, sm, _ = inductor_mlp
+    ref = torch.compile(c.model)(*c.args)
+    out = sm(*c.args)
+    assert torch.equal(out, ref)  # same Inductor kernels; the swap ops only hand in the weights
+    frames = dict(counters["frames"])
+    for _ in range(5):
+        assert torch.equal(sm(*c.args), ref)
+    assert sm.stats["compiles"] == 1 and sm.stats["captures"] <= 1
+    assert dict(counters["frames"]) == frames, "a later call went through Dynamo again"
+    assert counters["graph_break"] == counters["graph_break"]  # noqa: PLR0124 (readability)
+    assert sum(not u.resident for u in sm.plan.units) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["conv", "shared", "wan_t2v", "wan_i2v"])
+def test_inductor_matches_torch_compile_slow(cases: dict[str, Case], name: str) -> None:
+    c = case(cases, name)
+    lo = min_budget(c, "adaptive")
+    sm = fx_compile(c.model, mode="adaptive", max_vram_gb=lo / 2**30, backend="inductor", **COMMON)
+    out = sm(*c.args, **c.kwargs)
+    ref = torch.compile(c.model)(*c.args, **c.kwargs)
+    # Inductor may fuse differently around the swap ops' boundaries: 1e-6 relative is fp32 rounding
+    assert same(out, ref, lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+# ------------------------------------------------------------------------------------ signatures
+def test_new_shape_gets_own_plan_and_strict_refuses(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=1, backend="eager", **COMMON)
+    sm(*c.args)
+    x2 = torch.randn(5, 64)
+    assert torch.equal(sm(x2), c.model(x2))
+    assert len(sm.plans) == 2
+    sm(*c.args)
+    assert len(sm.plans) == 2  # cached
+    strict = fx_compile(c.model, mode="layerwise", max_vram_gb=1, backend="eager", strict=True, **COMMON)
+    strict(*c.args)
+    with pytest.raises(SignatureError, match=r"strict=True.*\(5, 64\)"):
+        strict(x2)
+
+
+def test_other_dtype_is_a_new_signature_and_a_clear_error_if_the_model_cannot(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=1, backend="eager", **COMMON)
+    sm(*c.args)
+    with pytest.raises(SignatureError, match=r"float64.*weights are float32"):
+        sm(c.args[0].double())
+    assert len(sm.plans) == 1 and torch.equal(sm(*c.args), c.ref)  # the failed signature left nothing
+    assert all(torch.equal(before[k], v) and v.device.type == "cpu" for k, v in c.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ plans
+def test_given_plan_object_and_path(cases: dict[str, Case], tmp_path: Path) -> None:
+    c = case(cases, "mlp")
+    lo = min_budget(c, "chunkwise")
+    sm = fx_compile(c.model, mode="chunkwise", max_vram_gb=lo / 2**30, backend="eager", **COMMON)
+    sm(*c.args)
+    assert sm.plan is not None
+    path = tmp_path / "plan.json"
+    sm.plan.save(path)
+    for given in (sm.plan, path, str(path)):
+        again = fx_compile(c.model, plan=given, backend="eager", max_vram_gb=99, **COMMON)
+        assert torch.equal(again(*c.args), c.ref)
+        assert again.plan == sm.plan
+
+
+def test_plan_for_another_model_is_refused_naming_the_field(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    other = MLP(n=6, d=32).requires_grad_(False)
+    x = torch.randn(3, 32)
+    plan = fxswap.plan(other, x, mode="layerwise", max_vram_gb=1, reserve_mb=0)
+    sm = fx_compile(c.model, plan=plan, backend="eager", **COMMON)
+    with pytest.raises(PlanMismatchError, match="params|graph"):
+        sm(*c.args)
+
+
+# -------------------------------------------------------------------------------------- bad input
+def _unchanged(m: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    sd = m.state_dict()
+    return all(torch.equal(before[k], v) and v.device == before[k].device for k, v in sd.items())
+
+
+def test_budget_too_small_states_minimum_and_changes_nothing(cases: dict[str, Case]) -> None:
+    c = case(cases, "conv")
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    with pytest.raises(BudgetInfeasibleError) as ei:
+        fx_compile(c.model, mode="layerwise", max_vram_gb=1e-9, backend="eager", **COMMON)(*c.args)
+    assert ei.value.min_vram_bytes > 0 and ei.value.mode == "layerwise"
+    assert "min" in str(ei.value).lower()
+    assert _unchanged(c.model, before)
+
+
+class Breaks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lin(x).sum().item() > 0:  # data-dependent control flow: not one graph
+            return x
+        return -x
+
+
+def test_model_that_does_not_capture() -> None:
+    m = Breaks().requires_grad_(False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(CaptureError, match="test_compile.py"):
+        fx_compile(m, backend="eager")(torch.randn(2, 4))
+    assert _unchanged(m, before)
+
+
+def test_device_that_does_not_exist_fails_before_anything(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    for bad in ("cuda:7", "npu", "tpu:0"):
+        with pytest.raises(DeviceError, match="device"):
+            fx_compile(c.model, device=bad)
+    sm = fx_compile(c.model, backend="eager", device="cpu", max_vram_gb=1, **COMMON)
+    with pytest.raises(DeviceError, match="input"):
+        sm(c.args[0].to("meta"))
+
+
+def test_bad_arguments_are_named() -> None:
+    m = MLP()
+    with pytest.raises(ValueError, match="backend"):
+        fx_compile(m, backend="tvm")
+    with pytest.raises(ValueError, match="empty_cache_freq"):
+        fx_compile(m, empty_cache_freq=-1)
+    with pytest.raises(ValueError, match="mode"):
+        fx_compile(m, mode="fastest")
+    with pytest.raises(TypeError, match="plan"):
+        fx_compile(m, plan=42)  # type: ignore[arg-type]
+
+
+def test_empty_cache_freq_is_a_noop_on_cpu(cases: dict[str, Case], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = itertools.count()
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: next(calls))
+    c = case(cases, "mlp")
+    sm = fx_compile(c.model, backend="eager", max_vram_gb=1, empty_cache_freq=2, **COMMON)
+    for _ in range(6):
+        sm(*c.args)
+    assert next(calls) == 0 and sm.stats["empty_cache"] == 0
+
+
+def test_empty_cache_freq_counts_on_a_cuda_device(
+    cases: dict[str, Case], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA branch, with the device type faked after building on the CPU (no GPU here)."""
+    calls = itertools.count()
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: next(calls))
+    c = case(cases, "mlp")
+    sm = fx_compile(c.model, backend="eager", max_vram_gb=1, empty_cache_freq=2, **COMMON)
+    sm(*c.args)
+    sm.device = torch.device("cuda", 0)
+    monkeypatch.setattr(sm, "_check_devices", lambda *a: None)
+    for _ in range(5):
+        sm(*c.args)
+    assert next(calls) == 3 and sm.stats["empty_cache"] == 3  # calls 2, 4, 6
+
+
+# ----------------------------------------------------------------------------------------- experts
+def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) -> None:
+    torch.manual_seed(1)
+    high, low = MLP().requires_grad_(False), MLP().requires_grad_(False)
+    x = torch.randn(3, 64)
+    t_hi, t_lo = torch.tensor([900.0]), torch.tensor([100.0])
+
+    class Wrap(nn.Module):  # WAN-like call: (x, t)
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.m(x) * t
+
+    wh, wl = Wrap(high), Wrap(low)
+    ex = compile_experts(wh, wl, boundary=875.0, timestep_arg=1, mode="adaptive", max_vram_gb=1e-4,
+                         backend="eager", **COMMON)  # fmt: skip
+    assert torch.equal(ex(x, t_hi), wh(x, t_hi))
+    hi_rt, lo_rt = ex.experts[0].runtime, ex.experts[1].runtime
+    assert hi_rt.ledger.bytes > 0  # high's residents on the device
+    assert torch.equal(ex(x, t_lo), wl(x, t_lo))
+    gc.collect()
+    assert hi_rt.ledger.bytes == 0, "switching experts must release the other's residents"
+    assert lo_rt.ledger.bytes > 0
+    assert hi_rt.ledger.peak <= 1e-4 * 2**30 and lo_rt.ledger.peak <= 1e-4 * 2**30
+    assert torch.equal(ex.high(x, t_hi), wh(x, t_hi))
+    gc.collect()
+    assert lo_rt.ledger.bytes == 0
+    assert len(ex.plans) == 2
+    same_api = fx_compile([wh, wl], mode="adaptive", max_vram_gb=1e-4, backend="eager", **COMMON)
+    assert torch.equal(same_api[1](x, t_lo), wl(x, t_lo))
