@@ -39,6 +39,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.errors import CaptureError, FxswapError
+from fxswap.monitor import _ACTIVE as _ACTIVE_MONITORS
+from fxswap.monitor import notify_step
 from fxswap.plan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 from fxswap.runtime import SwapRuntime, TransferBackend
 
@@ -436,6 +438,8 @@ class SwapModule:
         else:
             outs = self._run(entry, args, kwargs)
         self.stats["calls"] += 1
+        if _ACTIVE_MONITORS:
+            notify_step(type(self.model).__name__)
         if (
             self.empty_cache_freq
             and self.stats["calls"] % self.empty_cache_freq == 0

@@ -49,6 +49,7 @@ __all__ = [
     "SwapRuntime",
     "TransferBackend",
     "default_backend",
+    "live_runtimes",
 ]
 
 logger = logging.getLogger("fxswap.runtime")
@@ -305,6 +306,14 @@ class _Unit:
         self.runtime.stats["releases"] += 1
 
 
+_LIVE: weakref.WeakSet[SwapRuntime] = weakref.WeakSet()
+
+
+def live_runtimes() -> list[SwapRuntime]:
+    """Every SwapRuntime still alive (what ``fxswap.monitor`` sums over)."""
+    return list(_LIVE)
+
+
 class SwapRuntime:
     """Host store, resident device copies, transfer backend and ledger of one compiled model.
 
@@ -332,6 +341,7 @@ class SwapRuntime:
         self.stats = {"loads": 0, "waits": 0, "releases": 0}
         self._residents: dict[str, Tensor] = {}
         self._uids: dict[str, int] = {}
+        _LIVE.add(self)
 
     # -- swapped units
     def add_unit(self, name: str, params: Sequence[tuple[str, Tensor]]) -> int:

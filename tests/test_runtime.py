@@ -105,7 +105,7 @@ def test_ops_are_marked_side_effectful() -> None:
     from torch.fx.node import _side_effectful_functions
 
     assert {ops.load, ops.wait, ops.release} <= _side_effectful_functions
-    assert ops.FXSWAP_OPS == frozenset({ops.load, ops.wait, ops.release})
+    assert frozenset({ops.load, ops.wait, ops.release}) == ops.FXSWAP_OPS
 
 
 def test_residents_made_once_tracked_and_released() -> None:
@@ -134,3 +134,28 @@ def test_ledger_counts_views_with_their_base() -> None:
 
 def test_default_backend_on_cpu_is_a_copy() -> None:
     assert isinstance(default_backend(torch.device("cpu")), CopyBackend)
+
+
+def test_monitor_logs_ledger_rows_per_call() -> None:
+    import torch.nn as nn
+
+    from fxswap.compiler import compile as fx_compile
+    from fxswap.monitor import monitor
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).requires_grad_(False)
+    x = torch.randn(2, 32)
+    lines: list[str] = []
+    sm = fx_compile(m, mode="layerwise", max_vram_gb=6000 / 2**30, backend="eager", reserve_mb=0)
+    with monitor("cpu", log=lines.append) as mon:
+        for _ in range(3):
+            sm(x)
+    assert len(mon.rows) == 3 and len(lines) == 4  # 3 steps + summary
+    assert sm.plan is not None
+    # held between steps: the residents; peak: at least one swapped unit on top
+    assert all(r.allocated_bytes == sm.plan.resident_bytes for r in mon.rows)
+    swapped = [u for u in sm.plan.units if not u.resident]
+    assert swapped and mon.peak_bytes >= sm.plan.resident_bytes + min(u.bytes for u in swapped)
+    assert "peak" in lines[-1] and "step 0" in lines[0]
+    sm(x)
+    assert len(mon.rows) == 3  # inactive after the block
