@@ -143,12 +143,15 @@ def _split(prefix: str, names: list[str], nbytes: dict[str, int], limit: int, to
     out: list[UnitSpec] = []
     # Pending whole children waiting to be packed together: (key, names, bytes).
     pending: list[tuple[str, list[str], int]] = []
+    pending_bytes = 0
 
     def flush() -> None:
+        nonlocal pending_bytes
         if pending:
             params = tuple(n for _, ns, _ in pending for n in ns)
-            out.append(UnitSpec(_range_name([k for k, _, _ in pending]), params, sum(b for *_, b in pending)))
+            out.append(UnitSpec(_range_name([k for k, _, _ in pending]), params, pending_bytes))
             pending.clear()
+            pending_bytes = 0
 
     for key, run in _runs(names, key_of):
         size = sum(nbytes[n] for n in run)
@@ -159,9 +162,10 @@ def _split(prefix: str, names: list[str], nbytes: dict[str, int], limit: int, to
             else:
                 out.extend(_split(key, run, nbytes, limit, top=False))
             continue
-        if pending and sum(b for *_, b in pending) + size > limit:
+        if pending and pending_bytes + size > limit:
             flush()
         pending.append((key, run, size))
+        pending_bytes += size
     flush()
     return out
 

@@ -105,7 +105,8 @@ def fill_resident(part: PreparedPartition, depth: int, budget: int) -> Schedule 
         if outside + size <= budget:
             resident[k] = True
             if size:
-                levels = [v + size if (j < a or j > b) else v for j, v in enumerate(levels)]
+                levels[:a] = [v + size for v in levels[:a]]
+                levels[b + 1 :] = [v + size for v in levels[b + 1 :]]
     return Schedule(
         part.units,
         part.first_use,

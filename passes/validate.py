@@ -14,7 +14,7 @@ the plan itself, so it also checks plans loaded from JSON.
 
 from __future__ import annotations
 
-from fxswap.passes.liveness import activation_profile
+from fxswap.passes.liveness import analyse_liveness, unit_range
 from fxswap.passes.simulate import MemoryTimeline, UnitWindow, simulate_memory
 
 from fxswap.errors import PlanError
@@ -89,6 +89,13 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
     missing = [w for w in nbytes if w not in owner]
     if missing:
         raise PlanError(f"weight {missing[0]!r} is in no unit ({len(missing)} weights missing)")
+    live = analyse_liveness(ir)
+    for u in plan.units:
+        if (u.first_use, u.last_use) != unit_range(u.params, live):
+            raise PlanError(
+                f"unit {u.name!r} says it is used from op {u.first_use} to op {u.last_use}, but the graph "
+                f"reads it from op {unit_range(u.params, live)[0]} to op {unit_range(u.params, live)[1]}"
+            )
     for i, op in enumerate(ir.ops):
         for w in op.weights:
             unit = owner.get(w)
@@ -113,7 +120,7 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
         else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
         for u in plan.units
     ]
-    timeline = simulate_memory(activation_profile(ir), windows, plan.reserve_bytes)
+    timeline = simulate_memory(live.act, windows, plan.reserve_bytes)
     where = _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph"
     if timeline.peak_bytes > plan.max_vram_bytes:
         worst = [

@@ -279,6 +279,17 @@ def test_summary_states_units_traffic_peak_min_and_time() -> None:
 # ---------------------------------------------------------------- graph errors and validation
 
 
+def test_weight_no_op_reads_is_still_planned() -> None:
+    g = build_graph([("a.w", 10), ("b.w", 20)], [OpSpec(("a.w",)), OpSpec(())])
+    assert [w.name for w in g.weights] == ["a.w", "b.w"]
+    # NOTE: an unread unit is placed at op 0 (conservative: it costs memory there, never time)
+    plan = build_plan(g, opts("layerwise", 30, max_prefetch_depth=0))
+    b = next(u for u in plan.units if u.name == "b")
+    assert (b.first_use, b.last_use) == (0, 0)
+    validate_plan(g, plan)
+    assert plan.min_vram_bytes == 30
+
+
 def test_op_reading_unknown_weight_names_op() -> None:
     g = build_graph([("a.w", 1)], [OpSpec(("a.w",)), OpSpec(("ghost.w",))])
     with pytest.raises(PlanError, match=r"op 1 \('op1'\) reads weight 'ghost.w'"):
