@@ -49,6 +49,7 @@ __all__ = [
     "probe",
     "register_probe",
     "register_unit",
+    "token_for",
     "release",
     "unregister_probe",
     "unregister_unit",
@@ -69,11 +70,17 @@ class UnitHandle(Protocol):
 
     meta: UnitMeta
 
-    def start_load(self) -> None: ...
+    def start_load(self) -> Tensor:
+        """Start the copy; return the token (a 0-element tensor on the unit's device)."""
+        ...
 
-    def finish_wait(self) -> list[Tensor]: ...
+    def finish_wait(self) -> list[Tensor]:
+        """Wait for the copy; return the device tensors and keep no reference to them."""
+        ...
 
-    def on_release(self) -> None: ...
+    def on_release(self) -> Tensor:
+        """Note the release; return the token."""
+        ...
 
 
 # NOTE: the ops are called with a bare int, so a process-wide table is the only way to reach the
@@ -118,25 +125,25 @@ _lib.define("release(int uid, Tensor[] weights, Tensor after) -> Tensor")
 _lib.define("probe(int pid, Tensor x) -> Tensor")
 
 
-def _token(like: Tensor) -> Tensor:
-    return torch.empty(0, dtype=torch.uint8, device=like.device)
+def token_for(device: torch.device) -> Tensor:
+    """A 0-element token on ``device``.
+
+    NOTE: runtimes hand out one shared token per device. A token carries no data (nothing can be
+    written into 0 bytes), only the data dependency; allocating a fresh one cost ~1 us per op.
+    """
+    return torch.empty(0, dtype=torch.uint8, device=device)
 
 
 def _load_impl(uid: int, anchor: Tensor) -> Tensor:
-    handle = _UNITS.get(uid) or lookup(uid)
-    handle.start_load()
-    return _token(anchor)
+    return (_UNITS.get(uid) or lookup(uid)).start_load()
 
 
 def _wait_impl(uid: int, token: Tensor) -> list[Tensor]:
-    handle = _UNITS.get(uid) or lookup(uid)
-    return handle.finish_wait()
+    return (_UNITS.get(uid) or lookup(uid)).finish_wait()
 
 
 def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
-    handle = _UNITS.get(uid) or lookup(uid)
-    handle.on_release()
-    return _token(after)
+    return (_UNITS.get(uid) or lookup(uid)).on_release()
 
 
 _PROBES: dict[int, Callable[[], None]] = {}
@@ -159,8 +166,12 @@ for _name, _fn in (
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
+def _fake_token(like: Tensor) -> Tensor:
+    return token_for(like.device)
+
+
 def _load_fake(uid: int, anchor: Tensor) -> Tensor:
-    return _token(anchor)
+    return _fake_token(anchor)
 
 
 def _wait_fake(uid: int, token: Tensor) -> list[Tensor]:
@@ -170,7 +181,7 @@ def _wait_fake(uid: int, token: Tensor) -> list[Tensor]:
 
 
 def _release_fake(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
-    return _token(after)
+    return _fake_token(after)
 
 
 def _probe_fake(pid: int, x: Tensor) -> Tensor:

@@ -277,14 +277,17 @@ class _Unit:
     host: list[Tensor]
     meta: ops.UnitMeta
     pending: deque[PendingTransfer] = field(default_factory=deque)
+    casts: tuple[int, ...] = ()  # positions stored in another dtype than the graph computes in
 
-    def start_load(self) -> None:
+    def start_load(self) -> Tensor:
         rt = self.runtime
         p = rt.backend.start(self.host, rt.device)
-        for t in p.tensors:
-            rt.ledger.track(t)
+        if rt.track:
+            for t in p.tensors:
+                rt.ledger.track(t)
         self.pending.append(p)
         rt.stats["loads"] += 1
+        return rt.token
 
     def finish_wait(self) -> list[Tensor]:
         if not self.pending:
@@ -296,14 +299,16 @@ class _Unit:
         p.wait()
         out = p.tensors
         p.tensors = []  # ownership passes to the graph: keep no reference
-        for i, dt in enumerate(self.meta.dtypes):
-            if out[i].dtype != dt:  # stored in a narrower dtype: cast on the device
-                out[i] = self.runtime.ledger.track(out[i].to(dt))
+        for i in self.casts:  # stored in a narrower dtype: cast on the device, after the wait
+            out[i] = out[i].to(self.meta.dtypes[i])
+            if self.runtime.track:
+                self.runtime.ledger.track(out[i])
         self.runtime.stats["waits"] += 1
         return out
 
-    def on_release(self) -> None:
+    def on_release(self) -> Tensor:
         self.runtime.stats["releases"] += 1
+        return self.runtime.token
 
 
 _LIVE: weakref.WeakSet[SwapRuntime] = weakref.WeakSet()
@@ -323,6 +328,8 @@ class SwapRuntime:
         pin_share: cap on pinned host memory, as a share of physical RAM (CUDA only).
         storage_dtype: keep swapped weights on the host (and copy them) in this dtype, casting back
             to the compute dtype on the device; None keeps each weight's own dtype.
+        track: count device copies in :attr:`ledger` with tensor finalizers (~2 us per tensor per
+            load). Default: on for non-CUDA devices; on CUDA the allocator's statistics are the ledger.
     """
 
     def __init__(
@@ -332,8 +339,11 @@ class SwapRuntime:
         backend: TransferBackend | None = None,
         pin_share: float = 0.5,
         storage_dtype: torch.dtype | None = None,
+        track: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
+        self.track = self.device.type != "cuda" if track is None else track
+        self.token = ops.token_for(self.device)
         self.backend = backend if backend is not None else default_backend(self.device)
         self.store = HostStore(pin=self.device.type == "cuda", pin_share=pin_share)
         self.storage_dtype = storage_dtype
@@ -350,7 +360,9 @@ class SwapRuntime:
             return self._uids[name]
         host = [self.store.put(fqn, t, self.storage_dtype) for fqn, t in params]
         meta = ops.UnitMeta(tuple(tuple(t.shape) for _, t in params), tuple(t.dtype for _, t in params))
-        uid = ops.register_unit(_Unit(self, name, tuple(f for f, _ in params), host, meta))
+        casts = tuple(i for i, (h, d) in enumerate(zip(host, meta.dtypes, strict=True)) if h.dtype != d)
+        unit = _Unit(self, name, tuple(f for f, _ in params), host, meta, casts=casts)
+        uid = ops.register_unit(unit)
         self._uids[name] = uid
         return uid
 
@@ -368,7 +380,7 @@ class SwapRuntime:
             # graph never aliases the user's parameter.
             d = torch.empty_like(src, device=self.device, memory_format=torch.contiguous_format)
             d.copy_(src)
-            self._residents[fqn] = self.ledger.track(d)
+            self._residents[fqn] = self.ledger.track(d) if self.track else d
         return d
 
     def retain_residents(self, keep: frozenset[str] | set[str]) -> None:
