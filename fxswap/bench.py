@@ -598,10 +598,32 @@ def readme_table(
     return format_table(sel, markdown=True)
 
 
+HOW_TO_READ = """\
+Each cell is the predicted time of one call (one forward = one CFG branch of a denoising step)
+divided by the same call with every weight resident (`1.00x` = no slowdown); `OOM <peak>` means the
+policy's most frugal setting exceeds the budget. `bound` is the physical bound (max of compute and
+the bytes that must move / pinned H2D rate) over the same compute. Same graph, same memory
+simulator, same two-stream time model and same hardware profile for every policy; peers get the best
+setting of their knob that fits. Policies: `fxswap-*` (planner modes), `wvw-blockswap-p0/p1`
+(ComfyUI-WanVideoWrapper block swap, prefetch_blocks 0/1: copies on the compute stream, D2H after
+use), `diffusers-group` (group offloading, block_level, use_stream=True), `mmgp` (one block ahead,
+device sync per block, evenly spread preloaded floors), `comfyui-lowvram` (largest modules resident,
+the rest cast per layer). fp8 = Linear weights at 1 byte, compute at the bf16 rate. A14B rows are
+per call of one expert; the expert switch is `switch_ms` in the JSON, not in the cell.
+See `fxswap/bench.py` and `passes/peers.py` for the modelling and the sources.
+"""
+
+
 def write_markdown(rows: Sequence[BenchRow], path: str | Path, header: str = "") -> None:
     """The full table as markdown, with the summary on top."""
     text = (
-        header + "\n```\n" + summary_text(summarize(rows)) + "\n```\n\n" + format_table(rows, markdown=True)
+        header
+        + "\n"
+        + HOW_TO_READ
+        + "\n```\n"
+        + summary_text(summarize(rows))
+        + "\n```\n\n"
+        + format_table(rows, markdown=True)
     )
     Path(path).write_text(text + "\n")
 

@@ -6,7 +6,6 @@ missing matplotlib fails with an ImportError that says how to install it, only w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,66 +119,82 @@ def plot_timeline(plan: SwapPlan, ir: GraphIR, path: str | Path) -> None:
     plt.close(fig)
 
 
+DEFAULT_PANELS: tuple[tuple[str, str, int, str], ...] = (
+    ("rtx4090", "832x480", 81, "bf16"),
+    ("h100-sxm", "832x480", 17, "bf16"),
+)
+
+
 def plot_bench(
     rows: Sequence[BenchRow],
     path: str | Path,
-    card: str = "rtx4090",
-    resolution: str = "832x480",
-    frames: int = 81,
-    dtype: str = "bf16",
+    panels: Sequence[tuple[str, str, int, str]] = DEFAULT_PANELS,
 ) -> None:
-    """Grouped bars of step / resident compute, one panel per model, one group per budget.
+    """Grouped bars of the slowdown over resident compute (%), one panel per model and setting.
 
-    Bars of settings where a policy exceeds the budget are drawn hatched at 0 with "OOM". If the
-    requested card/case has no rows, the first card/case present is used instead.
+    Each panel row is one (card, resolution, frames, dtype) of ``panels``; a row of the figure per
+    setting present in ``rows`` (if none is present, the first row's setting is used). One group
+    per budget, one bar per policy; a policy over budget is drawn as a hatched stub labelled OOM.
+    The physical bound is a black tick per budget.
     """
     plt = _pyplot()
-    sel = [r for r in rows if r.card == card and r.resolution == resolution and r.frames == frames]
-    sel = [r for r in sel if r.dtype == dtype]
-    if not sel and rows:
-        first = rows[0]
-        card, resolution, frames, dtype = first.card, first.resolution, first.frames, first.dtype
-        sel = [
-            r
-            for r in rows
-            if r.card == card and r.resolution == resolution and r.frames == frames and r.dtype == dtype
-        ]
-    models = list(dict.fromkeys(r.model for r in sel))
-    policies = list(dict.fromkeys(r.policy for r in sel))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(4.2 * max(1, len(models)), 4.2), squeeze=False)
+    present = [p for p in panels if any((r.card, r.resolution, r.frames, r.dtype) == p for r in rows)]
+    if not present and rows:
+        present = [(rows[0].card, rows[0].resolution, rows[0].frames, rows[0].dtype)]
+    models = list(dict.fromkeys(r.model for r in rows))
+    policies = list(dict.fromkeys(r.policy for r in rows))
+    nrow, ncol = max(1, len(present)), max(1, len(models))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(7.0, 4.2 * ncol), 3.6 * nrow), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, model in zip(axes[0], models, strict=False):
-        mrows = [r for r in sel if r.model == model]
-        budgets = sorted({r.budget_gb for r in mrows})
-        width = 0.8 / max(1, len(policies))
-        for j, pol in enumerate(policies):
-            xs, ys, oom = [], [], []
+    for pi, (card, resolution, frames, dtype) in enumerate(present):
+        sel = [
+            r for r in rows if (r.card, r.resolution, r.frames, r.dtype) == (card, resolution, frames, dtype)
+        ]
+        for mi, model in enumerate(models):
+            ax = axes[pi][mi]
+            mrows = [r for r in sel if r.model == model]
+            budgets = sorted({r.budget_gb for r in mrows})
+            width = 0.8 / max(1, len(policies))
+            top = 1.0
+            for j, pol in enumerate(policies):
+                xs, ys, oom = [], [], []
+                for i, b in enumerate(budgets):
+                    r = next((r for r in mrows if r.budget_gb == b and r.policy == pol), None)
+                    if r is None:
+                        continue
+                    x = i + (j - (len(policies) - 1) / 2) * width
+                    if r.feasible and r.step_ms is not None:
+                        xs.append(x)
+                        ys.append((r.step_ms / r.resident_compute_ms - 1) * 100)
+                    else:
+                        oom.append(x)
+                top = max([top, *ys])
+                ax.bar(xs, ys, width, color=cmap(j % 10), label=pol if pi == 0 and mi == 0 else None)
+                for x in oom:
+                    ax.text(
+                        x, 0, "OOM", rotation=90, ha="center", va="bottom", fontsize=6, color=cmap(j % 10)
+                    )
             for i, b in enumerate(budgets):
-                r = next((r for r in mrows if r.budget_gb == b and r.policy == pol), None)
-                if r is None:
-                    continue
-                x = i + (j - (len(policies) - 1) / 2) * width
-                if r.feasible and r.step_ms is not None:
-                    xs.append(x)
-                    ys.append(r.step_ms / r.resident_compute_ms)
-                else:
-                    oom.append(x)
-            ax.bar(xs, ys, width, color=cmap(j % 10), label=pol)
-            for x in oom:
-                ax.bar([x], [0.05], width, color="none", edgecolor=cmap(j % 10), hatch="xx")
-                ax.text(x, 0.07, "OOM", rotation=90, ha="center", va="bottom", fontsize=6)
-        bounds = []
-        for b in budgets:
-            r = next((r for r in mrows if r.budget_gb == b), None)
-            bounds.append(r.bound_ms / r.resident_compute_ms if r and r.bound_ms else math.nan)
-        ax.plot(range(len(budgets)), bounds, "k_", markersize=22, label="physical bound")
-        ax.set_xticks(range(len(budgets)))
-        ax.set_xticklabels([f"{b:g} GiB" for b in budgets])
-        ax.set_title(model, fontsize=9)
-        ax.set_ylabel("step / resident compute")
-        ax.axhline(1.0, color="gray", linewidth=0.6)
-    axes[0][0].legend(fontsize=6, loc="upper right")
-    fig.suptitle(f"fxswap bench --sim: {card}, {resolution}x{frames}, {dtype} (lower is better)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+                r = next((r for r in mrows if r.budget_gb == b), None)
+                if r is not None and r.bound_ms is not None:
+                    ax.plot(
+                        [i - 0.42, i + 0.42],
+                        [(r.bound_ms / r.resident_compute_ms - 1) * 100] * 2,
+                        "k-",
+                        linewidth=1.2,
+                        label="physical bound" if pi == 0 and mi == 0 and i == 0 else None,
+                    )
+            ax.set_ylim(0, top * 1.1)
+            ax.set_xticks(range(len(budgets)))
+            ax.set_xticklabels([f"{b:g} GiB" for b in budgets], fontsize=8)
+            ax.set_title(f"{model}: {card}, {resolution}x{frames}, {dtype}", fontsize=8)
+            if mi == 0:
+                ax.set_ylabel("% slower than resident compute")
+    fig.legend(loc="lower center", ncol=min(9, len(policies) + 1), fontsize=7)
+    fig.suptitle(
+        "fxswap bench --sim: predicted step time over the all-resident compute time (lower is better)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
