@@ -445,10 +445,17 @@ class SwapPlan:
             f"waiting for copies {self.predicted_stall_ms:.1f} ms) at {self.h2d_gbps:g} GB/s H2D, "
             f"{self.compute_tflops:g} TFLOP/s",
         ]
+        # Adaptive picks its own unit size, so the limit a tensor exceeded is the chosen partition's,
+        # not the user's block_size_mb.
+        limit = (
+            f"the unit size of the chosen partition ({self.partition})"
+            if self.mode == "adaptive"
+            else f"the block size {self.block_size_bytes / MiB:.1f} MiB"
+        )
         for u in oversized:
             lines.append(
-                f"  oversized: {u.name} is one tensor of {u.bytes / MiB:.1f} MiB, larger than the block size "
-                f"{self.block_size_bytes / MiB:.1f} MiB; it is a unit of its own"
+                f"  oversized: {u.name} is one tensor of {u.bytes / MiB:.1f} MiB, larger than {limit}; "
+                "it is a unit of its own"
             )
         return "\n".join(lines)
 
