@@ -10,7 +10,8 @@ block compute), so the main table hardly tests the schedule's overlap. ``--slow-
 and 14B at 480p (17 and 81 frames) on a hypothetical H100 behind an 8 GB/s pinned link with 24 GiB
 (written to results/slowlink_profile.json), where copies dominate; outputs bench_sim_slowlink.*.
 
-Outputs in benchmarks/results/: bench_sim.json, bench_sim.csv, bench_sim.md, bench_chart.png.
+Outputs in benchmarks/results/: bench_sim.json, bench_sim.csv, bench_sim.md, bench_chart.png and
+readme_table.md (the README excerpt: 14B 480p81/480p17 and 1.3B 480p17, bf16, consumer cards + H100).
 Captured graphs are cached as JSON keyed by config, size and capture source (see fxswap.bench).
 """
 
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from fxswap.bench import add_bench_arguments, read_json, run_bench, write_markdown
+from fxswap.bench import add_bench_arguments, read_json, readme_table, run_bench, write_markdown
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         rows = read_json(RESULTS / "bench_sim.json")
+        (RESULTS / "readme_table.md").write_text(readme_table(rows) + "\n")
         write_markdown(rows, RESULTS / "bench_sim.md", header="# fxswap bench --sim (re-rendered)\n")
         try:
             from fxswap.plots import plot_bench
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args.chart = args.chart or str(RESULTS / "bench_chart.png")
     t0 = time.perf_counter()
     rc = run_bench(args)
+    if rc == 0 and not args.slow_link:
+        (RESULTS / "readme_table.md").write_text(readme_table(read_json(args.json)) + "\n")
     print(f"bench_sim: {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     return rc
 

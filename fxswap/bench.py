@@ -409,7 +409,9 @@ def _row_dict(row: BenchRow) -> dict[str, Any]:
 
 def write_json(rows: Iterable[BenchRow], path: str | Path) -> None:
     """A JSON list of rows (the :class:`BenchRow` fields plus ``over_compute`` and ``over_bound``)."""
-    Path(path).write_text(json.dumps([_row_dict(r) for r in rows], indent=1, allow_nan=False) + "\n")
+    # One row per line: diffable, and a third of the size of an indented dump.
+    lines = [json.dumps(_row_dict(r), allow_nan=False) for r in rows]
+    Path(path).write_text("[\n" + ",\n".join(lines) + "\n]\n")
 
 
 def read_json(path: str | Path) -> list[BenchRow]:
@@ -590,11 +592,25 @@ def summary_text(s: Summary) -> str:
     return "\n".join(lines)
 
 
+README_CASES: tuple[tuple[str, str, int], ...] = (
+    ("wan2.1-t2v-14b", "832x480", 81),
+    ("wan2.1-t2v-14b", "832x480", 17),
+    ("wan2.1-t2v-1.3b", "832x480", 17),
+)
+
+
 def readme_table(
-    rows: Sequence[BenchRow], model: str = "wan2.1-t2v-14b", resolution: str = "832x480", frames: int = 81
+    rows: Sequence[BenchRow],
+    cases: Sequence[tuple[str, str, int]] = README_CASES,
+    cards: Sequence[str] = ("rtx3090", "rtx4080", "rtx4090", "rtx5090", "h100-sxm"),
+    dtype: str = "bf16",
 ) -> str:
-    """The README excerpt: one model and case, every dtype/card/budget, as a markdown table."""
-    sel = [r for r in rows if r.model == model and r.resolution == resolution and r.frames == frames]
+    """The README excerpt: a few (model, resolution, frames) on a few cards, one dtype, markdown."""
+    sel = [
+        r
+        for r in rows
+        if (r.model, r.resolution, r.frames) in set(cases) and r.card in cards and r.dtype == dtype
+    ]
     return format_table(sel, markdown=True)
 
 
