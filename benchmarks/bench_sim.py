@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     add_bench_arguments(parser)
     parser.add_argument("--from-json", action="store_true", help="re-render md and chart from the saved JSON")
     parser.add_argument("--slow-link", action="store_true", help="the transfer-bound stress table instead")
+    parser.add_argument(
+        "--compare-gpu-check",
+        default=None,
+        metavar="GPU_CHECK.json",
+        help="predict the models of a benchmarks/gpu_check.py report on --cards (one card) "
+        "and write results/sim_vs_gpu.json with the error per variant",
+    )
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.from_json:
@@ -49,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"chart skipped: {exc}", file=sys.stderr)
         return 0
     args.sim = True
+    if args.compare_gpu_check:
+        import json
+
+        from fxswap.bench import compare_with_gpu_check
+        from fxswap.hardware import get_profile
+
+        report = json.loads(Path(args.compare_gpu_check).read_text())
+        cmp = compare_with_gpu_check(report, get_profile(args.cards.split(",")[0]))
+        (RESULTS / "sim_vs_gpu.json").write_text(json.dumps(cmp, indent=1) + "\n")
+        for c in cmp:
+            print(c)
+        return 0
     if args.slow_link:
         from dataclasses import replace
 

@@ -52,6 +52,7 @@ __all__ = [
     "BenchRow",
     "add_bench_arguments",
     "bench_graph",
+    "compare_with_gpu_check",
     "fp8_ir",
     "format_table",
     "ir_from_json",
@@ -389,6 +390,80 @@ def bench_graph(
                     row = replace(row, switch_ms=row.resident_bytes * 1e3 / (hw.pinned_h2d_gbps * 1e9))
                 rows.append(row)
     return rows
+
+
+def compare_with_gpu_check(report: dict[str, Any], hw: HardwareProfile) -> list[dict[str, Any]]:
+    """Predicted against measured step times for a ``benchmarks/gpu_check.py`` JSON report.
+
+    For each model of the report the same WAN config (``-10layers`` = the first 10 blocks) is captured
+    on meta at the report's size and predicted on ``hw`` at the report's budget: ``resident_eager``
+    (every weight resident), ``fxswap_eager`` (an adaptive plan with ``hw``'s rates) and
+    ``diffusers_group_offload`` (the peer model). The op model prices eager, unfused ops, so the
+    compiled variants get no prediction. Returns one dict per variant with ``measured_ms``,
+    ``predicted_ms`` and ``error_pct`` (predicted / measured - 1, in %); missing measurements stay None.
+    """
+    import dataclasses
+
+    import torch
+
+    from fxswap.models import wan
+    from fxswap.passes.peers import GraphContext, diffusers_group, evaluate
+    from fxswap.passes.planner import build_plan
+    from fxswap.passes.simulate import UnitWindow, simulate_time
+    from fxswap.plan import PlanOptions
+    from fxswap.trace import trace
+
+    out: list[dict[str, Any]] = []
+    for name, res in report.get("models", {}).items():
+        if "budget_bytes" not in res:
+            continue
+        base = name.removesuffix("-10layers")
+        if base.startswith("tiny-"):
+            cfg = wan.tiny_config(base.removeprefix("tiny-"))
+        elif base in wan.CONFIGS:
+            cfg = wan.CONFIGS[base]
+        else:
+            raise FxswapError(f"gpu_check model {name!r} is not a known WAN config; cannot predict it")
+        if name.endswith("-10layers"):
+            cfg = dataclasses.replace(cfg, num_layers=10)
+        dtype = torch.float32 if report.get("dry_run") else torch.bfloat16
+        net = wan.build(cfg, device="meta", dtype=dtype)
+        kw = wan.example_inputs(cfg, frames=res["frames"], height=res["height"], width=res["width"],
+                                device="meta", dtype=dtype)  # fmt: skip
+        ir = trace(net, **kw).ir
+        costs = graph_costs(ir, hw)
+        budget = int(res["budget_bytes"])
+        reserve = 0 if report.get("dry_run") else 256 * 2**20
+        rates = plan_rates(hw)
+        predicted: dict[str, float | None] = {"resident_eager": costs.prefix_ms[-1]}
+        try:
+            plan = build_plan(ir, PlanOptions(mode=report.get("mode", "adaptive"), max_vram_bytes=budget,
+                                              reserve_bytes=reserve, h2d_gbps=rates["h2d_gbps"],
+                                              compute_tflops=rates["compute_tflops"],
+                                              device_mem_gbps=rates["device_mem_gbps"]))  # fmt: skip
+            units = sorted(plan.units, key=lambda u: u.first_use)
+            windows = [
+                UnitWindow(u.bytes, True) if u.resident
+                else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
+                for u in units
+            ]  # fmt: skip
+            predicted["fxswap_eager"] = simulate_time(costs, windows, hw.pinned_h2d_gbps).step_ms
+        except BudgetInfeasibleError:
+            predicted["fxswap_eager"] = None
+        try:
+            sched = diffusers_group(GraphContext(ir, reserve), 2**62)
+            predicted["diffusers_group_offload"] = evaluate(
+                sched, costs, hw.pinned_h2d_gbps, hw.d2h_gbps, hw.sync_overhead_ms
+            ).step_ms
+        except FxswapError:
+            predicted["diffusers_group_offload"] = None
+        for variant, pred in predicted.items():
+            v = res.get("variants", {}).get(variant, {})
+            measured = v["step_s"] * 1e3 if isinstance(v, dict) and "step_s" in v else None
+            err = None if measured is None or pred is None else (pred / measured - 1) * 100
+            out.append({"model": name, "variant": variant, "card": hw.name, "measured_ms": measured,
+                        "predicted_ms": pred, "error_pct": err})  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -199,3 +199,26 @@ def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     assert (tmp_path / "t.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="num_ops"):
         timeline_parts(plan, chain_graph(2))
+
+
+def test_compare_with_gpu_check_reports_error_per_variant() -> None:
+    from fxswap.bench import compare_with_gpu_check
+
+    report = {
+        "dry_run": True,
+        "mode": "adaptive",
+        "models": {
+            "tiny-t2v": {
+                "frames": 5, "height": 32, "width": 32, "budget_bytes": 10 * MiB,
+                "variants": {"resident_eager": {"step_s": 0.002}, "fxswap_eager": {"error": "x"}},
+            }
+        },
+    }  # fmt: skip
+    out = compare_with_gpu_check(report, PROFILES["rtx4090"])
+    by = {c["variant"]: c for c in out}
+    assert set(by) == {"resident_eager", "fxswap_eager", "diffusers_group_offload"}
+    r = by["resident_eager"]
+    assert r["measured_ms"] == pytest.approx(2.0)
+    assert r["error_pct"] == pytest.approx((r["predicted_ms"] / 2.0 - 1) * 100)
+    assert by["fxswap_eager"]["measured_ms"] is None and by["fxswap_eager"]["error_pct"] is None
+    assert by["fxswap_eager"]["predicted_ms"] >= r["predicted_ms"]
