@@ -28,6 +28,29 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def timeline_example(cache_dir: str | None) -> None:
+    """results/timeline_14b_480p81_16gb.png: the adaptive plan of WAN 14B bf16 at 480p81, 16 GiB, RTX 4090."""
+    from fxswap.passes.planner import build_plan
+
+    from fxswap.bench import load_wan_ir
+    from fxswap.costmodel import plan_rates
+    from fxswap.hardware import PROFILES
+    from fxswap.plan import PlanOptions
+    from fxswap.plots import plot_timeline
+
+    ir = load_wan_ir("wan2.1-t2v-14b", "480p81", Path(cache_dir) if cache_dir else None)
+    rates = plan_rates(PROFILES["rtx4090"])
+    opts = PlanOptions(
+        mode="adaptive",
+        max_vram_bytes=16 * 2**30,
+        h2d_gbps=rates["h2d_gbps"],
+        compute_tflops=rates["compute_tflops"],
+        device_mem_gbps=rates["device_mem_gbps"],
+    )
+    plan = build_plan(ir, opts)
+    plot_timeline(plan, ir, RESULTS / "timeline_14b_480p81_16gb.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         rows = read_json(RESULTS / "bench_sim.json")
         (RESULTS / "readme_table.md").write_text(readme_table(rows) + "\n")
+        timeline_example(args.cache_dir or str(Path.home() / ".cache" / "fxswap" / "ir"))
         write_markdown(rows, RESULTS / "bench_sim.md", header="# fxswap bench --sim (re-rendered)\n")
         try:
             from fxswap.plots import plot_bench
@@ -97,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = run_bench(args)
     if rc == 0 and not args.slow_link:
         (RESULTS / "readme_table.md").write_text(readme_table(read_json(args.json)) + "\n")
+        timeline_example(args.cache_dir)
     print(f"bench_sim: {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     return rc
 
