@@ -24,6 +24,7 @@ with a :class:`fxswap.CaptureError` naming the line.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import time
@@ -175,7 +176,11 @@ def _getter(path: list[Any]) -> Callable[[dict[str, Any]], Any]:
 
 
 def _capture(
-    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: torch.device,
+    param_names: Sequence[str] | None = None,
 ) -> _Capture:
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
     from fxswap.trace import _input_names
@@ -228,6 +233,9 @@ def _capture(
             getters.append(None)
         elif id(v) in path_of:
             p = path_of[id(v)]
+            if param_names is not None and p[0] == "args":
+                # getters read the canonical, all-keyword form of a call (see SwapModule._canonical)
+                p = ["kwargs", param_names[p[1]], *p[2:]]
             roles.append(PlaceholderRole(weight=None, name=names.get(id(v), ".".join(str(k) for k in p))))
             getters.append(_getter(p))
         else:
@@ -270,20 +278,40 @@ def clear_capture_cache() -> None:
 
 
 def _cached_capture(
-    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: torch.device,
+    param_names: Sequence[str] | None = None,
 ) -> tuple[_Capture, bool]:
     weights = tuple(
         (k, tuple(v.shape), v.dtype)
         for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
     )
-    key = (_signature(args, kwargs), weights, str(device), model.training)
+    key = (_signature(args, kwargs), weights, str(device), model.training, param_names is None)
     per_model = _CAPTURES.setdefault(model, {})
     hit = per_model.get(key)
     if hit is not None:
         return hit, False
-    cap = _capture(model, args, kwargs, device)
+    cap = _capture(model, args, kwargs, device, param_names)
     per_model[key] = cap
     return cap, True
+
+
+def _plain_signature(model: torch.nn.Module) -> inspect.Signature | None:
+    """forward's signature if every parameter can be passed by keyword (no *args / **kwargs)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    kinds = {p.kind for p in sig.parameters.values()}
+    if kinds & {
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+        inspect.Parameter.POSITIONAL_ONLY,
+    }:
+        return None
+    return sig
 
 
 @dataclass
@@ -329,6 +357,7 @@ class SwapModule:
         self._current: _Entry | None = None
         self.stats = {"captures": 0, "compiles": 0, "calls": 0, "empty_cache": 0}
         self._named = dict(model.named_parameters()) | dict(model.named_buffers())
+        self._forward_sig = _plain_signature(model)
         weakref.finalize(self, runtime.close)
 
     # -- introspection
@@ -352,7 +381,8 @@ class SwapModule:
         from fxswap.passes.rewrite import insert_swaps
 
         t0 = time.perf_counter()
-        cap, fresh = _cached_capture(self.model, args, kwargs, self.device)
+        names = None if self._forward_sig is None else list(self._forward_sig.parameters)
+        cap, fresh = _cached_capture(self.model, args, kwargs, self.device, names)
         self.stats["captures"] += int(fresh)
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))
@@ -367,6 +397,7 @@ class SwapModule:
         }
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         swapped = {p for u in plan.units if not u.resident for p in u.params}
+        self._share_host_copies(swapped)
         inputs: list[tuple[str, Any]] = []
         for fqn, get in zip(cap.placeholder_params, cap.input_getters, strict=True):
             if fqn is None:
@@ -381,6 +412,21 @@ class SwapModule:
             plan.summary(),
         )
         return _Entry(plan, None, gm, tuple(inputs), resident, cap)
+
+    def _share_host_copies(self, names: set[str]) -> None:
+        # NOTE: on CUDA the store pins a copy of each swapped weight. Pointing the model's tensor at
+        # that copy keeps ONE host copy in the process instead of two (the pageable original is
+        # freed when nothing else holds it). Values, dtype, shape and device (cpu) are unchanged.
+        for name in names:
+            t = self._named[name]
+            host = self.runtime.store[name]
+            if (
+                host.data_ptr() != t.data_ptr()
+                and host.dtype == t.dtype
+                and host.shape == t.shape
+                and host.device == t.device
+            ):
+                t.data = host
 
     def _compile(self, entry: _Entry, flat: list[Any]) -> Callable[..., Any]:
         self.stats["compiles"] += 1
@@ -407,7 +453,23 @@ class SwapModule:
         self.runtime.drop_residents()
         self._active = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _canonical(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # Positional or keyword, the same call is the same signature (one plan, not two).
+        if self._forward_sig is None:
+            return args, kwargs
+        try:
+            bound = self._forward_sig.bind(*args, **kwargs)
+        except TypeError:
+            return args, kwargs  # let the model report its own argument error
+        return (), dict(bound.arguments)
+
+    def __call__(self, *orig_args: Any, **orig_kwargs: Any) -> Any:
+        # NOTE: the cache key and the graph inputs use the canonical form, so positional and keyword
+        # calls share a plan; the capture uses the call as given, so that its graph (placeholder names
+        # included) fingerprints equal to an offline plan made with fxswap.plan(model, <same call>).
+        args, kwargs = self._canonical(orig_args, orig_kwargs)
         sig = _signature(args, kwargs)
         entry = self._entries.get(sig)
         if entry is None:
@@ -419,7 +481,7 @@ class SwapModule:
                     "compile with strict=False to plan each new signature."
                 )
             self._check_devices(args, kwargs)
-            entry = self._build(args, kwargs)
+            entry = self._build(orig_args, orig_kwargs)
             try:
                 outs = self._run(entry, args, kwargs)
             except Exception as e:
@@ -626,14 +688,23 @@ class Experts:
     def plans(self) -> list[SwapPlan]:
         return [p for e in self.experts for p in e.plans]
 
+    def _timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        ta = self.timestep_arg
+        if isinstance(ta, int):
+            t = args[ta]
+        elif ta in kwargs:
+            t = kwargs[ta]
+        else:
+            sig = inspect.signature(self.experts[0].model.forward)
+            t = sig.bind_partial(*args, **kwargs).arguments[ta]
+        return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.boundary is None:
             raise ValueError(
                 "`boundary` was not set: call experts.high(...) / experts.low(...) or experts[i](...)"
             )
-        t = kwargs[self.timestep_arg] if isinstance(self.timestep_arg, str) else args[self.timestep_arg]
-        tv = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        return self[0 if tv >= self.boundary else 1](*args, **kwargs)
+        return self[0 if self._timestep(args, kwargs) >= self.boundary else 1](*args, **kwargs)
 
 
 class _ExpertView:
@@ -651,7 +722,7 @@ class _ExpertView:
 def compile_experts(
     *models: torch.nn.Module,
     boundary: float | None = None,
-    timestep_arg: str | int = 1,
+    timestep_arg: str | int = "timestep",
     **compile_kwargs: Any,
 ) -> Experts:
     """Compile several experts that share one device and one ``max_vram_gb`` budget.
@@ -661,8 +732,10 @@ def compile_experts(
 
     Args:
         models: the experts, high-noise first for WAN 2.2.
-        boundary: timestep at or above which expert 0 runs (WAN 2.2 A14B t2v: 875 of 1000).
-        timestep_arg: where the timestep is in the call (positional index or keyword name).
+        boundary: timestep at or above which expert 0 runs, in the units the model is called with
+            (WAN 2.2 A14B t2v: ``0.875 * 1000 = 875``).
+        timestep_arg: the timestep's parameter name (found in kwargs or bound by the forward's
+            signature) or its positional index.
         **compile_kwargs: as for :func:`compile`.
     """
     if len(models) < 2:

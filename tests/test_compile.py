@@ -265,6 +265,10 @@ def test_given_plan_object_and_path(cases: dict[str, Case], tmp_path: Path) -> N
         again = fx_compile(c.model, plan=given, backend="eager", max_vram_gb=99, **COMMON)
         assert torch.equal(again(*c.args), c.ref)
         assert again.plan == sm.plan
+    # a plan made offline by fxswap.plan (fxswap.trace's capture) fits fxswap.compile's capture
+    offline = fxswap.plan(c.model, *c.args, mode="chunkwise", max_vram_gb=lo / 2**30, **COMMON)
+    assert offline == sm.plan
+    assert torch.equal(fx_compile(c.model, plan=offline, backend="eager")(*c.args), c.ref)
 
 
 def test_plan_for_another_model_is_refused_naming_the_field(cases: dict[str, Case]) -> None:
@@ -376,9 +380,9 @@ def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) ->
             return self.m(x) * t
 
     wh, wl = Wrap(high), Wrap(low)
-    ex = compile_experts(wh, wl, boundary=875.0, timestep_arg=1, mode="adaptive", max_vram_gb=1e-4,
+    ex = compile_experts(wh, wl, boundary=875.0, timestep_arg="t", mode="adaptive", max_vram_gb=1e-4,
                          backend="eager", **COMMON)  # fmt: skip
-    assert torch.equal(ex(x, t_hi), wh(x, t_hi))
+    assert torch.equal(ex(x, t=t_hi), wh(x, t_hi))
     hi_rt, lo_rt = ex.experts[0].runtime, ex.experts[1].runtime
     assert hi_rt.ledger.bytes > 0  # high's residents on the device
     assert torch.equal(ex(x, t_lo), wl(x, t_lo))
@@ -414,3 +418,18 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert v["fxswap_eager"]["swapped_units"] > 0
     assert v["fxswap_eager"]["ledger_peak_bytes"] <= tiny["budget_bytes"]
     assert "skipped" in v["diffusers_group_offload"]
+
+
+def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> None:
+    """On CUDA the store pins a copy; the model's tensor is pointed at it (one host copy, same values)."""
+    c = case(cases, "mlp")
+    m = MLP().requires_grad_(False)
+    m.load_state_dict(c.model.state_dict())
+    sm = fx_compile(m, mode="layerwise", max_vram_gb=1e-9 + 20000 / 2**30, backend="eager", **COMMON)
+    sm(*c.args)
+    name = "blocks.3.weight"
+    param = dict(m.named_parameters())[name]
+    sm.runtime.store._tensors[name] = param.detach().clone()  # what pinning does on CUDA
+    sm._share_host_copies({name})
+    assert param.data_ptr() == sm.runtime.store[name].data_ptr()
+    assert torch.equal(sm(*c.args), c.ref) and param.device.type == "cpu"
