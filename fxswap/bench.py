@@ -148,10 +148,10 @@ def fp8_ir(ir: GraphIR) -> GraphIR:
     while it upcasts its fp8 weight, is the same function ``fxswap plan --dtype fp8`` uses, so the
     bench and the CLI count fp8 memory the same way.
     """
-    from fxswap.cli import _fp8_linear_weights  # one definition of the fp8 rule, shared with the CLI
-
     linears = {w.name for w in ir.weights if len(w.shape) == 2 and w.name.endswith(".weight")}
-    return _fp8_linear_weights(ir, linears)
+    from fxswap.passes.analyse import fp8_linear_storage  # shared with `fxswap plan --dtype fp8`
+
+    return fp8_linear_storage(ir, linears)
 
 
 def case_size(model: str, case: str) -> tuple[int, int, int]:

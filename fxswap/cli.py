@@ -11,10 +11,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from fxswap.ir import GraphIR
+from typing import Any
 
 __all__ = ["main"]
 
@@ -119,39 +116,48 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="keep only the first N transformer blocks (quick looks)",
     )
+    p.add_argument(
+        "--card",
+        default=None,
+        metavar="NAME|PROFILE.json",
+        help="price the plan with a hardware profile: a card name (rtx3090, rtx4080, rtx4090, rtx5090, "
+        "a100-40gb, a100-80gb, h100-pcie, h100-sxm, generic-20gb) or a file written by `fxswap calibrate`; "
+        "--h2d-gbps / --compute-tflops override its figures",
+    )
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
-    parser.set_defaults(plan_parser=p)
+    p.add_argument(
+        "--plot", default=None, metavar="TIMELINE.png", help="draw the memory timeline (needs matplotlib)"
+    )
+    p.set_defaults(handler=_cmd_plan, cmd_parser=p)
+
+    # bench and calibrate define their own arguments next to their code; modules load lazily.
+    from fxswap.bench import add_bench_arguments
+    from fxswap.calibrate import add_calibrate_arguments
+
+    b = sub.add_parser(
+        "bench",
+        help="simulated step time / peak VRAM of fxswap's schedules against other offloaders' policies",
+    )
+    add_bench_arguments(b)
+    b.set_defaults(handler=_cmd_bench, cmd_parser=b)
+    c = sub.add_parser(
+        "calibrate", help="measure this GPU (H2D bandwidth, per-block compute) and save a hardware profile"
+    )
+    add_calibrate_arguments(c)
+    c.set_defaults(handler=_cmd_calibrate, cmd_parser=c)
     return parser
 
 
-def _fp8_linear_weights(ir: GraphIR, linear_weights: set[str]) -> GraphIR:
-    """The IR with ``linear_weights`` stored as float8_e4m3fn (1 byte per element).
+def _cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fxswap.bench import run_bench
 
-    At use each fp8 Linear weight is upcast to the compute dtype, so each Linear op gets a
-    transient buffer of the upcast copy, live during that op only. Activations are unchanged.
-    """
-    import dataclasses
+    return run_bench(args)
 
-    from fxswap.ir import BufferInfo
 
-    weights = []
-    upcast: dict[str, int] = {}
-    for w in ir.weights:
-        if w.name in linear_weights:
-            numel = math.prod(w.shape)
-            upcast[w.name] = w.nbytes
-            w = dataclasses.replace(w, dtype="float8_e4m3fn", nbytes=numel)
-        weights.append(w)
-    ops = []
-    extra: list[BufferInfo] = []
-    for i, op in enumerate(ir.ops):
-        transient = sum(upcast.get(w, 0) for w in op.weights if op.target.endswith("linear"))
-        if transient:
-            extra.append(BufferInfo(name=f"{op.name}.weight_upcast", nbytes=transient, start=i, end=i))
-            op = dataclasses.replace(op, out_bytes=op.out_bytes + transient)
-        ops.append(op)
-    buffers = sorted((*ir.buffers, *extra), key=lambda b: b.start)
-    return dataclasses.replace(ir, ops=tuple(ops), weights=tuple(weights), buffers=tuple(buffers))
+def _cmd_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fxswap.calibrate import run_calibrate
+
+    return run_calibrate(args)
 
 
 def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -162,6 +168,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from fxswap.api import make_options, plan_traced
     from fxswap.errors import BudgetInfeasibleError, CaptureError
     from fxswap.models import wan
+    from fxswap.passes.analyse import fp8_linear_storage
     from fxswap.trace import trace
 
     if args.model not in wan.CONFIGS:
@@ -178,20 +185,35 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(
             f"argument --layers: {args.layers} exceeds the {config.num_layers} blocks of {args.model}"
         )
+    rates: dict[str, float] = {}
+    if args.card is not None:
+        from fxswap.costmodel import plan_rates
+        from fxswap.errors import FxswapError
+        from fxswap.hardware import get_profile
+
+        try:
+            rates = plan_rates(get_profile(args.card))
+        except (FxswapError, OSError, ValueError) as e:
+            parser.error(f"argument --card: {e}")
+    if args.h2d_gbps is not None:
+        rates["h2d_gbps"] = args.h2d_gbps
+    if args.compute_tflops is not None:
+        rates["compute_tflops"] = args.compute_tflops
     try:
         options = make_options(
             mode=args.mode,
             max_vram_gb=args.max_vram_gb,
             block_size_mb=args.block_size_mb,
             reserve_mb=args.reserve_mb,
-            h2d_gbps=args.h2d_gbps,
-            compute_tflops=args.compute_tflops,
+            h2d_gbps=rates.get("h2d_gbps"),
+            compute_tflops=rates.get("compute_tflops"),
+            device_mem_gbps=rates.get("device_mem_gbps"),
         )
     except ValueError as e:
         parser.error(str(e))
 
     # fp8: the graph is captured in bf16 (activations and compute stay bf16) and the Linear weights'
-    # storage is then re-sized to 1 byte per element; see _fp8_linear_weights.
+    # storage is then re-sized to 1 byte per element; see fxswap.passes.analyse.fp8_linear_storage.
     build_dtype = {
         "bf16": torch.bfloat16,
         "fp16": torch.float16,
@@ -218,7 +240,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     ir = traced.ir
     if args.dtype == "fp8":
         linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        ir = _fp8_linear_weights(ir, linears)
+        ir = fp8_linear_storage(ir, linears)
         traced = dataclasses.replace(traced, ir=ir)
 
     start = time.perf_counter()
@@ -255,6 +277,11 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.output:
         plan.save(args.output)
         print(f"plan written to {args.output}")
+    if args.plot:
+        from fxswap.plots import plot_timeline
+
+        plot_timeline(plan, ir, args.plot)
+        print(f"memory timeline drawn to {args.plot}")
     return 0
 
 
@@ -262,11 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fxswap`` console script; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "plan":
-        # errors about plan's arguments print plan's usage line, not the top-level one
-        return _cmd_plan(args.plan_parser, args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2  # unreachable: parser.error exits
+    # errors about a command's arguments print that command's usage line, not the top-level one
+    result: int = args.handler(args.cmd_parser, args)
+    return result
 
 
 if __name__ == "__main__":

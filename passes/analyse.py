@@ -12,6 +12,7 @@ This module has no global state; :func:`graph_ir` is a pure function of its argu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
@@ -23,7 +24,7 @@ import torch.fx as fx
 
 from fxswap.ir import BufferInfo, GraphIR, InputInfo, OpInfo, WeightInfo
 
-__all__ = ["PlaceholderRole", "graph_ir", "module_path", "target_name"]
+__all__ = ["PlaceholderRole", "fp8_linear_storage", "graph_ir", "module_path", "target_name"]
 
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -348,3 +349,29 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
         for n, b, s, e in zip(buffer_name, buffer_bytes, buffer_start, buffer_end, strict=True)
     )
     return GraphIR(ops=tuple(ops), weights=weights_info, buffers=buffers, inputs=tuple(inputs))
+
+
+def fp8_linear_storage(ir: GraphIR, linear_weights: set[str]) -> GraphIR:
+    """The IR with ``linear_weights`` stored as float8_e4m3fn (1 byte per element).
+
+    At use each fp8 Linear weight is upcast to the compute dtype, so each Linear op gets a
+    transient buffer of the upcast copy, live during that op only. Activations are unchanged.
+    """
+    weights = []
+    upcast: dict[str, int] = {}
+    for w in ir.weights:
+        if w.name in linear_weights:
+            numel = math.prod(w.shape)
+            upcast[w.name] = w.nbytes
+            w = dataclasses.replace(w, dtype="float8_e4m3fn", nbytes=numel)
+        weights.append(w)
+    ops = []
+    extra: list[BufferInfo] = []
+    for i, op in enumerate(ir.ops):
+        transient = sum(upcast.get(w, 0) for w in op.weights if op.target.endswith("linear"))
+        if transient:
+            extra.append(BufferInfo(name=f"{op.name}.weight_upcast", nbytes=transient, start=i, end=i))
+            op = dataclasses.replace(op, out_bytes=op.out_bytes + transient)
+        ops.append(op)
+    buffers = sorted((*ir.buffers, *extra), key=lambda b: b.start)
+    return dataclasses.replace(ir, ops=tuple(ops), weights=tuple(weights), buffers=tuple(buffers))
