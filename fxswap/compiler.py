@@ -18,8 +18,13 @@ resident device copies. The capture runs on ``meta`` copies of the weights and i
 ``torch.func.functional_call``; device constants the graph baked in (``device='meta'``) are retargeted.
 
 Dtypes: a call whose inputs have another dtype is another signature. It gets its own capture and
-plan (``strict=True`` refuses it instead); if the model cannot run in that dtype the capture fails
-with a :class:`fxswap.CaptureError` naming the line.
+plan (``strict=True`` refuses it instead with :class:`SignatureError`). If the model cannot run in
+that dtype, the capture fails with :class:`fxswap.CaptureError` naming the line, or (meta tensors do
+not check every dtype rule) the first real call fails with :class:`SignatureError` naming the inputs'
+and the weights' dtypes; nothing of that signature is kept.
+
+Positional and keyword calls of the same inputs are one signature (arguments are bound to
+``forward``'s parameters first).
 """
 
 from __future__ import annotations
@@ -564,11 +569,12 @@ def compile(  # noqa: A001 (the public name the brief asks for)
 ) -> SwapModule:
     """Compile ``model`` so that it runs within ``max_vram_gb`` with weights swapped from the host.
 
-    Nothing happens to the model: its parameters stay where they are (the host). The first call
-    with a new input signature captures, plans and compiles; later calls only run.
+    The model's weights stay on the host with their values; on CUDA the tensors of swapped weights
+    are pointed at fxswap's pinned copy so that the process holds one host copy. The first call with
+    a new input signature captures, plans and compiles; later calls only run.
 
     Args:
-        model: the module (inference only; its weights are never modified).
+        model: the module (inference only; its weight values are never modified).
         mode: "layerwise", "chunkwise" or "adaptive" (see :class:`fxswap.PlanOptions`).
         max_vram_gb: device budget in GiB for weights, activations and the planner's reserve.
         block_size_mb: unit size for chunkwise (and one candidate for adaptive), MiB.
@@ -581,7 +587,9 @@ def compile(  # noqa: A001 (the public name the brief asks for)
             instead of planning it anew.
         transfer_backend: overrides the copy mechanism (tests inject a late backend).
         pin_share: cap on pinned host memory as a share of RAM (CUDA).
-        storage_dtype: keep and copy swapped weights in this dtype, cast back on the device.
+        storage_dtype: keep and copy swapped weights in this dtype, cast back on the device (the
+            plan counts units in the compute dtype; the narrow staging copy lives only until the
+            wait returns).
         **plan_options: reserve_mb, h2d_gbps, compute_tflops, max_prefetch_depth.
 
     Raises:

@@ -205,11 +205,14 @@ def test_inductor_equals_torch_compile_and_never_recompiles(inductor_mlp: Any) -
     out = sm(*c.args)
     assert torch.equal(out, ref)  # same Inductor kernels; the swap ops only hand in the weights
     frames = dict(counters["frames"])
+    breaks = sum(counters["graph_break"].values())
+    compiled_graphs = dict(counters["inductor"])
     for _ in range(5):
         assert torch.equal(sm(*c.args), ref)
     assert sm.stats["compiles"] == 1 and sm.stats["captures"] <= 1
     assert dict(counters["frames"]) == frames, "a later call went through Dynamo again"
-    assert counters["graph_break"] == counters["graph_break"]  # noqa: PLR0124 (readability)
+    assert sum(counters["graph_break"].values()) == breaks
+    assert dict(counters["inductor"]) == compiled_graphs, "a later call compiled again"
     assert sum(not u.resident for u in sm.plan.units) > 0
 
 
@@ -218,11 +221,22 @@ def test_inductor_equals_torch_compile_and_never_recompiles(inductor_mlp: Any) -
 def test_inductor_matches_torch_compile_slow(cases: dict[str, Case], name: str) -> None:
     c = case(cases, name)
     lo = min_budget(c, "adaptive")
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
     sm = fx_compile(c.model, mode="adaptive", max_vram_gb=lo / 2**30, backend="inductor", **COMMON)
-    out = sm(*c.args, **c.kwargs)
+    with fresh_cache():
+        out, code = run_and_get_code(lambda: sm(*c.args, **c.kwargs))
     ref = torch.compile(c.model)(*c.args, **c.kwargs)
-    # Inductor may fuse differently around the swap ops' boundaries: 1e-6 relative is fp32 rounding
+    # Not bitwise for conv / WAN (observed max abs diff 3e-8 / 2.4e-7, one or two fp32 ulps): the
+    # weights reach Inductor as outputs of an extern op instead of graph inputs, so it fuses the bias
+    # adds and layouts differently than for plain torch.compile. "shared" is bitwise equal.
     assert same(out, ref, lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert sm.plan is not None and sm.graph_module is not None
+    n_swapped = sum(not u.resident for u in sm.plan.units)
+    assert n_swapped > 0
+    body = code[0][code[0].index("def call(") :]
+    for op in ("load", "wait", "release"):
+        assert body.count(f"= torch.ops.fxswap.{op}.default(") == n_swapped, op  # none DCE'd
 
 
 # ------------------------------------------------------------------------------------ signatures
@@ -433,3 +447,23 @@ def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> N
     sm._share_host_copies({name})
     assert param.data_ptr() == sm.runtime.store[name].data_ptr()
     assert torch.equal(sm(*c.args), c.ref) and param.device.type == "cpu"
+
+
+def test_storage_dtype_fp8_copied_as_stored_and_cast_on_device(cases: dict[str, Case]) -> None:
+    import copy
+
+    c = case(cases, "mlp")
+    lo = min_budget(c, "layerwise")
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=lo / 2**30, backend="eager",
+                    storage_dtype=torch.float8_e4m3fn, **COMMON)  # fmt: skip
+    out = sm(*c.args)
+    assert sm.plan is not None
+    swapped = {p for u in sm.plan.units if not u.resident for p in u.params}
+    assert swapped and all(sm.runtime.store[p].dtype == torch.float8_e4m3fn for p in swapped)
+    ref_model = copy.deepcopy(c.model)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if name in swapped:
+                p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
+    assert torch.equal(out, ref_model(*c.args))
+    assert all(p.dtype == torch.float32 for p in c.model.parameters())  # the model keeps its dtype
