@@ -290,9 +290,11 @@ def test_plan_for_another_model_is_refused_naming_the_field(cases: dict[str, Cas
     other = MLP(n=6, d=32).requires_grad_(False)
     x = torch.randn(3, 32)
     plan = fxswap.plan(other, x, mode="layerwise", max_vram_gb=1, reserve_mb=0)
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
     sm = fx_compile(c.model, plan=plan, backend="eager", **COMMON)
     with pytest.raises(PlanMismatchError, match="params|graph"):
         sm(*c.args)
+    assert _unchanged(c.model, before) and sm.runtime.ledger.bytes == 0
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -467,3 +469,30 @@ def test_storage_dtype_fp8_copied_as_stored_and_cast_on_device(cases: dict[str, 
                 p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
     assert torch.equal(out, ref_model(*c.args))
     assert all(p.dtype == torch.float32 for p in c.model.parameters())  # the model keeps its dtype
+
+
+def test_wan22_a14b_experts_tiny() -> None:
+    """Two tiny WAN 2.2 experts, one budget, picked by timestep like WAN 2.2 (boundary 0.875)."""
+    cfg = wan.tiny_config("t2v", boundary=0.875, num_experts=2)
+    experts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        experts.append(wan.build(cfg).requires_grad_(False).eval())
+    kw = wan.example_inputs(cfg, frames=5, height=32, width=32)
+    budget = 400_000  # bytes: below either expert's weights (~564 KB), above its minimum
+    ex = compile_experts(*experts, boundary=875.0, mode="adaptive", max_vram_gb=budget / 2**30,
+                         backend="eager", transfer_backend=LateCopyBackend(0.0002), **COMMON)  # fmt: skip
+    rts = [e.runtime for e in ex.experts]
+    for t, want in ((999.0, 0), (900.0, 0), (500.0, 1), (100.0, 1)):
+        assert wan.select_expert(cfg, t) == want
+        args = dict(kw, timestep=torch.tensor([t]))
+        with torch.no_grad():
+            ref = experts[want](**args)
+        assert torch.equal(ex(**args), ref)
+        gc.collect()
+        assert rts[1 - want].ledger.bytes == 0, "the idle expert must hold no device memory"
+        assert rts[want].ledger.bytes > 0
+    for e, rt in zip(ex.experts, rts, strict=True):
+        assert e.plan is not None and e.plan.peak_bytes <= budget
+        assert any(not u.resident for u in e.plan.units)
+        assert rt.ledger.peak <= weight_peak(e.plan)
