@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fxswap
+from fxswap.api import plan as fx_plan
 from fxswap.compiler import DeviceError, SignatureError, SwapModule, compile_experts
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanMismatchError
@@ -280,7 +280,7 @@ def test_given_plan_object_and_path(cases: dict[str, Case], tmp_path: Path) -> N
         assert torch.equal(again(*c.args), c.ref)
         assert again.plan == sm.plan
     # a plan made offline by fxswap.plan (fxswap.trace's capture) fits fxswap.compile's capture
-    offline = fxswap.plan(c.model, *c.args, mode="chunkwise", max_vram_gb=lo / 2**30, **COMMON)
+    offline = fx_plan(c.model, *c.args, mode="chunkwise", max_vram_gb=lo / 2**30, **COMMON)
     assert offline == sm.plan
     assert torch.equal(fx_compile(c.model, plan=offline, backend="eager")(*c.args), c.ref)
 
@@ -289,7 +289,7 @@ def test_plan_for_another_model_is_refused_naming_the_field(cases: dict[str, Cas
     c = case(cases, "mlp")
     other = MLP(n=6, d=32).requires_grad_(False)
     x = torch.randn(3, 32)
-    plan = fxswap.plan(other, x, mode="layerwise", max_vram_gb=1, reserve_mb=0)
+    plan = fx_plan(other, x, mode="layerwise", max_vram_gb=1, reserve_mb=0)
     before = {k: v.clone() for k, v in c.model.state_dict().items()}
     sm = fx_compile(c.model, plan=plan, backend="eager", **COMMON)
     with pytest.raises(PlanMismatchError, match="params|graph"):
