@@ -159,3 +159,15 @@ def test_monitor_logs_ledger_rows_per_call() -> None:
     assert "peak" in lines[-1] and "step 0" in lines[0]
     sm(x)
     assert len(mon.rows) == 3  # inactive after the block
+
+
+def test_fxswap_monitor_is_callable_after_its_module_was_imported() -> None:
+    import importlib
+
+    import fxswap
+
+    importlib.import_module("fxswap.monitor")
+    importlib.import_module("fxswap.compiler")
+    with fxswap.monitor("cpu", log=None) as mon:  # type: ignore[operator]
+        mon.step("manual")
+    assert len(mon.rows) == 1 and mon.rows[0].label == "manual"
