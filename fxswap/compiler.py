@@ -262,9 +262,15 @@ def _capture(
                 )
             slots.append(index[id(leaf)])
             consts.append(None)
-        else:
+        elif leaf is None or isinstance(leaf, (int, float, bool, str, torch.dtype, torch.device)):
             slots.append(None)
             consts.append(leaf)
+        else:
+            raise CaptureError(
+                f"{type(model).__name__} returns a {type(leaf).__name__}, which fxswap cannot look into "
+                "(not a tensor, a constant, or a pytree container). Fix: return tensors / tuples / "
+                "dicts, or register the output class with torch.utils._pytree."
+            )
     ir = graph_ir(gm, roles)
     _retarget(gm, device)
     return _Capture(gm, tuple(r.weight for r in roles), tuple(getters), spec, tuple(slots), tuple(consts), ir)

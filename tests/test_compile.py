@@ -160,7 +160,7 @@ def test_eager_exact_at_every_budget_with_late_copies(cases: dict[str, Case], na
         out = sm(*c.args, **c.kwargs)
         assert same(out, c.ref), f"{name} {mode} budget {budget}: not bitwise equal"
         plan = sm.plan
-        assert plan is not None and plan.peak_bytes <= budget
+        assert plan is not None and plan.peak_bytes <= budget and plan.min_vram_bytes == lo
         assert sm.runtime.ledger.peak <= weight_peak(plan), "device weights exceeded the plan's prediction"
         swapped_counts.append(sum(not u.resident for u in plan.units))
     assert swapped_counts[0] > 0, "the minimum budget must swap something"
@@ -496,3 +496,32 @@ def test_wan22_a14b_experts_tiny() -> None:
         assert e.plan is not None and e.plan.peak_bytes <= budget
         assert any(not u.resident for u in e.plan.units)
         assert rt.ledger.peak <= weight_peak(e.plan)
+
+
+def test_outputs_in_containers_are_rebuilt_and_opaque_outputs_refused() -> None:
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> dict[str, Any]:
+            h = self.a(x)
+            return {"h": h, "out": [self.b(h), 3], "none": None}
+
+    class Opaque:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    class OpaqueOut(DictOut):
+        def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
+            return Opaque(self.a(x))
+
+    torch.manual_seed(0)
+    m = DictOut().requires_grad_(False)
+    x = torch.randn(2, 8)
+    out = fx_compile(m, mode="layerwise", max_vram_gb=1e-4, backend="eager", **COMMON)(x)
+    ref = m(x)
+    assert out.keys() == ref.keys() and out["out"][1] == 3 and out["none"] is None
+    assert torch.equal(out["h"], ref["h"]) and torch.equal(out["out"][0], ref["out"][0])
+    with pytest.raises(CaptureError, match="Opaque"):
+        fx_compile(OpaqueOut().requires_grad_(False), backend="eager", max_vram_gb=1, **COMMON)(x)
