@@ -65,9 +65,6 @@ _REALISED_TARGETS: frozenset[Any] = frozenset(
         torch.nn.functional.conv2d,
         torch.nn.functional.conv3d,
         torch.nn.functional.scaled_dot_product_attention,
-        torch._C._nn.scaled_dot_product_attention
-        if hasattr(torch._C._nn, "scaled_dot_product_attention")
-        else torch.nn.functional.scaled_dot_product_attention,
         operator.matmul,
     }
 )

@@ -283,3 +283,25 @@ def test_inductor_exact_over_calls_host_copies_intact(inductor_run: dict[str, An
         assert torch.equal(fn(*list(args))[0], ref)  # a reused (overwritten) weight would break this
     for i, h in enumerate(host, start=1):
         assert torch.equal(inductor_run["rt"].store[f"{i}.weight"], h)
+
+
+def test_load_anchor_skips_fusible_pointwise_and_swapped_weights() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)).requires_grad_(False)
+    x = torch.randn(2, 8)
+    gm, pp = capture(m, x)
+    names = [n.name for n in gm.graph.nodes if n.op in COMPUTE]  # linear, relu, linear
+    rt = SwapRuntime("cpu")
+    named = dict(m.named_parameters())
+    plan = Plan((
+        Unit("0", ("0.weight", "0.bias"), True),
+        Unit("2", ("2.weight", "2.bias"), False, names[2], names[2], names[2]),  # load right after relu
+    ))  # fmt: skip
+    uid = rt.add_unit("2", [(p, named[p]) for p in ("2.weight", "2.bias")])
+    new = insert_swaps(gm, plan, pp, unit_ids={"2": uid})
+    load = next(n for n in new.graph.nodes if n.target is ops.load)
+    assert load.args[1].name == names[0], "anchor must be the linear output, not the fusible relu"
+    assert load.prev.name == names[1], "the load itself still sits right before its planned op"
+    phs = [n for n in new.graph.nodes if n.op == "placeholder"]
+    capture_cache[id(m)] = gm
+    assert torch.equal(new(*run_args(new, pp, m, rt, x))[0], m(x)) and len(phs) == 3
