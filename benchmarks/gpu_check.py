@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--mode", default="adaptive", choices=["layerwise", "chunkwise", "adaptive"])
-    ap.add_argument("--time-limit", type=float, default=450.0, help="skip variants that would start later")
+    ap.add_argument("--time-limit", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. resident_compiled")
     ap.add_argument("--models", default="", help="comma-separated model names to run (default: all)")
     args = ap.parse_args(argv)
