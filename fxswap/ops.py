@@ -129,13 +129,17 @@ def token_for(device: torch.device) -> Tensor:
     """A 0-element token on ``device``.
 
     NOTE: runtimes hand out one shared token per device. A token carries no data (nothing can be
-    written into 0 bytes), only the data dependency; allocating a fresh one cost ~1 us per op.
+    written into 0 bytes), only the data dependency; allocating a fresh one cost ~1 us per op. An op
+    whose input is that very token returns a fresh one instead (outputs must not alias inputs).
     """
     return torch.empty(0, dtype=torch.uint8, device=device)
 
 
 def _load_impl(uid: int, anchor: Tensor) -> Tensor:
-    return (_UNITS.get(uid) or lookup(uid)).start_load()
+    tok = (_UNITS.get(uid) or lookup(uid)).start_load()
+    # An op's output must not alias its input: anchored on another fxswap token (the shared one),
+    # hand out a fresh one.
+    return tok if anchor is not tok else tok.new_empty(0)
 
 
 def _wait_impl(uid: int, token: Tensor) -> list[Tensor]:
@@ -143,7 +147,8 @@ def _wait_impl(uid: int, token: Tensor) -> list[Tensor]:
 
 
 def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
-    return (_UNITS.get(uid) or lookup(uid)).on_release()
+    tok = (_UNITS.get(uid) or lookup(uid)).on_release()
+    return tok if after is not tok else tok.new_empty(0)
 
 
 _PROBES: dict[int, Callable[[], None]] = {}
