@@ -369,6 +369,7 @@ class SwapModule:
         self.stats = {"captures": 0, "compiles": 0, "calls": 0, "empty_cache": 0}
         self._named = dict(model.named_parameters()) | dict(model.named_buffers())
         self._forward_sig = _plain_signature(model)
+        self._builds = itertools.count()
         weakref.finalize(self, runtime.close)
 
     # -- introspection
@@ -400,7 +401,8 @@ class SwapModule:
             plan = self._given_plan
         else:
             plan = build_plan(cap.ir, self.options)
-        prefix = f"s{len(self._entries)}/"
+        # a fresh prefix per build: a failed first run leaves its units behind under the old one
+        prefix = f"s{next(self._builds)}/"
         unit_ids = {
             u.name: self.runtime.add_unit(prefix + u.name, [(p, self._named[p]) for p in u.params])
             for u in plan.units
