@@ -58,8 +58,8 @@ def main() -> None:
     from fxswap.passes.planner import build_plan
 
     from fxswap.api import make_options
+    from fxswap.capture import trace
     from fxswap.models import wan
-    from fxswap.trace import trace
 
     model = wan.build(MODEL, device="meta", dtype=torch.bfloat16)
     inputs = wan.example_inputs(MODEL, frames=81, height=480, width=832, device="meta", dtype=torch.bfloat16)

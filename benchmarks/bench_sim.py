@@ -35,8 +35,8 @@ def timeline_example(cache_dir: str | None) -> None:
     from fxswap.bench import load_wan_ir
     from fxswap.costmodel import plan_rates
     from fxswap.hardware import PROFILES
-    from fxswap.plan import PlanOptions
     from fxswap.plots import plot_timeline
+    from fxswap.swapplan import PlanOptions
 
     ir = load_wan_ir("wan2.1-t2v-14b", "480p81", Path(cache_dir) if cache_dir else None)
     rates = plan_rates(PROFILES["rtx4090"])

@@ -3,7 +3,9 @@
 The pipeline runs one way: trace -> analyse -> plan -> rewrite -> run.
 
 Public names are imported lazily so that ``import fxswap`` (and the CLI's ``--help``) stays fast
-and the planner can be used without pulling in the runtime.
+and the planner can be used without pulling in the runtime. No submodule shares a name with a
+public function (``fxswap.plan`` is a function; the plan records live in ``fxswap.swapplan``), so
+importing a submodule never shadows an export.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "trace": "fxswap.trace",
-    "Traced": "fxswap.trace",
+    "trace": "fxswap.capture",
+    "Traced": "fxswap.capture",
     "plan": "fxswap.api",
-    "SwapPlan": "fxswap.plan",
-    "SwapUnit": "fxswap.plan",
-    "PlanOptions": "fxswap.plan",
-    "load_plan": "fxswap.plan",
+    "SwapPlan": "fxswap.swapplan",
+    "SwapUnit": "fxswap.swapplan",
+    "PlanOptions": "fxswap.swapplan",
+    "load_plan": "fxswap.swapplan",
     "compile": "fxswap.compiler",
-    "monitor": "fxswap.monitor",
+    "monitor": "fxswap.monitoring",
 }
 
 __all__ = [

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 
-import fxswap.plan as _plan_module
-from fxswap.plan import PlanOptions, SwapPlan
-from fxswap.trace import Traced, trace
+from fxswap.capture import Traced, trace
+from fxswap.swapplan import PlanOptions, SwapPlan
 
 __all__ = ["make_options", "plan", "plan_traced"]
 
@@ -86,19 +84,3 @@ def plan(
         compute_tflops=compute_tflops,
     )
     return plan_traced(trace(model, *example_inputs, **example_kwargs), options)
-
-
-class _CallablePlanModule(types.ModuleType):
-    """Makes ``fxswap.plan(...)`` work after ``fxswap.plan`` (the module) was imported.
-
-    ``fxswap.plan`` names both the module of plan dataclasses and :func:`plan`; once the module is
-    imported, the import system sets it as the package attribute and shadows the lazily exported
-    function. This file cannot change ``fxswap/__init__.py`` or ``fxswap/plan.py``, so it makes the
-    module callable once this module is loaded (see the report on the name clash).
-    """
-
-    def __call__(self, model: torch.nn.Module, *example_inputs: Any, **kwargs: Any) -> SwapPlan:
-        return plan(model, *example_inputs, **kwargs)
-
-
-_plan_module.__class__ = _CallablePlanModule

@@ -172,8 +172,8 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
     """
     import torch  # deferred: the rest of the bench is plain Python
 
+    from fxswap.capture import trace
     from fxswap.models import wan
-    from fxswap.trace import trace
 
     if model.startswith("tiny-") and model.removeprefix("tiny-") in wan.MODEL_TYPES:
         config = wan.tiny_config(model.removeprefix("tiny-"))  # for tests: the full structure, tiny sizes
@@ -207,7 +207,7 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
 def _source_hash() -> str:
     import fxswap.models.wan as wan_mod
     import fxswap.passes.analyse as analyse_mod
-    import fxswap.trace as trace_mod
+    import fxswap.capture as trace_mod
 
     h = hashlib.sha256()
     for mod in (wan_mod, analyse_mod, trace_mod):
@@ -235,7 +235,7 @@ def _fxswap_rows(
 ) -> BenchRow:
     from fxswap.passes.planner import build_plan
     from fxswap.passes.simulate import UnitWindow, simulate_memory, simulate_time
-    from fxswap.plan import PlanOptions
+    from fxswap.swapplan import PlanOptions
 
     rates = plan_rates(hw)
     # Layerwise/chunkwise plans do not depend on the card's rates except through the depth tie-break,
@@ -406,12 +406,12 @@ def compare_with_gpu_check(report: dict[str, Any], hw: HardwareProfile) -> list[
 
     import torch
 
+    from fxswap.capture import trace
     from fxswap.models import wan
     from fxswap.passes.peers import GraphContext, diffusers_group, evaluate
     from fxswap.passes.planner import build_plan
     from fxswap.passes.simulate import UnitWindow, simulate_time
-    from fxswap.plan import PlanOptions
-    from fxswap.trace import trace
+    from fxswap.swapplan import PlanOptions
 
     out: list[dict[str, Any]] = []
     for name, res in report.get("models", {}).items():

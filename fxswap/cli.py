@@ -166,10 +166,10 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import torch
 
     from fxswap.api import make_options, plan_traced
+    from fxswap.capture import trace
     from fxswap.errors import BudgetInfeasibleError, CaptureError
     from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
-    from fxswap.trace import trace
 
     if args.model not in wan.CONFIGS:
         parser.error(

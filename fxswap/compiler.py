@@ -45,10 +45,10 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.errors import CaptureError, FxswapError
-from fxswap.monitor import _ACTIVE as _ACTIVE_MONITORS
-from fxswap.monitor import notify_step
-from fxswap.plan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
+from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
+from fxswap.monitoring import notify_step
 from fxswap.runtime import SwapRuntime, TransferBackend
+from fxswap.swapplan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 
 __all__ = [
     "DeviceError",
@@ -187,8 +187,8 @@ def _capture(
     device: torch.device,
     param_names: Sequence[str] | None = None,
 ) -> _Capture:
+    from fxswap.capture import _input_names
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
-    from fxswap.trace import _input_names
 
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     meta_state = {k: _to_meta(v) for k, v in named.items()}
@@ -212,7 +212,7 @@ def _capture(
                 model, meta_state, meta_args, meta_kwargs
             )
     except Exception as e:
-        from fxswap.trace import _capture_error
+        from fxswap.capture import _capture_error
 
         raise _capture_error(e, model) from e
     if len(captured) != 1:

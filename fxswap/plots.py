@@ -14,7 +14,7 @@ from fxswap.ir import GraphIR
 
 if TYPE_CHECKING:
     from fxswap.bench import BenchRow
-    from fxswap.plan import SwapPlan
+    from fxswap.swapplan import SwapPlan
 
 __all__ = ["plot_bench", "plot_timeline", "timeline_parts"]
 

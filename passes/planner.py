@@ -38,7 +38,7 @@ from fxswap.passes.validate import validate_plan
 
 from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.ir import GraphIR
-from fxswap.plan import (
+from fxswap.swapplan import (
     SCHEMA_VERSION,
     PlanOptions,
     SwapPlan,
@@ -179,7 +179,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
         options: mode, budget, block size, reserve, prefetch depth and cost-model rates.
 
     Returns:
-        A validated :class:`fxswap.plan.SwapPlan` whose simulated peak is within the budget.
+        A validated :class:`fxswap.swapplan.SwapPlan` whose simulated peak is within the budget.
 
     Raises:
         BudgetInfeasibleError: the budget is below the mode's minimum for this graph; the message

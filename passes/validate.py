@@ -1,4 +1,4 @@
-"""Validate pass: check a finished :class:`fxswap.plan.SwapPlan` against its graph.
+"""Validate pass: check a finished :class:`fxswap.swapplan.SwapPlan` against its graph.
 
 Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index and name) and unit::
 
@@ -19,7 +19,7 @@ from fxswap.passes.simulate import MemoryTimeline, UnitWindow, simulate_memory
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
-from fxswap.plan import SwapPlan, SwapUnit
+from fxswap.swapplan import SwapPlan, SwapUnit
 
 __all__ = ["validate_plan"]
 

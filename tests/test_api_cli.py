@@ -18,7 +18,7 @@ import fxswap
 from fxswap.api import make_options
 from fxswap.cli import main
 from fxswap.models import wan
-from fxswap.plan import fingerprint_parts
+from fxswap.swapplan import fingerprint_parts
 
 GiB = 2**30
 MODEL_1_3B = "wan2.1-t2v-1.3b"

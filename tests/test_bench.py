@@ -184,8 +184,8 @@ def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from fxswap.passes.planner import build_plan
 
-    from fxswap.plan import PlanOptions
     from fxswap.plots import plot_timeline, timeline_parts
+    from fxswap.swapplan import PlanOptions
 
     ir = chain_graph(6)
     plan = build_plan(ir, PlanOptions(mode="adaptive", max_vram_bytes=800 * MiB))

@@ -25,8 +25,8 @@ from fxswap.compiler import DeviceError, SignatureError, SwapModule, compile_exp
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanMismatchError
 from fxswap.models import wan
-from fxswap.plan import SwapPlan
 from fxswap.runtime import LateCopyBackend
+from fxswap.swapplan import SwapPlan
 
 MODES = ("layerwise", "chunkwise", "adaptive")
 COMMON = dict(reserve_mb=0, block_size_mb=0.004)

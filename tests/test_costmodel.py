@@ -142,8 +142,8 @@ def test_wan_block_flops_matches_the_reference_table() -> None:
 def test_traced_tiny_wan_flops_match_the_formula() -> None:
     """Capture's per-op FLOPs summed over a tiny WAN equal the closed-form block FLOPs (+ small rest)."""
     torch = pytest.importorskip("torch")
+    from fxswap.capture import trace
     from fxswap.models import wan
-    from fxswap.trace import trace
 
     cfg = wan.tiny_config("t2v", num_layers=3)
     net = wan.build(cfg, device="meta", dtype=torch.bfloat16)

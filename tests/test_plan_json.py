@@ -11,7 +11,7 @@ from fxswap.passes.planner import build_plan
 
 from fxswap.errors import PlanError, PlanMismatchError
 from fxswap.ir import GraphIR, InputInfo, WeightInfo
-from fxswap.plan import (
+from fxswap.swapplan import (
     FINGERPRINT_FIELDS,
     SCHEMA_VERSION,
     PlanOptions,

@@ -13,7 +13,7 @@ from fxswap.passes.simulate import UnitWindow, load_points, op_costs, simulate_m
 from fxswap.passes.validate import validate_plan
 
 from fxswap.errors import BudgetInfeasibleError, PlanError
-from fxswap.plan import MODES, PlanOptions
+from fxswap.swapplan import MODES, PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph, transformer_graph
 
 MiB = 2**20

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from fxswap.errors import BudgetInfeasibleError, PlanMismatchError
 from fxswap.ir import GraphIR, InputInfo, OpInfo, WeightInfo
-from fxswap.plan import MODES, PlanOptions, SwapPlan, fingerprint_parts
+from fxswap.swapplan import MODES, PlanOptions, SwapPlan, fingerprint_parts
 from tests.graphs import graphs
 
 MiB = 2**20

@@ -140,7 +140,7 @@ def test_monitor_logs_ledger_rows_per_call() -> None:
     import torch.nn as nn
 
     from fxswap.compiler import compile as fx_compile
-    from fxswap.monitor import monitor
+    from fxswap.monitoring import monitor
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).requires_grad_(False)
@@ -166,13 +166,15 @@ def test_monitor_logs_ledger_rows_per_call() -> None:
     assert len(mon.rows) == 3  # inactive after the block
 
 
-def test_fxswap_monitor_is_callable_after_its_module_was_imported() -> None:
+def test_public_functions_survive_submodule_imports() -> None:
     import importlib
 
     import fxswap
 
-    importlib.import_module("fxswap.monitor")
-    importlib.import_module("fxswap.compiler")
-    with fxswap.monitor("cpu", log=None) as mon:  # type: ignore[operator]
+    for module in ("fxswap.monitoring", "fxswap.compiler", "fxswap.capture", "fxswap.swapplan", "fxswap.api"):
+        importlib.import_module(module)
+    assert callable(fxswap.plan) and callable(fxswap.trace) and callable(fxswap.compile)
+    assert fxswap.plan.__module__ == "fxswap.api" and fxswap.trace.__module__ == "fxswap.capture"
+    with fxswap.monitor("cpu", log=None) as mon:
         mon.step("manual")
     assert len(mon.rows) == 1 and mon.rows[0].label == "manual"

@@ -17,7 +17,6 @@ left in the user's compile caches when the copy is dropped.
 from __future__ import annotations
 
 import inspect
-import sys
 import time
 import traceback
 import types
@@ -219,19 +218,3 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         ir=ir,
         capture_seconds=capture_seconds,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``fxswap.trace(...)`` work whichever object the name resolves to.
-
-    ``fxswap.trace`` is both this module and its main function. ``fxswap/__init__.py`` exports the
-    function lazily, but once anything imports this module (``from fxswap.trace import Traced``),
-    the import system sets the package attribute ``fxswap.trace`` to the module, shadowing the
-    function. Calling the module therefore calls :func:`trace`.
-    """
-
-    def __call__(self, model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Traced:
-        return trace(model, *example_inputs, **example_kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

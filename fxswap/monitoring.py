@@ -13,11 +13,9 @@ numbers are fxswap's ledger: the bytes of device copies held by fxswap, from ten
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import types
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -133,20 +131,3 @@ def monitor(
         _ACTIVE.remove(mon)
         if log is not None and mon.rows:
             log(f"fxswap.monitor: {len(mon.rows)} steps, peak {mon.peak_bytes / GiB:.2f} GiB on {dev}")
-
-
-class _CallableModule(types.ModuleType):
-    """``fxswap.monitor(...)`` must work whichever object the name resolves to.
-
-    ``fxswap.monitor`` is both this module and :func:`monitor`. The package exports the function
-    lazily, but once this module is imported (``fxswap.compiler`` does), the import system sets the
-    package attribute to the module and shadows the function; calling the module calls :func:`monitor`.
-    """
-
-    def __call__(
-        self, device: torch.device | str | None = None, *, log: Callable[[str], None] | None = logger.info
-    ) -> AbstractContextManager[Monitor]:
-        return monitor(device, log=log)
-
-
-sys.modules[__name__].__class__ = _CallableModule
