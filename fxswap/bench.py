@@ -205,9 +205,9 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
 
 
 def _source_hash() -> str:
+    import fxswap.capture as trace_mod
     import fxswap.models.wan as wan_mod
     import fxswap.passes.analyse as analyse_mod
-    import fxswap.capture as trace_mod
 
     h = hashlib.sha256()
     for mod in (wan_mod, analyse_mod, trace_mod):
