@@ -4,7 +4,7 @@
 
 Shows the whole loading path on something that runs in seconds on a CPU: the checkpoint is written
 as sharded safetensors in the diffusers layout (so the loader has to detect the layout, map the keys
-and read across shards), then ``fxswap.models.wan_checkpoint.load`` returns a ready WanModel.
+and read across shards), then ``fxswap.models.wan.load`` (the public loader) returns a ready WanModel.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fxswap.models import wan
-from fxswap.models.wan_checkpoint import load, load_state_dict, save
+from fxswap.models.wan_checkpoint import load_state_dict, save
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         )
 
         start = time.perf_counter()
-        model = load(folder, dtype=torch.float32)
+        model = wan.load(folder, dtype=torch.float32)
         print(
             f"loaded {sum(p.numel() for p in model.parameters()):,} parameters in "
             f"{(time.perf_counter() - start) * 1e3:.0f} ms"

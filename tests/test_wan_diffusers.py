@@ -5,8 +5,8 @@ The diffusers model is built with random weights; its state dict goes through
 safetensors file and ``load``), lands in fxswap's model, and both run the same inputs in fp32.
 Tiny configs: head_dim 32 splits RoPE into (12, 10, 10) in both implementations (diffusers uses
 h = w = 2*(d//6), t = d - h - w; fxswap ``rope_split`` is the same formula). diffusers' i2v path
-hard-codes 512 text tokens (``encoder_hidden_states.shape[1] - 512``), so the i2v inputs use a
-512-token context and CLIP's 257 image tokens.
+hard-codes 512 text tokens (``encoder_hidden_states.shape[1] - 512``), so the Wan2.1 i2v config has
+``text_len=512`` and its inputs CLIP's 257 image tokens.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _inputs(cfg: wan.WanConfig, seed: int) -> dict[str, torch.Tensor]:
     out = {
         "x": x,
         "timestep": torch.tensor([637.0]),
-        "context": torch.randn(1, 512 if cfg.image_dim is not None else 24, cfg.text_dim, generator=g),
+        "context": torch.randn(1, cfg.text_len, cfg.text_dim, generator=g),
     }
     if cfg.y_dim:
         out["y"] = torch.randn(1, cfg.y_dim, 3, 8, 6, generator=g)
@@ -80,10 +80,12 @@ def _run_diffusers(model: Any, inp: dict[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
+# text_len is the context length the inputs use (fxswap checks it); the Wan2.1 i2v case needs
+# diffusers' hard-coded 512.
 CASES = {
-    "t2v": wan.tiny_config("t2v", num_layers=2),
-    "i2v-wan2.1-clip": wan.tiny_config("i2v", num_layers=2),
-    "i2v-wan2.2-noclip": wan.tiny_config("i2v", num_layers=2, image_dim=None),
+    "t2v": wan.tiny_config("t2v", num_layers=2, text_len=24),
+    "i2v-wan2.1-clip": wan.tiny_config("i2v", num_layers=2, text_len=512),
+    "i2v-wan2.2-noclip": wan.tiny_config("i2v", num_layers=2, image_dim=None, text_len=24),
 }
 
 

@@ -110,6 +110,12 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+#: WanConfig fields that must be positive ints (checked in ``WanConfig.__post_init__``).
+_POSITIVE_INT_FIELDS = (
+    "dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "text_len",
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class WanConfig:
     """Architecture of one WAN DiT (one expert for the Wan2.2 A14B pairs).
@@ -141,16 +147,7 @@ class WanConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        for field in (
-            "dim",
-            "ffn_dim",
-            "num_heads",
-            "num_layers",
-            "in_dim",
-            "out_dim",
-            "text_dim",
-            "text_len",
-        ):
+        for field in _POSITIVE_INT_FIELDS:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"WanConfig.{field}={value!r} must be a positive int")
@@ -274,14 +271,16 @@ def tiny_config(model_type: str = "t2v", **overrides: Any) -> WanConfig:
     return WanConfig(**base)
 
 
-def select_expert(config: WanConfig, timestep: float, num_train_timesteps: int = 1000) -> int:
+def select_expert(config: WanConfig | str, timestep: float, num_train_timesteps: int = 1000) -> int:
     """Which Wan2.2 A14B expert denoises at ``timestep`` (on the ``0..num_train_timesteps`` scale).
 
     Returns 0 for the high-noise expert when ``timestep >= boundary * num_train_timesteps`` (as the
     official ``text2video.py``/``image2video.py`` and diffusers' ``boundary_ratio`` do), else 1 for the
     low-noise expert. Configs with a single model always return 0. Call it outside the traced graph,
     with a Python number: the choice is a per-step scheduling decision, not part of the model.
+    ``config`` may be a ``CONFIGS`` name, e.g. ``select_expert("wan2.2-t2v-a14b", t)``.
     """
+    config = _resolve(config)
     if config.num_experts == 1 or config.boundary is None:
         return 0
     if num_train_timesteps <= 0:
@@ -398,7 +397,13 @@ class RMSNorm(nn.Module):
         return (normed.type_as(x) * self.weight).type_as(x)
 
 
-class WanSelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """The q/k/v/o projections and q/k RMSNorms that self- and cross-attention both have.
+
+    One definition for both, because the attribute names are state-dict keys: they must not drift
+    apart between the two attentions.
+    """
+
     def __init__(self, config: WanConfig, attn_fn: AttentionFn, **factory: Any) -> None:
         super().__init__()
         d = config.dim
@@ -411,6 +416,8 @@ class WanSelfAttention(nn.Module):
         self.norm_q = RMSNorm(d, config.eps, **factory)
         self.norm_k = RMSNorm(d, config.eps, **factory)
 
+
+class WanSelfAttention(_Attention):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), cos, sin)
@@ -420,21 +427,13 @@ class WanSelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Attention):
     """Text cross-attention; with ``image_dim`` also the Wan2.1 i2v image branch sharing ``q`` and ``o``."""
 
     def __init__(self, config: WanConfig, attn_fn: AttentionFn, **factory: Any) -> None:
-        super().__init__()
+        super().__init__(config, attn_fn, **factory)
         d = config.dim
-        self.num_heads = config.num_heads
-        self.attn_fn = attn_fn
         self.has_image_input = config.has_image_input
-        self.q = nn.Linear(d, d, **factory)
-        self.k = nn.Linear(d, d, **factory)
-        self.v = nn.Linear(d, d, **factory)
-        self.o = nn.Linear(d, d, **factory)
-        self.norm_q = RMSNorm(d, config.eps, **factory)
-        self.norm_k = RMSNorm(d, config.eps, **factory)
         if self.has_image_input:
             self.k_img = nn.Linear(d, d, **factory)
             self.v_img = nn.Linear(d, d, **factory)
@@ -453,6 +452,19 @@ class WanCrossAttention(nn.Module):
             v_img = self.v_img(context_img).unflatten(2, heads).transpose(1, 2)
             out = out + self.attn_fn(q, k_img, v_img)
         return self.o(out.transpose(1, 2).flatten(2))
+
+
+def _modulation_table(rows: int, dim: int, **factory: Any) -> nn.Parameter:
+    """A ``[1, rows, dim]`` modulation table, initialised ``randn / sqrt(dim)`` like the original.
+
+    On ``meta`` there are no values to draw, and the first random or arithmetic op on meta in a
+    process pays for loading torch's meta kernels (1-3 s, the bulk of a first 14B meta build), so the
+    table is left uninitialised there. On real devices the draw (and so the RNG stream) is unchanged.
+    """
+    table = torch.empty(1, rows, dim, **factory)
+    if not table.is_meta:
+        table = torch.randn(1, rows, dim, **factory) / dim**0.5
+    return nn.Parameter(table)
 
 
 def _split_modulation(table: Tensor, e: Tensor, n: int) -> tuple[Tensor, ...]:
@@ -481,7 +493,7 @@ class WanAttentionBlock(nn.Module):
             nn.GELU(approximate="tanh"),
             nn.Linear(config.ffn_dim, d, **factory),
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, d, **factory) / d**0.5)
+        self.modulation = _modulation_table(6, d, **factory)
 
     def forward(
         self,
@@ -507,7 +519,7 @@ class Head(nn.Module):
         d = config.dim
         self.norm = FP32LayerNorm(d, config.eps, elementwise_affine=False, **factory)
         self.head = nn.Linear(d, math.prod(config.patch_size) * config.out_dim, **factory)
-        self.modulation = nn.Parameter(torch.randn(1, 2, d, **factory) / d**0.5)
+        self.modulation = _modulation_table(2, d, **factory)
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # e is the time embedding before time_projection: [B, D] per step, [B, L, D] per token.
@@ -574,54 +586,90 @@ class WanModel(nn.Module):
     def _check_inputs(
         self, x: Tensor, timestep: Tensor, context: Tensor, clip_fea: Tensor | None, y: Tensor | None
     ) -> None:
-        # Shape/None checks only: they are static under Dynamo and cost nothing in the graph.
+        # Shape/None checks only, on Python ints: Dynamo evaluates them while tracing (they guard on
+        # the shapes it specialises on anyway), so they add nothing to the captured graph.
         cfg = self.config
         if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W]; got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be a latent video [B, C, F, H, W] (rank 5); got shape {tuple(x.shape)}. "
+                f"Batch a single latent [C, F, H, W] with x[None]"
+            )
         b, c, f, h, w = x.shape
-        c_y = 0 if y is None else y.shape[1]
         if cfg.y_dim > 0 and y is None:
             raise ValueError(
-                f"{cfg.name} ({cfg.model_type}, in_dim={cfg.in_dim}) needs y with {cfg.y_dim} channels "
-                f"(mask + conditioning latent), concatenated after x's {cfg.out_dim}"
+                f"{cfg.name} ({cfg.model_type}, in_dim={cfg.in_dim}) needs y: the conditioning "
+                f"[B, {cfg.y_dim}, F, H, W] (mask + conditioning latent) concatenated after x's "
+                f"{cfg.out_dim} channels; pass y=..."
             )
+        if y is not None:
+            if cfg.y_dim == 0:
+                raise ValueError(
+                    f"y was given (shape {tuple(y.shape)}) but {cfg.name} has in_dim={cfg.in_dim} = "
+                    f"out_dim, i.e. no conditioning channels; drop y, or use an i2v config"
+                )
+            if y.ndim != 5 or y.shape[0] != b or tuple(y.shape[2:]) != (f, h, w):
+                raise ValueError(
+                    f"y must be [B={b}, {cfg.y_dim}, F={f}, H={h}, W={w}] to match x {tuple(x.shape)}; "
+                    f"got {tuple(y.shape)}"
+                )
+        c_y = 0 if y is None else y.shape[1]
         if c + c_y != cfg.in_dim:
+            expect = f"x {cfg.out_dim}" + (f" + y {cfg.y_dim}" if cfg.y_dim else "")
             raise ValueError(
-                f"x has {c} channels and y {c_y}: together they must be in_dim={cfg.in_dim} for {cfg.name}"
+                f"x has {c} channels" + (f" and y {c_y}" if y is not None else "")
+                + f"; {cfg.name} takes in_dim={cfg.in_dim} channels ({expect}). Pass latents of "
+                f"the VAE this model uses (z={cfg.out_dim}), or the config that matches your latents"
             )
-        if y is not None and (y.shape[0] != b or tuple(y.shape[2:]) != (f, h, w)):
-            raise ValueError(
-                f"y shape {tuple(y.shape)} does not match x shape {tuple(x.shape)} outside channels"
-            )
-        for size, p, axis in zip((f, h, w), cfg.patch_size, ("frames", "height", "width"), strict=True):
+        for size, p, axis in zip((f, h, w), cfg.patch_size, ("F", "H", "W"), strict=True):
             if size % p != 0:
-                raise ValueError(f"x {axis}={size} is not divisible by patch_size {cfg.patch_size}")
+                raise ValueError(
+                    f"x {axis}={size} (shape {tuple(x.shape)}) is not divisible by the patch size {p} "
+                    f"(patch_size={cfg.patch_size}); crop or pad the latent, or pick a video size "
+                    f"that latent_shape() accepts"
+                )
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
             raise ValueError(
-                f"context must be [B={b}, text_len, text_dim={cfg.text_dim}]; got {tuple(context.shape)}"
+                f"context must be the text encoder output [B={b}, text_len={cfg.text_len}, "
+                f"text_dim={cfg.text_dim}]; got {tuple(context.shape)}"
+            )
+        if context.shape[1] != cfg.text_len:
+            # The reference pipelines zero-pad T5 output to text_len and attend to the padding too
+            # (no mask), so an unpadded context gives a different result, not an error downstream.
+            raise ValueError(
+                f"context has {context.shape[1]} tokens but {cfg.name} takes text_len={cfg.text_len}: "
+                f"zero-pad the text encoder output to {cfg.text_len} tokens (as the Wan and diffusers "
+                f"pipelines do), or build the model with text_len={context.shape[1]}"
             )
         if cfg.has_image_input:
-            if clip_fea is None or tuple(clip_fea.shape) != (b, CLIP_TOKENS, cfg.image_dim):
+            want = (b, CLIP_TOKENS, cfg.image_dim)
+            if clip_fea is None or tuple(clip_fea.shape) != want:
                 got = None if clip_fea is None else tuple(clip_fea.shape)
                 raise ValueError(
-                    f"{cfg.name} needs clip_fea of shape [B={b}, {CLIP_TOKENS}, image_dim={cfg.image_dim}]; "
-                    f"got {got}"
+                    f"{cfg.name} needs clip_fea, the CLIP ViT-H/14 image features of shape "
+                    f"[B={b}, {CLIP_TOKENS}, image_dim={cfg.image_dim}]; got {got}"
                 )
         elif clip_fea is not None:
-            raise ValueError(f"clip_fea was given but {cfg.name} has no CLIP image branch (image_dim=None)")
+            raise ValueError(
+                f"clip_fea was given (shape {tuple(clip_fea.shape)}) but {cfg.name} has no CLIP image "
+                f"branch (image_dim=None); drop clip_fea (Wan2.2 i2v conditions through y only)"
+            )
         tokens = (f // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
         if timestep.ndim == 2:
             if not cfg.per_token_timesteps:
                 raise ValueError(
                     f"timestep of shape {tuple(timestep.shape)} is per-token, but {cfg.name} has "
-                    f"per_token_timesteps=False; pass one timestep per sample, shape [B]"
+                    f"per_token_timesteps=False; pass one timestep per sample, shape [B={b}]"
                 )
             if tuple(timestep.shape) != (b, tokens):
                 raise ValueError(
-                    f"per-token timestep must be [B={b}, L={tokens}]; got {tuple(timestep.shape)}"
+                    f"per-token timestep must be [B={b}, L={tokens}] (one per latent patch); "
+                    f"got {tuple(timestep.shape)}"
                 )
         elif timestep.ndim != 1 or timestep.shape[0] != b:
-            raise ValueError(f"timestep must be [B={b}] (or [B, L] per token); got {tuple(timestep.shape)}")
+            raise ValueError(
+                f"timestep must be [B={b}] (or [B, L] per token); got {tuple(timestep.shape)}. "
+                f"Expand a scalar with torch.full(({b},), t)"
+            )
 
     def forward(
         self,
@@ -699,14 +747,29 @@ def build(
     return WanModel(config, device=device, dtype=dtype)
 
 
-def load(path: str | os.PathLike[str], **kwargs: Any) -> WanModel:
-    """Load a WAN checkpoint into a ``WanModel``: ``fxswap.models.wan_checkpoint.load`` (see there).
+def load(
+    path: str | os.PathLike[str],
+    *,
+    config: WanConfig | str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attention_type: str = "sdpa",
+    strict: bool = True,
+) -> WanModel:
+    """Load a WAN checkpoint (any layout, one file or shards) into a ready ``WanModel``.
 
-    Lives in the loader module; re-exported here so that ``fxswap.models.wan.load`` is the public name.
+    ``config``: a ``WanConfig`` or a ``CONFIGS`` name; detected from the tensors when None. Pass the
+    name for a Wan2.2 T2V-A14B expert (``"wan2.2-t2v-a14b"``): its tensors are exactly a Wan2.1
+    T2V-14B's, so detection cannot know it is one of two experts. ``dtype`` is the compute dtype
+    (None: the dtype most of the file is stored in, bf16 for fp8 files). Every problem is a
+    ``CheckpointError`` raised before a model is returned. Implemented in
+    ``fxswap.models.wan_checkpoint.load``; this is its public name.
     """
     from fxswap.models import wan_checkpoint  # lazy: the loader imports this module
 
-    return wan_checkpoint.load(path, **kwargs)
+    return wan_checkpoint.load(
+        path, config=config, device=device, dtype=dtype, attention_type=attention_type, strict=strict
+    )
 
 
 def latent_shape(config: WanConfig | str, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
