@@ -479,3 +479,111 @@ def test_tensors_are_memory_mapped_not_copied(tmp_path: Path) -> None:
     assert total > 0
     grown_mb = (_rss_anon_kb() - anon0) / 1024
     assert grown_mb < 0.25 * size_mb, f"anonymous memory grew {grown_mb:.1f} MB for a {size_mb:.0f} MB file"
+
+
+def test_diffusers_norm_added_q_is_ignored_with_a_note(tmp_path: Path) -> None:
+    m = _model("i2v")
+    files = save(m, tmp_path / "d.safetensors", layout="diffusers")
+    raw = load_file(str(files[0]))
+    extra = [f"blocks.{i}.attn2.norm_added_q.weight" for i in range(m.config.num_layers)]
+    raw.update({k: torch.ones(m.config.dim) for k in extra})
+    save_file(raw, str(files[0]), metadata={"fxswap_config": json.dumps(_config_dict(m.config))})
+    sd, info = load_state_dict(files[0])
+    assert info.layout == "diffusers" and sorted(info.ignored_keys) == sorted(extra)
+    assert any("norm_added_q" in n and "diffusers ignores" in n for n in info.notes)
+    assert not any("norm_added_q" in k for k in sd)
+    loaded = load(files[0], dtype=torch.float32)  # strict: the ignored keys are not "unexpected"
+    for k, t in loaded.state_dict().items():
+        assert torch.equal(t, m.state_dict()[k]), k
+    # The pure key mapping has no place for them; its error says what they are.
+    with pytest.raises(CheckpointError, match="norm_added_q.*diffusers ignores them"):
+        convert_state_dict(raw, "diffusers", "original")
+
+
+def _config_dict(cfg: wan.WanConfig) -> dict[str, Any]:
+    return dict(cfg.__dict__, patch_size=list(cfg.patch_size))
+
+
+COMFY_QUANT_CASES = {
+    "metadata-only": (True, False, r"metadata '_quantization_metadata'.*layer formats: float8_e4m3fn"),
+    "tensors-only": (False, True, r"per-layer quantisation tensors such as '.*comfy_quant'"),
+    "both": (True, True, r"'_quantization_metadata' and per-layer.*bf16/fp16 file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMFY_QUANT_CASES))
+def test_comfyui_quantization_metadata_is_refused_not_misread(case: str, tmp_path: Path) -> None:
+    with_metadata, with_tensors, needle = COMFY_QUANT_CASES[case]
+    m = _model()
+    raw = {COMFYUI_PREFIX + k: v for k, v in _sd(m).items()}
+    layer = COMFYUI_PREFIX + "blocks.0.self_attn.q"
+    raw[layer + ".weight"] = raw[layer + ".weight"].to(FP8)
+    metadata = {"fxswap_config": json.dumps(_config_dict(m.config))}
+    if with_metadata:
+        metadata["_quantization_metadata"] = json.dumps(
+            {"format_version": "1.0", "layers": {layer: {"format": "float8_e4m3fn"}}}
+        )
+    if with_tensors:
+        raw[layer + ".weight_scale"] = torch.tensor(0.01)
+        raw[layer + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    path = tmp_path / "new-comfy.safetensors"
+    save_file(raw, str(path), metadata=metadata)
+    target = _model(seed=3)
+    before = _sd(target)
+    for attempt in (lambda: load_state_dict(path), lambda: load(path), lambda: load_into(target, path)):
+        with pytest.raises(CheckpointError, match=needle):
+            attempt()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_config_may_be_a_name(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"config='wan2\.1-t2v-13b'.*wan2\.1-t2v-14b"):
+        load_state_dict(tmp_path, config="wan2.1-t2v-13b")
+    m = _model()
+    save(_sd(m), tmp_path / "m.safetensors")  # a tiny file cannot match a named config's shapes
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*pass the config it was trained with"):
+        load(tmp_path / "m.safetensors", config="wan2.1-t2v-1.3b")
+
+
+def _write_bad(kind: str, src: wan.WanModel, path: Path) -> Path:
+    sd = _sd(src)
+    if kind == "truncated":
+        save(src, path)
+        path.write_bytes(path.read_bytes()[:-64])
+        return path
+    if kind == "unknown-layout":
+        save_file({"encoder.conv1.weight": torch.zeros(2)}, str(path))
+        return path
+    if kind == "missing":
+        del sd["blocks.1.ffn.2.bias"]
+    elif kind == "unexpected":
+        sd["blocks.1.ffn.9.weight"] = torch.zeros(2)
+    elif kind == "shape":
+        sd["head.head.weight"] = torch.zeros(3, src.config.dim)
+    elif kind == "int8":
+        sd["blocks.1.ffn.2.weight"] = torch.zeros_like(sd["blocks.1.ffn.2.weight"], dtype=torch.int8)
+    save(sd, path, config=src.config)
+    return path
+
+
+BAD_FILES = {
+    "truncated": r"bad\.safetensors.*truncated",
+    "unknown-layout": r"not a WAN transformer in any known layout",
+    "missing": r"1 missing key\(s\): blocks\.1\.ffn\.2\.bias",
+    "unexpected": r"1 unexpected key\(s\): blocks\.1\.ffn\.9\.weight.*strict=False",
+    "shape": r"head\.head\.weight: checkpoint \[3, 64\] vs model \[16, 64\]",
+    "int8": r"blocks\.1\.ffn\.2\.weight \(torch\.int8\).*not supported",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_bad_files_are_clear_errors_and_leave_the_target_unchanged(kind: str, tmp_path: Path) -> None:
+    path = _write_bad(kind, _model(seed=1), tmp_path / "bad.safetensors")
+    target = _model(seed=2)
+    before = _sd(target)
+    with pytest.raises(CheckpointError, match=BAD_FILES[kind]):
+        load_into(target, path)
+    with pytest.raises(CheckpointError, match=BAD_FILES[kind]):
+        load(path, config=target.config)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was modified by a failed load ({kind})"

@@ -98,6 +98,13 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 _SLA_PATTERN = re.compile(r"^blocks\.\d+\.self_attn\.attn_op\.local_attn\.proj_l\.")
 _BLOCK_PATTERN = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# Some diffusers-layout WAN i2v files carry a query norm for the image branch that no WAN model has;
+# diffusers lists it in _keys_to_ignore_on_load_unexpected, and so does fxswap's loader.
+_NORM_ADDED_Q = re.compile(r"^blocks\.\d+\.attn2\.norm_added_q\.(weight|bias)$")
+# ComfyUI's newer quantisation format: per-layer formats in this safetensors metadata entry, and
+# per-layer ``<layer>.comfy_quant`` / ``<layer>.weight_scale`` tensors.
+_COMFY_QUANT_METADATA = "_quantization_metadata"
+_COMFY_QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
 
 # ---------------------------------------------------------------------------------------------
 # Key mapping original <-> diffusers. Module renames apply to ``<module>.weight|bias``; parameter
@@ -224,6 +231,11 @@ def convert_state_dict(
             f"convert_state_dict: {len(unknown)} key(s) are not {src}-layout WAN keys "
             f"and have no {dst} name: {_fmt_keys(unknown)}; remove them or pass "
             f"src= matching the dict's layout"
+            + (
+                " ('attn2.norm_added_q' keys belong to no WAN model and diffusers ignores them: drop them)"
+                if any(_NORM_ADDED_Q.match(k) for k in unknown)
+                else ""
+            )
         )
     return out
 
@@ -568,8 +580,16 @@ def _to_original(
     if layout == "diffusers":
         out: dict[str, _Entry] = {}
         for k, e in entries.items():
+            if _NORM_ADDED_Q.match(k):
+                ignored.append(k)
+                continue
             new = _rename(k, "diffusers")
             out[new if new is not None else k] = e  # unknown keys surface later as unexpected
+        if ignored:
+            notes.append(
+                f"{len(ignored)} 'attn2.norm_added_q' key(s) ignored: the WAN image branch has no "
+                f"query norm of its own, and diffusers ignores these keys on load too"
+            )
         return out, scales, ignored, notes, marker
     if layout == "comfyui":
         if any(k.startswith(COMFYUI_PREFIX) for k in entries):
@@ -616,8 +636,49 @@ def _to_original(
     return dict(entries), scales, ignored, notes, marker
 
 
+def _named_config(name: str) -> WanConfig:
+    from fxswap.models import wan
+
+    if name not in wan.CONFIGS:
+        raise CheckpointError(
+            f"config={name!r} is not a named WAN config; use one of {sorted(wan.CONFIGS)}, a "
+            f"WanConfig, or None to detect it from the tensors"
+        )
+    return wan.CONFIGS[name]
+
+
+def _refuse_comfy_quant_metadata(path: Path, raw: Mapping[str, _Entry], metadata: Mapping[str, str]) -> None:
+    """Refuse ComfyUI's newer ``_quantization_metadata`` files instead of misreading them.
+
+    Their quantised layers hold packed or scaled data (fp8, int8, nvfp4...) whose dequantisation
+    fxswap does not implement; read as plain weights they would load without an error and give
+    wrong outputs, which is worse than refusing.
+    """
+    markers = [k for k in raw if k.endswith(_COMFY_QUANT_SUFFIXES)]
+    if _COMFY_QUANT_METADATA not in metadata and not markers:
+        return
+    formats: set[str] = set()
+    try:
+        layers = json.loads(metadata.get(_COMFY_QUANT_METADATA, "{}")).get("layers", {})
+        formats = {str(v.get("format")) for v in layers.values() if isinstance(v, dict)}
+    except (ValueError, AttributeError):
+        pass  # the refusal below does not depend on parsing the entry
+    found = (
+        f"safetensors metadata {_COMFY_QUANT_METADATA!r}" if _COMFY_QUANT_METADATA in metadata else ""
+    )
+    if markers:
+        found += (" and " if found else "") + f"per-layer quantisation tensors such as {markers[0]!r}"
+    fmts = f" (layer formats: {', '.join(sorted(formats))})" if formats else ""
+    raise CheckpointError(
+        f"{path}: this is a ComfyUI checkpoint in the newer quantised format ({found}){fmts}, which "
+        f"fxswap does not read yet: its layers would load as wrong weights. Use the same model's "
+        f"bf16/fp16 file, or a '*_fp8_scaled' / '*_fp8_e4m3fn' file (per-tensor scale_weight), "
+        f"which fxswap reads"
+    )
+
+
 def load_state_dict(
-    path: str | os.PathLike[str], *, config: WanConfig | None = None
+    path: str | os.PathLike[str], *, config: WanConfig | str | None = None
 ) -> tuple[LazyStateDict, CheckpointInfo]:
     """Open a WAN checkpoint in any known layout and return it in the original layout, lazily.
 
@@ -625,11 +686,15 @@ def load_state_dict(
     TurboWan ``.pth``. Returns ``(state_dict, info)``: ``state_dict`` is a :class:`LazyStateDict`
     whose tensors are memory-mapped, in their storage dtype (fp8 stays fp8; ``scaled_fp8`` scales
     are in ``info.weight_scales``, not applied). ``config`` overrides detection (and supplies the
-    head count where the file carries no hint). Keys are not checked against a model here; SLA
-    keys are kept and flagged in ``info.needs_attention_type``.
+    head count where the file carries no hint); a ``CONFIGS`` name is accepted. Keys are not
+    checked against a model here; SLA keys are kept and flagged in ``info.needs_attention_type``.
+    ComfyUI's newer ``_quantization_metadata`` format is refused (CheckpointError), not misread.
     """
     p = Path(path)
+    if isinstance(config, str):
+        config = _named_config(config)
     raw, readers, fmt, metadata, notes = _open_raw(p)
+    _refuse_comfy_quant_metadata(p, raw, metadata)
     if fmt == "pth":
         layout = detect_layout({k: e.shape for k, e in raw.items()})
         if layout not in ("turbowan", "original"):
@@ -689,6 +754,11 @@ def load_state_dict(
         try:
             info.config = detect_config(state_dict.shapes(), hints=hints)
             info.num_heads_source = str(hints.get("_source", "dim//128"))
+            if info.config.name == "wan2.1-t2v-14b":
+                info.notes.append(
+                    "detected as wan2.1-t2v-14b; a Wan2.2 T2V-A14B expert has exactly these tensors: "
+                    "if this is one, pass config='wan2.2-t2v-a14b' (expert boundary 0.875)"
+                )
         except CheckpointError as e:
             info.config_error = str(e)
     return state_dict, info
@@ -818,6 +888,8 @@ def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None 
         "patch_size": patch,
         "image_dim": image_dim,
     }
+    # A named config matches when every field the tensors (or the head-count hint) determine agrees.
+    arch = tuple(derived)
     fields_ = {f.name for f in dataclasses.fields(wan.WanConfig)}
     # Hints written by fxswap carry every field; check they agree with the tensors before trusting them.
     for k, v in hints.items():
@@ -835,22 +907,9 @@ def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None 
             derived[k] = tuple(v) if isinstance(v, list) else v
     if "per_token_timesteps" not in derived:
         derived["per_token_timesteps"] = model_type == "ti2v"
-    arch = (
-        "dim",
-        "ffn_dim",
-        "num_heads",
-        "num_layers",
-        "in_dim",
-        "out_dim",
-        "model_type",
-        "freq_dim",
-        "text_dim",
-        "patch_size",
-        "image_dim",
-    )
     if "name" not in derived:
         for cfg in wan.CONFIGS.values():
-            if all(getattr(cfg, k) == derived[k] for k in arch if hasattr(cfg, k)):
+            if all(getattr(cfg, k) == derived[k] for k in arch):
                 return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if k in fields_})
     try:
         return wan.WanConfig(**{k: v for k, v in derived.items() if k in fields_})
@@ -938,7 +997,10 @@ def _materialise(
 
 
 def _resolve_load_args(
-    path: str | os.PathLike[str], config: WanConfig | None, dtype: torch.dtype | None, attention_type: str
+    path: str | os.PathLike[str],
+    config: WanConfig | str | None,
+    dtype: torch.dtype | None,
+    attention_type: str,
 ) -> tuple[LazyStateDict, CheckpointInfo, WanConfig, torch.dtype]:
     sd, info = load_state_dict(path, config=config)
     if info.needs_attention_type == "sla":
@@ -965,7 +1027,7 @@ def _resolve_load_args(
 def load(
     path: str | os.PathLike[str],
     *,
-    config: WanConfig | None = None,
+    config: WanConfig | str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attention_type: str = "sdpa",
@@ -973,7 +1035,9 @@ def load(
 ) -> WanModel:
     """Load a WAN transformer checkpoint (any layout in :data:`LAYOUTS`) into a fresh WanModel.
 
-    ``config``: the model's config; detected from the tensors when None (see :func:`detect_config`).
+    ``config``: the model's config or a ``CONFIGS`` name; detected from the tensors when None (see
+    :func:`detect_config`). A Wan2.2 T2V-A14B expert has exactly a Wan2.1 T2V-14B's tensors, so pass
+    ``config="wan2.2-t2v-a14b"`` to get its expert boundary.
     ``device``: where the parameters live. ``dtype``: the compute dtype (fp32, bf16, fp16, fp64);
     None picks the dtype most of the file is stored in, or bf16 for fp8 files. Parameters the model
     keeps in fp32 stay fp32. ``attention_type`` is passed to the model. ``strict=False`` ignores
