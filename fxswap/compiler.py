@@ -29,6 +29,7 @@ Positional and keyword calls of the same inputs are one signature (arguments are
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -44,7 +45,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from fxswap.errors import CaptureError, FxswapError
+from fxswap.errors import CaptureError, FxswapError, PlanError
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
 from fxswap.monitoring import notify_step
 from fxswap.runtime import SwapRuntime, TransferBackend
@@ -55,6 +56,7 @@ __all__ = [
     "Experts",
     "SignatureError",
     "SwapModule",
+    "TrainingModeError",
     "clear_capture_cache",
     "compile",
     "compile_experts",
@@ -63,10 +65,15 @@ __all__ = [
 logger = logging.getLogger("fxswap.compiler")
 
 BACKENDS = ("inductor", "eager")
+MiB = 2**20
 
 
 class DeviceError(FxswapError, ValueError):
     """The requested device does not exist or is not usable."""
+
+
+class TrainingModeError(FxswapError, ValueError):
+    """The model (or one of its submodules) is in training mode; fxswap runs inference only."""
 
 
 class SignatureError(FxswapError, ValueError):
@@ -180,12 +187,47 @@ def _getter(path: list[Any]) -> Callable[[dict[str, Any]], Any]:
     return get
 
 
+# NOTE: a capture depends only on the model's code, its weights' names/shapes/dtypes and the call
+# signature, so compiling one model several times (other budgets, modes, experts benchmarks) reuses
+# it: Dynamo tracing is by far the slowest step of planning (seconds for WAN; planning takes ms).
+# Weak keys: the cache dies with the model. clear_capture_cache() drops it (e.g. after editing code).
+_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, _Capture]] = weakref.WeakKeyDictionary()
+
+
+def clear_capture_cache() -> None:
+    """Forget every cached capture (they are re-traced on the next first call)."""
+    _CAPTURES.clear()
+
+
 def _capture(
     model: torch.nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     device: torch.device,
     param_names: Sequence[str] | None = None,
+) -> tuple[_Capture, bool]:
+    """The capture of ``model(*args, **kwargs)`` for ``device``, and whether it was traced now
+    (False: served from the per-model cache, see ``_CAPTURES``)."""
+    weights = tuple(
+        (k, tuple(v.shape), v.dtype)
+        for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
+    )
+    key = (_signature(args, kwargs), weights, str(device), model.training, param_names is None)
+    per_model = _CAPTURES.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None:
+        return hit, False
+    cap = _trace(model, args, kwargs, device, param_names)
+    per_model[key] = cap
+    return cap, True
+
+
+def _trace(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: torch.device,
+    param_names: Sequence[str] | None,
 ) -> _Capture:
     from fxswap.capture import _input_names
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
@@ -276,37 +318,9 @@ def _capture(
     return _Capture(gm, tuple(r.weight for r in roles), tuple(getters), spec, tuple(slots), tuple(consts), ir)
 
 
-# NOTE: a capture depends only on the model's code, its weights' names/shapes/dtypes and the call
-# signature, so compiling one model several times (other budgets, modes, experts benchmarks) reuses
-# it: Dynamo tracing is by far the slowest step of planning (seconds for WAN; planning takes ms).
-# Weak keys: the cache dies with the model. clear_capture_cache() drops it (e.g. after editing code).
-_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, _Capture]] = weakref.WeakKeyDictionary()
-
-
-def clear_capture_cache() -> None:
-    """Forget every cached capture (they are re-traced on the next first call)."""
-    _CAPTURES.clear()
-
-
-def _cached_capture(
-    model: torch.nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    device: torch.device,
-    param_names: Sequence[str] | None = None,
-) -> tuple[_Capture, bool]:
-    weights = tuple(
-        (k, tuple(v.shape), v.dtype)
-        for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
-    )
-    key = (_signature(args, kwargs), weights, str(device), model.training, param_names is None)
-    per_model = _CAPTURES.setdefault(model, {})
-    hit = per_model.get(key)
-    if hit is not None:
-        return hit, False
-    cap = _capture(model, args, kwargs, device, param_names)
-    per_model[key] = cap
-    return cap, True
+def _training_modules(modules: Sequence[torch.nn.Module], root: torch.nn.Module) -> list[str]:
+    names = {id(m): n for n, m in root.named_modules()}
+    return [names.get(id(m), "?") or "<root>" for m in modules if m.training]
 
 
 def _plain_signature(model: torch.nn.Module) -> inspect.Signature | None:
@@ -368,6 +382,7 @@ class SwapModule:
         self._current: _Entry | None = None
         self.stats = {"captures": 0, "compiles": 0, "calls": 0, "empty_cache": 0}
         self._named = dict(model.named_parameters()) | dict(model.named_buffers())
+        self._modules = tuple(model.modules())
         self._forward_sig = _plain_signature(model)
         self._builds = itertools.count()
         weakref.finalize(self, runtime.close)
@@ -387,6 +402,14 @@ class SwapModule:
         """The rewritten FX graph of the most recent call's signature."""
         return self._current.gm if self._current is not None else None
 
+    @property
+    def code(self) -> str:
+        """The Python code of the rewritten graph of the most recent call's signature: every unit's
+        ``fxswap_load_<unit>``, ``fxswap_wait_<unit>`` and ``fxswap_release_<unit>`` node in place
+        (the release node is where the unit's device memory returns). Empty before the first call."""
+        gm = self.graph_module
+        return "" if gm is None else gm.code
+
     # -- building
     def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
         from fxswap.passes.planner import build_plan
@@ -394,13 +417,26 @@ class SwapModule:
 
         t0 = time.perf_counter()
         names = None if self._forward_sig is None else list(self._forward_sig.parameters)
-        cap, fresh = _cached_capture(self.model, args, kwargs, self.device, names)
+        cap, fresh = _capture(self.model, args, kwargs, self.device, names)
         self.stats["captures"] += int(fresh)
+        staging = self.runtime.staging_bytes(list(self._named.values()))
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))
             plan = self._given_plan
+            if plan.reserve_bytes < staging:
+                raise PlanError(
+                    f"`plan` reserves {plan.reserve_bytes} bytes but storage_dtype="
+                    f"{self.runtime.storage_dtype} needs {staging} bytes of device staging beside the "
+                    "units (the largest narrowed weight as stored); the budget could be exceeded. Fix: "
+                    f"re-plan with reserve_mb >= {(staging + MiB - 1) // MiB}, or compile without `plan`."
+                )
         else:
-            plan = build_plan(cap.ir, self.options)
+            # The staging tensor a storage-dtype cast holds beside the units (SwapRuntime docstring)
+            # is planned as part of the reserve, counted at every op.
+            opts = self.options
+            if staging:
+                opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
+            plan = build_plan(cap.ir, opts)
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
         prefix = f"s{next(self._builds)}/"
         unit_ids = {
@@ -479,6 +515,14 @@ class SwapModule:
         return (), dict(bound.arguments)
 
     def __call__(self, *orig_args: Any, **orig_kwargs: Any) -> Any:
+        if any(m.training for m in self._modules):
+            train = _training_modules(self._modules, self.model)
+            raise TrainingModeError(
+                f"{type(self.model).__name__} is in training mode ({len(train)} module(s) with "
+                f"training=True, e.g. {', '.join(train[:3])}): dropout and batch-norm statistics would "
+                "make the output random and differ from inference. fxswap runs inference only. "
+                "Fix: call model.eval() before calling the compiled model."
+            )
         # NOTE: the cache key and the graph inputs use the canonical form, so positional and keyword
         # calls share a plan; the capture uses the call as given, so that its graph (placeholder names
         # included) fingerprints equal to an offline plan made with fxswap.plan(model, <same call>).
@@ -536,10 +580,16 @@ class SwapModule:
             get(root) if kind == "user" else self.runtime.resident(get, self._named[get])
             for kind, get in entry.inputs
         ]
-        with torch.no_grad():
-            if entry.fn is None:
-                entry.fn = self._compile(entry, flat)
-            return entry.fn(*flat)
+        try:
+            with torch.no_grad():
+                if entry.fn is None:
+                    entry.fn = self._compile(entry, flat)
+                return entry.fn(*flat)
+        except BaseException:
+            # Loads issued before the failure were never waited for: drop them (after their copies
+            # land), or the next call would pair its waits with them and keep their memory forever.
+            self.runtime.discard_pending()
+            raise
 
     def _check_devices(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for path, leaf in pytree.tree_flatten_with_path((args, kwargs))[0]:

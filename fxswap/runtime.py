@@ -32,7 +32,6 @@ import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,6 +40,8 @@ from fxswap import ops
 
 __all__ = [
     "CopyBackend",
+    "stored_dtype",
+    "staging_bytes",
     "CudaStreamBackend",
     "HostStore",
     "LateCopyBackend",
@@ -87,6 +88,30 @@ class Ledger:
 
 
 # ----------------------------------------------------------------------------------------- host store
+def stored_dtype(dtype: torch.dtype, storage_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a weight of ``dtype`` is kept in on the host and copied in.
+
+    Only real floating-point weights wider than ``storage_dtype`` are narrowed: integer, boolean and
+    complex tensors (indices, masks, RoPE tables) keep their dtype, since narrowing them would change
+    their values far beyond rounding, and widening would move more bytes, not fewer.
+    """
+    if (
+        storage_dtype is None
+        or storage_dtype == dtype
+        or not dtype.is_floating_point
+        or not storage_dtype.is_floating_point
+        or storage_dtype.itemsize >= dtype.itemsize
+    ):
+        return dtype
+    return storage_dtype
+
+
+def staging_bytes(tensor: Tensor, storage_dtype: torch.dtype | None) -> int:
+    """Device bytes of the staging copy ``tensor`` needs (0 when it is copied in its own dtype)."""
+    sd = stored_dtype(tensor.dtype, storage_dtype)
+    return 0 if sd == tensor.dtype else tensor.numel() * sd.itemsize
+
+
 def _total_ram_bytes() -> int:
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -123,8 +148,9 @@ class HostStore:
                 "Build or load the model on the CPU (or on meta and load weights later) before compiling."
             )
         host = tensor.detach()
-        if storage_dtype is not None and storage_dtype != host.dtype:
-            host = host.to(storage_dtype)
+        sd = stored_dtype(host.dtype, storage_dtype)
+        if sd != host.dtype:
+            host = host.to(sd)
         host = host.contiguous()
         nbytes = host.untyped_storage().nbytes()
         if self.pin and self.pinned_bytes + nbytes <= self.pin_limit_bytes:
@@ -164,6 +190,10 @@ class PendingTransfer(ABC):
     def wait(self) -> None:
         """Make the current stream (or thread) wait until the copy has landed."""
 
+    def wait_host(self) -> None:
+        """Block the host until the copy has landed (only off the critical path: error cleanup)."""
+        self.wait()
+
 
 class TransferBackend(ABC):
     """Starts the copy of host tensors to ``device``; pluggable so tests can inject a late one."""
@@ -197,6 +227,9 @@ class _CudaPending(PendingTransfer):
 
     def wait(self) -> None:
         torch.cuda.current_stream(self.device).wait_event(self.event)
+
+    def wait_host(self) -> None:
+        self.event.synchronize()
 
 
 class CudaStreamBackend(TransferBackend):
@@ -267,27 +300,49 @@ def default_backend(device: torch.device) -> TransferBackend:
 
 
 # ---------------------------------------------------------------------------------------------- units
-@dataclass
 class _Unit:
-    """One swapped unit as the ops see it (implements ``fxswap.ops.UnitHandle``)."""
+    """One swapped unit as the ops see it (implements ``fxswap.ops.UnitHandle``).
 
-    runtime: SwapRuntime
-    name: str
-    params: tuple[str, ...]
-    host: list[Tensor]
-    meta: ops.UnitMeta
-    pending: deque[PendingTransfer] = field(default_factory=deque)
-    casts: tuple[int, ...] = ()  # positions stored in another dtype than the graph computes in
+    NOTE: this is the per-op hot path (target <= 3 us per op on CPU including the dispatcher), so
+    the bound methods and flags it needs are cached as attributes and counters are plain ints.
+    """
+
+    __slots__ = (
+        "_device", "_ledger", "_start", "_token", "_track", "casts", "host", "loads", "meta", "name",
+        "params", "pending", "releases", "waits",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        runtime: SwapRuntime,
+        name: str,
+        params: tuple[str, ...],
+        host: list[Tensor],
+        meta: ops.UnitMeta,
+        casts: tuple[int, ...],
+    ) -> None:
+        self.name = name
+        self.params = params
+        self.host = host
+        self.meta = meta
+        self.casts = casts  # positions stored in a narrower dtype than the graph computes in
+        self.pending: deque[PendingTransfer] = deque()
+        self.loads = self.waits = self.releases = 0
+        self._start = runtime.backend.start
+        self._device = runtime.device
+        self._token = runtime.token
+        self._track = runtime.track
+        self._ledger = runtime.ledger
 
     def start_load(self) -> Tensor:
-        rt = self.runtime
-        p = rt.backend.start(self.host, rt.device)
-        if rt.track:
+        p = self._start(self.host, self._device)
+        if self._track:
+            track = self._ledger.track
             for t in p.tensors:
-                rt.ledger.track(t)
+                track(t)
         self.pending.append(p)
-        rt.stats["loads"] += 1
-        return rt.token
+        self.loads += 1
+        return self._token
 
     def finish_wait(self) -> list[Tensor]:
         if not self.pending:
@@ -299,16 +354,36 @@ class _Unit:
         p.wait()
         out = p.tensors
         p.tensors = []  # ownership passes to the graph: keep no reference
-        for i in self.casts:  # stored in a narrower dtype: cast on the device, after the wait
-            out[i] = out[i].to(self.meta.dtypes[i])
-            if self.runtime.track:
-                self.runtime.ledger.track(out[i])
-        self.runtime.stats["waits"] += 1
+        if self.casts:
+            # Stored narrower: cast on the device, after the wait, on the compute stream. Each
+            # staging tensor dies as soon as its cast exists, so at most ONE staging tensor is
+            # held beside the unit's compute-dtype tensors; SwapRuntime.staging_bytes bounds it
+            # and the compiler plans that bound (see SwapRuntime).
+            dtypes = self.meta.dtypes
+            for i in self.casts:
+                cast = out[i].to(dtypes[i])
+                if self._track:  # tracked while its staging tensor still lives, as on the device
+                    self._ledger.track(cast)
+                out[i] = cast
+        self.waits += 1
         return out
 
     def on_release(self) -> Tensor:
-        self.runtime.stats["releases"] += 1
-        return self.runtime.token
+        self.releases += 1
+        return self._token
+
+    def discard_pending(self) -> int:
+        """Drop transfers whose wait never ran (the graph failed in between); return how many.
+
+        Each is waited for first: on CUDA the copy engine may still be writing into the block, and
+        freeing it would let the allocator hand it to the compute stream mid-copy.
+        """
+        n = len(self.pending)
+        while self.pending:
+            p = self.pending.popleft()
+            p.wait_host()
+            p.tensors = []
+        return n
 
 
 _LIVE: weakref.WeakSet[SwapRuntime] = weakref.WeakSet()
@@ -322,12 +397,26 @@ def live_runtimes() -> list[SwapRuntime]:
 class SwapRuntime:
     """Host store, resident device copies, transfer backend and ledger of one compiled model.
 
+    Storage dtype (``storage_dtype``, e.g. ``torch.float8_e4m3fn``): every floating-point weight
+    wider than it (see :func:`stored_dtype`) is rounded through it, so the output does not depend on
+    which weights the budget swaps:
+
+    - a swapped weight is kept on the host in the storage dtype, copied as stored (fewer bytes over
+      the link) into a device *staging* tensor, and cast to the compute dtype by ``wait``;
+    - a resident weight is rounded on the host and copied once in the compute dtype.
+
+    Device bytes of a swapped unit, as the plan counts them (its compute-dtype bytes from its load
+    to its release): between load and wait it holds its staging copies, which are no larger; while
+    ``wait`` casts, it holds its compute-dtype tensors plus at most ONE staging tensor (each dies as
+    its cast is made, and casts run one at a time). :attr:`staging_bytes` is the largest staging
+    tensor of any weight; the compiler adds it to the plan's ``reserve_bytes``, so the plan's peak
+    covers it and the budget stays a promise.
+
     Args:
         device: where the graph runs.
         backend: transfer backend; :func:`default_backend` if None.
         pin_share: cap on pinned host memory, as a share of physical RAM (CUDA only).
-        storage_dtype: keep swapped weights on the host (and copy them) in this dtype, casting back
-            to the compute dtype on the device; None keeps each weight's own dtype.
+        storage_dtype: see above; None keeps each weight's own dtype.
         track: count device copies in :attr:`ledger` with tensor finalizers (~2 us per tensor per
             load). Default: on for non-CUDA devices; on CUDA the allocator's statistics are the ledger.
     """
@@ -348,10 +437,24 @@ class SwapRuntime:
         self.store = HostStore(pin=self.device.type == "cuda", pin_share=pin_share)
         self.storage_dtype = storage_dtype
         self.ledger = Ledger()
-        self.stats = {"loads": 0, "waits": 0, "releases": 0}
         self._residents: dict[str, Tensor] = {}
         self._uids: dict[str, int] = {}
+        self._units: list[_Unit] = []
         _LIVE.add(self)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``{"loads", "waits", "releases"}`` summed over this runtime's units."""
+        return {
+            "loads": sum(u.loads for u in self._units),
+            "waits": sum(u.waits for u in self._units),
+            "releases": sum(u.releases for u in self._units),
+        }
+
+    def staging_bytes(self, tensors: Sequence[Tensor]) -> int:
+        """The largest staging copy any of ``tensors`` needs on the device (0 without narrowing):
+        what the plan must reserve beside the units' compute-dtype bytes (see the class docstring)."""
+        return max((staging_bytes(t, self.storage_dtype) for t in tensors), default=0)
 
     # -- swapped units
     def add_unit(self, name: str, params: Sequence[tuple[str, Tensor]]) -> int:
@@ -364,7 +467,14 @@ class SwapRuntime:
         unit = _Unit(self, name, tuple(f for f, _ in params), host, meta, casts=casts)
         uid = ops.register_unit(unit)
         self._uids[name] = uid
+        self._units.append(unit)
         return uid
+
+    def discard_pending(self) -> int:
+        """After a failed graph run: wait for and drop every transfer that no ``wait`` consumed, so
+        the next run neither pairs its waits with stale loads nor keeps their device memory.
+        Returns how many were dropped."""
+        return sum(u.discard_pending() for u in self._units)
 
     @property
     def unit_ids(self) -> dict[str, int]:
@@ -376,6 +486,9 @@ class SwapRuntime:
         d = self._residents.get(fqn)
         if d is None:
             src = tensor.detach()
+            sd = stored_dtype(src.dtype, self.storage_dtype)
+            if sd != src.dtype:  # rounded like the swapped weights (on the host: no device staging)
+                src = src.to(sd).to(src.dtype)
             # NOTE: always a fresh tensor, also on the CPU, so the ledger accounts for it and the
             # graph never aliases the user's parameter.
             d = torch.empty_like(src, device=self.device, memory_format=torch.contiguous_format)
@@ -399,6 +512,8 @@ class SwapRuntime:
     def close(self) -> None:
         """Drop residents and unregister every unit (graphs using them then fail loudly)."""
         self.drop_residents()
+        self.discard_pending()
         for uid in self._uids.values():
             ops.unregister_unit(uid)
         self._uids.clear()
+        self._units.clear()

@@ -13,12 +13,13 @@ with ``load_at = 1`` (before ``b``), ``wait_at = release_after = 2`` (``c``)::
 
     def forward(self, w0, x):                        # w1 is no longer a graph input
         a = torch._C._nn.linear(x, w0)
-        tok = torch.ops.fxswap.load.default(7, a)    # anchor a: the load cannot run before a exists
+        fxswap_load_blocks_1 = torch.ops.fxswap.load.default(7, a)  # anchor a: not before a exists
         b = torch.relu(a)
-        ws = torch.ops.fxswap.wait.default(7, tok)   # ws are fresh tensors owned by the graph
-        w1 = ws[0]
-        c = torch._C._nn.linear(b, w1)
-        rel = torch.ops.fxswap.release.default(7, ws, c)   # last reader of ws: memory returns here
+        fxswap_wait_blocks_1 = torch.ops.fxswap.wait.default(7, fxswap_load_blocks_1)  # fresh tensors,
+        getitem = fxswap_wait_blocks_1[0]                                             # owned by the graph
+        c = torch._C._nn.linear(b, getitem)
+        fxswap_release_blocks_1 = torch.ops.fxswap.release.default(7, fxswap_wait_blocks_1, c)
+        # ^ the last reader of the unit's tensors: its device memory returns here
         return (c,)
 
 NOTE (anchor choice, torch_mechanics.md Q3.6): the anchor is a lower bound on where a compiler may
@@ -213,11 +214,13 @@ def insert_swaps(
         tag = {"unit": u.name, "uid": uid}
 
         anchor = _load_anchor(graph, n_load, swapped_phs)
+        # Node names carry the unit, so the rewritten code reads e.g. `fxswap_release_blocks_1 = ...`.
+        label = u.name.replace(".", "_")
         with graph.inserting_before(n_load):
-            tok = graph.call_function(ops.load, (uid, anchor))
+            tok = graph.create_node("call_function", ops.load, (uid, anchor), name=f"fxswap_load_{label}")
         tok.meta["fxswap"] = {**tag, "kind": "load"}
         with graph.inserting_before(n_wait):
-            ws = graph.call_function(ops.wait, (uid, tok))
+            ws = graph.create_node("call_function", ops.wait, (uid, tok), name=f"fxswap_wait_{label}")
             ws.meta["fxswap"] = {**tag, "kind": "wait"}
             items = []
             for i, fqn in enumerate(u.params):
@@ -234,7 +237,9 @@ def insert_swaps(
                 graph.erase_node(ph)
         after = _tensor_handle(graph, n_rel)
         with graph.inserting_after(after):
-            rel = graph.call_function(ops.release, (uid, ws, after))
+            rel = graph.create_node(
+                "call_function", ops.release, (uid, ws, after), name=f"fxswap_release_{label}"
+            )
         rel.meta["fxswap"] = {**tag, "kind": "release"}
 
     try:

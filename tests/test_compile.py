@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxswap.api import plan as fx_plan
-from fxswap.compiler import DeviceError, SignatureError, SwapModule, compile_experts
+from fxswap.compiler import DeviceError, SignatureError, SwapModule, TrainingModeError, compile_experts
 from fxswap.compiler import compile as fx_compile
-from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanMismatchError
+from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanError, PlanMismatchError
 from fxswap.models import wan
 from fxswap.runtime import LateCopyBackend
 from fxswap.swapplan import SwapPlan
@@ -325,7 +325,7 @@ class Breaks(nn.Module):
 
 
 def test_model_that_does_not_capture() -> None:
-    m = Breaks().requires_grad_(False)
+    m = Breaks().requires_grad_(False).eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(CaptureError, match="test_compile.py"):
         fx_compile(m, backend="eager")(torch.randn(2, 4))
@@ -395,7 +395,7 @@ def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) ->
         def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.m(x) * t
 
-    wh, wl = Wrap(high), Wrap(low)
+    wh, wl = Wrap(high).eval(), Wrap(low).eval()
     ex = compile_experts(wh, wl, boundary=875.0, timestep_arg="t", mode="adaptive", max_vram_gb=1e-4,
                          backend="eager", **COMMON)  # fmt: skip
     assert torch.equal(ex(x, t=t_hi), wh(x, t_hi))
@@ -439,7 +439,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
 def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> None:
     """On CUDA the store pins a copy; the model's tensor is pointed at it (one host copy, same values)."""
     c = case(cases, "mlp")
-    m = MLP().requires_grad_(False)
+    m = MLP().requires_grad_(False).eval()
     m.load_state_dict(c.model.state_dict())
     sm = fx_compile(m, mode="layerwise", max_vram_gb=1e-9 + 20000 / 2**30, backend="eager", **COMMON)
     sm(*c.args)
@@ -451,24 +451,138 @@ def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> N
     assert torch.equal(sm(*c.args), c.ref) and param.device.type == "cpu"
 
 
-def test_storage_dtype_fp8_copied_as_stored_and_cast_on_device(cases: dict[str, Case]) -> None:
+def test_storage_dtype_fp8_within_plan_and_independent_of_budget(cases: dict[str, Case]) -> None:
+    """fp8 storage: swapped weights travel as fp8 and are cast on the device; the staging copy is
+    planned (reserve), so the ledger stays within the plan's weights + reserve; every float weight
+    is rounded through fp8 whether swapped or resident, so each budget gives the same output."""
     import copy
 
+    fp8 = torch.float8_e4m3fn
+    c = case(cases, "mlp")
+    rounded = copy.deepcopy(c.model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(fp8).to(p.dtype))
+        ref = rounded(*c.args)
+    largest = max(p.numel() for p in c.model.parameters())  # bytes of its fp8 staging copy
+    with pytest.raises(BudgetInfeasibleError) as ei:
+        fx_compile(c.model, mode="layerwise", max_vram_gb=1e-9, backend="eager", storage_dtype=fp8,
+                   **COMMON)(*c.args)  # fmt: skip
+    lo = ei.value.min_vram_bytes
+    assert lo == min_budget(c, "layerwise") + largest  # the minimum includes the staging reserve
+    swapped_counts, beyond = [], []
+    for budget in (lo, lo + 20_000, 10 * lo):
+        sm = fx_compile(c.model, mode="layerwise", max_vram_gb=budget / 2**30, backend="eager",
+                        storage_dtype=fp8, transfer_backend=LateCopyBackend(0.0002), **COMMON)  # fmt: skip
+        out = sm(*c.args)
+        plan = sm.plan
+        assert plan is not None and plan.peak_bytes <= budget
+        assert torch.equal(out, ref), f"budget {budget}: output depends on which weights are swapped"
+        assert plan.reserve_bytes == largest  # COMMON asks for no reserve: all of it is staging
+        swapped = {p for u in plan.units if not u.resident for p in u.params}
+        assert all(sm.runtime.store[p].dtype == fp8 for p in swapped)
+        assert sm.runtime.ledger.peak <= weight_peak(plan) + plan.reserve_bytes
+        swapped_counts.append(len(swapped))
+        beyond.append(sm.runtime.ledger.peak - weight_peak(plan))
+    assert swapped_counts[0] > 0 and swapped_counts[-1] == 0
+    assert max(beyond) <= largest
+    # Without the reserve the promise would break: with no prefetch no other unit in flight has
+    # slack (staging narrower than counted), so the cast's staging shows beyond the units.
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=lo / 2**30, backend="eager", storage_dtype=fp8,
+                    max_prefetch_depth=0, **COMMON)  # fmt: skip
+    assert torch.equal(sm(*c.args), ref) and sm.plan is not None
+    assert 0 < sm.runtime.ledger.peak - weight_peak(sm.plan) <= sm.plan.reserve_bytes
+    assert all(p.dtype == torch.float32 for p in c.model.parameters())  # the model keeps its dtype
+
+
+def test_storage_dtype_with_a_plan_that_reserves_no_staging_is_refused(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    plan = fx_plan(c.model, *c.args, mode="layerwise", max_vram_gb=1, **COMMON)
+    sm = fx_compile(c.model, plan=plan, backend="eager", storage_dtype=torch.float8_e4m3fn)
+    with pytest.raises(PlanError, match=r"reserve_mb >= 1"):
+        sm(*c.args)
+    assert sm.runtime.ledger.bytes == 0 and not sm.plans
+    # integer and complex buffers are never narrowed (their values would change)
+    from fxswap.runtime import stored_dtype
+
+    assert stored_dtype(torch.int64, torch.float8_e4m3fn) == torch.int64
+    assert stored_dtype(torch.complex64, torch.float16) == torch.complex64
+    assert stored_dtype(torch.float16, torch.float32) == torch.float16  # never widened
+    assert stored_dtype(torch.bfloat16, torch.float8_e5m2) == torch.float8_e5m2
+
+
+def test_training_mode_is_refused_naming_the_fix(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=1, backend="eager", **COMMON)
+    assert torch.equal(sm(*c.args), c.ref)
+    try:
+        c.model.blocks[2].train()  # one submodule is enough to change dropout / batch norm
+        with pytest.raises(TrainingModeError, match=r"model\.eval\(\).*|blocks\.2"):
+            sm(*c.args)
+        fresh = fx_compile(MLP().requires_grad_(False), backend="eager", max_vram_gb=1, **COMMON)
+        with pytest.raises(TrainingModeError, match=r"Fix: call model\.eval\(\)"):
+            fresh(*c.args)
+        assert fresh.runtime.ledger.bytes == 0 and not fresh.plans
+    finally:
+        c.model.eval()
+    assert torch.equal(sm(*c.args), c.ref)
+
+
+def test_failed_run_drops_its_pending_loads(cases: dict[str, Case]) -> None:
+    """A graph that fails between a load and its wait leaves no transfer behind: the next call is
+    exact and the device memory of the stale loads is returned."""
     c = case(cases, "mlp")
     lo = min_budget(c, "layerwise")
-    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=lo / 2**30, backend="eager",
-                    storage_dtype=torch.float8_e4m3fn, **COMMON)  # fmt: skip
-    out = sm(*c.args)
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=lo / 2**30, backend="eager", **COMMON)
+    sm(*c.args)
+    assert sm.graph_module is not None and sm.plan is not None
+    resident = sm.plan.resident_bytes
+    # fail in the middle of the graph, at the second unit's wait: its load was issued, never waited
+    from fxswap import ops
+
+    target = [n for n in sm.graph_module.graph.nodes if n.target is ops.wait][1]
+    real = target.target
+
+    def boom(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("injected failure")
+
+    target.target = boom
+    sm.graph_module.recompile()
+    sm._current.fn = sm.graph_module.forward  # type: ignore[union-attr]
+    discarded: list[int] = []
+    discard = sm.runtime.discard_pending
+    sm.runtime.discard_pending = lambda: discarded.append(discard()) or discarded[-1]  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="injected"):
+        sm(*c.args)
+    assert discarded == [1]
+    gc.collect()
+    assert sm.runtime.ledger.bytes == resident
+    assert all(not u.pending for u in sm.runtime._units)
+    target.target = real
+    sm.graph_module.recompile()
+    sm._current.fn = sm.graph_module.forward  # type: ignore[union-attr]
+    for _ in range(3):
+        assert torch.equal(sm(*c.args), c.ref)
+    gc.collect()
+    assert sm.runtime.ledger.bytes == resident
+
+
+def test_rewritten_code_shows_each_units_release(cases: dict[str, Case]) -> None:
+    c = case(cases, "mlp")
+    lo = min_budget(c, "layerwise")
+    sm = fx_compile(c.model, mode="layerwise", max_vram_gb=lo / 2**30, backend="eager", **COMMON)
+    assert sm.code == ""
+    sm(*c.args)
     assert sm.plan is not None
-    swapped = {p for u in sm.plan.units if not u.resident for p in u.params}
-    assert swapped and all(sm.runtime.store[p].dtype == torch.float8_e4m3fn for p in swapped)
-    ref_model = copy.deepcopy(c.model)
-    with torch.no_grad():
-        for name, p in ref_model.named_parameters():
-            if name in swapped:
-                p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
-    assert torch.equal(out, ref_model(*c.args))
-    assert all(p.dtype == torch.float32 for p in c.model.parameters())  # the model keeps its dtype
+    code = sm.code
+    lines = code.splitlines()
+    for u in (u for u in sm.plan.units if not u.resident):
+        label = u.name.replace(".", "_")
+        at = [i for i, ln in enumerate(lines) if ln.strip().startswith(f"fxswap_release_{label} = torch")]
+        load = [i for i, ln in enumerate(lines) if ln.strip().startswith(f"fxswap_load_{label} = torch")]
+        assert len(at) == 1 and len(load) == 1 and load[0] < at[0], u.name
+        # the release is emitted right after the plan's release node
+        assert lines[at[0] - 1].lstrip().startswith(f"{u.release_node} = ")
 
 
 def test_wan22_a14b_experts_tiny() -> None:
@@ -517,14 +631,14 @@ def test_outputs_in_containers_are_rebuilt_and_opaque_outputs_refused() -> None:
             return Opaque(self.a(x))
 
     torch.manual_seed(0)
-    m = DictOut().requires_grad_(False)
+    m = DictOut().requires_grad_(False).eval()
     x = torch.randn(2, 8)
     out = fx_compile(m, mode="layerwise", max_vram_gb=1e-4, backend="eager", **COMMON)(x)
     ref = m(x)
     assert out.keys() == ref.keys() and out["out"][1] == 3 and out["none"] is None
     assert torch.equal(out["h"], ref["h"]) and torch.equal(out["out"][0], ref["out"][0])
     with pytest.raises(CaptureError, match="Opaque"):
-        fx_compile(OpaqueOut().requires_grad_(False), backend="eager", max_vram_gb=1, **COMMON)(x)
+        fx_compile(OpaqueOut().requires_grad_(False).eval(), backend="eager", max_vram_gb=1, **COMMON)(x)
 
 
 # ---------------------------------------------------------------------------- CUDA (skipped on CPU)
@@ -535,7 +649,7 @@ def test_cuda_within_budget_and_matches_resident(backend: str) -> None:
     import copy
 
     torch.manual_seed(0)
-    host = MLP(n=8, d=1024).requires_grad_(False)  # 8 x 4 MiB weights
+    host = MLP(n=8, d=1024).requires_grad_(False).eval()  # 8 x 4 MiB weights
     x = torch.randn(64, 1024, device="cuda")
     resident = copy.deepcopy(host).cuda()
     ref = resident(x) if backend == "eager" else torch.compile(resident)(x)

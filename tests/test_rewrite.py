@@ -130,6 +130,11 @@ def test_inserted_pattern_and_exact_eager(mlp_graph: Any) -> None:
             rel = [u for u in n.users if u.target is ops.release]
             assert len(rel) == 1
             assert all(order[n] < order[u] < order[rel[0]] for u in users)
+    # the code names each unit at its load, wait and release (the release is the free point)
+    code = new.code
+    for name in uids:
+        for kind in ("load", "wait", "release"):
+            assert re.search(rf"fxswap_{kind}_{name}\w* = torch\.ops\.fxswap\.{kind}\.default\(", code)
     args = run_args(new, pp, m, rt, x)
     for _ in range(3):
         assert torch.equal(new(*args)[0], m(x))

@@ -143,7 +143,7 @@ def test_monitor_logs_ledger_rows_per_call() -> None:
     from fxswap.monitoring import monitor
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).requires_grad_(False)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)).requires_grad_(False).eval()
     x = torch.randn(2, 32)
     from fxswap.runtime import live_runtimes
 
