@@ -18,7 +18,9 @@ Reported per variant: mean step seconds, ``torch.cuda.max_memory_allocated`` ove
 and over the first call, max abs difference of the output against ``resident_eager`` and, for
 fxswap, whether the peak stayed within the budget. Results are written after every variant, so a
 run cut short keeps what it measured. ``--time-limit`` skips (and records) variants that would
-start after that many seconds.
+start after that many seconds; ``--hard-limit`` (450 s) interrupts the running one with an error
+entry, so a one-shot run prints its JSON in under 8 minutes. ``step_vs_resident_eager`` gives each
+variant's step time over the fully resident eager model's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import dataclasses
 import gc
 import json
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +60,18 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _relative_steps(variants: dict[str, Any]) -> dict[str, float]:
+    """Each variant's step time over resident eager's (1.0 = as fast as the whole model on the GPU)."""
+    base = variants.get("resident_eager", {}).get("step_s")
+    if not base:
+        return {}
+    return {k: round(v["step_s"] / base, 3) for k, v in variants.items() if v.get("step_s")}
+
+
+def _within(peak: int | None, budget: int) -> bool | None:
+    return None if peak is None else bool(peak <= budget)
 
 
 def time_variant(
@@ -212,7 +227,7 @@ def run_model(spec: dict[str, Any], args: argparse.Namespace, device: torch.devi
                 "plan_predicted_step_ms": plan.predicted_step_ms,
                 "swapped_units": sum(not u.resident for u in plan.units),
                 "units": len(plan.units),
-                "within_budget": None if peak is None else bool(peak <= budget["budget_bytes"]),
+                "within_budget": _within(peak, budget["budget_bytes"]),
                 "ledger_peak_bytes": sm.runtime.ledger.peak if sm.runtime.track else None,
                 "pinned_bytes": sm.runtime.store.pinned_bytes,
             }
@@ -233,7 +248,11 @@ def run_model(spec: dict[str, Any], args: argparse.Namespace, device: torch.devi
             model, onload_device=device, offload_device="cpu", offload_type="block_level",
             num_blocks_per_group=1, use_stream=True,
         )  # fmt: skip
-        record("diffusers_group_offload", lambda: model(**inputs))
+        record(
+            "diffusers_group_offload",
+            lambda: model(**inputs),
+            lambda: {"within_budget": _within(_peak(device), budget["budget_bytes"])},
+        )
     except Exception as e:  # noqa: BLE001
         variants["diffusers_group_offload"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         sink()
@@ -251,6 +270,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--mode", default="adaptive", choices=["layerwise", "chunkwise", "adaptive"])
     ap.add_argument("--time-limit", type=float, default=400.0, help="skip variants that would start later")
+    ap.add_argument(
+        "--hard-limit",
+        type=float,
+        default=450.0,
+        help="interrupt the running variant after this many seconds (recorded as an error; the JSON is "
+        "still written); 0 = never",
+    )
     ap.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. resident_compiled")
     ap.add_argument("--models", default="", help="comma-separated model names to run (default: all)")
     args = ap.parse_args(argv)
@@ -282,18 +308,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report["elapsed_s"] = round(time.perf_counter() - start, 1)
         out.write_text(json.dumps(report, indent=2) + "\n")
 
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        report["device_total_memory_bytes"] = int(props.total_memory)
+    if args.hard_limit > 0 and hasattr(signal, "SIGALRM"):
+        # A variant that overruns (a slow compile, a hang) must not cost the whole report: the alarm
+        # raises inside it, its record() catches and records the error, and the run goes on/ends.
+        def _overrun(signum: int, frame: Any) -> None:
+            raise TimeoutError(f"--hard-limit {args.hard_limit:g}s reached")
+
+        previous = signal.signal(signal.SIGALRM, _overrun)
+        signal.setitimer(signal.ITIMER_REAL, args.hard_limit)
     wanted = {m for m in args.models.split(",") if m}
-    for spec in model_specs(args.dry_run):
-        if wanted and spec["name"] not in wanted:
-            continue
-        result: dict[str, Any] = {"frames": spec["frames"], "height": spec["height"], "width": spec["width"]}
-        report["models"][spec["name"]] = result
-        try:
-            run_model(spec, args, device, deadline, sink, result)
-        except Exception as e:  # noqa: BLE001
-            result["error"] = f"{type(e).__name__}: {e}"[:2000]
-        sink()
-        _free(device)
+    try:
+        for spec in model_specs(args.dry_run):
+            if wanted and spec["name"] not in wanted:
+                continue
+            result: dict[str, Any] = {k: spec[k] for k in ("frames", "height", "width")}
+            report["models"][spec["name"]] = result
+            try:
+                run_model(spec, args, device, deadline, sink, result)
+            except Exception as e:  # noqa: BLE001
+                result["error"] = f"{type(e).__name__}: {e}"[:2000]
+            result["step_vs_resident_eager"] = _relative_steps(result.get("variants", {}))
+            sink()
+            _free(device)
+    finally:
+        if args.hard_limit > 0 and hasattr(signal, "SIGALRM"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
     sink()
     print(json.dumps(report, indent=2))
     return report

@@ -645,13 +645,19 @@ def compile(  # noqa: A001 (the public name the brief asks for)
             instead of planning it anew.
         transfer_backend: overrides the copy mechanism (tests inject a late backend).
         pin_share: cap on pinned host memory as a share of RAM (CUDA).
-        storage_dtype: keep and copy swapped weights in this dtype, cast back on the device (the
-            plan counts units in the compute dtype; the narrow staging copy lives only until the
-            wait returns).
+        storage_dtype: keep and copy swapped weights in this dtype (e.g. ``torch.float8_e4m3fn``),
+            cast back on the device by the wait. Every floating-point weight wider than it is
+            rounded through it, resident ones too, so the output does not depend on the budget;
+            integer/complex tensors are never narrowed. The device staging copy is planned: the
+            largest one is added to the plan's ``reserve_bytes`` (a given ``plan`` must reserve
+            it). The model's own tensors keep their dtype, so with a narrower storage dtype the
+            host holds the model's copy and the narrow one.
         **plan_options: reserve_mb, h2d_gbps, compute_tflops, max_prefetch_depth.
 
     Raises:
         ValueError / DeviceError: a bad argument, named, before anything changes.
+        TrainingModeError (when called): a module of the model has ``training=True``; fxswap is
+            inference only (dropout would make results random). Call ``model.eval()`` first.
     """
     if isinstance(model, (list, tuple)):
         return compile_experts(  # type: ignore[return-value]
@@ -794,7 +800,10 @@ def compile_experts(
     """Compile several experts that share one device and one ``max_vram_gb`` budget.
 
     Each expert is planned against the full budget because only one is ever on the device: switching
-    experts releases the resident weights of the previous one (the host copies stay).
+    experts releases the resident weights of the previous one (the host copies stay) BEFORE the new
+    expert makes its own, so the two never hold device memory together (tested with one shared
+    ledger). Call experts through the returned :class:`Experts` (``experts(...)``, ``experts[i]``,
+    ``.high`` / ``.low``); calling the SwapModules in ``experts.experts`` directly skips the switch.
 
     Args:
         models: the experts, high-noise first for WAN 2.2.
