@@ -141,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         "references": bench_references(a.n, a.repeat),
         **bench_graph(a.units, a.repeat),
     }
+    # Same-process baseline: a machine under load inflates every figure; the ratio to a bare
+    # Library-defined op (the dispatcher alone) is what fxswap's own code adds.
+    noop = out["references"]["library_noop_us"]  # type: ignore[index]
+    out["ops_only_over_library_noop"] = round(out["ops_only"]["per_op_avg_us"] / noop, 3)  # type: ignore[index]
+    out["graph_per_op_over_library_noop"] = round(out["graph_per_op_us"] / noop, 3)  # type: ignore[operator]
     text = json.dumps(out, indent=2)
     print(text)
     if a.json:
