@@ -87,7 +87,10 @@ class PlanOptions:
         block_size_bytes: the largest chunk in chunkwise mode; one of the sizes adaptive tries.
         reserve_bytes: counted at every op inside the budget for cuBLAS/attention workspace and
             caching-allocator slack (fragmentation, rounding to 2 MiB blocks). 256 MiB by default.
-        max_prefetch_depth: how many units ahead a load may be issued (0 = just before use).
+        max_prefetch_depth: the most units ahead a load may be issued (0 = just before use); the
+            planner searches depths 0..this by its cost model (:mod:`fxswap.passes.planner`).
+            Default 16: with swapped units spread among resident ones, hiding a slow copy takes a
+            depth of several units; the search stops early, so a high cap costs little.
         h2d_gbps, compute_tflops, device_mem_gbps: the cost model's rates (see module constants).
     """
 
@@ -95,7 +98,7 @@ class PlanOptions:
     max_vram_bytes: int
     block_size_bytes: int = 300 * MiB
     reserve_bytes: int = 256 * MiB
-    max_prefetch_depth: int = 2
+    max_prefetch_depth: int = 16
     h2d_gbps: float = DEFAULT_H2D_GBPS
     compute_tflops: float = DEFAULT_COMPUTE_TFLOPS
     device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS
@@ -134,7 +137,7 @@ class PlanOptions:
         max_vram_gb: float,
         block_size_mb: float = 300,
         reserve_mb: float = 256,
-        max_prefetch_depth: int = 2,
+        max_prefetch_depth: int = 16,
         h2d_gbps: float = DEFAULT_H2D_GBPS,
         compute_tflops: float = DEFAULT_COMPUTE_TFLOPS,
         device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS,

@@ -8,17 +8,29 @@ Pure Python on plain data (no torch, no torch.fx). The result for a 3-block chai
     blocks.1                  no        1        5        8     # depth 1: issued at blocks.0's wait
     head                      yes       -        -        -
 
-Choice per mode (all three fill the budget with resident units, greedily, see
-:mod:`fxswap.passes.schedule`):
+Choice per mode. The mode fixes the candidate partitions; the schedule search is the same for all
+three, and the cost model (:func:`fxswap.passes.simulate.simulate_time`) decides:
 
-- layerwise / chunkwise: the one partition of that mode; prefetch depth = the largest
-  ``d <= max_prefetch_depth`` whose all-swapped schedule fits (falling back to 0).
-- adaptive: candidates = the layerwise partition and chunkwise partitions at
-  :func:`fxswap.passes.partition.adaptive_block_sizes` (64 MiB .. 2 GiB and the user's block size,
-  identical partitions merged), each at every depth 0..max_prefetch_depth; the cost model
-  (:func:`fxswap.passes.simulate.simulate_time`) picks the least predicted step time, then more
-  resident bytes, then fewer units, then the earlier candidate (layerwise first, then sizes
-  ascending, depths ascending) so the choice is deterministic.
+- partitions: layerwise and chunkwise have their one partition; adaptive tries the layerwise
+  partition and chunkwise partitions at :func:`fxswap.passes.partition.adaptive_block_sizes`
+  (64 MiB .. 2 GiB and the user's block size, identical partitions merged);
+- for each partition, both resident placements of :func:`fxswap.passes.schedule.fill_resident`
+  ("front", "spread") at depths 0, 1, ... up to ``max_prefetch_depth`` (default 16). Deepening stops
+  when the depth no longer fits (deeper never needs less memory), when a schedule has no stall
+  left, or after ``DEPTH_PATIENCE`` depths without a faster one;
+- the least predicted step time wins, then more resident bytes, then fewer units, then the
+  earlier candidate (partition order, "front" before "spread", depths ascending): deterministic.
+
+NOTE (fixed modes): layerwise/chunkwise used to take the largest depth that fits and then fill
+resident units. At tight budgets that can leave nothing resident where depth 1 plus a resident
+block moves less and runs faster, so they now search depths by the time model like adaptive;
+only the partition is fixed by the mode. Their plans therefore depend on the rates as well.
+
+NOTE (depth range): the schedule's depth counts units, resident ones included, so with swapped
+units spread among resident ones a depth of 5-10 is what hides a copy that takes several blocks'
+compute (slow links) while holding only one or two swapped units in flight. ``max_prefetch_depth``
+stays a user cap (0 = load just before use); its default is 16 and the early stops above keep
+the search to a few depths per partition in practice (WAN 14B 480p81: ~0.2 s for adaptive).
 
 Minimum budget of a mode: the peak of its partition all swapped at depth 0 (the least over
 candidate partitions for adaptive); see the monotonicity NOTE in :mod:`fxswap.passes.simulate`.
@@ -28,11 +40,12 @@ Below it :class:`fxswap.errors.BudgetInfeasibleError` says the minimum and what 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 from fxswap.passes.liveness import Liveness, analyse_liveness
 from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_chunkwise, partition_layerwise
-from fxswap.passes.schedule import PreparedPartition, Schedule, fill_resident, prepare_partition
+from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
 
@@ -143,30 +156,39 @@ def _raise_if_infeasible(
     )
 
 
+# Stop deepening one (partition, placement) after this many depths without a faster schedule.
+DEPTH_PATIENCE = 2
+
+
 def _choose(
     parts: list[PreparedPartition], options: PlanOptions, costs: OpCosts, h2d: float
 ) -> tuple[PreparedPartition, Schedule, TimeReport]:
     budget = options.max_vram_bytes
-    if options.mode != "adaptive":
-        part = parts[0]
-        for depth in range(options.max_prefetch_depth, -1, -1):
-            sched = fill_resident(part, depth, budget)
-            if sched is not None:
-                return part, sched, simulate_time(costs, sched.windows(), h2d)
-        raise AssertionError("unreachable: depth 0 fits whenever the budget is >= the minimum")
     best: tuple[tuple[float, int, int, int], PreparedPartition, Schedule, TimeReport] | None = None
     index = 0
     for part in parts:
-        for depth in range(options.max_prefetch_depth + 1):
-            sched = fill_resident(part, depth, budget)
-            index += 1
-            if sched is None:
-                continue
-            report = simulate_time(costs, sched.windows(), h2d)
-            # Rounded so that float noise between equal timings does not beat the tie-breaks.
-            key = (round(report.step_ms, 9), -sched.resident_bytes, len(sched.units), index)
-            if best is None or key < best[0]:
-                best = (key, part, sched, report)
+        for placement in PLACEMENTS:
+            fastest = math.inf
+            stale = 0
+            for depth in range(options.max_prefetch_depth + 1):
+                sched = fill_resident(part, depth, budget, placement)
+                index += 1
+                if sched is None:
+                    break  # a deeper prefetch never needs less memory (monotonicity NOTE)
+                report = simulate_time(costs, sched.windows(), h2d)
+                # Rounded so that float noise between equal timings does not beat the tie-breaks.
+                step = round(report.step_ms, 9)
+                key = (step, -sched.resident_bytes, len(sched.units), index)
+                if best is None or key < best[0]:
+                    best = (key, part, sched, report)
+                if report.stall_ms <= 0:
+                    break  # nothing left to hide; deeper only risks fewer resident bytes
+                if step < fastest:
+                    fastest, stale = step, 0
+                else:
+                    stale += 1
+                    if stale >= DEPTH_PATIENCE:
+                        break
     assert best is not None, "unreachable: some candidate fits whenever the budget is >= the minimum"
     return best[1], best[2], best[3]
 

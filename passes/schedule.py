@@ -8,7 +8,8 @@ use, depth ``d``)::
     wait_at[k]       = first_use[k]                          # compute waits before this op
     release_after[k] = last_use[k]                           # device copy freed after this op
 
-Resident set: greedy, units largest first (ties: execution order); a unit is kept resident when the
+Resident set: greedy, units largest first (ties: execution order for the "front" placement, an
+evenly spread order for "spread", see :func:`fill_resident`); a unit is kept resident when the
 simulated peak stays within the budget. By the monotonicity NOTE in :mod:`fxswap.passes.simulate`
 a unit that does not fit now never fits later in the same greedy pass, so one pass suffices.
 
@@ -28,7 +29,7 @@ from fxswap.passes.liveness import Liveness, unit_range
 from fxswap.passes.partition import UnitSpec
 from fxswap.passes.simulate import SegmentModel, UnitWindow, load_points
 
-__all__ = ["PreparedPartition", "Schedule", "fill_resident", "prepare_partition"]
+__all__ = ["PLACEMENTS", "PreparedPartition", "Schedule", "fill_resident", "prepare_partition", "spread_rank"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,27 +87,83 @@ def prepare_partition(
     )
 
 
-def fill_resident(part: PreparedPartition, depth: int, budget: int) -> Schedule | None:
+PLACEMENTS = ("front", "spread")
+
+
+def spread_rank(n: int) -> list[int]:
+    """A rank per position 0..n-1 such that every prefix of the ranking is spread evenly.
+
+    Positions are taken in van der Corput order (0, n/2, n/4, 3n/4, ...), so the first ``r`` ranked
+    positions, and the ``n - r`` left over, are each close to evenly spaced for every ``r``.
+
+    >>> spread_rank(8)
+    [0, 4, 2, 6, 1, 5, 3, 7]
+    """
+    rank = [-1] * n
+    bits = max(1, (n - 1).bit_length())
+    taken = 0
+    # 2**bits >= n, so the scaled fractions v * n / 2**bits step by at most 1 and hit every position.
+    for i in range(2**bits if n else 0):
+        pos = int(f"{i:0{bits}b}"[::-1], 2) * n >> bits
+        if rank[pos] < 0:
+            rank[pos] = taken
+            taken += 1
+    return rank
+
+
+def fill_resident(
+    part: PreparedPartition, depth: int, budget: int, placement: str = "front"
+) -> Schedule | None:
     """Greedily keep units resident at prefetch ``depth`` under ``budget``.
+
+    Units are tried largest first; ``placement`` breaks ties between equal sizes:
+
+    - ``"front"``: execution order, so the first units stay resident and the swapped ones bunch at
+      the end (their copies then overlap only each other's compute);
+    - ``"spread"``: :func:`spread_rank` order, so the swapped units are spread among the resident
+      ones and each copy can overlap the compute of the resident units before it. With a depth of
+      a few units this hides far more copy time per byte in flight (the depth counts resident units
+      too, which take no memory to prefetch past).
+
+    Either way the result is maximal: no swapped unit could be made resident as well.
 
     Returns:
         The schedule, or None when even the all-swapped schedule at this depth exceeds the budget.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}; use one of {', '.join(PLACEMENTS)}")
     sizes = [u.bytes for u in part.units]
     levels, spans = part.model.swapped_levels(depth, sizes)
     if max(levels) > budget:
         return None
     resident = [False] * len(sizes)
-    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+    tie = list(range(len(sizes))) if placement == "front" else spread_rank(len(sizes))
+    # Memory of segment j is lower[j] + added: ``added`` sums the resident units, ``lower`` is the
+    # all-swapped level less the resident units whose swapped span covers j (counted there already).
+    # Making a unit resident then rewrites only its own short span, and the highest other segment
+    # is ``top`` unless every segment at ``top`` lies inside the span: O(span) per unit instead of
+    # O(segments), which is what keeps adaptive's search within its time target.
+    lower = levels
+    added = 0
+    top = max(lower)
+    ntop = lower.count(top)
+    for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], tie[k])):
         a, b = spans[k]
         size = sizes[k]
+        inside = lower[a : b + 1].count(top)
+        outside = (
+            top if inside < ntop else max(max(lower[:a], default=0), max(lower[b + 1 :], default=0))
+        )
         # Resident adds the unit's bytes to every segment outside its swapped span.
-        outside = max(max(levels[:a], default=0), max(levels[b + 1 :], default=0))
-        if outside + size <= budget:
+        if outside + added + size <= budget:
             resident[k] = True
             if size:
-                levels[:a] = [v + size for v in levels[:a]]
-                levels[b + 1 :] = [v + size for v in levels[b + 1 :]]
+                added += size
+                lower[a : b + 1] = [v - size for v in lower[a : b + 1]]
+                ntop -= inside
+                if ntop == 0:
+                    top = max(lower)
+                    ntop = lower.count(top)
     return Schedule(
         part.units,
         part.first_use,
@@ -114,5 +171,5 @@ def fill_resident(part: PreparedPartition, depth: int, budget: int) -> Schedule 
         tuple(resident),
         depth,
         tuple(load_points(part.first_use, depth)),
-        max(levels),
+        max(lower) + added,
     )

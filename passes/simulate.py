@@ -226,7 +226,7 @@ class SegmentModel:
     Not a frozen record: a helper the schedule pass builds per partition and discards.
     """
 
-    __slots__ = ("act_max", "bounds", "first", "last", "n", "reserve")
+    __slots__ = ("act_max", "bounds", "first", "first_seg", "last", "last_seg", "n", "reserve")
 
     def __init__(self, act: Sequence[int], first: Sequence[int], last: Sequence[int], reserve: int) -> None:
         self.n = len(act)
@@ -237,6 +237,9 @@ class SegmentModel:
         self.bounds = sorted(c for c in cuts if 0 <= c < self.n) if self.n else [0]
         ends = [*self.bounds[1:], self.n]
         self.act_max = [max(act[s:e]) if e > s else 0 for s, e in zip(self.bounds, ends, strict=True)]
+        # Segments of every first and last use, once: every depth's load points are first uses.
+        self.first_seg = [self.seg(f) for f in self.first]
+        self.last_seg = [self.seg(e) for e in self.last]
 
     def seg(self, op: int) -> int:
         """Index of the segment that contains op ``op``."""
@@ -249,12 +252,11 @@ class SegmentModel:
             ``(levels, spans)``: ``levels[j]`` = reserve + max activation + swapped bytes in
             segment j; ``spans[k]`` = first and last segment that unit k occupies.
         """
-        loads = load_points(self.first, depth)
+        # load_points(first, depth)[k] is first[k - depth] (op 0, segment 0, when k < depth).
+        starts = [0] * min(depth, len(sizes)) + self.first_seg[: max(0, len(sizes) - depth)]
         diff = [0] * (len(self.bounds) + 1)
-        spans = []
-        for k, size in enumerate(sizes):
-            a, b = self.seg(loads[k]), self.seg(self.last[k])
-            spans.append((a, b))
+        spans = list(zip(starts, self.last_seg, strict=True))
+        for (a, b), size in zip(spans, sizes, strict=True):
             diff[a] += size
             diff[b + 1] -= size
         levels = []

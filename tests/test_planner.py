@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 
 import pytest
 from fxswap.passes.liveness import activation_profile, analyse_liveness
 from fxswap.passes.partition import block_key, partition_chunkwise, partition_layerwise
-from fxswap.passes.planner import build_plan, mode_min_vram_bytes
+from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
+from fxswap.passes.schedule import fill_resident, prepare_partition, spread_rank
 from fxswap.passes.simulate import UnitWindow, load_points, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
 
 from fxswap.errors import BudgetInfeasibleError, PlanError
+from fxswap.ir import GraphIR
 from fxswap.swapplan import MODES, PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph, transformer_graph
 
@@ -96,12 +99,67 @@ def test_tight_budget_swaps_and_stays_within() -> None:
     validate_plan(g, plan)
 
 
-def test_layerwise_falls_back_to_smaller_depth() -> None:
+def test_fixed_modes_use_only_depths_that_fit() -> None:
     g = chain_graph(6, weight_bytes=100 * MiB, act_bytes=0, embed_bytes=0, head_bytes=0)
     # one block is 200 MiB; depth d keeps up to d+1 blocks in memory at a block boundary
-    assert build_plan(g, opts("layerwise", 600 * MiB, max_prefetch_depth=2)).prefetch_depth == 2
-    assert build_plan(g, opts("layerwise", 400 * MiB, max_prefetch_depth=2)).prefetch_depth == 1
-    assert build_plan(g, opts("layerwise", 200 * MiB, max_prefetch_depth=2)).prefetch_depth == 0
+    for mode in ("layerwise", "chunkwise"):
+        assert build_plan(g, opts(mode, 400 * MiB, max_prefetch_depth=2)).prefetch_depth <= 1
+        assert build_plan(g, opts(mode, 200 * MiB, max_prefetch_depth=2)).prefetch_depth == 0
+
+
+def _schedule_ms(
+    g: GraphIR, o: PlanOptions, depth: int, placement: str = "front"
+) -> tuple[float, int] | None:
+    """(predicted ms, resident bytes) of one candidate of the mode's first partition; None if it
+    does not fit."""
+    live = analyse_liveness(g)
+    (label, units), *_ = candidate_partitions(o.mode, live.order, dict(live.nbytes), o.block_size_bytes)
+    part = prepare_partition(label, units, live, o.reserve_bytes)
+    sched = fill_resident(part, depth, o.max_vram_bytes, placement)
+    if sched is None:
+        return None
+    costs = op_costs(g.ops, o.compute_tflops, o.device_mem_gbps)
+    return simulate_time(costs, sched.windows(), o.h2d_gbps).step_ms, sched.resident_bytes
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "chunkwise"])
+def test_fixed_modes_pick_depth_by_time_not_largest_that_fits(mode: str) -> None:
+    # At 600 MiB depth 2 fits only with nothing resident (3 blocks in flight); depth 1 keeps a block
+    # resident and moves 200 MiB less per call. The old rule "largest depth that fits" took depth 2.
+    g = chain_graph(6, weight_bytes=100 * MiB, act_bytes=0, embed_bytes=0, head_bytes=0)
+    o = opts(mode, 600 * MiB, max_prefetch_depth=2)
+    deepest = _schedule_ms(g, o, 2)
+    assert deepest is not None and deepest[1] == 0
+    plan = build_plan(g, o)
+    assert plan.prefetch_depth < 2 and plan.resident_bytes > 0
+    assert plan.predicted_step_ms < deepest[0]
+    validate_plan(g, plan)
+
+
+def test_spread_placement_hides_copies_behind_resident_compute() -> None:
+    # Copy-bound: each 100 MiB copy (~4.8 ms at 22 GB/s) outlasts a block's compute (2 ms), so
+    # swapped blocks bunched at the end (front placement) stall on every copy; spread among resident
+    # blocks, a few units of prefetch depth overlap each copy with the resident blocks before it.
+    g = chain_graph(24, sublayers=("w",), weight_bytes=100 * MiB, act_bytes=0, flops=1.5e11)
+    o = opts("layerwise", 1800 * MiB, max_prefetch_depth=8)
+    front = min(t for d in range(9) if (t := _schedule_ms(g, o, d, "front")) is not None)
+    spread = min(t for d in range(9) if (t := _schedule_ms(g, o, d, "spread")) is not None)
+    assert spread[0] < 0.9 * front[0]
+    plan = build_plan(g, o)
+    assert plan.predicted_step_ms <= spread[0] + 1e-9
+    swapped = [k for k, u in enumerate(plan.units) if not u.resident]
+    assert len(swapped) >= 2 and max(b - a for a, b in itertools.pairwise(swapped)) > 1  # not bunched
+    validate_plan(g, plan)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 40, 41, 566])
+def test_spread_rank_is_a_permutation_with_evenly_spaced_prefixes(n: int) -> None:
+    rank = spread_rank(n)
+    assert sorted(rank) == list(range(n))
+    for r in range(1, n + 1):
+        chosen = sorted(k for k in range(n) if rank[k] < r)
+        gaps = [b - a for a, b in itertools.pairwise([*chosen, chosen[0] + n])]
+        assert max(gaps) <= 2 * -(-n // r), (n, r, gaps)  # no gap more than twice the even spacing
 
 
 # ---------------------------------------------------------------- partitions

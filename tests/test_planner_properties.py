@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 from fxswap.passes.liveness import analyse_liveness
 from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
+from fxswap.passes.schedule import fill_resident, prepare_partition
+from fxswap.passes.simulate import op_costs, simulate_time
 from fxswap.passes.validate import validate_plan
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,7 +32,8 @@ MiB = 2**20
 GiB = 2**30
 
 modes = st.sampled_from(MODES)
-depths = st.integers(0, 2)
+# up to 4: the search goes past depth 2 and spread placement needs depth to matter
+depths = st.integers(0, 4)
 reserves = st.sampled_from([0, 1, 64 * MiB, 256 * MiB])
 block_sizes = st.sampled_from([1 * MiB, 64 * MiB, 100 * MiB, 300 * MiB, 700 * MiB, 4 * GiB])
 
@@ -197,6 +200,44 @@ def test_minimum_equals_brute_force_minimum(
             assert e.min_vram_bytes == low
         else:
             raise AssertionError(f"a plan at {low - 1} bytes, below the brute-force minimum {low}")
+
+
+@given(
+    g=graphs(),
+    mode=modes,
+    depth=depths,
+    reserve=reserves,
+    block=block_sizes,
+    slack=st.integers(0, 4 * GiB),
+    h2d=st.sampled_from([0.5, 22.0, 1000.0]),
+)
+def test_never_slower_than_front_fill_up_to_depth_2(
+    g: GraphIR, mode: str, depth: int, reserve: int, block: int, slack: int, h2d: float
+) -> None:
+    """The search (placements x depths, early stops included) never predicts a slower call than
+    the plain policy it replaced: front fill at every depth up to min(2, max_prefetch_depth)."""
+    base = PlanOptions(
+        mode=mode,
+        max_vram_bytes=1,
+        reserve_bytes=reserve,
+        block_size_bytes=block,
+        max_prefetch_depth=depth,
+        h2d_gbps=h2d,
+    )
+    o = dataclasses.replace(base, max_vram_bytes=max(1, mode_min_vram_bytes(g, base) + slack))
+    plan = build_plan(g, o)
+    live = analyse_liveness(g)
+    costs = op_costs(g.ops, o.compute_tflops, o.device_mem_gbps)
+    plain = []
+    for label, units in candidate_partitions(mode, live.order, dict(live.nbytes), block):
+        part = prepare_partition(label, units, live, reserve)
+        for d in range(min(2, depth) + 1):
+            sched = fill_resident(part, d, o.max_vram_bytes, "front")
+            if sched is not None:
+                plain.append(simulate_time(costs, sched.windows(), h2d).step_ms)
+    assert plain, "depth 0 fits at any budget >= the minimum"
+    assert plan.predicted_step_ms <= min(plain) * (1 + 1e-9)
+    check_plan_contract(g, plan, o.max_vram_bytes)
 
 
 @given(
