@@ -20,9 +20,9 @@ import inspect
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -32,7 +32,7 @@ from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
 
-__all__ = ["Traced", "trace"]
+__all__ = ["Traced", "one_graph", "trace"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,28 @@ def _capture_error(exc: BaseException, model: torch.nn.Module) -> CaptureError:
     )
 
 
+_T = TypeVar("_T")
+
+
+def one_graph(captured: Sequence[_T], model: torch.nn.Module, caller: str) -> _T:
+    """The one graph a capturing backend collected; :class:`CaptureError` when Dynamo gave 0 or several.
+
+    Shared by :func:`trace` and the runtime's compile path, which collect graphs the same way.
+
+    Args:
+        captured: what the backend was handed, one entry per graph Dynamo produced.
+        model: the module being captured (named in the message).
+        caller: the public function to name in the message, e.g. "fxswap.trace".
+    """
+    if len(captured) != 1:
+        raise CaptureError(
+            f"{caller} expected exactly one graph from {type(model).__name__} but Dynamo produced "
+            f"{len(captured)}; a forward with no tensor operations, or one Dynamo skips, cannot be planned. "
+            f"Fix: call {caller} on the module whose forward does the tensor work."
+        )
+    return captured[0]
+
+
 def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Traced:
     """Capture ``model(*example_inputs, **example_kwargs)`` as one FX graph, without running it.
 
@@ -180,13 +202,7 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             p.requires_grad_(req)
     capture_seconds = time.perf_counter() - start
 
-    if len(captured) != 1:
-        raise CaptureError(
-            f"fxswap.trace expected exactly one graph from {type(model).__name__} but Dynamo produced "
-            f"{len(captured)}; a forward with no tensor operations, or one Dynamo skips, cannot be planned. "
-            "Fix: call trace on the module whose forward does the tensor work."
-        )
-    gm, flat_inputs = captured[0]
+    gm, flat_inputs = one_graph(captured, model, "fxswap.trace")
 
     fqn: dict[int, str] = {}
     for name, b in model.named_buffers():
