@@ -91,10 +91,11 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
         raise PlanError(f"weight {missing[0]!r} is in no unit ({len(missing)} weights missing)")
     live = analyse_liveness(ir)
     for u in plan.units:
-        if (u.first_use, u.last_use) != unit_range(u.params, live):
+        first, last = unit_range(u.params, live)
+        if (u.first_use, u.last_use) != (first, last):
             raise PlanError(
                 f"unit {u.name!r} says it is used from op {u.first_use} to op {u.last_use}, but the graph "
-                f"reads it from op {unit_range(u.params, live)[0]} to op {unit_range(u.params, live)[1]}"
+                f"reads it from {_op(ir, first)} to {_op(ir, last)}"
             )
     for i, op in enumerate(ir.ops):
         for w in op.weights:

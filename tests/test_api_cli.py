@@ -207,3 +207,92 @@ def test_cli_full_14b_plan(tmp_path: Path) -> None:
     assert plan.peak_bytes <= 16 * GiB
     assert plan.weight_bytes > 26 * GiB  # 14.3 B parameters in bf16
     assert wall < 120  # the benchmark holds the 60 s target; this only guards against a blow-up
+
+
+def test_make_options_refuses_unknown_option_and_keeps_defaults() -> None:
+    with pytest.raises(TypeError, match="'reserve_gb'.*reserve_mb"):
+        make_options(mode="adaptive", max_vram_gb=8, reserve_gb=1)
+    defaults = fxswap.PlanOptions(mode="adaptive", max_vram_bytes=8 * GiB)
+    assert make_options(mode="adaptive", max_vram_gb=8, reserve_mb=None, h2d_gbps=None) == defaults
+    o = make_options(mode="adaptive", max_vram_gb=8, max_prefetch_depth=3, device_mem_gbps=900)
+    assert (o.max_prefetch_depth, o.device_mem_gbps) == (3, 900.0)
+
+
+def _summary_figures(out: str) -> dict[str, float]:
+    """The figures issue 3 asks the `fxswap plan` summary for, parsed back from its text."""
+    pats = {
+        "units": r"units: (\d+) ",
+        "resident": r"resident ([0-9.]+) GiB",
+        "moved": r"moved per call ([0-9.]+) GiB",
+        "peak": r"predicted peak ([0-9.]+) GiB",
+        "budget": r"of budget ([0-9.]+) GiB",
+        "minimum": r"minimum budget for mode \w+ with this input: ([0-9.]+) GiB",
+        "h2d": r"at ([0-9.]+) GB/s H2D",
+        "tflops": r"GB/s H2D, ([0-9.]+) TFLOP/s",
+    }
+    found = {k: re.search(p, out) for k, p in pats.items()}
+    missing = [k for k, m in found.items() if m is None]
+    assert not missing, (missing, out)
+    return {k: float(m.group(1)) for k, m in found.items() if m is not None}
+
+
+def test_cli_summary_figures_agree_with_saved_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.json"
+    assert main(["plan", *SMALL, "--max-vram-gb", "0.35", "--mode", "chunkwise", "--block-size-mb", "20",
+                 "-o", str(path)]) == 0  # fmt: skip
+    fig = _summary_figures(capsys.readouterr().out)
+    plan = fxswap.load_plan(path)
+    assert fig["units"] == len(plan.units)
+    assert fig["resident"] == pytest.approx(plan.resident_bytes / GiB, abs=0.006)
+    assert fig["moved"] == pytest.approx(plan.moved_bytes_per_call / GiB, abs=0.006)
+    assert fig["peak"] == pytest.approx(plan.peak_bytes / GiB, abs=0.006) and fig["peak"] <= fig["budget"]
+    assert fig["budget"] == 0.35
+    assert fig["minimum"] == pytest.approx(plan.min_vram_bytes / GiB, abs=0.006)
+    assert plan.moved_bytes_per_call > 0  # the budget really forces swapping, so the figures mean something
+
+
+def test_cli_card_prices_the_plan_and_flags_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxswap.hardware import PROFILES, save_profile
+
+    card = PROFILES["rtx4090"]
+    assert (
+        main(["plan", *SMALL, "--max-vram-gb", "2", "--card", "rtx4090", "-o", str(tmp_path / "a.json")]) == 0
+    )
+    fig = _summary_figures(capsys.readouterr().out)
+    plan = fxswap.load_plan(tmp_path / "a.json")
+    assert plan.h2d_gbps == card.pinned_h2d_gbps and plan.compute_tflops == card.compute_tflops
+    assert plan.device_mem_gbps == card.mem_gbps
+    assert fig["h2d"] == pytest.approx(card.pinned_h2d_gbps) and fig["tflops"] == pytest.approx(
+        card.compute_tflops
+    )
+    # a calibrated profile file, with --h2d-gbps overriding its copy rate
+    from dataclasses import replace
+
+    mine = replace(card, name="mine", pinned_h2d_gbps=7.5, calibrated=True)
+    save_profile(mine, tmp_path / "mine.json")
+    assert main(["plan", *SMALL, "--max-vram-gb", "2", "--card", str(tmp_path / "mine.json"),
+                 "-o", str(tmp_path / "b.json")]) == 0  # fmt: skip
+    assert fxswap.load_plan(tmp_path / "b.json").h2d_gbps == 7.5
+    assert main(["plan", *SMALL, "--max-vram-gb", "2", "--card", "rtx4090", "--h2d-gbps", "3",
+                 "-o", str(tmp_path / "c.json")]) == 0  # fmt: skip
+    c = fxswap.load_plan(tmp_path / "c.json")
+    assert c.h2d_gbps == 3.0 and c.compute_tflops == card.compute_tflops
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["plan", *SMALL, "--card", "rtx9999"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--card" in err and "rtx9999" in err
+
+
+def test_cli_plot_draws_the_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "timeline.png"
+    assert main(["plan", *SMALL, "--max-vram-gb", "0.35", "--block-size-mb", "20", "--plot", str(png)]) == 0
+    assert str(png) in capsys.readouterr().out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

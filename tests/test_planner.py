@@ -365,6 +365,17 @@ def test_validator_names_op_and_unit_for_use_before_wait() -> None:
         validate_plan(g, bad)
 
 
+def test_validator_names_unit_and_ops_for_a_wrong_use_range() -> None:
+    g = chain_graph(4, weight_bytes=100 * MiB, act_bytes=0)
+    plan = build_plan(g, opts("layerwise", 500 * MiB))
+    k, u = 1, plan.units[1]
+    shifted = dataclasses.replace(u, first_use=u.first_use + 1)
+    bad = dataclasses.replace(plan, units=plan.units[:k] + (shifted,) + plan.units[k + 1 :])
+    where = rf"op {u.first_use} \('{g.ops[u.first_use].name}'\)"
+    with pytest.raises(PlanError, match=rf"unit '{u.name}'.*{where}"):
+        validate_plan(g, bad)
+
+
 def test_validator_names_op_and_unit_for_use_after_release() -> None:
     g = chain_graph(4, weight_bytes=100 * MiB, act_bytes=0)
     plan = build_plan(g, opts("layerwise", 500 * MiB))
