@@ -257,13 +257,9 @@ def _trace(
         from fxswap.capture import _capture_error
 
         raise _capture_error(e, model) from e
-    if len(captured) != 1:
-        raise CaptureError(
-            f"fxswap.compile expected one graph from {type(model).__name__}, "
-            f"Dynamo produced {len(captured)}. "
-            "Fix: compile the module whose forward does the tensor work."
-        )
-    gm, flat = captured[0]
+    from fxswap.capture import one_graph
+
+    gm, flat = one_graph(captured, model, "fxswap.compile")
     fqn_of = {id(t): k for k, t in meta_state.items()}
     # Where each user-input tensor sits in (args, kwargs): Dynamo's flat inputs are those objects.
     path_of: dict[int, list[Any]] = {}
