@@ -385,12 +385,11 @@ def test_other_text_len_is_a_config_choice() -> None:
         assert wan.build(cfg)(**inp).shape == (1, 4, 2, 4, 6)
 
 
-def test_input_checks_do_not_break_capture_and_still_fire_when_compiled() -> None:
+def test_input_checks_still_fire_when_compiled() -> None:
+    # (That they cost no graph break is test_fullgraph_capture_tiny_real: every capture runs them.)
     cfg = wan.tiny_config("i2v")
     model = _perturbed(cfg)
     inp = wan.example_inputs(cfg, **SMALL_VIDEO)
-    graphs, _ = _capture(model, inp)
-    assert len(graphs) == 1
     # The checks run at trace time, so a compiled model reports a bad shape with the same message:
     # as the ValueError itself, or (fullgraph=True, where Dynamo wraps any raise) as its cause.
     bad = dict(inp, context=torch.zeros(1, 5, cfg.text_dim))
