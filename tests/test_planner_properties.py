@@ -236,7 +236,8 @@ def test_never_slower_than_front_fill_up_to_depth_2(
             if sched is not None:
                 plain.append(simulate_time(costs, sched.windows(), h2d).step_ms)
     assert plain, "depth 0 fits at any budget >= the minimum"
-    assert plan.predicted_step_ms <= min(plain) * (1 + 1e-9)
+    # the planner compares times rounded to 1e-9 ms and then prefers more resident bytes
+    assert plan.predicted_step_ms <= min(plain) + 1e-9
     check_plan_contract(g, plan, o.max_vram_bytes)
 
 
