@@ -238,9 +238,9 @@ def _fxswap_rows(
     from fxswap.swapplan import PlanOptions
 
     rates = plan_rates(hw)
-    # Layerwise/chunkwise plans do not depend on the card's rates except through the depth tie-break,
-    # which the planner decides on memory alone; adaptive is planned per card.
-    key = (mode, budget) if mode != "adaptive" else (mode, budget, hw.name)
+    # Every mode picks its prefetch depth and resident placement with the card's rates, so plans are
+    # cached per card.
+    key = (mode, budget, hw.name)
     if key not in cache:
         opts = PlanOptions(
             mode=mode,

@@ -41,6 +41,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "PlanFingerprintMismatch",
     "PlanOptions",
+    "byte_unit",
+    "format_bytes",
     "SwapPlan",
     "SwapUnit",
     "combine_fingerprint",
@@ -63,6 +65,20 @@ DEFAULT_H2D_GBPS = 22.0
 DEFAULT_COMPUTE_TFLOPS = 150.0
 # Achieved device-memory bandwidth for memory-bound ops, GB/s (same value as passes/simulate.py).
 DEFAULT_DEVICE_MEM_GBPS = 1500.0
+
+
+def byte_unit(nbytes: int) -> tuple[str, int]:
+    """The binary unit (name, bytes) in which ``nbytes`` reads as a number >= 1 (B up to GiB)."""
+    for name, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return name, scale
+    return "B", 1
+
+
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` in its own binary unit, e.g. ``300.00 MiB`` or ``15.82 GiB``."""
+    name, scale = byte_unit(nbytes)
+    return f"{nbytes} B" if scale == 1 else f"{nbytes / scale:.2f} {name}"
 
 
 def _bad(field: str, value: object, fix: str) -> ValueError:
@@ -427,8 +443,18 @@ class SwapPlan:
             )
 
     def summary(self) -> str:
-        """A few lines for humans: units, resident GiB, GiB moved per call, peak vs budget, minimum
-        budget for this mode and input, predicted step time."""
+        """A few lines for humans: units, resident bytes, bytes moved per call, peak vs budget,
+        minimum budget for this mode and input, predicted step time.
+
+        Sizes are printed in one binary unit for the whole summary (GiB for budgets of 1 GiB and
+        up, MiB or KiB below), so that the figures compare at a glance and small test models do
+        not print as 0.00 GiB.
+        """
+        name, scale = byte_unit(self.max_vram_bytes)
+
+        def size(n: int) -> str:
+            return f"{n / scale:.2f} {name}"
+
         swapped = [u for u in self.units if not u.resident]
         oversized = [u for u in self.units if u.oversized]
         chosen = f" (chosen: {self.partition})" if self.mode == "adaptive" else ""
@@ -436,13 +462,12 @@ class SwapPlan:
             f"fxswap plan: mode {self.mode}{chosen}, prefetch depth {self.prefetch_depth}, "
             f"{self.num_ops} ops",
             f"  units: {len(self.units)} ({len(self.units) - len(swapped)} resident, {len(swapped)} swapped)",
-            f"  weights {self.weight_bytes / GiB:.2f} GiB: resident {self.resident_bytes / GiB:.2f} GiB, "
-            f"swapped {self.swapped_bytes / GiB:.2f} GiB, "
-            f"moved per call {self.moved_bytes_per_call / GiB:.2f} GiB",
-            f"  predicted peak {self.peak_bytes / GiB:.2f} GiB at op {self.peak_op!r} of budget "
-            f"{self.max_vram_bytes / GiB:.2f} GiB (reserve {self.reserve_bytes / GiB:.2f} GiB, activations "
-            f"peak {self.activation_peak_bytes / GiB:.2f} GiB)",
-            f"  minimum budget for mode {self.mode} with this input: {self.min_vram_bytes / GiB:.2f} GiB "
+            f"  weights {size(self.weight_bytes)}: resident {size(self.resident_bytes)}, "
+            f"swapped {size(self.swapped_bytes)}, moved per call {size(self.moved_bytes_per_call)}",
+            f"  predicted peak {size(self.peak_bytes)} at op {self.peak_op!r} of budget "
+            f"{size(self.max_vram_bytes)} (reserve {size(self.reserve_bytes)}, activations "
+            f"peak {size(self.activation_peak_bytes)})",
+            f"  minimum budget for mode {self.mode} with this input: {size(self.min_vram_bytes)} "
             f"({self.min_vram_bytes} bytes)",
             f"  predicted step {self.predicted_step_ms:.1f} ms (compute {self.predicted_compute_ms:.1f} ms, "
             f"waiting for copies {self.predicted_stall_ms:.1f} ms) at {self.h2d_gbps:g} GB/s H2D, "
@@ -453,11 +478,11 @@ class SwapPlan:
         limit = (
             f"the unit size of the chosen partition ({self.partition})"
             if self.mode == "adaptive"
-            else f"the block size {self.block_size_bytes / MiB:.1f} MiB"
+            else f"the block size {format_bytes(self.block_size_bytes)}"
         )
         for u in oversized:
             lines.append(
-                f"  oversized: {u.name} is one tensor of {u.bytes / MiB:.1f} MiB, larger than {limit}; "
+                f"  oversized: {u.name} is one tensor of {format_bytes(u.bytes)}, larger than {limit}; "
                 "it is a unit of its own"
             )
         return "\n".join(lines)

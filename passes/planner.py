@@ -58,6 +58,7 @@ from fxswap.swapplan import (
     SwapUnit,
     combine_fingerprint,
     fingerprint_parts,
+    format_bytes,
 )
 
 __all__ = ["build_plan", "candidate_partitions", "mode_min_vram_bytes"]
@@ -83,13 +84,13 @@ def candidate_partitions(
     if mode == "chunkwise":
         return [
             (
-                f"chunkwise {block_size_bytes / MiB:g} MiB",
+                f"chunkwise {format_bytes(block_size_bytes)}",
                 partition_chunkwise(order, nbytes, block_size_bytes),
             )
         ]
     out = [("layerwise", partition_layerwise(order, nbytes))]
     for size in adaptive_block_sizes(block_size_bytes):
-        out.append((f"chunkwise {size / MiB:g} MiB", partition_chunkwise(order, nbytes, size)))
+        out.append((f"chunkwise {format_bytes(size)}", partition_chunkwise(order, nbytes, size)))
     seen: set[tuple[tuple[str, ...], ...]] = set()
     unique = []
     for label, units in out:

@@ -218,22 +218,38 @@ def test_make_options_refuses_unknown_option_and_keeps_defaults() -> None:
     assert (o.max_prefetch_depth, o.device_mem_gbps) == (3, 900.0)
 
 
+_UNITS = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "B": 1}
+_SIZE = r"([0-9.]+) (GiB|MiB|KiB|B)\b"
+
+
 def _summary_figures(out: str) -> dict[str, float]:
-    """The figures issue 3 asks the `fxswap plan` summary for, parsed back from its text."""
-    pats = {
+    """The figures issue 3 asks the `fxswap plan` summary for, parsed back from its text (sizes in
+    bytes, whatever unit the summary chose; "<size>_step" is half a unit of its last printed digit)."""
+    sizes = {
+        "resident": rf"resident {_SIZE}",
+        "moved": rf"moved per call {_SIZE}",
+        "peak": rf"predicted peak {_SIZE}",
+        "budget": rf"of budget {_SIZE}",
+        "minimum": rf"minimum budget for mode \w+ with this input: {_SIZE}",
+    }
+    plain = {
         "units": r"units: (\d+) ",
-        "resident": r"resident ([0-9.]+) GiB",
-        "moved": r"moved per call ([0-9.]+) GiB",
-        "peak": r"predicted peak ([0-9.]+) GiB",
-        "budget": r"of budget ([0-9.]+) GiB",
-        "minimum": r"minimum budget for mode \w+ with this input: ([0-9.]+) GiB",
         "h2d": r"at ([0-9.]+) GB/s H2D",
         "tflops": r"GB/s H2D, ([0-9.]+) TFLOP/s",
     }
-    found = {k: re.search(p, out) for k, p in pats.items()}
+    found = {k: re.search(p, out) for k, p in {**sizes, **plain}.items()}
     missing = [k for k, m in found.items() if m is None]
     assert not missing, (missing, out)
-    return {k: float(m.group(1)) for k, m in found.items() if m is not None}
+    fig: dict[str, float] = {}
+    for k, m in found.items():
+        assert m is not None
+        if k in sizes:
+            scale = _UNITS[m.group(2)]
+            fig[k] = float(m.group(1)) * scale
+            fig[f"{k}_step"] = 0.006 * scale
+        else:
+            fig[k] = float(m.group(1))
+    return fig
 
 
 def test_cli_summary_figures_agree_with_saved_plan(
@@ -245,11 +261,12 @@ def test_cli_summary_figures_agree_with_saved_plan(
     fig = _summary_figures(capsys.readouterr().out)
     plan = fxswap.load_plan(path)
     assert fig["units"] == len(plan.units)
-    assert fig["resident"] == pytest.approx(plan.resident_bytes / GiB, abs=0.006)
-    assert fig["moved"] == pytest.approx(plan.moved_bytes_per_call / GiB, abs=0.006)
-    assert fig["peak"] == pytest.approx(plan.peak_bytes / GiB, abs=0.006) and fig["peak"] <= fig["budget"]
-    assert fig["budget"] == 0.35
-    assert fig["minimum"] == pytest.approx(plan.min_vram_bytes / GiB, abs=0.006)
+    assert fig["resident"] == pytest.approx(plan.resident_bytes, abs=fig["resident_step"])
+    assert fig["moved"] == pytest.approx(plan.moved_bytes_per_call, abs=fig["moved_step"])
+    assert fig["peak"] == pytest.approx(plan.peak_bytes, abs=fig["peak_step"])
+    assert fig["peak"] <= fig["budget"]
+    assert fig["budget"] == pytest.approx(0.35 * GiB, abs=fig["budget_step"])
+    assert fig["minimum"] == pytest.approx(plan.min_vram_bytes, abs=fig["minimum_step"])
     assert plan.moved_bytes_per_call > 0  # the budget really forces swapping, so the figures mean something
 
 

@@ -327,10 +327,11 @@ def test_summary_states_units_traffic_peak_min_and_time() -> None:
     s = plan.summary()
     n_swapped = sum(not u.resident for u in plan.units)
     assert f"units: {len(plan.units)} ({len(plan.units) - n_swapped} resident, {n_swapped} swapped)" in s
-    assert f"resident {plan.resident_bytes / GiB:.2f} GiB" in s
-    assert f"moved per call {plan.moved_bytes_per_call / GiB:.2f} GiB" in s
-    assert f"peak {plan.peak_bytes / GiB:.2f} GiB" in s and f"budget {plan.max_vram_bytes / GiB:.2f} GiB" in s
-    assert f"minimum budget for mode layerwise with this input: {plan.min_vram_bytes / GiB:.2f} GiB" in s
+    # a 700 MiB budget: the summary prints every size in MiB
+    assert f"resident {plan.resident_bytes / MiB:.2f} MiB" in s
+    assert f"moved per call {plan.moved_bytes_per_call / MiB:.2f} MiB" in s
+    assert f"peak {plan.peak_bytes / MiB:.2f} MiB" in s and f"budget {plan.max_vram_bytes / MiB:.2f} MiB" in s
+    assert f"minimum budget for mode layerwise with this input: {plan.min_vram_bytes / MiB:.2f} MiB" in s
     assert f"predicted step {plan.predicted_step_ms:.1f} ms" in s
 
 
@@ -449,3 +450,12 @@ def test_build_plan_time_on_14b_sized_graph(capsys: pytest.CaptureFixture[str]) 
             f"\nbuild_plan on {len(g.ops)} ops / {len(g.weights)} weights, 16 GiB: "
             + ", ".join(f"{m} {t * 1e3:.0f} ms" for m, t in times.items())
         )
+
+
+def test_byte_formatting_picks_a_readable_unit() -> None:
+    from fxswap.swapplan import byte_unit, format_bytes
+
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(300 * 2**20) == "300.00 MiB"
+    assert format_bytes(int(15.82 * 2**30)) == "15.82 GiB"
+    assert byte_unit(2**20 - 1) == ("KiB", 2**10)
