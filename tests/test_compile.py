@@ -410,8 +410,10 @@ def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) ->
     gc.collect()
     assert lo_rt.ledger.bytes == 0
     assert len(ex.plans) == 2
-    same_api = fx_compile([wh, wl], mode="adaptive", max_vram_gb=1e-4, backend="eager", **COMMON)
+    same_api = fx_compile([wh, wl], mode="adaptive", max_vram_gb=1e-4, backend="eager", boundary=875.0,
+                          timestep_arg="t", **COMMON)  # fmt: skip
     assert torch.equal(same_api[1](x, t_lo), wl(x, t_lo))
+    assert torch.equal(same_api(x, t_hi), wh(x, t_hi)) and torch.equal(same_api(x, t_lo), wl(x, t_lo))
 
 
 # ---------------------------------------------------------------------------------------- gpu check
