@@ -313,3 +313,16 @@ def test_cli_plot_draws_the_timeline(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert str(png) in capsys.readouterr().out
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_wires_bench_and_calibrate(capsys: pytest.CaptureFixture[str]) -> None:
+    # `bench` without --sim and `calibrate` without CUDA both refuse with exit 2 and say why;
+    # the end-to-end bench run is tests/test_bench.py's (same run_bench behind the CLI).
+    assert main(["bench"]) == 2
+    assert "--sim" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["calibrate"]) == 2
+        assert "CUDA" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--sim", "--no-such-flag"])
+    assert exc.value.code == 2
