@@ -17,6 +17,7 @@ left in the user's compile caches when the copy is dropped.
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 import traceback
 import types
@@ -32,7 +33,7 @@ from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
 
-__all__ = ["Traced", "one_graph", "trace"]
+__all__ = ["DynamoGraph", "Traced", "dynamo_graph", "input_names", "one_graph", "trace"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,22 @@ def _entry(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return model(*args, **kwargs)
 
 
-def _fresh_entry() -> Callable[..., Any]:
-    # A new code object has its own (empty) Dynamo cache; see the module docstring.
-    code = _entry.__code__.replace()
-    return types.FunctionType(code, _entry.__globals__, "_fxswap_capture_entry")
+_CAPTURE_IDS = itertools.count()
 
 
-def _input_names(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, str]:
-    """id(tensor) -> readable name for every tensor in the user's example inputs."""
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # A new code object per capture: Dynamo's per-code cache (and its recompile limit) starts
+    # empty; see the module docstring.
+    code = fn.__code__.replace(co_name=f"_fxswap_capture_{next(_CAPTURE_IDS)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name)
+
+
+def input_names(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, str]:
+    """id(tensor) -> readable name (e.g. ``context[0]``) for every tensor in a call's inputs.
+
+    Shared by :func:`trace` and ``fxswap.compile``, so both name a graph's inputs alike (a plan made
+    by ``fxswap.plan`` then fingerprints equal to the compiled call's graph).
+    """
     named: dict[str, Any] = {}
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -146,7 +155,7 @@ _T = TypeVar("_T")
 def one_graph(captured: Sequence[_T], model: torch.nn.Module, caller: str) -> _T:
     """The one graph a capturing backend collected; :class:`CaptureError` when Dynamo gave 0 or several.
 
-    Shared by :func:`trace` and the runtime's compile path, which collect graphs the same way.
+    Used by :func:`dynamo_graph`, the capture behind :func:`trace` and ``fxswap.compile``.
 
     Args:
         captured: what the backend was handed, one entry per graph Dynamo produced.
@@ -162,6 +171,63 @@ def one_graph(captured: Sequence[_T], model: torch.nn.Module, caller: str) -> _T
     return captured[0]
 
 
+@dataclass(frozen=True)
+class DynamoGraph:
+    """What :func:`dynamo_graph` captured: the one graph and the call around it."""
+
+    gm: fx.GraphModule
+    inputs: list[Any]  # the flat inputs Dynamo passed to the backend, in placeholder order
+    result: Any  # what the call returned (None unless the graph ran)
+    outputs: list[Any]  # the graph's outputs (empty unless the graph ran)
+
+
+def dynamo_graph(
+    fn: Callable[..., Any], args: tuple[Any, ...], model: torch.nn.Module, caller: str, *, run: bool = False
+) -> DynamoGraph:
+    """Capture ``fn(*args)`` as one Dynamo graph (``fullgraph=True``, ``dynamic=False``, no grad).
+
+    The one capture mechanism of :func:`trace` and ``fxswap.compile``: ``fn`` is compiled as a fresh
+    copy (see the module docstring) with a backend that collects the graph.
+
+    Args:
+        fn: the entry function that calls ``model``.
+        args: its arguments.
+        model: the module being captured (named in errors).
+        caller: the public function to name in errors, e.g. "fxswap.trace".
+        run: run the graph on ``args`` (e.g. meta tensors) to get ``result`` and ``outputs``;
+            False stops before the graph would run (no compute, no activation memory).
+
+    Raises:
+        CaptureError: the call does not compile to exactly one graph (the break and its line named).
+    """
+    captured: list[tuple[fx.GraphModule, list[Any]]] = []
+    outputs: list[Any] = []
+
+    def backend(gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        captured.append((gm, list(inputs)))
+
+        def stub(*_args: Any) -> Any:
+            raise _CaptureDone
+
+        def run_graph(*a: Any) -> Any:
+            out = gm(*a)
+            outputs.extend(out)
+            return out
+
+        return run_graph if run else stub
+
+    result = None
+    try:
+        with torch.no_grad():
+            result = torch.compile(_fresh_copy(fn), backend=backend, fullgraph=True, dynamic=False)(*args)
+    except _CaptureDone:
+        pass
+    except Exception as exc:
+        raise _capture_error(exc, model) from exc
+    gm, inputs = one_graph(captured, model, caller)
+    return DynamoGraph(gm, inputs, result, outputs)
+
+
 def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Traced:
     """Capture ``model(*example_inputs, **example_kwargs)`` as one FX graph, without running it.
 
@@ -175,41 +241,24 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             f"model must be a torch.nn.Module, got {type(model).__name__}; pass the module itself"
         )
 
-    captured: list[tuple[fx.GraphModule, list[Any]]] = []
-
-    def backend(gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        captured.append((gm, list(inputs)))
-
-        def stub(*_args: Any) -> Any:
-            raise _CaptureDone
-
-        return stub
-
     grad_state = [(p, p.requires_grad) for p in model.parameters()]
     start = time.perf_counter()
     try:
         for p, _ in grad_state:
             p.requires_grad_(False)
-        compiled = torch.compile(_fresh_entry(), backend=backend, fullgraph=True, dynamic=False)
-        with torch.no_grad():
-            compiled(model, example_inputs, example_kwargs)
-    except _CaptureDone:
-        pass
-    except Exception as exc:
-        raise _capture_error(exc, model) from exc
+        graph = dynamo_graph(_entry, (model, example_inputs, example_kwargs), model, "fxswap.trace")
     finally:
         for p, req in grad_state:
             p.requires_grad_(req)
     capture_seconds = time.perf_counter() - start
-
-    gm, flat_inputs = one_graph(captured, model, "fxswap.trace")
+    gm, flat_inputs = graph.gm, graph.inputs
 
     fqn: dict[int, str] = {}
     for name, b in model.named_buffers():
         fqn.setdefault(id(b), name)
     for name, p in model.named_parameters():
         fqn.setdefault(id(p), name)
-    user_names = _input_names(model, example_inputs, example_kwargs)
+    user_names = input_names(model, example_inputs, example_kwargs)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     roles: list[PlaceholderRole] = []

@@ -34,7 +34,6 @@ import inspect
 import itertools
 import logging
 import time
-import types
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -45,9 +44,11 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fxswap.capture import dynamo_graph, input_names
 from fxswap.errors import CaptureError, FxswapError, PlanError
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
 from fxswap.monitoring import notify_step
+from fxswap.passes.analyse import PlaceholderRole, graph_ir
 from fxswap.runtime import SwapRuntime, TransferBackend
 from fxswap.swapplan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 
@@ -136,15 +137,6 @@ def _entry(model: torch.nn.Module, state: dict[str, torch.Tensor], args: Any, kw
     return torch.func.functional_call(model, state, tuple(args), dict(kwargs), strict=False)
 
 
-_CAPTURE_IDS = itertools.count()
-
-
-def _fresh_entry() -> Callable[..., Any]:
-    # A new code object per capture: Dynamo's per-code cache (and its recompile limit) starts empty.
-    code = _entry.__code__.replace(co_name=f"_fxswap_capture_{next(_CAPTURE_IDS)}")
-    return types.FunctionType(code, _entry.__globals__, code.co_name)
-
-
 def _to_meta(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
@@ -229,37 +221,13 @@ def _trace(
     device: torch.device,
     param_names: Sequence[str] | None,
 ) -> _Capture:
-    from fxswap.capture import _input_names
-    from fxswap.passes.analyse import PlaceholderRole, graph_ir
-
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     meta_state = {k: _to_meta(v) for k, v in named.items()}
     meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
-    captured: list[tuple[fx.GraphModule, list[Any]]] = []
-    graph_outs: list[Any] = []
-
-    def backend(gm: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
-        captured.append((gm, list(inputs)))
-
-        def run(*a: Any) -> Any:
-            out = gm(*a)
-            graph_outs.extend(out)
-            return out
-
-        return run
-
-    try:
-        with torch.no_grad():
-            result = torch.compile(_fresh_entry(), backend=backend, fullgraph=True, dynamic=False)(
-                model, meta_state, meta_args, meta_kwargs
-            )
-    except Exception as e:
-        from fxswap.capture import _capture_error
-
-        raise _capture_error(e, model) from e
-    from fxswap.capture import one_graph
-
-    gm, flat = one_graph(captured, model, "fxswap.compile")
+    graph = dynamo_graph(
+        _entry, (model, meta_state, meta_args, meta_kwargs), model, "fxswap.compile", run=True
+    )
+    gm, flat = graph.gm, graph.inputs
     fqn_of = {id(t): k for k, t in meta_state.items()}
     # Where each user-input tensor sits in (args, kwargs): Dynamo's flat inputs are those objects.
     path_of: dict[int, list[Any]] = {}
@@ -267,8 +235,8 @@ def _trace(
         if isinstance(leaf, torch.Tensor):
             path_of.setdefault(id(leaf), [getattr(k, "key", getattr(k, "idx", None)) for k in path])
     # Same readable input names as fxswap.trace, so a plan made by fxswap.plan fingerprints equal.
-    names = _input_names(model, meta_args, meta_kwargs)
-    roles: list[Any] = []
+    names = input_names(model, meta_args, meta_kwargs)
+    roles: list[PlaceholderRole] = []
     getters: list[Callable[[dict[str, Any]], Any] | None] = []
     for i, v in enumerate(flat):
         if id(v) in fqn_of:
@@ -287,8 +255,8 @@ def _trace(
                 "call argument (a plain tensor attribute or a global?). Fix: register it with "
                 "`register_buffer(..., persistent=False)` so fxswap can place it."
             )
-    leaves, spec = pytree.tree_flatten(result)
-    index = {id(t): j for j, t in enumerate(graph_outs)}
+    leaves, spec = pytree.tree_flatten(graph.result)
+    index = {id(t): j for j, t in enumerate(graph.outputs)}
     slots: list[int | None] = []
     consts: list[Any] = []
     for leaf in leaves:
