@@ -43,11 +43,9 @@ from torch import fx
 from fxswap import ops
 from fxswap.errors import PlanError
 
-__all__ = ["insert_swaps", "COMPUTE_OPS"]
+__all__ = ["insert_swaps"]
 
 logger = logging.getLogger("fxswap.passes.rewrite")
-
-COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 # Ops whose output Inductor always materialises (extern kernels); safe load anchors.
 _REALISED_TARGETS: frozenset[Any] = frozenset(
@@ -104,7 +102,7 @@ def _is_realised(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in _REALISED_METHODS
 
 
-def _load_anchor(graph: fx.Graph, before: fx.Node, exclude: set[fx.Node]) -> fx.Node:
+def _load_anchor(before: fx.Node, exclude: set[fx.Node]) -> fx.Node:
     n = before.prev
     while n.op != "root":
         if n not in exclude and _is_realised(n):
@@ -149,8 +147,7 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
             src = getattr(old, "_dynamo_source", None)
             if src is not None:
                 new._dynamo_source = src
-    new_gm = fx.GraphModule(gm, g, class_name="FxswapGraphModule")
-    return new_gm
+    return fx.GraphModule(gm, g, class_name="FxswapGraphModule")
 
 
 def insert_swaps(
@@ -213,7 +210,7 @@ def insert_swaps(
         n_rel = node(u.release_node, u.name, "release")
         tag = {"unit": u.name, "uid": uid}
 
-        anchor = _load_anchor(graph, n_load, swapped_phs)
+        anchor = _load_anchor(n_load, swapped_phs)
         # Node names carry the unit, so the rewritten code reads e.g. `fxswap_release_blocks_1 = ...`.
         label = u.name.replace(".", "_")
         with graph.inserting_before(n_load):
