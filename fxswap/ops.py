@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -171,12 +171,8 @@ for _name, _fn in (
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
-def _fake_token(like: Tensor) -> Tensor:
-    return token_for(like.device)
-
-
 def _load_fake(uid: int, anchor: Tensor) -> Tensor:
-    return _fake_token(anchor)
+    return token_for(anchor.device)
 
 
 def _wait_fake(uid: int, token: Tensor) -> list[Tensor]:
@@ -186,7 +182,7 @@ def _wait_fake(uid: int, token: Tensor) -> list[Tensor]:
 
 
 def _release_fake(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
-    return _fake_token(after)
+    return token_for(after.device)
 
 
 def _probe_fake(pid: int, x: Tensor) -> Tensor:
@@ -221,8 +217,3 @@ def register_probe(callback: Callable[[], None]) -> int:
 
 def unregister_probe(pid: int) -> None:
     _PROBES.pop(pid, None)
-
-
-def unit_ids_in(nodes: Sequence[Any]) -> list[int]:
-    """Unit ids of the ``load`` nodes among ``nodes`` (FX nodes), in graph order."""
-    return [int(n.args[0]) for n in nodes if getattr(n, "target", None) is load]
