@@ -234,7 +234,7 @@ def _fxswap_rows(
     cache: dict[Any, Any],
 ) -> BenchRow:
     from fxswap.passes.planner import build_plan
-    from fxswap.passes.simulate import UnitWindow, simulate_memory, simulate_time
+    from fxswap.passes.simulate import simulate_memory, simulate_time, unit_windows
     from fxswap.swapplan import PlanOptions
 
     rates = plan_rates(hw)
@@ -270,16 +270,9 @@ def _fxswap_rows(
             switch_ms=None,
             setting=f"infeasible: min {plan.min_vram_bytes / GiB:.2f} GiB",
         )
-    units = sorted(plan.units, key=lambda u: u.first_use)
-    windows = [
-        UnitWindow(u.bytes, True)
-        if u.resident
-        else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
-        for u in units
-    ]
+    windows = unit_windows(sorted(plan.units, key=lambda u: u.first_use))
     mem = simulate_memory(act, windows, reserve)
     t = simulate_time(costs, windows, hw.pinned_h2d_gbps)
-    resident = sum(u.bytes for u in units if u.resident)
     return BenchRow(
         **base,
         policy=f"fxswap-{mode}",
@@ -289,7 +282,7 @@ def _fxswap_rows(
         moved_bytes=t.moved_bytes,
         d2h_bytes=0,
         stall_ms=t.stall_ms,
-        resident_bytes=resident,
+        resident_bytes=mem.resident_bytes,
         switch_ms=None,
         setting=f"{plan.partition}, depth {plan.prefetch_depth}",
     )
@@ -410,7 +403,7 @@ def compare_with_gpu_check(report: dict[str, Any], hw: HardwareProfile) -> list[
     from fxswap.models import wan
     from fxswap.passes.peers import GraphContext, diffusers_group, evaluate
     from fxswap.passes.planner import build_plan
-    from fxswap.passes.simulate import UnitWindow, simulate_time
+    from fxswap.passes.simulate import simulate_time, unit_windows
     from fxswap.swapplan import PlanOptions
 
     out: list[dict[str, Any]] = []
@@ -441,12 +434,7 @@ def compare_with_gpu_check(report: dict[str, Any], hw: HardwareProfile) -> list[
                                               reserve_bytes=reserve, h2d_gbps=rates["h2d_gbps"],
                                               compute_tflops=rates["compute_tflops"],
                                               device_mem_gbps=rates["device_mem_gbps"]))  # fmt: skip
-            units = sorted(plan.units, key=lambda u: u.first_use)
-            windows = [
-                UnitWindow(u.bytes, True) if u.resident
-                else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
-                for u in units
-            ]  # fmt: skip
+            windows = unit_windows(sorted(plan.units, key=lambda u: u.first_use))
             predicted["fxswap_eager"] = simulate_time(costs, windows, hw.pinned_h2d_gbps).step_ms
         except BudgetInfeasibleError:
             predicted["fxswap_eager"] = None

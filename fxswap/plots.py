@@ -44,7 +44,7 @@ def timeline_parts(plan: SwapPlan, ir: GraphIR) -> dict[str, list[int]]:
         ``act`` and ``total``. ``total`` is :func:`fxswap.passes.simulate.simulate_memory`'s.
     """
     from fxswap.passes.liveness import activation_profile
-    from fxswap.passes.simulate import UnitWindow, simulate_memory
+    from fxswap.passes.simulate import UnitWindow, simulate_memory, unit_windows
 
     if plan.num_ops != len(ir.ops):
         raise ValueError(
@@ -53,16 +53,12 @@ def timeline_parts(plan: SwapPlan, ir: GraphIR) -> dict[str, list[int]]:
         )
     act = activation_profile(ir)
     n = len(act)
-    windows = []
-    flight = []
-    for u in plan.units:
-        if u.resident:
-            windows.append(UnitWindow(u.bytes, True))
-            continue
-        la, wa, ra = u.load_at or 0, u.wait_at or 0, u.release_after or 0
-        windows.append(UnitWindow(u.bytes, False, la, wa, ra))
-        if wa > la:
-            flight.append(UnitWindow(u.bytes, False, la, wa, wa - 1))
+    windows = unit_windows(plan.units)
+    flight = [
+        UnitWindow(w.bytes, False, w.load_at, w.wait_at, w.wait_at - 1)
+        for w in windows
+        if not w.resident and w.wait_at > w.load_at
+    ]
     full = simulate_memory(act, windows, plan.reserve_bytes)
     zeros = [0] * n
     in_flight = list(simulate_memory(zeros, flight, 0).swapped) if n else []

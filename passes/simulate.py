@@ -37,10 +37,14 @@ and last uses, not on residency or depth) and precomputes the activation maximum
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fxswap.ir import OpInfo
+
+if TYPE_CHECKING:
+    from fxswap.swapplan import SwapUnit
 
 __all__ = [
     "DEFAULT_DEVICE_MEM_GBPS",
@@ -53,6 +57,7 @@ __all__ = [
     "op_costs",
     "simulate_memory",
     "simulate_time",
+    "unit_windows",
 ]
 
 # Achieved device-memory bandwidth for memory-bound ops (norms, adds, softmax). 1,500 GB/s is
@@ -69,6 +74,16 @@ class UnitWindow:
     load_at: int = 0  # ignored when resident
     wait_at: int = 0
     release_after: int = 0
+
+
+def unit_windows(units: Iterable[SwapUnit]) -> list[UnitWindow]:
+    """The units of a :class:`fxswap.swapplan.SwapPlan` as the simulators take them, in the given order."""
+    return [
+        UnitWindow(u.bytes, True)
+        if u.resident
+        else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
+        for u in units
+    ]
 
 
 def load_points(first_uses: Sequence[int], depth: int) -> list[int]:

@@ -15,7 +15,7 @@ the plan itself, so it also checks plans loaded from JSON.
 from __future__ import annotations
 
 from fxswap.passes.liveness import analyse_liveness, unit_range
-from fxswap.passes.simulate import MemoryTimeline, UnitWindow, simulate_memory
+from fxswap.passes.simulate import MemoryTimeline, simulate_memory, unit_windows
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
@@ -115,13 +115,7 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
                     f"{_op(ir, i)} reads {w!r} of unit {unit.name!r} after its release after "
                     f"{_op(ir, unit.release_after)}"
                 )
-    windows = [
-        UnitWindow(u.bytes, True)
-        if u.resident
-        else UnitWindow(u.bytes, False, u.load_at or 0, u.wait_at or 0, u.release_after or 0)
-        for u in plan.units
-    ]
-    timeline = simulate_memory(live.act, windows, plan.reserve_bytes)
+    timeline = simulate_memory(live.act, unit_windows(plan.units), plan.reserve_bytes)
     where = _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph"
     if timeline.peak_bytes > plan.max_vram_bytes:
         worst = [
