@@ -30,6 +30,7 @@ Positional and keyword calls of the same inputs are one signature (arguments are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -724,6 +725,11 @@ class Experts:
     def plans(self) -> list[SwapPlan]:
         return [p for e in self.experts for p in e.plans]
 
+    @functools.cached_property
+    def _forward_signature(self) -> inspect.Signature:
+        # per call otherwise: taken once, on the first call that needs it
+        return inspect.signature(self.experts[0].model.forward)
+
     def _timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         ta = self.timestep_arg
         if isinstance(ta, int):
@@ -731,8 +737,7 @@ class Experts:
         elif ta in kwargs:
             t = kwargs[ta]
         else:
-            sig = inspect.signature(self.experts[0].model.forward)
-            t = sig.bind_partial(*args, **kwargs).arguments[ta]
+            t = self._forward_signature.bind_partial(*args, **kwargs).arguments[ta]
         return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -779,7 +784,5 @@ def compile_experts(
     """
     if len(models) < 2:
         raise ValueError(f"compile_experts needs at least two models, got {len(models)}")
-    devices = {str(_resolve_device(compile_kwargs.get("device")))}
-    if len(devices) != 1:  # pragma: no cover - one device argument
-        raise DeviceError("experts must share one device")
+    _resolve_device(compile_kwargs.get("device"))  # one device for all: a bad one fails first
     return Experts([compile(m, **compile_kwargs) for m in models], boundary, timestep_arg)
