@@ -372,11 +372,8 @@ def evaluate(
                 extra[u.release_after] += sync_overhead_ms
         for op in sched.sync_at_ops:
             extra[op] += sync_overhead_ms
-    op_ms = tuple(t + e for t, e in zip(costs.op_ms, extra, strict=True))
-    prefix = [0.0]
-    for t in op_ms:
-        prefix.append(prefix[-1] + t)
+    with_extras = OpCosts.from_op_ms([t + e for t, e in zip(costs.op_ms, extra, strict=True)])
     rate = _INSTANT_GBPS if sched.copies_on_compute_stream else pinned_h2d_gbps
-    report = simulate_time(OpCosts(op_ms, tuple(prefix)), sched.units, rate)
+    report = simulate_time(with_extras, sched.units, rate)
     compute = costs.prefix_ms[-1]
     return PolicyTiming(report.step_ms, compute, report.step_ms - compute, report.moved_bytes, d2h_bytes)

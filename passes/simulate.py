@@ -166,16 +166,20 @@ class OpCosts:
     op_ms: tuple[float, ...]
     prefix_ms: tuple[float, ...]
 
+    @classmethod
+    def from_op_ms(cls, op_ms: Sequence[float]) -> OpCosts:
+        """The costs of ops taking ``op_ms`` each, with their prefix sum."""
+        prefix = [0.0]
+        for t in op_ms:
+            prefix.append(prefix[-1] + t)
+        return cls(tuple(op_ms), tuple(prefix))
+
 
 def op_costs(ops: Sequence[OpInfo], compute_tflops: float, device_mem_gbps: float) -> OpCosts:
     """Op time = max(flops / compute rate, mem_bytes / memory rate), in milliseconds."""
     flop_ms = 1e3 / (compute_tflops * 1e12)
     byte_ms = 1e3 / (device_mem_gbps * 1e9)
-    times = tuple(max(op.flops * flop_ms, op.mem_bytes * byte_ms) for op in ops)
-    prefix = [0.0]
-    for t in times:
-        prefix.append(prefix[-1] + t)
-    return OpCosts(times, tuple(prefix))
+    return OpCosts.from_op_ms([max(op.flops * flop_ms, op.mem_bytes * byte_ms) for op in ops])
 
 
 @dataclass(frozen=True, slots=True)
