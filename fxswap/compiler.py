@@ -50,7 +50,7 @@ from fxswap.errors import CaptureError, FxswapError, PlanError
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
 from fxswap.monitoring import notify_step
 from fxswap.passes.analyse import PlaceholderRole, graph_ir
-from fxswap.runtime import SwapRuntime, TransferBackend
+from fxswap.runtime import SwapRuntime, TransferBackend, default_device
 from fxswap.swapplan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 
 __all__ = [
@@ -85,11 +85,7 @@ class SignatureError(FxswapError, ValueError):
 # ---------------------------------------------------------------------------------------- helpers
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     if device is None:
-        return (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
+        return default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:

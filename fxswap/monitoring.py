@@ -115,14 +115,7 @@ def monitor(
         device: the device to watch; default the current CUDA device, else the CPU (fxswap ledger).
         log: where each row goes (default ``logging.getLogger("fxswap.monitor").info``); None: quiet.
     """
-    if device is None:
-        dev = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
-        )
-    else:
-        dev = torch.device(device)
+    dev = _rt.default_device() if device is None else torch.device(device)
     mon = Monitor(dev, log)
     _ACTIVE.append(mon)
     try:

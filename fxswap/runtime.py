@@ -50,6 +50,7 @@ __all__ = [
     "SwapRuntime",
     "TransferBackend",
     "default_backend",
+    "default_device",
     "live_runtimes",
 ]
 
@@ -292,6 +293,14 @@ class LateCopyBackend(TransferBackend):
         th.start()
         self.started += 1
         return _LatePending(out, th)
+
+
+def default_device() -> torch.device:
+    """The current CUDA device, else the CPU: where ``fxswap.compile`` runs and ``fxswap.monitor``
+    looks when no device is given (one rule, so the monitor watches what compiled models use)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def default_backend(device: torch.device) -> TransferBackend:
