@@ -20,6 +20,7 @@ PCIe link, so it is never written as a profile.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -84,6 +85,23 @@ def measure_host_memcpy(nbytes: int, repeats: int = 5) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def _cuda_median_ms(fn: Any, repeats: int) -> float:
+    """Median GPU time of ``fn`` in ms over ``repeats`` runs (CUDA events), after one warm-up run."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def _cuda_copy_rates(nbytes: int, repeats: int) -> dict[str, float]:
     import torch
 
@@ -93,17 +111,7 @@ def _cuda_copy_rates(nbytes: int, repeats: int) -> dict[str, float]:
     pageable = torch.empty(nbytes, dtype=torch.uint8)
 
     def timed(fn: Any) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return nbytes / (statistics.median(times) * 1e-3) / 1e9
+        return nbytes / (_cuda_median_ms(fn, repeats) * 1e-3) / 1e9
 
     return {
         "pinned_h2d_gbps": timed(lambda: gpu.copy_(pinned, non_blocking=True)),
@@ -127,17 +135,7 @@ def _block_ms(model: str, width: int, height: int, frames: int, repeats: int) ->
     for layers in (1, 2):
         net = wan.build(model, device="cuda", dtype=torch.bfloat16, num_layers=layers).eval()
         with torch.no_grad():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            net(**kwargs)
-            torch.cuda.synchronize()
-            samples = []
-            for _ in range(repeats):
-                start.record()
-                net(**kwargs)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-        times.append(statistics.median(samples))
+            times.append(_cuda_median_ms(functools.partial(net, **kwargs), repeats))
         del net
         torch.cuda.empty_cache()
     _, lat_f, lat_h, lat_w = wan.latent_shape(cfg, frames, height, width)
