@@ -101,7 +101,7 @@ def candidate_partitions(
     return unique
 
 
-def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
+def _prepare(live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
     parts = candidate_partitions(mode, live.order, dict(live.nbytes), options.block_size_bytes)
     return [prepare_partition(label, units, live, options.reserve_bytes) for label, units in parts]
 
@@ -109,7 +109,7 @@ def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> li
 def mode_min_vram_bytes(ir: GraphIR, options: PlanOptions, mode: str | None = None) -> int:
     """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph."""
     live = analyse_liveness(ir)
-    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode))
+    return min(p.min_budget() for p in _prepare(live, options, mode or options.mode))
 
 
 def _raise_if_infeasible(
@@ -132,11 +132,11 @@ def _raise_if_infeasible(
     if options.mode == "chunkwise" and biggest is not None and not biggest.oversized:
         fixes.append("lower block_size_mb (smaller chunks lower the minimum)")
     if options.mode != "adaptive":
-        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive"))
+        other = min(p.min_budget() for p in _prepare(live, options, "adaptive"))
         if other < best:
             fixes.append(f"use mode='adaptive' (minimum {other / GiB:.2f} GiB)")
         if options.mode == "chunkwise":
-            lw = _prepare(ir, live, options, "layerwise")[0].min_budget()
+            lw = _prepare(live, options, "layerwise")[0].min_budget()
             if lw < best:
                 fixes.append(f"use mode='layerwise' (minimum {lw / GiB:.2f} GiB)")
     if options.reserve_bytes:
@@ -215,7 +215,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
             f"the graph has {len(ir.weights)} weights but no ops; capture produced an empty graph"
         )
     live = analyse_liveness(ir)
-    parts = _prepare(ir, live, options, options.mode)
+    parts = _prepare(live, options, options.mode)
     _raise_if_infeasible(ir, live, options, parts)
     min_vram = min(p.min_budget() for p in parts)
     costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
