@@ -135,14 +135,14 @@ def _reason(exc: BaseException) -> str:
     return head + (f" ({explanation})" if explanation and explanation not in head else "")
 
 
-def _capture_error(exc: BaseException, model: torch.nn.Module) -> CaptureError:
+def _capture_error(exc: BaseException, model: torch.nn.Module, caller: str) -> CaptureError:
     frame = _user_frame(exc)
     where = "an unknown source line"
     if frame is not None:
         code = (frame.line or "").strip()
         where = f"{frame.filename}:{frame.lineno} in {frame.name}" + (f": `{code}`" if code else "")
     return CaptureError(
-        f"fxswap.trace could not capture {type(model).__name__} as one graph: {_reason(exc)} "
+        f"{caller} could not capture {type(model).__name__} as one graph: {_reason(exc)} "
         f"[{type(exc).__name__}] at {where}. Fix: make that line traceable (keep shapes as Python ints "
         "instead of calling .tolist()/.item(), drop print/graph_break, avoid data-dependent control "
         "flow) so the whole forward compiles with fullgraph=True."
@@ -223,7 +223,7 @@ def dynamo_graph(
     except _CaptureDone:
         pass
     except Exception as exc:
-        raise _capture_error(exc, model) from exc
+        raise _capture_error(exc, model, caller) from exc
     gm, inputs = one_graph(captured, model, caller)
     return DynamoGraph(gm, inputs, result, outputs)
 

@@ -327,7 +327,7 @@ class Breaks(nn.Module):
 def test_model_that_does_not_capture() -> None:
     m = Breaks().requires_grad_(False).eval()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(CaptureError, match="test_compile.py"):
+    with pytest.raises(CaptureError, match=r"^fxswap\.compile could not capture .*test_compile\.py"):
         fx_compile(m, backend="eager")(torch.randn(2, 4))
     assert _unchanged(m, before)
 
