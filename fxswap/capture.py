@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
+from fxswap.workspace import rules_for, with_workspace
 
 __all__ = ["DynamoGraph", "Traced", "dynamo_graph", "input_names", "one_graph", "trace"]
 
@@ -274,7 +275,9 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             user_name = (module_path(source.name) if source is not None else ph.name) or f"input{i}"
         roles.append(PlaceholderRole(weight=None, name=user_name))
 
-    ir = graph_ir(gm, roles)
+    # Nothing runs here (the inputs may be meta tensors): op workspace comes from the documented
+    # CUDA rules; fxswap.compile measures it on its device instead (fxswap.workspace).
+    ir = with_workspace(graph_ir(gm, roles), rules_for(gm))
     return Traced(
         gm=gm,
         example_inputs=flat_inputs,

@@ -52,6 +52,7 @@ from fxswap.monitoring import notify_step
 from fxswap.passes.analyse import PlaceholderRole, graph_ir
 from fxswap.runtime import SwapRuntime, TransferBackend, default_device
 from fxswap.swapplan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
+from fxswap.workspace import probe_workspace, with_workspace
 
 __all__ = [
     "DeviceError",
@@ -164,6 +165,8 @@ class _Capture:
     out_slots: tuple[int | None, ...]  # per output leaf: graph output index, or None (constant)
     out_consts: tuple[Any, ...]
     ir: Any
+    # Measured op workspace on the capture's device (fxswap.workspace), probed on the first build.
+    workspace: dict[str, int] | None = None
 
 
 def _getter(path: list[Any]) -> Callable[[dict[str, Any]], Any]:
@@ -381,6 +384,9 @@ class SwapModule:
         cap, fresh = _capture(self.model, args, kwargs, self.device, names)
         self.stats["captures"] += int(fresh)
         staging = self.runtime.staging_bytes(list(self._named.values()))
+        if cap.workspace is None:
+            cap.workspace = probe_workspace(cap.gm, self.device)
+        ir = with_workspace(cap.ir, cap.workspace)
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))
             plan = self._given_plan
@@ -397,7 +403,7 @@ class SwapModule:
             opts = self.options
             if staging:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
-            plan = build_plan(cap.ir, opts)
+            plan = build_plan(ir, opts)
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
         prefix = f"s{next(self._builds)}/"
         unit_ids = {

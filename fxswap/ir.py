@@ -46,6 +46,10 @@ class OpInfo:
     out_bytes: int  # bytes of new storage this op allocates (0 for views and aliases)
     flops: float  # matmul / conv / attention FLOPs from shapes; 0 where not modelled
     mem_bytes: int  # bytes read plus written, for ops whose cost is memory traffic
+    # Bytes the op allocates and frees again before it returns (attention statistics, norm
+    # statistics, a kernel's scratch), on top of its outputs; counted while the op runs only.
+    # Measured on the device where it can be (fxswap.workspace), else from documented rules.
+    workspace_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,8 +212,9 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
       only storages first seen at this node (views, aliases and in-place results count 0; a fresh
       op returning a tuple allocates each distinct storage among its elements). ``weights`` lists
       the weights whose storage (directly or through a view of it) the node reads.
-    - ``buffers``: one per activation storage (graph inputs start at 0), ending at the last op that
-      reads any alias of it, or at the last op if the graph returns it.
+    - ``buffers``: one per activation storage, ending at the last op that reads any alias of it, or
+      at the last op if the graph returns it. Graph inputs span the whole call (0 to the last op):
+      the caller still holds them after their last read.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(roles) != len(placeholders):
@@ -252,7 +253,9 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
             buffer_bytes.append(int(t.untyped_storage().nbytes()))
             buffer_start.append(0)
 
-    buffer_end = list(buffer_start)
+    # The caller holds its inputs for the whole call (they are its tensors, not the graph's), so
+    # their storage is live until the last op whatever the graph's last read of them.
+    buffer_end = [max(last_op, 0)] * len(buffer_start)
     weight_first_use: dict[str, int] = {}
     ops: list[OpInfo] = []
 

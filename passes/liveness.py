@@ -47,7 +47,8 @@ def activation_profile(ir: GraphIR) -> tuple[int, ...]:
 
     Returns:
         A tuple of length ``len(ir.ops)``; entry i is the sum of ``nbytes`` over buffers with
-        ``start <= i <= end``.
+        ``start <= i <= end``, plus op i's own ``workspace_bytes`` (scratch it frees before
+        returning, live beside its inputs and outputs).
 
     Raises:
         PlanError: a buffer has a negative size or a range outside the op list.
@@ -66,9 +67,13 @@ def activation_profile(ir: GraphIR) -> tuple[int, ...]:
         diff[buf.end + 1] -= buf.nbytes
     out = []
     running = 0
-    for i in range(n):
+    for i, op in enumerate(ir.ops):
+        if op.workspace_bytes < 0:
+            raise PlanError(
+                f"op {i} ({op.name!r}) has workspace_bytes={op.workspace_bytes}; sizes must be >= 0"
+            )
         running += diff[i]
-        out.append(running)
+        out.append(running + op.workspace_bytes)
     return tuple(out)
 
 

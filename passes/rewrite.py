@@ -22,12 +22,13 @@ with ``load_at = 1`` (before ``b``), ``wait_at = release_after = 2`` (``c``)::
         # ^ the last reader of the unit's tensors: its device memory returns here
         return (c,)
 
-NOTE (anchor choice, torch_mechanics.md Q3.6): the anchor is a lower bound on where a compiler may
+NOTE (anchor choice): the anchor is a lower bound on where a compiler may
 place the load. The op right before ``load_at`` is the tightest bound, but when it is a pointwise op
 Inductor fuses into a kernel, making it an op input forces that activation to be materialised (it
 was observed computed twice). So the anchor is the nearest earlier node whose output is realised
-anyway: a matmul / conv / attention output, a graph input, or another fxswap token. In eager FX the
-load runs exactly at its point; under Inductor it can run at most back to that anchor.
+anyway (a matmul / conv / attention output, a graph input, or another fxswap token) and that the
+anchor does not keep alive past its own last reader (see ``_load_anchor``). In eager FX the load
+runs exactly at its point; under Inductor it can run at most back to that anchor.
 """
 
 from __future__ import annotations
@@ -102,12 +103,26 @@ def _is_realised(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in _REALISED_METHODS
 
 
-def _load_anchor(before: fx.Node, exclude: set[fx.Node]) -> fx.Node:
+def _load_anchor(before: fx.Node, exclude: set[fx.Node], pos: Mapping[fx.Node, int]) -> fx.Node:
+    # The nearest earlier realised node that the anchor does not keep alive longer than the graph
+    # already does: an fxswap token (a shared 0-byte tensor), a graph input (the caller holds it for
+    # the whole call), or an output still read at or after the load. Anchoring on a tensor whose
+    # last reader comes before the load would hold it until the load runs: memory the plan's
+    # liveness does not count (observed: a Linear output held across softmax and exp).
+    at = pos[before]
+    fallback: fx.Node | None = None
     n = before.prev
     while n.op != "root":
         if n not in exclude and _is_realised(n):
-            return n
+            if fallback is None:
+                fallback = n
+            if n.op == "placeholder" or n.target in (ops.load, ops.release):
+                return n
+            if any(pos.get(u, -1) >= at or u.op == "output" for u in n.users):
+                return n
         n = n.prev
+    if fallback is not None:
+        return fallback
     raise PlanError(
         f"no tensor precedes node `{before.name}` to anchor a load on; the graph has no tensor input"
     )
@@ -199,6 +214,7 @@ def insert_swaps(
         return by_name[name]
 
     swapped = [u for u in plan.units if not u.resident]
+    pos = {n: i for i, n in enumerate(graph.nodes)}
     # A swapped weight's placeholder is about to disappear: never anchor a load on it.
     swapped_phs = {ph for u in swapped for fqn in u.params for ph in ph_of.get(fqn, ())}
     for u in swapped:
@@ -210,7 +226,7 @@ def insert_swaps(
         n_rel = node(u.release_node, u.name, "release")
         tag = {"unit": u.name, "uid": uid}
 
-        anchor = _load_anchor(n_load, swapped_phs)
+        anchor = _load_anchor(n_load, swapped_phs, pos)
         # Node names carry the unit, so the rewritten code reads e.g. `fxswap_release_blocks_1 = ...`.
         label = u.name.replace(".", "_")
         with graph.inserting_before(n_load):

@@ -1,0 +1,201 @@
+"""Op workspace: bytes an op allocates and frees before it returns, beside its inputs and outputs.
+
+The plan counts them at the op that needs them (``OpInfo.workspace_bytes``), so that the planned
+peak is the peak of what really runs, not only of the tensors the graph names. Two sources:
+
+- :func:`probe_workspace` **measures** them on the device the model will run on: every distinct
+  op of the graph (target, argument shapes, strides and dtypes, constants) runs once on zero-filled
+  tensors under :func:`fxswap.oracle.measure`; its workspace is the measured peak minus the bytes of
+  the outputs the graph keeps. ``fxswap.compile`` does this once per captured signature (a few ms
+  per distinct op; a WAN block repeats the same ops, so a 40-block model probes about as many ops
+  as one block). Examples measured on this project's CPU machine (torch 2.13): CPU
+  flash attention's per-thread blocks and log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN
+  convolutions' reordered input and weight; the 0-dim tensors of Python-scalar arithmetic.
+- :func:`rule_workspace` **predicts** them where nothing can run (planning on ``meta`` tensors,
+  ``fxswap plan``), for a CUDA device. The rules (each the size of a documented temporary):
+
+  ====================================  ===================================================
+  op                                    workspace
+  ====================================  ===================================================
+  ``scaled_dot_product_attention``      log-sum-exp, fp32: batch * heads * Lq * 4 bytes
+                                        (flash and memory-efficient kernels return it; the
+                                        functional API drops it when the op returns)
+  ``layer_norm`` / ``group_norm``       mean and rstd, fp32: 2 * rows * 4 bytes
+  everything else                       0 (cuBLAS / cuDNN workspace is allocated once per
+                                        stream and stays: the plan's reserve covers it)
+  ====================================  ===================================================
+
+NOTE: probing runs the op on zeros, not on the call's values. Ops whose allocations depend on the
+values (``nonzero``, ``unique``) cannot be in a graph fxswap captures (``fullgraph=True`` with
+static shapes refuses them), so zeros allocate what the real values would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fxswap.ir import GraphIR
+from fxswap.oracle import Segments, measure_segments
+from fxswap.passes.analyse import target_name
+
+__all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
+
+_SDPA = ("scaled_dot_product_attention",)
+_NORM = ("layer_norm", "group_norm")
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
+
+
+def _example(node: fx.Node) -> Any:
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _new_storage_bytes(node: fx.Node, seen: set[int]) -> int:
+    # Bytes of output storages that no earlier node produced (views of an input are not new).
+    total = 0
+    for t in _tensors(_example(node)):
+        key = int(t.untyped_storage()._cdata)
+        if key not in seen:
+            seen.add(key)
+            total += int(t.untyped_storage().nbytes())
+    return total
+
+
+def rule_workspace(node: fx.Node) -> int:
+    """The predicted workspace of ``node`` on a CUDA device (see the module docstring's table)."""
+    if node.op not in _COMPUTE_OPS:
+        return 0
+    name = target_name(node).rsplit(".", 1)[-1]
+    args = [_example(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if name in _SDPA and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        q = args[0]
+        return math.prod(q.shape[:-1]) * 4
+    if name in _NORM and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+        if name == "layer_norm":
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape", ())
+            rows = x.numel() // max(1, math.prod(shape)) if isinstance(shape, (list, tuple)) else 0
+        else:
+            groups = node.args[1] if len(node.args) > 1 else node.kwargs.get("num_groups", 1)
+            rows = x.shape[0] * groups if x.dim() and isinstance(groups, int) else 0
+        return 2 * rows * 4
+    return 0
+
+
+def _materialise(value: Any, device: torch.device) -> Any:
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
+            return t.zero_() if t.numel() else t
+        return v
+
+    return pytree.tree_map(one, value)
+
+
+def _signature(node: fx.Node, args: Any, kwargs: Any) -> Any:
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
+        return repr(v)
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (node.op, str(node.target), str(spec), tuple(one(v) for v in leaves))
+
+
+def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
+    """Measured workspace of every op of ``gm`` on ``device``, by node name (ops without any: absent).
+
+    ``gm`` must carry Dynamo's ``example_value`` metadata (a capture's GraphModule, retargeted to
+    ``device``). Ops whose arguments are not all tensors or constants (a shape read at run time)
+    are not probed. Each distinct op runs once.
+
+    Raises:
+        ValueError: ``device`` is neither CPU nor CUDA (no allocator to read).
+    """
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"`device`={device}: workspace can be probed on 'cpu' or 'cuda' devices only")
+    seen_storages: set[int] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            _new_storage_bytes(n, seen_storages)
+    modules = dict(gm.named_modules())
+    todo: dict[Any, tuple[fx.Node, Any, Any]] = {}
+    probed: list[tuple[fx.Node, Any, int]] = []
+    for node in gm.graph.nodes:
+        if node.op not in _COMPUTE_OPS:
+            continue
+        new_bytes = _new_storage_bytes(node, seen_storages)
+        if node.target is operator.getitem or not _tensors(_example(node)):
+            continue
+        metas_ok = True
+
+        def arg_value(a: fx.Node) -> Any:
+            nonlocal metas_ok
+            v = _example(a)
+            leaves = pytree.tree_leaves(v)
+            if v is None or any(not isinstance(x, (torch.Tensor, int, float, bool)) for x in leaves):
+                metas_ok = False
+            return v
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), arg_value)
+        if not metas_ok:
+            continue
+        key = _signature(node, args, kwargs)
+        todo.setdefault(key, (node, args, kwargs))
+        probed.append((node, key, new_bytes))
+    keys = list(todo)
+    with torch.no_grad(), measure_segments(device) as seg:
+        for k, key in enumerate(keys):
+            node, args, kwargs = todo[key]
+            _run(seg, str(k), node, modules, args, kwargs, device)
+    peak = {key: seg.peaks[str(k)] for k, key in enumerate(keys)}
+    out: dict[str, int] = {}
+    for node, key, new_bytes in probed:
+        ws = peak[key] - new_bytes
+        if ws > 0:
+            out[node.name] = ws
+    return out
+
+
+def _run(
+    seg: Segments,
+    label: str,
+    node: fx.Node,
+    modules: Mapping[str, torch.nn.Module],
+    args: Any,
+    kwargs: Any,
+    device: torch.device,
+) -> None:
+    real_args, real_kwargs = _materialise((args, kwargs), device)
+    if node.op == "call_function":
+        fn: Any = node.target
+    elif node.op == "call_method":
+        self_obj, *rest = real_args
+        fn, real_args = getattr(self_obj, str(node.target)), tuple(rest)
+    else:
+        fn = modules[str(node.target)]
+    with seg.segment(label):
+        result = fn(*real_args, **real_kwargs)
+        del result
+
+
+def with_workspace(ir: GraphIR, workspace: Mapping[str, int]) -> GraphIR:
+    """``ir`` with each op's ``workspace_bytes`` set from ``workspace`` (by op name; others 0)."""
+    ops = tuple(dataclasses.replace(op, workspace_bytes=int(workspace.get(op.name, 0))) for op in ir.ops)
+    return dataclasses.replace(ir, ops=ops)
+
+
+def rules_for(gm: fx.GraphModule) -> dict[str, int]:
+    """:func:`rule_workspace` for every op of ``gm`` that has some, by node name."""
+    return {n.name: ws for n in gm.graph.nodes if (ws := rule_workspace(n)) > 0}
