@@ -46,7 +46,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.capture import dynamo_graph, input_names
-from fxswap.errors import CaptureError, FxswapError, PlanError
+from fxswap.errors import BudgetInfeasibleError, CaptureError, FxswapError, PlanError
+from fxswap.ir import BufferInfo, GraphIR
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
 from fxswap.monitoring import notify_step
 from fxswap.passes.analyse import PlaceholderRole, graph_ir
@@ -69,6 +70,35 @@ logger = logging.getLogger("fxswap.compiler")
 
 BACKENDS = ("inductor", "eager")
 MiB = 2**20
+GiB = 2**30
+# Re-plans on Inductor's measured activations before falling back to the least-memory schedule.
+_INDUCTOR_ROUNDS = 3
+
+
+def _input_buffer_names(cap: _Capture) -> set[str]:
+    # The IR names a graph input's buffer after its placeholder (passes.analyse.graph_ir).
+    return {
+        n.name for n, fqn in zip(_placeholders(cap.gm), cap.placeholder_params, strict=True) if fqn is None
+    }
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _merge_activations(a: GraphIR, b: GraphIR) -> GraphIR:
+    """An IR whose per-op activation bytes are the larger of ``a``'s and ``b``'s (no workspace)."""
+    from fxswap.passes.liveness import activation_profile
+
+    pa, pb = activation_profile(a), activation_profile(b)
+    return dataclasses.replace(
+        a,
+        ops=tuple(dataclasses.replace(o, workspace_bytes=0) for o in a.ops),
+        buffers=tuple(
+            BufferInfo(f"inductor@{o.name}", max(x, y), i, i)
+            for i, (o, x, y) in enumerate(zip(a.ops, pa, pb, strict=True))
+        ),
+    )
 
 
 class DeviceError(FxswapError, ValueError):
@@ -311,6 +341,9 @@ class _Entry:
     inputs: tuple[tuple[str, Any], ...]  # ("user", getter) | ("resident", fqn)
     resident: frozenset[str]
     cap: _Capture
+    ir: GraphIR | None = None  # what the plan was made from (workspace included)
+    options: PlanOptions | None = None  # the options it was made with (staging in the reserve)
+    unit_ids: dict[str, int] | None = None
 
 
 class SwapModule:
@@ -375,9 +408,10 @@ class SwapModule:
         return "" if gm is None else gm.code
 
     # -- building
-    def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
+    def _build(self, args: tuple[Any, ...], kwargs: dict[str, Any], root: dict[str, Any]) -> _Entry:
+        """Capture, plan and rewrite for one signature (``root``: the call in canonical form);
+        under Inductor also compile, against what Inductor really generates (_fit_inductor)."""
         from fxswap.passes.planner import build_plan
-        from fxswap.passes.rewrite import insert_swaps
 
         t0 = time.perf_counter()
         names = None if self._forward_sig is None else list(self._forward_sig.parameters)
@@ -387,6 +421,7 @@ class SwapModule:
         if cap.workspace is None:
             cap.workspace = probe_workspace(cap.gm, self.device)
         ir = with_workspace(cap.ir, cap.workspace)
+        opts = self.options
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))
             plan = self._given_plan
@@ -400,10 +435,39 @@ class SwapModule:
         else:
             # The staging tensor a storage-dtype cast holds beside the units (SwapRuntime docstring)
             # is planned as part of the reserve, counted at every op.
-            opts = self.options
             if staging:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
+            if self.backend == "inductor":
+                entry = self._fit_inductor(cap, ir, opts, root)
+                logger.info(
+                    "fxswap: planned and compiled %s in %.2f s: %s",
+                    type(self.model).__name__,
+                    time.perf_counter() - t0,
+                    entry.plan.summary(),
+                )
+                return entry
             plan = build_plan(ir, opts)
+        entry = self._make_entry(cap, plan, ir, opts)
+        if self.backend == "inductor":
+            entry = self._measured(entry, root)
+            if entry.plan.peak_bytes > plan.max_vram_bytes:
+                raise PlanError(
+                    f"`plan`: Inductor's program for it peaks at {entry.plan.peak_bytes} bytes, above the "
+                    f"plan's budget of {plan.max_vram_bytes} bytes (its memory model was the FX graph's). "
+                    "Fix: compile without `plan` so fxswap plans against Inductor's real buffers, or use "
+                    "backend='eager' with this plan."
+                )
+        logger.info(
+            "fxswap: planned %s in %.2f s: %s",
+            type(self.model).__name__,
+            time.perf_counter() - t0,
+            plan.summary(),
+        )
+        return entry
+
+    def _make_entry(self, cap: _Capture, plan: SwapPlan, ir: GraphIR, opts: PlanOptions) -> _Entry:
+        from fxswap.passes.rewrite import insert_swaps
+
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
         prefix = f"s{next(self._builds)}/"
         unit_ids = {
@@ -421,13 +485,104 @@ class SwapModule:
             elif fqn not in swapped:
                 inputs.append(("resident", fqn))
         resident = frozenset(f for k, f in inputs if k == "resident")
-        logger.info(
-            "fxswap: planned %s in %.2f s: %s",
-            type(self.model).__name__,
-            time.perf_counter() - t0,
-            plan.summary(),
+        return _Entry(plan, None, gm, tuple(inputs), resident, cap, ir=ir, options=opts, unit_ids=unit_ids)
+
+    def _flat(self, entry: _Entry, root: dict[str, Any]) -> list[Any]:
+        return [
+            get(root) if kind == "user" else self.runtime.resident(get, self._named[get])
+            for kind, get in entry.inputs
+        ]
+
+    def _measured(self, entry: _Entry, root: dict[str, Any]) -> _Entry:
+        """Compile ``entry`` with Inductor and account its plan by the generated program itself.
+
+        The program is replayed on fake tensors (:mod:`fxswap.replay`); the plan then carries the
+        activation bytes Inductor really holds at each op (fusion, buffer reuse, where each load
+        really runs) and its ``peak_bytes`` is that program's peak. Nothing runs on the device
+        except one probe per distinct extern kernel (its workspace).
+        """
+        from fxswap.passes.liveness import analyse_liveness
+        from fxswap.passes.simulate import simulate_memory, unit_windows
+        from fxswap.passes.validate import validate_plan
+        from fxswap.replay import inductor_activations, replay
+
+        assert entry.ir is not None and entry.unit_ids is not None
+        self._activate(entry)
+        flat = self._flat(entry, root)
+        fn = self._compile(entry, flat)
+        result = replay(fn, flat, self.device)
+        plan, ir = entry.plan, entry.ir
+        live = analyse_liveness(ir)
+        windows = unit_windows(plan.units)
+        held = sum(b.nbytes for b in ir.buffers if b.name in _input_buffer_names(entry.cap))
+        units_at = simulate_memory(live.act, windows, plan.reserve_bytes).swapped
+        event_ops: dict[tuple[str, int], int] = {}
+        for u in plan.units:
+            if not u.resident:
+                uid = entry.unit_ids[u.name]
+                event_ops[("load", uid)] = u.load_at or 0
+                event_ops[("wait", uid)] = u.wait_at or 0
+                event_ops[("release", uid)] = u.release_after or 0
+        act = inductor_activations(result, len(ir.ops), event_ops, units_at)
+        real_ir = dataclasses.replace(
+            ir,
+            ops=tuple(dataclasses.replace(o, workspace_bytes=0) for o in ir.ops),
+            buffers=tuple(
+                BufferInfo(f"inductor@{o.name}", a + held, i, i)
+                for i, (o, a) in enumerate(zip(ir.ops, act, strict=True))
+            ),
         )
-        return _Entry(plan, None, gm, tuple(inputs), resident, cap)
+        tl = simulate_memory(analyse_liveness(real_ir).act, windows, plan.reserve_bytes)
+        real = dataclasses.replace(
+            plan,
+            peak_bytes=tl.peak_bytes,
+            peak_op=ir.ops[tl.peak_op].name if tl.peak_op >= 0 else "",
+            activation_peak_bytes=max(tl.act, default=0),
+        )
+        if real.peak_bytes <= real.max_vram_bytes:
+            validate_plan(real_ir, real)
+        return dataclasses.replace(entry, plan=real, fn=fn, ir=real_ir)
+
+    def _fit_inductor(self, cap: _Capture, ir: GraphIR, opts: PlanOptions, root: dict[str, Any]) -> _Entry:
+        """Plan, compile and measure (by replay) until Inductor's real peak fits the budget.
+
+        1. Plan on the FX model; compile; replay. Fits: done.
+        2. Else re-plan on the activations the replay showed (merged with every earlier replay's,
+           so each round is at least as cautious as the last), at most ``_INDUCTOR_ROUNDS`` times.
+        3. Else (or when the FX model finds the budget infeasible) take the FX model's
+           minimum-memory schedule and measure it: if it fits, it is the plan; if not, its measured
+           peak is the smallest budget fxswap can deliver under Inductor, and the error says so.
+        """
+        from fxswap.passes.planner import build_plan, mode_min_vram_bytes
+
+        budget = opts.max_vram_bytes
+        model_ir = ir
+        for _ in range(_INDUCTOR_ROUNDS):
+            try:
+                plan = build_plan(model_ir, opts)
+            except BudgetInfeasibleError:
+                break
+            entry = self._measured(self._make_entry(cap, plan, ir, opts), root)
+            if entry.plan.peak_bytes <= budget:
+                return entry
+            assert entry.ir is not None
+            model_ir = _merge_activations(model_ir, entry.ir)
+        floor = mode_min_vram_bytes(ir, opts)
+        low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor))
+        entry = self._measured(self._make_entry(cap, low, ir, opts), root)
+        real_min = entry.plan.peak_bytes
+        if real_min <= budget:
+            plan = dataclasses.replace(entry.plan, max_vram_bytes=budget, min_vram_bytes=real_min)
+            return dataclasses.replace(entry, plan=plan)
+        raise BudgetInfeasibleError(
+            f"max_vram_bytes={budget} ({budget / GiB:.2f} GiB) is below the smallest budget that works "
+            f"for mode {opts.mode!r} under Inductor with this input: {real_min / GiB:.4f} GiB ({real_min} "
+            f"bytes), the measured peak of Inductor's program for the least-memory schedule (the FX "
+            f"model alone would say {floor} bytes). Fix: raise max_vram_gb to at least "
+            f"{real_min / GiB:.4f}, or use backend='eager' (minimum {floor} bytes), or a smaller input.",
+            min_vram_bytes=real_min,
+            mode=opts.mode,
+        )
 
     def _share_host_copies(self, names: set[str]) -> None:
         # NOTE: on CUDA the store pins a copy of each swapped weight. Pointing the model's tensor at
@@ -505,7 +660,7 @@ class SwapModule:
                     "compile with strict=False to plan each new signature."
                 )
             self._check_devices(args, kwargs)
-            entry = self._build(orig_args, orig_kwargs)
+            entry = self._build(orig_args, orig_kwargs, {"args": args, "kwargs": kwargs})
             try:
                 outs = self._run(entry, args, kwargs)
             except Exception as e:
@@ -542,11 +697,7 @@ class SwapModule:
     def _run(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._current = entry
         self._activate(entry)
-        root = {"args": args, "kwargs": kwargs}
-        flat = [
-            get(root) if kind == "user" else self.runtime.resident(get, self._named[get])
-            for kind, get in entry.inputs
-        ]
+        flat = self._flat(entry, {"args": args, "kwargs": kwargs})
         try:
             with torch.no_grad():
                 if entry.fn is None:

@@ -1,0 +1,326 @@
+"""What Inductor's program really holds: its generated wrapper replayed on fake tensors.
+
+The plan's activation model is the FX graph's (a buffer lives from its op to its last reader).
+Inductor's program differs in both directions: fusion never materialises most intermediates, while
+buffer reuse (``buf7 = buf2; del buf2  # reuse``) keeps a freed buffer alive until a later
+allocation of the same size takes it over. Neither can be read from the FX graph, so this module
+runs the generated ``call()`` itself, line by line, as Inductor wrote it, with
+
+- every tensor fake (``FakeTensorMode``): no device memory, no compute;
+- every fused kernel (``cpp_fused_*``, ``triton_*``) a no-op: kernels write into buffers the
+  wrapper allocated beforehand, so skipping them changes no allocation;
+- allocation helpers (``empty_strided_*``, ``reinterpret_tensor``, ``alloc_from_pool``) mapped to
+  their torch equivalents, which the fake mode serves;
+- extern kernels and ATen fallbacks (matmul, attention, convolution) run through their fake
+  kernels, and their internal workspace is measured once per distinct call on zero-filled tensors
+  on the device (:mod:`fxswap.workspace`);
+- the fxswap ops through their fake implementations: ``wait`` returns a unit's tensors, which live
+  until the wrapper drops its last reference to them, as on the device.
+
+A storage is allocated when the first tensor on it appears and freed when the last Python
+reference to a tensor on it dies (``weakref.finalize``), exactly when the real wrapper would hand
+it back to the allocator. The result is the call's allocation timeline above its inputs, with the
+moment of every fxswap op, which :func:`fxswap.replay.inductor_activations` turns into the
+per-op activation bytes the planner simulates.
+
+NOTE: the CPU wrapper's names are checked against torch 2.11-2.14 (``Runner.call``); a wrapper this
+module cannot replay raises :class:`ReplayError`, and ``fxswap.compile`` then refuses to promise a
+budget for that graph rather than guessing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fxswap.errors import FxswapError
+from fxswap.oracle import Segments, measure_segments
+
+__all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
+
+_KERNEL = re.compile(r"^(cpp_fused_|cpp_|triton_|kernel_cpp_)")
+_VIEW_OR_FREE = ("aten::view", "aten::_reinterpret", "aten::as_strided", "aten::t", "aten::permute")
+
+
+class ReplayError(FxswapError, RuntimeError):
+    """Inductor's generated code could not be replayed (an unknown wrapper construct)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FxswapEvent:
+    """One fxswap op in the replay: its kind, unit id and the allocation level when it ran."""
+
+    kind: str  # "load" | "wait" | "release"
+    uid: int
+    index: int  # position in ReplayResult.levels at which the op ran
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """``levels[j]``: bytes allocated by the call (above its inputs) after event j; ``events``: the
+    fxswap ops in the order the wrapper ran them."""
+
+    levels: tuple[int, ...]
+    events: tuple[FxswapEvent, ...]
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.levels, default=0)
+
+
+class _Noop:
+    """Stands for a compiled kernel: callable, and ``.run(...)`` for Triton launchers."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def run(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _Tracker(TorchDispatchMode):
+    """Sees every tensor the replay creates; counts storages in and out by reference lifetime."""
+
+    def __init__(self, device: torch.device, workspace: Callable[[Any, Any, Any], int]) -> None:
+        super().__init__()
+        self.device = device
+        self.workspace = workspace
+        self.level = 0
+        self.levels: list[int] = [0]
+        self.refs: dict[int, int] = {}  # storage key -> live tensor objects on it
+        self.sizes: dict[int, int] = {}
+        self.events: list[FxswapEvent] = []
+
+    def known(self, t: torch.Tensor) -> None:
+        # A tensor that exists before the call (input, resident weight): never counted.
+        self.refs.setdefault(int(t.untyped_storage()._cdata), 1 << 30)
+
+    def _note(self, t: torch.Tensor) -> None:
+        key = int(t.untyped_storage()._cdata)
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.sizes[key] = int(t.untyped_storage().nbytes())
+            self._move(self.sizes[key])
+        self.refs[key] += 1
+        weakref.finalize(t, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        n = self.refs.get(key)
+        if n is None:
+            return
+        if n <= 1:
+            del self.refs[key]
+            self._move(-self.sizes.pop(key, 0))
+        else:
+            self.refs[key] = n - 1
+
+    def _move(self, delta: int) -> None:
+        if delta:
+            self.level += delta
+            self.levels.append(self.level)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        ns = getattr(func, "namespace", "")
+        if ns == "fxswap":
+            kind = func._schema.name.split("::")[-1]
+            uid = int(args[0])
+            # The runtime allocates a unit's device tensors when its load is issued (the copy needs
+            # a destination); the fake wait creates them instead, so move them to the load here.
+            if kind == "load":
+                self._move(_unit_bytes(uid))
+            elif kind == "wait":
+                self._move(-_unit_bytes(uid))
+            out = func(*args, **kwargs)
+            self.events.append(FxswapEvent(kind, uid, len(self.levels) - 1))
+            ws = 0
+        else:
+            skip = "out" in kwargs or func._schema.name in _VIEW_OR_FREE
+            ws = 0 if skip else self.workspace(func, args, kwargs)
+            out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._note(t)
+        if ns != "fxswap" and ws:
+            # The op's scratch, live while it runs, beside its output (which it allocates first).
+            self._move(ws)
+            self._move(-ws)
+        return out
+
+
+def _unit_bytes(uid: int) -> int:
+    from fxswap import ops
+
+    meta = ops.lookup(uid).meta
+    return sum(
+        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
+    )
+
+
+def _call_of(compiled: Any) -> tuple[Any, dict[str, Any]]:
+    call = getattr(compiled, "current_callable", None)
+    if call is None:
+        raise ReplayError(
+            f"cannot find the generated wrapper of {compiled!r} (no current_callable); this torch "
+            "version's Inductor output is not supported for memory replay"
+        )
+    fn = getattr(call, "__func__", call)
+    return call, fn.__globals__
+
+
+def _workspace_prober(device: torch.device) -> tuple[Callable[[Any, Any, Any], int], Callable[[], None]]:
+    """An ATen-call workspace measurer with a per-signature cache (zeros on ``device``)."""
+    cache: dict[Any, int] = {}
+    pending: list[tuple[Any, Any, Any, Any]] = []
+
+    def key_of(func: Any, args: Any, kwargs: Any) -> Any:
+        def one(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
+            return repr(v)
+
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        return (str(func), str(spec), tuple(one(v) for v in leaves))
+
+    def probe(func: Any, args: Any, kwargs: Any) -> int:
+        key = key_of(func, args, kwargs)
+        if key not in cache:
+            cache[key] = _measure_one(func, args, kwargs, device)
+        return cache[key]
+
+    def flush() -> None:
+        pending.clear()
+
+    return probe, flush
+
+
+def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+
+        def real(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                t = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=device)
+                return t.zero_() if t.numel() else t
+            return v
+
+        r_args, r_kwargs = pytree.tree_map(real, (args, kwargs))
+        seg: Segments
+        with torch.no_grad(), measure_segments(device) as seg, seg.segment("op"):
+            out = func(*r_args, **r_kwargs)
+            out_bytes = sum(
+                t.untyped_storage().nbytes() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+            )
+            del out
+        return max(0, seg.peaks["op"] - int(out_bytes))
+
+
+def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> ReplayResult:
+    """Replay ``compiled`` (what ``compile_fx`` returned) on fakes of ``inputs``.
+
+    Args:
+        compiled: the callable ``torch._inductor.compile_fx.compile_fx`` returned.
+        inputs: the flat graph inputs of a call (tensors on ``device``, or fake/meta tensors).
+        device: the device the program runs on (op workspace is measured there).
+
+    Returns:
+        The :class:`ReplayResult`: bytes allocated during the call above its inputs, per event.
+
+    Raises:
+        ReplayError: the wrapper uses a construct this replay does not know.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call, glb = _call_of(compiled)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    probe, _flush = _workspace_prober(device)
+    tracker = _Tracker(device, probe)
+
+    def empty_strided(size: Any, stride: Any, dtype: Any = None, *a: Any, **k: Any) -> torch.Tensor:
+        return torch.empty_strided(size, stride, dtype=dtype, device=device)
+
+    def reinterpret(t: torch.Tensor, size: Any, stride: Any, offset: int = 0) -> torch.Tensor:
+        return t.as_strided(size, stride, t.storage_offset() + offset)
+
+    def alloc_from_pool(pool: torch.Tensor, offset: int, dtype: Any, size: Any, stride: Any) -> torch.Tensor:
+        return pool.view(torch.uint8)[offset:].view(dtype).as_strided(size, stride)
+
+    patched = dict(glb)
+    for name in list(patched):
+        if name.startswith("empty_strided"):
+            patched[name] = empty_strided
+        elif _KERNEL.match(name):
+            patched[name] = _Noop()
+    patched["reinterpret_tensor"] = reinterpret
+    patched["alloc_from_pool"] = alloc_from_pool
+    patched["assert_size_stride"] = _Noop()
+    patched["assert_alignment"] = _Noop()
+    fn = getattr(call, "__func__", call)
+    replayed = types.FunctionType(fn.__code__, patched, fn.__name__, fn.__defaults__, fn.__closure__)
+    owner = getattr(call, "__self__", None)
+    with fake_mode:
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    for x in fakes:
+        if isinstance(x, torch.Tensor):
+            tracker.known(x)
+    try:
+        with fake_mode, tracker, torch.no_grad():
+            args = list(fakes)
+            out = replayed(owner, args) if owner is not None else replayed(args)
+            del out
+    except ReplayError:
+        raise
+    except Exception as e:  # the generated code met something the replay does not model
+        raise ReplayError(f"replaying Inductor's generated code failed: {type(e).__name__}: {e}") from e
+    return ReplayResult(tuple(tracker.levels), tuple(tracker.events))
+
+
+def inductor_activations(
+    result: ReplayResult,
+    num_ops: int,
+    event_ops: dict[tuple[str, int], int],
+    units_at: Sequence[int],
+) -> list[int]:
+    """Per-FX-op activation bytes that make the plan's memory model equal the replayed program.
+
+    Args:
+        result: the replay of the program compiled from the plan.
+        num_ops: ops in the plan's graph.
+        event_ops: FX op index of each fxswap op, by ``(kind, uid)`` (load_at, wait_at, release_after).
+        units_at: bytes of swapped units the plan holds at each op (the simulator's ``swapped``).
+
+    Returns:
+        ``act[i]`` such that ``units_at[i] + act[i]`` is at least every allocation level the
+        program reaches while FX op ``i``'s stretch of the program runs, and equal to the highest.
+
+    The fxswap ops cut the replay into stretches; stretch ``j`` runs between two fxswap ops whose FX
+    positions bound the ops it executes. An op whose position Inductor moved earlier than planned
+    is mapped to the earlier FX position (the running minimum from the right), so a stretch is
+    never credited to ops after it ran.
+    """
+    marks = [(0, 0)]  # (level index, FX op) at the start of each stretch
+    pos = [event_ops.get((e.kind, e.uid), 0) for e in result.events]
+    for k in range(len(pos) - 2, -1, -1):
+        pos[k] = min(pos[k], pos[k + 1])
+    for e, p in zip(result.events, pos, strict=True):
+        marks.append((e.index, p))
+    act = [0] * num_ops
+    levels = result.levels
+    for j, (start, lo) in enumerate(marks):
+        end = marks[j + 1][0] if j + 1 < len(marks) else len(levels) - 1
+        hi = marks[j + 1][1] if j + 1 < len(marks) else num_ops - 1
+        top = max(levels[start : end + 1], default=0)
+        for i in range(max(0, lo), min(num_ops - 1, hi) + 1):
+            act[i] = max(act[i], top - units_at[i])
+    return act
