@@ -33,6 +33,7 @@ static shapes refuses them), so zeros allocate what the real values would.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import operator
 from collections.abc import Mapping
@@ -47,6 +48,8 @@ from fxswap.oracle import Segments, measure_segments
 from fxswap.passes.analyse import target_name
 
 __all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
+
+logger = logging.getLogger("fxswap.workspace")
 
 _SDPA = ("scaled_dot_product_attention",)
 _NORM = ("layer_norm", "group_norm")
@@ -185,9 +188,14 @@ def _run(
         fn, real_args = getattr(self_obj, str(node.target)), tuple(rest)
     else:
         fn = modules[str(node.target)]
-    with seg.segment(label):
-        result = fn(*real_args, **real_kwargs)
-        del result
+    try:
+        with seg.segment(label):
+            result = fn(*real_args, **real_kwargs)
+            del result
+    except Exception as e:
+        # An op that cannot run on these inputs (mixed dtypes the meta capture let through) fails
+        # the first real call too, which reports it against the signature; nothing to measure.
+        logger.debug("fxswap: workspace probe of %s failed: %s", node.name, e)
 
 
 def with_workspace(ir: GraphIR, workspace: Mapping[str, int]) -> GraphIR:
