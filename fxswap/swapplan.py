@@ -99,10 +99,15 @@ class PlanOptions:
 
     Attributes:
         mode: "layerwise", "chunkwise" or "adaptive" (see :mod:`fxswap.passes.partition`).
-        max_vram_bytes: the device budget; the simulated peak of the plan never exceeds it.
+        max_vram_bytes: the device budget; the plan's peak never exceeds it. The peak is that of
+            the program that runs: the caller's inputs for the whole call, each op's workspace
+            (measured on the device by ``fxswap.compile``), and under Inductor the buffers of the
+            generated code itself (``fxswap.replay``).
         block_size_bytes: the largest chunk in chunkwise mode; one of the sizes adaptive tries.
-        reserve_bytes: counted at every op inside the budget for cuBLAS/attention workspace and
-            caching-allocator slack (fragmentation, rounding to 2 MiB blocks). 256 MiB by default.
+        reserve_bytes: counted at every op inside the budget for what cannot be modelled: the
+            CUDA caching allocator's rounding and fragmentation, and library workspace allocated
+            once and kept (cuBLAS's per-stream workspace). Activations and op scratch are planned,
+            not reserved. 256 MiB by default; 0 is exact on the CPU.
         max_prefetch_depth: the most units ahead a load may be issued (0 = just before use); the
             planner searches depths 0..this by its cost model (:mod:`fxswap.passes.planner`).
             Default 16: with swapped units spread among resident ones, hiding a slow copy takes a
