@@ -383,7 +383,7 @@ class FxswapPipelineState:
             module = self._modules[name]
             sm.release()
             sm.runtime.close()
-            module.__class__ = type(module)._fxswap_cls
+            module.__class__ = type(module)._fxswap_cls  # type: ignore[attr-defined]
             module.__dict__.pop("_fxswap_route", None)
         for module in self._modules.values():
             if isinstance(module.__dict__.get("_hf_hook"), _ExecutionDevice):
