@@ -400,10 +400,12 @@ class SwapModule:
             plan = build_plan(cap.ir, opts)
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
         prefix = f"s{next(self._builds)}/"
+        from fxswap.progress import plan_line, progress
+
+        swapping = [u for u in plan.units if not u.resident]
         unit_ids = {
             u.name: self.runtime.add_unit(prefix + u.name, [(p, self._named[p]) for p in u.params])
-            for u in plan.units
-            if not u.resident
+            for u in progress(swapping, desc="fxswap: host copies (pinned on CUDA)", unit="unit")
         }
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         swapped = {p for u in plan.units if not u.resident for p in u.params}
@@ -415,12 +417,8 @@ class SwapModule:
             elif fqn not in swapped:
                 inputs.append(("resident", fqn))
         resident = frozenset(f for k, f in inputs if k == "resident")
-        logger.info(
-            "fxswap: planned %s in %.2f s: %s",
-            type(self.model).__name__,
-            time.perf_counter() - t0,
-            plan.summary(),
-        )
+        elapsed = time.perf_counter() - t0
+        logger.info("fxswap: %s planned in %.2f s: %s", type(self.model).__name__, elapsed, plan_line(plan))
         return _Entry(plan, None, gm, tuple(inputs), resident, cap)
 
     def _share_host_copies(self, names: set[str]) -> None:
@@ -447,7 +445,13 @@ class SwapModule:
         # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
         # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
         # after release k), which serialises transfer and compute. Fusion is unaffected.
-        with torch._inductor.config.patch(reorder_for_locality=False), torch.no_grad():
+        from fxswap.progress import stage
+
+        with (
+            stage("fxswap: compiling with Inductor"),
+            torch._inductor.config.patch(reorder_for_locality=False),
+            torch.no_grad(),
+        ):
             return compile_fx(entry.gm, flat)  # type: ignore[return-value]
 
     # -- calling

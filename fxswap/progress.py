@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
-__all__ = ["progress"]
+__all__ = ["plan_line", "progress", "stage"]
+
+GiB = 2**30
 
 _T = TypeVar("_T")
 
@@ -31,3 +34,25 @@ def progress(
     from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, unit=unit, total=total, disable=_disable(), leave=False, **kw)
+
+
+def plan_line(plan: Any) -> str:
+    """One log line for a plan (``SwapPlan.summary()`` is the multi-line form)."""
+    swapped = sum(not u.resident for u in plan.units)
+    return (
+        f"mode {plan.mode} ({plan.partition}), {len(plan.units)} units ({swapped} swapped, prefetch depth "
+        f"{plan.prefetch_depth}), resident {plan.resident_bytes / GiB:.2f} GiB, moved "
+        f"{plan.moved_bytes_per_call / GiB:.2f} GiB per call, predicted peak {plan.peak_bytes / GiB:.2f} of "
+        f"{plan.max_vram_bytes / GiB:.2f} GiB, predicted step {plan.predicted_step_ms:.1f} ms "
+        f"(waiting {plan.predicted_stall_ms:.1f} ms); minimum budget {plan.min_vram_bytes / GiB:.2f} GiB"
+    )
+
+
+@contextmanager
+def stage(desc: str) -> Iterator[None]:
+    """A one-step bar for a long step with no finer progress (it shows the elapsed time)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=desc, disable=_disable(), leave=False, bar_format="{desc}: {elapsed}") as bar:
+        yield
+        bar.update()

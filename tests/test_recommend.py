@@ -186,3 +186,41 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         for action in parser._actions:
             if action.dest != "help":
                 assert action.help, f"fxswap {cmd}: {action.option_strings or action.dest} has no help text"
+
+
+# ------------------------------------------------------------------------------ everyday output
+def test_progress_bars_quiet_unless_a_terminal_or_forced(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxswap.models.wan_checkpoint import load, save
+
+    cfg = wan.tiny_config("t2v", num_layers=2)
+    save(wan.build(cfg), tmp_path / "tiny.safetensors")
+    monkeypatch.delenv("FXSWAP_PROGRESS", raising=False)
+    load(tmp_path / "tiny.safetensors", config=cfg)  # stderr is not a terminal here: no bar
+    assert "loading tiny.safetensors" not in capsys.readouterr().err
+    monkeypatch.setenv("FXSWAP_PROGRESS", "1")
+    load(tmp_path / "tiny.safetensors", config=cfg)
+    assert "loading tiny.safetensors" in capsys.readouterr().err
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)]).eval()
+    fxswap.compile(model, mode="layerwise", max_vram_gb=10e3 / GiB, reserve_mb=0, backend="eager")(
+        torch.randn(2, 32)
+    )
+    assert "host copies" in capsys.readouterr().err
+    monkeypatch.setenv("FXSWAP_PROGRESS", "0")
+    load(tmp_path / "tiny.safetensors", config=cfg)
+    assert capsys.readouterr().err == ""
+
+
+def test_one_log_line_per_plan(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)]).eval()
+    sm = fxswap.compile(model, mode="layerwise", max_vram_gb=10e3 / GiB, reserve_mb=0, backend="eager")
+    with caplog.at_level(logging.INFO, logger="fxswap"):
+        sm(torch.randn(2, 32))
+        sm(torch.randn(2, 32))  # same signature: no new plan, no new line
+        sm(torch.randn(3, 32))  # a new signature: a new plan
+    lines = [r.getMessage() for r in caplog.records if "planned" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert sm.plans[0].mode == "layerwise" and "mode layerwise" in lines[0] and "predicted peak" in lines[0]

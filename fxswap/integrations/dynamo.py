@@ -115,6 +115,7 @@ def fxswap_backend(
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
+    from fxswap.progress import plan_line, stage
     from fxswap.runtime import SwapRuntime
 
     t0 = time.perf_counter()
@@ -171,7 +172,7 @@ def fxswap_backend(
     kept = [(i, r.weight) for i, r in enumerate(roles) if r.weight is None or r.weight not in swapped]
     _PLANS.append(plan)
     logger.info(
-        "fxswap (torch.compile backend): planned in %.2f s: %s", time.perf_counter() - t0, plan.summary()
+        "fxswap (torch.compile backend): planned in %.2f s: %s", time.perf_counter() - t0, plan_line(plan)
     )
 
     def inputs(args: Sequence[Any]) -> list[Any]:
@@ -190,7 +191,11 @@ def fxswap_backend(
         from torch._inductor.compile_fx import compile_fx
 
         # same Inductor settings as fxswap.compile (see SwapModule._compile)
-        with torch._inductor.config.patch(reorder_for_locality=False), torch.no_grad():
+        with (
+            stage("fxswap: compiling with Inductor"),
+            torch._inductor.config.patch(reorder_for_locality=False),
+            torch.no_grad(),
+        ):
             fn = compile_fx(new, inputs(example_inputs))  # type: ignore[assignment]
 
     def run(*args: Any) -> Any:
