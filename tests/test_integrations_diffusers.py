@@ -9,6 +9,7 @@ same pipeline object run without fxswap; ``output_type="latent"`` returns the de
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -206,21 +207,37 @@ class CountingBackend(CopyBackend):
 
 
 EAGER = {"backend": "eager", "reserve_mb": 0}
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def shared() -> tuple[Any, torch.Tensor]:
+    """One t2v pipeline for the module and its latents without fxswap. Captures are cached per model,
+    so the tests that enable fxswap on it with other settings do not capture it again."""
+    pipe = t2v_pipe()
+    ref = run(pipe, steps=STEPS)
+    assert ref.abs().max() > 0.1  # the latents depend on the weights at all
+    return pipe, ref
+
+
+@pytest.fixture
+def t2v(shared: tuple[Any, torch.Tensor]) -> Iterator[Any]:
+    pipe, _ = shared
+    yield pipe
+    fxd.disable(pipe)
 
 
 # ---------------------------------------------------------------------------------------- equality
-def test_t2v_latents_equal_without_fxswap() -> None:
-    pipe = t2v_pipe()
-    ref = run(pipe)
-    assert ref.abs().max() > 0.1  # the latents depend on the weights at all
+def test_t2v_latents_equal_without_fxswap(t2v: Any, shared: Any) -> None:
+    pipe, ref = t2v, shared[1]
     fxd.enable(pipe, max_vram_gb=_tight(pipe), mode="layerwise", **EAGER)
-    got = run(pipe)
+    got = run(pipe, steps=STEPS)
     assert torch.equal(got, ref)
     st = fxd.state(pipe)
     assert st is not None
     sm = st.swapped["transformer"]
     assert _swapped_units(sm) > 0, "the budget must force swaps for this test to mean anything"
-    assert sm.stats["calls"] == 6  # 3 steps x (cond + uncond)
+    assert sm.stats["calls"] == 2 * STEPS  # cond + uncond per step
     assert set(st.onloaded) == {"text_encoder", "vae"}
 
 
@@ -282,19 +299,19 @@ def test_encoder_larger_than_budget_is_swapped_and_output_unchanged() -> None:
         )  # fmt: skip
     )
     pipe.text_encoder = _randomise(big, 3)
-    ref = run(pipe, steps=2)
+    ref = run(pipe, steps=STEPS)
     budget = _tight(pipe)
     assert fxd._module_bytes(pipe.text_encoder) > budget * 2**30
     fxd.enable(pipe, max_vram_gb=budget, mode="layerwise", **EAGER)
     st = fxd.state(pipe)
     assert st is not None
     assert "text_encoder" in st.swapped and "text_encoder" not in st.onloaded
-    assert torch.equal(run(pipe, steps=2), ref)
+    assert torch.equal(run(pipe, steps=STEPS), ref)
     assert _swapped_units(st.swapped["text_encoder"]) > 0
 
 
-def test_encoders_onload_refuses_a_budget_the_encoder_does_not_fit() -> None:
-    pipe = t2v_pipe()
+def test_encoders_onload_refuses_a_budget_the_encoder_does_not_fit(t2v: Any) -> None:
+    pipe = t2v
     te_bytes = fxd._module_bytes(pipe.text_encoder)
     with pytest.raises(fxswap.BudgetInfeasibleError, match="text_encoder.*encoders='auto'"):
         fxd.enable(pipe, max_vram_gb=0.5 * te_bytes / 2**30, encoders="onload", **EAGER)
@@ -305,16 +322,15 @@ def test_encoders_onload_refuses_a_budget_the_encoder_does_not_fit() -> None:
 
 
 # ------------------------------------------------------------------------------------------ CFG
-def test_cfg_separate_moves_every_swapped_byte_twice_per_step_batched_once() -> None:
-    pipe = t2v_pipe()
-    ref = run(pipe, steps=2)
+def test_cfg_separate_moves_every_swapped_byte_twice_per_step_batched_once(t2v: Any, shared: Any) -> None:
+    pipe, ref = t2v, shared[1]
     moved = {}
     for cfg in ("separate", "batched"):
         backend = CountingBackend()
         fxd.enable(
             pipe, max_vram_gb=_tight(pipe), mode="layerwise", cfg=cfg, transfer_backend=backend, **EAGER
         )
-        got = run(pipe, steps=2)
+        got = run(pipe, steps=STEPS)
         st = fxd.state(pipe)
         assert st is not None
         sm = st.swapped["transformer"]
@@ -326,8 +342,8 @@ def test_cfg_separate_moves_every_swapped_byte_twice_per_step_batched_once() -> 
         )
         assert unit_bytes > 0
         calls_per_step = 2 if cfg == "separate" else 1
-        assert sm.stats["calls"] == 2 * calls_per_step
-        assert backend.bytes == 2 * calls_per_step * unit_bytes
+        assert sm.stats["calls"] == STEPS * calls_per_step
+        assert backend.bytes == STEPS * calls_per_step * unit_bytes
         moved[cfg] = backend.bytes
         if cfg == "separate":
             assert torch.equal(got, ref)
@@ -338,9 +354,10 @@ def test_cfg_separate_moves_every_swapped_byte_twice_per_step_batched_once() -> 
     assert moved["batched"] < moved["separate"]
 
 
-def test_cfg_auto_prices_both_schedules_and_picks_the_faster(caplog: pytest.LogCaptureFixture) -> None:
-    pipe = t2v_pipe()
-    ref = run(pipe, steps=2)
+def test_cfg_auto_prices_both_schedules_and_picks_the_faster(
+    t2v: Any, shared: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipe, ref = t2v, shared[1]
     # a slow link makes copies dominate: one copy per step must then win
     fxd.enable(pipe, max_vram_gb=_tight(pipe) * 1.5, mode="layerwise", cfg="auto", h2d_gbps=0.001, **EAGER)
     st = fxd.state(pipe)
@@ -354,10 +371,10 @@ def test_cfg_auto_prices_both_schedules_and_picks_the_faster(caplog: pytest.LogC
 
     st._run = spy  # type: ignore[method-assign]
     with caplog.at_level(logging.INFO, logger="fxswap.diffusers"):
-        got = run(pipe, steps=2)
+        got = run(pipe, steps=STEPS)
     (price,) = st.cfg_prices.values()
     sm = st.swapped["transformer"]
-    assert sm.stats["calls"] == 2 and [c["hidden_states"].shape[0] for c in calls] == [2, 2]
+    assert sm.stats["calls"] == STEPS and [c["hidden_states"].shape[0] for c in calls] == [2] * STEPS
     # the prices are the planner's predictions for a batch-1 and a batch-2 call, made here with fxswap.plan
     single_call = {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() else v) for k, v in calls[0].items()}
     plans = []
@@ -384,9 +401,8 @@ def test_cfg_auto_prices_both_schedules_and_picks_the_faster(caplog: pytest.LogC
 
 
 # ------------------------------------------------------------------------------- enable / disable
-def test_second_enable_replaces_the_first_and_disable_restores() -> None:
-    pipe = t2v_pipe()
-    ref = run(pipe, steps=2)
+def test_second_enable_replaces_the_first_and_disable_restores(t2v: Any, shared: Any) -> None:
+    pipe, ref = t2v, shared[1]
     fxd.enable(pipe, max_vram_gb=_tight(pipe), mode="layerwise", **EAGER)
     first = fxd.state(pipe)
     assert (
@@ -397,18 +413,18 @@ def test_second_enable_replaces_the_first_and_disable_restores() -> None:
     assert (second.mode, second.max_vram_gb) == ("chunkwise", 2 * _tight(pipe))
     # one routing layer, not two
     assert type(pipe.transformer).__mro__[1] is WanTransformer3DModel
-    assert torch.equal(run(pipe, steps=2), ref)
+    assert torch.equal(run(pipe, steps=STEPS), ref)
     assert first is not None and not first.swapped  # the first one's compiled models are gone
     (plan,) = second.swapped["transformer"].plans
     assert plan.mode == "chunkwise"
     fxd.disable(pipe)
     assert type(pipe.transformer) is WanTransformer3DModel
     assert "_hf_hook" not in pipe.vae.__dict__ and "encode_prompt" not in pipe.__dict__
-    assert torch.equal(run(pipe, steps=2), ref)
+    assert torch.equal(run(pipe, steps=STEPS), ref)
 
 
-def test_bad_arguments_name_the_argument_and_change_nothing() -> None:
-    pipe = t2v_pipe()
+def test_bad_arguments_name_the_argument_and_change_nothing(t2v: Any) -> None:
+    pipe = t2v
     fxd.enable(pipe, max_vram_gb=_tight(pipe), mode="layerwise", **EAGER)
     before = fxd.state(pipe)
     with pytest.raises(ValueError, match="`cfg`='twice'.*'separate'"):
@@ -422,8 +438,8 @@ def test_bad_arguments_name_the_argument_and_change_nothing() -> None:
         fxd.enable(object(), max_vram_gb=1)
 
 
-def test_infeasible_budget_names_the_minimum() -> None:
-    pipe = t2v_pipe()
+def test_infeasible_budget_names_the_minimum(t2v: Any) -> None:
+    pipe = t2v
     fxd.enable(pipe, max_vram_gb=1e-7, mode="layerwise", **EAGER)
     with pytest.raises(
         fxswap.BudgetInfeasibleError, match=r"pipe.text_encoder does not fit max_vram_gb=1e-07"

@@ -123,7 +123,8 @@ def test_nothing_fits_says_so_with_the_minimum() -> None:
 
 
 def test_card_memory_when_no_vram_given() -> None:
-    r = recommend(card="rtx4090", **{k: v for k, v in ARGS.items() if k != "card"})
+    # a coarse grid: the card's 24 GiB are far above this tiny graph's needs
+    r = recommend(card="rtx4090", **{**{k: v for k, v in ARGS.items() if k != "card"}, "step_gb": 4})
     assert r.vram_bytes == get_profile("rtx4090").vram_bytes
     assert "profile rtx4090" in r.vram_source
 
