@@ -452,3 +452,30 @@ def test_infeasible_budget_names_the_minimum(t2v: Any) -> None:
         run(pipe, steps=1)
     fxd.enable(pipe, max_vram_gb=e2.value.min_vram_bytes / 2**30, mode="layerwise", **EAGER)
     run(pipe, steps=1)
+
+
+def test_direct_call_with_return_dict_gives_diffusers_output_class(t2v: Any) -> None:
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    pipe = t2v
+    g = torch.Generator().manual_seed(3)
+    kw = {
+        "hidden_states": torch.randn(1, 16, 2, 4, 4, generator=g),
+        "timestep": torch.tensor([700.0]),
+        "encoder_hidden_states": torch.randn(1, 16, TEXT_DIM, generator=g),
+    }
+    with torch.no_grad():
+        want = pipe.transformer(**kw).sample
+    fxd.enable(pipe, max_vram_gb=_tight(pipe), mode="layerwise", **EAGER)
+    out = pipe.transformer(**kw)
+    assert isinstance(out, Transformer2DModelOutput)
+    assert torch.equal(out.sample, want)
+    assert torch.equal(pipe.transformer(**kw, return_dict=False)[0], want)
+
+
+@pytest.mark.slow
+def test_t2v_under_inductor_close_to_eager(t2v: Any, shared: Any) -> None:
+    """backend="inductor" (the default): Inductor fuses and reorders float ops, so not bitwise."""
+    pipe, ref = t2v, shared[1]
+    fxd.enable(pipe, max_vram_gb=_tight(pipe), mode="layerwise", reserve_mb=0)
+    torch.testing.assert_close(run(pipe, steps=STEPS), ref, rtol=1e-4, atol=1e-4)
