@@ -12,7 +12,11 @@ unchanged; fxswap takes over how each component reaches the device:
   their weights are copied in before the call and the device copies dropped after it. Before any of
   them runs, the transformers' resident weights are dropped, so every phase of the pipeline has the
   whole budget to itself. A text or image encoder whose weights (plus the planner's reserve) do not
-  fit the budget is swapped with :func:`fxswap.compile` like the transformers;
+  fit the budget is swapped with :func:`fxswap.compile` like the transformers. What is planned for
+  an on-loaded component is its weights plus the planner's reserve, not its activations (the VAE's
+  decode activations can be large): on CUDA each phase's allocator peak is recorded
+  (:attr:`FxswapPipelineState.phase_peaks`) and a phase above the budget is logged as a warning
+  with the fix;
 - diffusers finds the execution device through the ``_hf_hook.execution_device`` attribute it reads
   for its own offloading (``DiffusionPipeline._execution_device``), so latents and embeddings are
   made on the device while every weight stays on the host.
