@@ -122,7 +122,11 @@ class Recommendation:
             )
         else:
             b = self.setting("balanced")
-            lines += ["", f"  use: fxswap.compile(model, {b.compile_call()})"]
+            lines += [
+                "",
+                f"  use: fxswap.compile(model, {b.compile_call()})",
+                f"   or: fxswap.integrations.diffusers.enable(pipe, {b.compile_call()})",
+            ]
         return "\n".join(lines)
 
 
