@@ -455,8 +455,22 @@ class FxswapPipelineState:
             self._active = name
         bound = self._sigs[name].bind(module, *args, **kwargs)
         bound.apply_defaults()
-        call = dict(bound.arguments)
-        call.pop(next(iter(call)))  # self
+        call: dict[str, Any] = {}
+        for i, (k, v) in enumerate(bound.arguments.items()):
+            kind = bound.signature.parameters[k].kind
+            if i == 0:
+                continue  # self
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(v)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if not v:
+                    continue
+                raise TypeError(
+                    f"pipe.{name}.forward takes *{k}; fxswap passes the transformer's arguments by name. "
+                    "Fix: call it with keyword arguments only"
+                )  # pragma: no cover (WAN transformers have no *args)
+            else:
+                call[k] = v
         want_dict = bool(call.get("return_dict", True))
         call["return_dict"] = False
         try:
