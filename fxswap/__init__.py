@@ -35,6 +35,7 @@ _LAZY = {
     "load_plan": "fxswap.swapplan",
     "compile": "fxswap.compiler",
     "monitor": "fxswap.monitoring",
+    "recommend": "fxswap.recommendations",
 }
 
 __all__ = [

@@ -744,7 +744,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(PROFILES),
         help="comma-separated profile names or calibrated profile JSON paths",
     )
-    parser.add_argument("--policies", default=",".join(FXSWAP_POLICIES + PEER_POLICIES))
+    parser.add_argument(
+        "--policies",
+        default=",".join(FXSWAP_POLICIES + PEER_POLICIES),
+        help="comma-separated policies to simulate (default: all of "
+        f"{', '.join(FXSWAP_POLICIES + PEER_POLICIES)})",
+    )
     parser.add_argument("--reserve-mb", type=float, default=256.0, help="workspace reserve, MiB")
     parser.add_argument("--block-size-mb", type=float, default=300.0, help="chunkwise block size, MiB")
     parser.add_argument("--cache-dir", default=None, help="cache captured graphs as JSON here")

@@ -86,7 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size-mb", type=_positive_float, default=300.0, help="chunk size in MiB (default 300)"
     )
-    p.add_argument("--mode", choices=("layerwise", "chunkwise", "adaptive"), default="adaptive")
+    p.add_argument(
+        "--mode",
+        choices=("layerwise", "chunkwise", "adaptive"),
+        default="adaptive",
+        help="swap unit: one block (layerwise), runs of at most --block-size-mb (chunkwise), or the "
+        "planner's choice (adaptive, default)",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -143,7 +149,99 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_calibrate_arguments(c)
     c.set_defaults(handler=_cmd_calibrate, cmd_parser=c)
+
+    r = sub.add_parser(
+        "recommend",
+        help="balanced, memory-saving and fastest settings for a card, model and video size (planned)",
+        description=(
+            "Capture the model once on meta tensors and plan every mode at every budget from the smallest "
+            "that works to the card's usable memory; print the balanced, memory-saving and fastest settings "
+            "with their predicted peak and step time (simulator predictions, not measurements) and the "
+            "smallest budget that works. Without --vram (and --card) it reads the CUDA device's memory."
+        ),
+    )
+    r.add_argument(
+        "--vram",
+        type=_positive_float,
+        default=None,
+        metavar="GB",
+        help="the card's memory in GiB (default: the --card profile's, else the CUDA device's)",
+    )
+    r.add_argument("--model", default="wan2.1-t2v-14b", help="WAN config name (default wan2.1-t2v-14b)")
+    r.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=(832, 480),
+        metavar="WxH",
+        help="video size (default 832x480)",
+    )
+    r.add_argument("--frames", type=_positive_int, default=81, help="video frames, 1 + 4k (default 81)")
+    r.add_argument(
+        "--card",
+        default=None,
+        metavar="NAME|PROFILE.json",
+        help="price the plans with this card's copy and compute rates (a built-in name as for `fxswap plan "
+        "--card`, or a file written by `fxswap calibrate`); default: the planner's default rates",
+    )
+    r.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight storage dtype (default bf16)")
+    r.add_argument(
+        "--headroom-gb",
+        type=_non_negative_float,
+        default=None,
+        help="memory kept out of every budget (CUDA context, other programs); default 10%% of the card",
+    )
+    r.add_argument("--step-gb", type=_positive_float, default=1.0, help="budget grid step in GiB (default 1)")
+    r.add_argument(
+        "--layers",
+        type=_positive_int,
+        default=None,
+        help="keep only the first N transformer blocks (quick looks)",
+    )
+    r.set_defaults(handler=_cmd_recommend, cmd_parser=r)
     return parser
+
+
+def _cmd_recommend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fxswap.errors import FxswapError
+    from fxswap.models import wan
+    from fxswap.recommendations import NoCudaError, recommend
+
+    if args.model not in wan.CONFIGS:
+        parser.error(
+            f"argument --model: unknown model {args.model!r}; known: {', '.join(sorted(wan.CONFIGS))}"
+        )
+    width, height = args.resolution
+    try:
+        wan.latent_shape(wan.CONFIGS[args.model], args.frames, height, width)
+    except ValueError as e:
+        parser.error(f"argument --resolution/--frames: {e}")
+    if args.card is not None:
+        from fxswap.hardware import get_profile
+
+        try:
+            get_profile(args.card)
+        except (FxswapError, OSError, ValueError) as e:
+            parser.error(f"argument --card: {e}")
+    try:
+        rec = recommend(
+            args.vram,
+            model=args.model,
+            resolution=(width, height),
+            frames=args.frames,
+            card=args.card,
+            dtype=args.dtype,
+            headroom_gb=args.headroom_gb,
+            step_gb=args.step_gb,
+            layers=args.layers,
+            progress=lambda msg: print(msg, file=sys.stderr) if sys.stderr.isatty() else None,
+        )
+    except NoCudaError as e:
+        print(f"fxswap recommend: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        parser.error(str(e))
+    print(rec.report())
+    return 0 if rec.settings else EXIT_INFEASIBLE
 
 
 def _cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

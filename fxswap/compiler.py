@@ -46,8 +46,9 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.capture import dynamo_graph, input_names
-from fxswap.errors import BudgetInfeasibleError, CaptureError, FxswapError, PlanError
-from fxswap.ir import BufferInfo, GraphIR
+from fxswap.errors import CaptureError, FxswapError, PlanError
+from fxswap.fit import Built, account, fit
+from fxswap.ir import GraphIR
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
 from fxswap.monitoring import notify_step
 from fxswap.passes.analyse import PlaceholderRole, graph_ir
@@ -71,8 +72,24 @@ logger = logging.getLogger("fxswap.compiler")
 BACKENDS = ("inductor", "eager")
 MiB = 2**20
 GiB = 2**30
-# Re-plans on Inductor's measured activations before falling back to the least-memory schedule.
-_INDUCTOR_ROUNDS = 3
+
+
+def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., Any]:
+    """Inductor on a rewritten graph, with the settings the fxswap ops need (one place for both
+    ``fxswap.compile`` and the ``torch.compile`` backend)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from fxswap.progress import stage
+
+    # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
+    # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
+    # after release k), which serialises transfer and compute. Fusion is unaffected.
+    with (
+        stage("fxswap: compiling with Inductor"),
+        torch._inductor.config.patch(reorder_for_locality=False),
+        torch.no_grad(),
+    ):
+        return compile_fx(gm, list(flat))  # type: ignore[return-value]
 
 
 def _input_buffer_names(cap: _Capture) -> set[str]:
@@ -84,21 +101,6 @@ def _input_buffer_names(cap: _Capture) -> set[str]:
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
-
-
-def _merge_activations(a: GraphIR, b: GraphIR) -> GraphIR:
-    """An IR whose per-op activation bytes are the larger of ``a``'s and ``b``'s (no workspace)."""
-    from fxswap.passes.liveness import activation_profile
-
-    pa, pb = activation_profile(a), activation_profile(b)
-    return dataclasses.replace(
-        a,
-        ops=tuple(dataclasses.replace(o, workspace_bytes=0) for o in a.ops),
-        buffers=tuple(
-            BufferInfo(f"inductor@{o.name}", max(x, y), i, i)
-            for i, (o, x, y) in enumerate(zip(a.ops, pa, pb, strict=True))
-        ),
-    )
 
 
 class DeviceError(FxswapError, ValueError):
@@ -412,6 +414,7 @@ class SwapModule:
         """Capture, plan and rewrite for one signature (``root``: the call in canonical form);
         under Inductor also compile, against what Inductor really generates (_fit_inductor)."""
         from fxswap.passes.planner import build_plan
+        from fxswap.progress import plan_line
 
         t0 = time.perf_counter()
         names = None if self._forward_sig is None else list(self._forward_sig.parameters)
@@ -439,11 +442,12 @@ class SwapModule:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
             if self.backend == "inductor":
                 entry = self._fit_inductor(cap, ir, opts, root)
+                elapsed = time.perf_counter() - t0
                 logger.info(
-                    "fxswap: planned and compiled %s in %.2f s: %s",
+                    "fxswap: %s planned and compiled in %.2f s: %s",
                     type(self.model).__name__,
-                    time.perf_counter() - t0,
-                    entry.plan.summary(),
+                    elapsed,
+                    plan_line(entry.plan),
                 )
                 return entry
             plan = build_plan(ir, opts)
@@ -457,12 +461,9 @@ class SwapModule:
                     "Fix: compile without `plan` so fxswap plans against Inductor's real buffers, or use "
                     "backend='eager' with this plan."
                 )
-        logger.info(
-            "fxswap: planned %s in %.2f s: %s",
-            type(self.model).__name__,
-            time.perf_counter() - t0,
-            plan.summary(),
-        )
+        elapsed = time.perf_counter() - t0
+        name = type(self.model).__name__
+        logger.info("fxswap: %s planned in %.2f s: %s", name, elapsed, plan_line(entry.plan))
         return entry
 
     def _make_entry(self, cap: _Capture, plan: SwapPlan, ir: GraphIR, opts: PlanOptions) -> _Entry:
@@ -470,10 +471,12 @@ class SwapModule:
 
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
         prefix = f"s{next(self._builds)}/"
+        from fxswap.progress import progress
+
+        swapping = [u for u in plan.units if not u.resident]
         unit_ids = {
             u.name: self.runtime.add_unit(prefix + u.name, [(p, self._named[p]) for p in u.params])
-            for u in plan.units
-            if not u.resident
+            for u in progress(swapping, desc="fxswap: host copies (pinned on CUDA)", unit="unit")
         }
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         swapped = {p for u in plan.units if not u.resident for p in u.params}
@@ -493,96 +496,30 @@ class SwapModule:
             for kind, get in entry.inputs
         ]
 
-    def _measured(self, entry: _Entry, root: dict[str, Any]) -> _Entry:
-        """Compile ``entry`` with Inductor and account its plan by the generated program itself.
-
-        The program is replayed on fake tensors (:mod:`fxswap.replay`); the plan then carries the
-        activation bytes Inductor really holds at each op (fusion, buffer reuse, where each load
-        really runs) and its ``peak_bytes`` is that program's peak. Nothing runs on the device
-        except one probe per distinct extern kernel (its workspace).
-        """
-        from fxswap.passes.liveness import analyse_liveness
-        from fxswap.passes.simulate import simulate_memory, unit_windows
-        from fxswap.passes.validate import validate_plan
-        from fxswap.replay import inductor_activations, replay
-
-        assert entry.ir is not None and entry.unit_ids is not None
+    def _built(self, entry: _Entry, root: dict[str, Any]) -> Built[_Entry]:
+        """Compile ``entry`` with Inductor: what :mod:`fxswap.fit` replays."""
+        assert entry.unit_ids is not None
         self._activate(entry)
         flat = self._flat(entry, root)
-        fn = self._compile(entry, flat)
-        result = replay(fn, flat, self.device)
-        plan, ir = entry.plan, entry.ir
-        live = analyse_liveness(ir)
-        windows = unit_windows(plan.units)
-        held = sum(b.nbytes for b in ir.buffers if b.name in _input_buffer_names(entry.cap))
-        units_at = simulate_memory(live.act, windows, plan.reserve_bytes).swapped
-        event_ops: dict[tuple[str, int], int] = {}
-        for u in plan.units:
-            if not u.resident:
-                uid = entry.unit_ids[u.name]
-                event_ops[("load", uid)] = u.load_at or 0
-                event_ops[("wait", uid)] = u.wait_at or 0
-                event_ops[("release", uid)] = u.release_after or 0
-        act = inductor_activations(result, len(ir.ops), event_ops, units_at)
-        real_ir = dataclasses.replace(
-            ir,
-            ops=tuple(dataclasses.replace(o, workspace_bytes=0) for o in ir.ops),
-            buffers=tuple(
-                BufferInfo(f"inductor@{o.name}", a + held, i, i)
-                for i, (o, a) in enumerate(zip(ir.ops, act, strict=True))
-            ),
-        )
-        tl = simulate_memory(analyse_liveness(real_ir).act, windows, plan.reserve_bytes)
-        real = dataclasses.replace(
-            plan,
-            peak_bytes=tl.peak_bytes,
-            peak_op=ir.ops[tl.peak_op].name if tl.peak_op >= 0 else "",
-            activation_peak_bytes=max(tl.act, default=0),
-        )
-        if real.peak_bytes <= real.max_vram_bytes:
-            validate_plan(real_ir, real)
-        return dataclasses.replace(entry, plan=real, fn=fn, ir=real_ir)
+        return Built(entry, self._compile(entry, flat), flat, entry.unit_ids)
+
+    def _measured(self, entry: _Entry, root: dict[str, Any]) -> _Entry:
+        """``entry`` compiled, its plan accounted by Inductor's generated program (fxswap.fit)."""
+        assert entry.ir is not None
+        built = self._built(entry, root)
+        plan, ir = account(entry.plan, entry.ir, built, _input_buffer_names(entry.cap), self.device)
+        return dataclasses.replace(entry, plan=plan, fn=built.fn, ir=ir)
 
     def _fit_inductor(self, cap: _Capture, ir: GraphIR, opts: PlanOptions, root: dict[str, Any]) -> _Entry:
-        """Plan, compile and measure (by replay) until Inductor's real peak fits the budget.
-
-        1. Plan on the FX model; compile; replay. Fits: done.
-        2. Else re-plan on the activations the replay showed (merged with every earlier replay's,
-           so each round is at least as cautious as the last), at most ``_INDUCTOR_ROUNDS`` times.
-        3. Else (or when the FX model finds the budget infeasible) take the FX model's
-           minimum-memory schedule and measure it: if it fits, it is the plan; if not, its measured
-           peak is the smallest budget fxswap can deliver under Inductor, and the error says so.
-        """
-        from fxswap.passes.planner import build_plan, mode_min_vram_bytes
-
-        budget = opts.max_vram_bytes
-        model_ir = ir
-        for _ in range(_INDUCTOR_ROUNDS):
-            try:
-                plan = build_plan(model_ir, opts)
-            except BudgetInfeasibleError:
-                break
-            entry = self._measured(self._make_entry(cap, plan, ir, opts), root)
-            if entry.plan.peak_bytes <= budget:
-                return entry
-            assert entry.ir is not None
-            model_ir = _merge_activations(model_ir, entry.ir)
-        floor = mode_min_vram_bytes(ir, opts)
-        low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor))
-        entry = self._measured(self._make_entry(cap, low, ir, opts), root)
-        real_min = entry.plan.peak_bytes
-        if real_min <= budget:
-            plan = dataclasses.replace(entry.plan, max_vram_bytes=budget, min_vram_bytes=real_min)
-            return dataclasses.replace(entry, plan=plan)
-        raise BudgetInfeasibleError(
-            f"max_vram_bytes={budget} ({budget / GiB:.2f} GiB) is below the smallest budget that works "
-            f"for mode {opts.mode!r} under Inductor with this input: {real_min / GiB:.4f} GiB ({real_min} "
-            f"bytes), the measured peak of Inductor's program for the least-memory schedule (the FX "
-            f"model alone would say {floor} bytes). Fix: raise max_vram_gb to at least "
-            f"{real_min / GiB:.4f}, or use backend='eager' (minimum {floor} bytes), or a smaller input.",
-            min_vram_bytes=real_min,
-            mode=opts.mode,
+        """Plan, compile and replay until Inductor's real peak fits the budget (:func:`fxswap.fit.fit`)."""
+        built, plan = fit(
+            ir,
+            opts,
+            lambda p: self._built(self._make_entry(cap, p, ir, opts), root),
+            _input_buffer_names(cap),
+            self.device,
         )
+        return dataclasses.replace(built.handle, plan=plan, fn=built.fn)
 
     def _share_host_copies(self, names: set[str]) -> None:
         # NOTE: on CUDA the store pins a copy of each swapped weight. Pointing the model's tensor at
@@ -603,13 +540,7 @@ class SwapModule:
         self.stats["compiles"] += 1
         if self.backend == "eager":
             return entry.gm.forward
-        from torch._inductor.compile_fx import compile_fx
-
-        # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
-        # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
-        # after release k), which serialises transfer and compute. Fusion is unaffected.
-        with torch._inductor.config.patch(reorder_for_locality=False), torch.no_grad():
-            return compile_fx(entry.gm, flat)  # type: ignore[return-value]
+        return compile_inductor(entry.gm, flat)
 
     # -- calling
     def _activate(self, entry: _Entry) -> None:

@@ -1056,7 +1056,10 @@ def load(
     skeleton = wan.build(cfg, device="meta", dtype=compute)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     _check_keys(expected, sd, strict, str(info.path))
-    tensors = {k: _materialise(sd, info, k, expected[k][1], dev) for k in expected}
+    from fxswap.progress import progress
+
+    loading = progress(expected, desc=f"loading {info.path.name}", unit="tensor", total=len(expected))
+    tensors = {k: _materialise(sd, info, k, expected[k][1], dev) for k in loading}
     skeleton.load_state_dict(tensors, strict=True, assign=True)
     if dev.type != "meta":
         _check_materialised(skeleton, str(info.path))

@@ -1,0 +1,156 @@
+"""Plans that hold under Inductor: plan, compile, replay the generated program, re-plan until it fits.
+
+Shared by :class:`fxswap.compiler.SwapModule` and the ``torch.compile`` backend
+(:mod:`fxswap.integrations.dynamo`). The caller supplies ``build(plan)``, which registers the plan's
+units, rewrites and compiles the graph and returns what the replay needs; this module decides which
+plans to try and what the plan finally promises. The memory model behind it is in
+``docs/memory_model.md``.
+
+1. Plan on the FX model; build; replay. The program's peak fits the budget: done.
+2. Else re-plan on the activations the replay showed (merged with every earlier round's, so each
+   round is at least as cautious as the last), at most :data:`ROUNDS` times.
+3. Else (or when the FX model finds the budget infeasible) take the FX model's least-memory
+   schedule and measure it: if it fits, it is the plan; if not, its measured peak is the smallest
+   budget fxswap can deliver under Inductor, and :class:`fxswap.errors.BudgetInfeasibleError` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from fxswap.errors import BudgetInfeasibleError
+from fxswap.ir import BufferInfo, GraphIR
+from fxswap.swapplan import PlanOptions, SwapPlan
+
+__all__ = ["ROUNDS", "Built", "account", "fit"]
+
+GiB = 2**30
+# Re-plans on Inductor's measured activations before falling back to the least-memory schedule.
+ROUNDS = 3
+
+H = TypeVar("H")
+
+
+@dataclass
+class Built(Generic[H]):
+    """What ``build(plan)`` returns: the caller's handle, the compiled program, the flat inputs of a
+    call (resident weights on the device, the caller's tensors) and the units' op ids."""
+
+    handle: H
+    fn: Callable[..., Any]
+    flat: Sequence[Any]
+    unit_ids: Mapping[str, int]
+
+
+def _per_op(ir: GraphIR, act: Sequence[int]) -> GraphIR:
+    return dataclasses.replace(
+        ir,
+        ops=tuple(dataclasses.replace(o, workspace_bytes=0) for o in ir.ops),
+        buffers=tuple(
+            BufferInfo(f"inductor@{o.name}", a, i, i)
+            for i, (o, a) in enumerate(zip(ir.ops, act, strict=True))
+        ),
+    )
+
+
+def account(
+    plan: SwapPlan,
+    ir: GraphIR,
+    built: Built[Any],
+    input_buffers: Collection[str],
+    device: torch.device,
+) -> tuple[SwapPlan, GraphIR]:
+    """The plan as Inductor's program really holds it, and the per-op activations that say so.
+
+    The program is replayed on fake tensors (:mod:`fxswap.replay`); the returned plan's
+    ``peak_bytes`` is that program's peak (plus resident weights, reserve and the caller's inputs,
+    named by ``input_buffers``), and the returned IR's activation profile reproduces it in the
+    plan's simulator. The plan is validated against that IR when it fits its budget.
+    """
+    from fxswap.passes.liveness import activation_profile, analyse_liveness
+    from fxswap.passes.simulate import simulate_memory, unit_windows
+    from fxswap.passes.validate import validate_plan
+    from fxswap.replay import inductor_activations, replay
+
+    result = replay(built.fn, list(built.flat), device)
+    windows = unit_windows(plan.units)
+    held = sum(b.nbytes for b in ir.buffers if b.name in input_buffers)
+    units_at = simulate_memory(analyse_liveness(ir).act, windows, plan.reserve_bytes).swapped
+    event_ops: dict[tuple[str, int], int] = {}
+    for u in plan.units:
+        if not u.resident:
+            uid = built.unit_ids[u.name]
+            event_ops[("load", uid)] = u.load_at or 0
+            event_ops[("wait", uid)] = u.wait_at or 0
+            event_ops[("release", uid)] = u.release_after or 0
+    act = inductor_activations(result, len(ir.ops), event_ops, units_at)
+    real_ir = _per_op(ir, [a + held for a in act])
+    tl = simulate_memory(activation_profile(real_ir), windows, plan.reserve_bytes)
+    real = dataclasses.replace(
+        plan,
+        peak_bytes=tl.peak_bytes,
+        peak_op=ir.ops[tl.peak_op].name if tl.peak_op >= 0 else "",
+        activation_peak_bytes=max(tl.act, default=0),
+    )
+    if real.peak_bytes <= real.max_vram_bytes:
+        validate_plan(real_ir, real)
+    return real, real_ir
+
+
+def _merge(a: GraphIR, b: GraphIR) -> GraphIR:
+    from fxswap.passes.liveness import activation_profile
+
+    return _per_op(a, [max(x, y) for x, y in zip(activation_profile(a), activation_profile(b), strict=True)])
+
+
+def fit(
+    ir: GraphIR,
+    opts: PlanOptions,
+    build: Callable[[SwapPlan], Built[H]],
+    input_buffers: Collection[str],
+    device: torch.device,
+) -> tuple[Built[H], SwapPlan]:
+    """Plan ``ir`` under ``opts`` so that Inductor's real program fits (see the module docstring).
+
+    Returns:
+        The build that fits and its plan, accounted by :func:`account`.
+
+    Raises:
+        BudgetInfeasibleError: even the least-memory schedule's program peaks above the budget;
+            ``min_vram_bytes`` is that measured peak.
+    """
+    from fxswap.passes.planner import build_plan, mode_min_vram_bytes
+
+    budget = opts.max_vram_bytes
+    model_ir = ir
+    for _ in range(ROUNDS):
+        try:
+            plan = build_plan(model_ir, opts)
+        except BudgetInfeasibleError:
+            break
+        built = build(plan)
+        real, real_ir = account(plan, ir, built, input_buffers, device)
+        if real.peak_bytes <= budget:
+            return built, real
+        model_ir = _merge(model_ir, real_ir)
+    floor = mode_min_vram_bytes(ir, opts)
+    low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor))
+    built = build(low)
+    real, _ = account(low, ir, built, input_buffers, device)
+    real_min = real.peak_bytes
+    if real_min <= budget:
+        return built, dataclasses.replace(real, max_vram_bytes=budget, min_vram_bytes=real_min)
+    raise BudgetInfeasibleError(
+        f"max_vram_bytes={budget} ({budget / GiB:.2f} GiB) is below the smallest budget that works "
+        f"for mode {opts.mode!r} under Inductor with this input: {real_min / GiB:.4f} GiB ({real_min} "
+        f"bytes), the measured peak of Inductor's program for the least-memory schedule (the FX "
+        f"model alone would say {floor} bytes). Fix: raise max_vram_gb to at least "
+        f"{real_min / GiB:.4f}, or use backend='eager' (minimum {floor} bytes), or a smaller input.",
+        min_vram_bytes=real_min,
+        mode=opts.mode,
+    )

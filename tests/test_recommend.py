@@ -1,0 +1,227 @@
+"""``fxswap.recommend`` and ``fxswap recommend``: every figure is what the planner gives for that setting.
+
+The model is WAN 1.3B cut to 2 blocks at 256x256, 9 frames (a graph that plans in milliseconds); the
+card is the rtx4090 profile's rates with a small memory so that the budget grid crosses from
+"everything swapped" to "everything resident". Expected figures are made here with ``fxswap.plan``
+on a separately built meta model, not taken from the recommendation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+import fxswap
+import fxswap.capture
+from fxswap.api import make_options, plan_traced
+from fxswap.cli import _parser, main
+from fxswap.costmodel import plan_rates
+from fxswap.hardware import get_profile
+from fxswap.models import wan
+from fxswap.recommendations import NoCudaError, Recommendation, recommend
+
+GiB = 2**30
+ARGS: dict[str, Any] = {
+    "model": "wan2.1-t2v-1.3b",
+    "layers": 2,
+    "resolution": (256, 256),
+    "frames": 9,
+    "card": "rtx4090",
+    "step_gb": 0.05,
+}
+VRAM_GB = 0.8
+
+
+@pytest.fixture(scope="module")
+def rec() -> Recommendation:
+    return recommend(VRAM_GB, **ARGS)
+
+
+@pytest.fixture(scope="module")
+def meta_model() -> Any:
+    """A separate capture of the same model and input (fxswap.trace on a fresh meta build)."""
+    model = wan.build("wan2.1-t2v-1.3b", device="meta", dtype=torch.bfloat16, num_layers=2)
+    inputs = wan.example_inputs(
+        model.config, frames=9, height=256, width=256, device="meta", dtype=torch.bfloat16
+    )
+    return fxswap.trace(model, **inputs)
+
+
+def _plan(traced: Any, mode: str, gb: float, block: float) -> Any:
+    # the card's rates as `fxswap plan --card rtx4090` passes them
+    opts = make_options(mode=mode, max_vram_gb=gb, block_size_mb=block, **plan_rates(get_profile("rtx4090")))
+    return plan_traced(traced, opts)
+
+
+def test_three_settings_each_as_the_planner_predicts(rec: Recommendation, meta_model: Any) -> None:
+    assert [s.label for s in rec.settings] == ["balanced", "memory-saving", "fastest"]
+    assert rec.usable_bytes == int(0.9 * VRAM_GB * GiB)
+    for s in rec.settings:
+        p = _plan(meta_model, s.mode, s.max_vram_gb, s.block_size_mb)
+        assert (s.peak_bytes, s.moved_bytes_per_call, s.resident_bytes) == (
+            p.peak_bytes,
+            p.moved_bytes_per_call,
+            p.resident_bytes,
+        )
+        assert s.predicted_step_ms == pytest.approx(p.predicted_step_ms)
+        assert s.peak_bytes <= s.max_vram_gb * GiB <= rec.usable_bytes
+    saving, balanced, fastest = (rec.setting(n) for n in ("memory-saving", "balanced", "fastest"))
+    assert saving.max_vram_gb <= balanced.max_vram_gb <= fastest.max_vram_gb
+    assert fastest.predicted_step_ms <= min(s.predicted_step_ms for s in rec.settings) + 1e-9
+    assert saving.predicted_step_ms <= 1.25 * fastest.predicted_step_ms
+    assert balanced.predicted_step_ms <= 1.05 * fastest.predicted_step_ms
+
+
+def test_fastest_is_not_beaten_by_other_settings(rec: Recommendation, meta_model: Any) -> None:
+    # a brute force over budgets off the recommendation's grid and every mode
+    fastest = rec.setting("fastest")
+    usable_gb = rec.usable_bytes / GiB
+    for frac in (0.55, 0.7, 0.85, 1.0):
+        gb = usable_gb * frac
+        for mode, block in (("layerwise", 300), ("chunkwise", 100), ("chunkwise", 800), ("adaptive", 300)):
+            try:
+                p = _plan(meta_model, mode, gb, block)
+            except fxswap.BudgetInfeasibleError:
+                continue
+            assert p.predicted_step_ms >= fastest.predicted_step_ms * (1 - 1e-6), (mode, gb, block)
+
+
+def test_smallest_budget_is_the_planners_minimum(rec: Recommendation, meta_model: Any) -> None:
+    gb = rec.min_vram_bytes / GiB
+    assert _plan(meta_model, rec.min_mode, gb, 300).peak_bytes <= rec.min_vram_bytes
+    with pytest.raises(fxswap.BudgetInfeasibleError):
+        _plan(meta_model, rec.min_mode, (rec.min_vram_bytes - 2**20) / GiB, 300)
+    for mode, b in rec.min_by_mode.items():
+        assert b >= rec.min_vram_bytes
+        assert mode in ("adaptive", "layerwise", "chunkwise")
+
+
+def test_captures_once_for_all_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = fxswap.capture.trace
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fxswap.capture, "trace", counting)
+    r = recommend(VRAM_GB, **ARGS)
+    assert len(calls) == 1
+    assert r.plans_made > 10
+
+
+def test_nothing_fits_says_so_with_the_minimum() -> None:
+    r = recommend(0.2, **ARGS)
+    assert r.settings == ()
+    text = r.report()
+    assert "nothing fits" in text and f"{r.min_vram_bytes / GiB:.2f} GiB" in text
+    with pytest.raises(KeyError, match="balanced"):
+        r.setting("balanced")
+
+
+def test_card_memory_when_no_vram_given() -> None:
+    # a coarse grid: the card's 24 GiB are far above this tiny graph's needs
+    r = recommend(card="rtx4090", **{**{k: v for k, v in ARGS.items() if k != "card"}, "step_gb": 4})
+    assert r.vram_bytes == get_profile("rtx4090").vram_bytes
+    assert "profile rtx4090" in r.vram_source
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_without_vram_or_card_and_no_cuda_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args = {k: v for k, v in ARGS.items() if k != "card"}
+    with pytest.raises(NoCudaError, match="--vram 20"):
+        recommend(**args)
+    assert main(["recommend", "--model", "wan2.1-t2v-1.3b", "--layers", "2"]) == 1
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_public_name() -> None:
+    import fxswap.recommendations
+
+    assert fxswap.recommend is fxswap.recommendations.recommend  # no submodule shadows the function
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="`model`='wan9'"):
+        recommend(20, model="wan9")
+    with pytest.raises(ValueError, match="`vram_gb`=-1"):
+        recommend(-1, **ARGS)
+    with pytest.raises(ValueError, match="`step_gb`=0"):
+        recommend(20, **{**ARGS, "step_gb": 0})
+    with pytest.raises(ValueError, match="frames"):
+        recommend(20, **{**ARGS, "frames": 10})
+
+
+def test_cli_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["recommend", "--vram", str(VRAM_GB), "--model", "wan2.1-t2v-1.3b", "--layers", "2"]
+    argv += ["--resolution", "256x256", "--frames", "9", "--card", "rtx4090", "--step-gb", "0.05"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "not measured" in out
+    rows = {
+        line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and line.split()
+    }
+    r = recommend(VRAM_GB, **ARGS)
+    for s in r.settings:
+        row = rows[s.label]
+        assert row[1] == s.mode and math.isclose(float(row[2]), s.max_vram_gb)
+    assert main([*argv[:2], "0.2", *argv[3:]]) == 2  # nothing fits: exit 2, as `fxswap plan`
+    with pytest.raises(SystemExit):
+        main(["recommend", "--vram", "20", "--model", "wan9"])
+    assert "unknown model 'wan9'" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ("plan", "bench", "calibrate", "recommend"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: fxswap {cmd}" in out
+    # every option of every subcommand says what it does
+    sub = next(a for a in _parser()._actions if a.dest == "command")
+    for cmd, parser in sub.choices.items():  # type: ignore[attr-defined]
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help, f"fxswap {cmd}: {action.option_strings or action.dest} has no help text"
+
+
+# ------------------------------------------------------------------------------ everyday output
+def test_progress_bars_quiet_unless_a_terminal_or_forced(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fxswap.models.wan_checkpoint import load, save
+
+    cfg = wan.tiny_config("t2v", num_layers=2)
+    save(wan.build(cfg), tmp_path / "tiny.safetensors")
+    monkeypatch.delenv("FXSWAP_PROGRESS", raising=False)
+    load(tmp_path / "tiny.safetensors", config=cfg)  # stderr is not a terminal here: no bar
+    assert "loading tiny.safetensors" not in capsys.readouterr().err
+    monkeypatch.setenv("FXSWAP_PROGRESS", "1")
+    load(tmp_path / "tiny.safetensors", config=cfg)
+    assert "loading tiny.safetensors" in capsys.readouterr().err
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)]).eval()
+    fxswap.compile(model, mode="layerwise", max_vram_gb=10e3 / GiB, reserve_mb=0, backend="eager")(
+        torch.randn(2, 32)
+    )
+    assert "host copies" in capsys.readouterr().err
+    monkeypatch.setenv("FXSWAP_PROGRESS", "0")
+    load(tmp_path / "tiny.safetensors", config=cfg)
+    assert capsys.readouterr().err == ""
+
+
+def test_one_log_line_per_plan(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)]).eval()
+    sm = fxswap.compile(model, mode="layerwise", max_vram_gb=10e3 / GiB, reserve_mb=0, backend="eager")
+    with caplog.at_level(logging.INFO, logger="fxswap"):
+        sm(torch.randn(2, 32))
+        sm(torch.randn(2, 32))  # same signature: no new plan, no new line
+        sm(torch.randn(3, 32))  # a new signature: a new plan
+    lines = [r.getMessage() for r in caplog.records if "planned" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert sm.plans[0].mode == "layerwise" and "mode layerwise" in lines[0] and "predicted peak" in lines[0]
