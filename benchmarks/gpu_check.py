@@ -2,7 +2,7 @@
 
     bash benchmarks/device_run.sh                       # on the GPU machine (CONTRIBUTING.md, "GPU checks")
     python benchmarks/gpu_check.py --out-dir DIR        # the same, without the install / import checks
-    python benchmarks/gpu_check.py --dry-run --out-dir DIR   # tiny WANs on the CPU: same code path, no figures
+    python benchmarks/gpu_check.py --dry-run --out-dir DIR   # tiny WANs on the CPU: the same code path
 
 What it measures, in this order (each result is written to ``DIR/gpu_check.json`` as soon as it
 exists, so a run cut short keeps everything measured before the cut):
@@ -149,7 +149,9 @@ class Device:
     def peaks(self) -> tuple[int | None, int | None]:
         if not self.cuda:
             return None, None
-        return int(torch.cuda.max_memory_allocated(self.device)), int(torch.cuda.max_memory_reserved(self.device))
+        return int(torch.cuda.max_memory_allocated(self.device)), int(
+            torch.cuda.max_memory_reserved(self.device)
+        )
 
     def pinned_allocated(self) -> int | None:
         if not self.cuda or not hasattr(torch.cuda, "host_memory_stats"):
@@ -261,7 +263,7 @@ def order_report(fx_seq: list[tuple[str, int]], gen_seq: list[tuple[str, int]]) 
                 n += 1
         return n
 
-    first_diff = next((i for i, (a, b) in enumerate(zip(fx_seq, gen_seq)) if a != b), None)
+    first_diff = next((i for i, (a, b) in enumerate(zip(fx_seq, gen_seq, strict=False)) if a != b), None)
     if first_diff is None and len(fx_seq) != len(gen_seq):
         first_diff = min(len(fx_seq), len(gen_seq))
     return {
@@ -381,7 +383,9 @@ class GpuCheck:
             "schema_version": SCHEMA_VERSION,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "dry_run": args.dry_run,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -500,7 +504,9 @@ class GpuCheck:
         return st
 
     # -- one variant
-    def run_variant(self, case: Case, name: str, cost_s: float, body: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    def run_variant(
+        self, case: Case, name: str, cost_s: float, body: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
         st = self.case_state(case)
         variants = st["result"]["variants"]
         if name in self.args.skip_set:
@@ -508,7 +514,10 @@ class GpuCheck:
             self.sink()
             return
         if not self.fits(cost_s):
-            variants[name] = {"skipped": f"deadline: {self.deadline - time.perf_counter():.0f} s left, needs ~{cost_s:.0f} s"}
+            variants[name] = {
+                "skipped": f"deadline: {self.deadline - time.perf_counter():.0f} s left, "
+                f"needs ~{cost_s:.0f} s"
+            }
             self.report["skipped"].append(f"{case.key}/{name}")
             self.log(f"skip {case.key} {name} (deadline)")
             self.sink()
@@ -575,7 +584,9 @@ class GpuCheck:
                     return {"skipped": f"no fxswap_{backend}@{label} plan to take the depth-0 copy of"}
                 plan = depth0_plan(base)
             pinned0 = self.dev.pinned_allocated()
-            first_compile = not any(k[0] == backend for k in st["plans"]) and not self.models_compiled(case.model)
+            first_compile = not any(k[0] == backend for k in st["plans"]) and not self.models_compiled(
+                case.model
+            )
             from torch._inductor.codecache import PyCodeCache
 
             n_modules = len(PyCodeCache.modules)
@@ -605,7 +616,9 @@ class GpuCheck:
                     peak_minus_plan_peak=None
                     if res["peak_allocated"] is None
                     else res["peak_allocated"] - int(p.peak_bytes),
-                    reserved_within_budget=None if res["peak_reserved"] is None else res["peak_reserved"] <= budget,
+                    reserved_within_budget=None
+                    if res["peak_reserved"] is None
+                    else res["peak_reserved"] <= budget,
                     ledger_peak_bytes=sm.runtime.ledger.peak if sm.runtime.track else None,
                     ops=sm.runtime.stats,
                     pinned_bytes_counted=int(sm.runtime.store.pinned_bytes),
@@ -621,11 +634,16 @@ class GpuCheck:
                     res["generated_code_order"] = order_report(
                         fx_sequence(sm.graph_module), generated_sequence(_inductor_sources(n_modules))
                     )
-                if backend == "eager" and label == "min" and not depth0 and case.copy_bound and not self.traced:
+                if (
+                    backend == "eager"
+                    and label == "min"
+                    and not depth0
+                    and case.copy_bound
+                    and not self.traced
+                ):
                     res["profiled_step"] = self.profile_step(lambda: sm(**st["inputs"]))
             finally:
                 sm.runtime.close()
-                del sm
                 if backend == "inductor":
                     torch._dynamo.reset()
             return res
@@ -668,7 +686,9 @@ class GpuCheck:
                 self.dev, self.args.steps, st["refs"].get("eager"),
             )  # fmt: skip
             budget = st["result"]["budgets"]["min"]
-            res["within_min_budget"] = None if res["peak_allocated"] is None else res["peak_allocated"] <= budget
+            res["within_min_budget"] = (
+                None if res["peak_allocated"] is None else res["peak_allocated"] <= budget
+            )
             res["use_stream"] = self.dev.cuda
             res["note"] = "max_abs_diff against fxswap's resident eager WanModel: another implementation" + (
                 "" if self.dev.cuda else "; dry run: use_stream=False (streams need CUDA)"
@@ -690,7 +710,8 @@ class GpuCheck:
         with _parameters_on_meta():
             peer: Any = WanTransformer3DModel(
                 patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-                in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+                in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim,
                 ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=cfg.image_dim,
             )  # fmt: skip
@@ -712,7 +733,11 @@ class GpuCheck:
         if st is None:
             return
         v = st["result"]["variants"]
-        sw, d0, res = v.get("fxswap_eager@min", {}), v.get("fxswap_eager_depth0@min", {}), v.get("resident_eager", {})
+        sw, d0, res = (
+            v.get("fxswap_eager@min", {}),
+            v.get("fxswap_eager_depth0@min", {}),
+            v.get("resident_eager", {}),
+        )
         if "step_s" not in sw:
             return
         copy_ms = sw["copy_ms_at_measured_rate"]
@@ -754,11 +779,18 @@ class GpuCheck:
                     self.diffusers(case)
                     peer = self.state[case.key]["result"]["variants"].get("diffusers_group_offload", {})
                     if peer.get("peak_allocated"):
-                        self.fxswap(case, "eager", "peer_peak", budget_bytes=max(
-                            int(peer["peak_allocated"]), self.state[case.key]["result"]["min_vram_bytes"]))
+                        self.fxswap(
+                            case,
+                            "eager",
+                            "peer_peak",
+                            budget_bytes=max(
+                                int(peer["peak_allocated"]), self.state[case.key]["result"]["min_vram_bytes"]
+                            ),
+                        )
                     else:
                         self.state[case.key]["result"]["variants"]["fxswap_eager@peer_peak"] = {
-                            "skipped": "the peer has no measured peak (CPU, or it failed)"}
+                            "skipped": "the peer has no measured peak (CPU, or it failed)"
+                        }
                 else:
                     self.resident(case, "inductor")
                     self.fxswap(case, "inductor", "min")
@@ -792,7 +824,8 @@ def depth0_plan(plan: Any) -> Any:
     """``plan`` with every swapped unit's load moved onto its wait (prefetch depth 0): the copies then
     run with nothing to hide behind. Peak and fingerprint stay (the peak can only drop)."""
     units = tuple(
-        u if u.resident else dataclasses.replace(u, load_at=u.wait_at, load_node=u.wait_node) for u in plan.units
+        u if u.resident else dataclasses.replace(u, load_at=u.wait_at, load_node=u.wait_node)
+        for u in plan.units
     )
     return dataclasses.replace(plan, units=units, prefetch_depth=0)
 
@@ -805,7 +838,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="gpu_check.json and gpu_check_trace.json.gz go here")  # fmt: skip
     ap.add_argument("--steps", type=int, default=3, help="timed calls per variant after the warm-up (>= 3)")
     ap.add_argument("--mode", default="adaptive", choices=["layerwise", "chunkwise", "adaptive"])
-    ap.add_argument("--base", default=None, help="hardware profile for the unmeasured figures (default: by name)")
+    ap.add_argument(
+        "--base", default=None, help="hardware profile for the unmeasured figures (default: by name)"
+    )
     ap.add_argument("--time-limit", type=float, default=450.0, help="no variant starts that would end later")
     ap.add_argument("--hard-limit", type=float, default=470.0,
                     help="interrupt the running variant after this many seconds; 0 = never")  # fmt: skip

@@ -47,7 +47,8 @@ TRACE = {"h2d_copies", "h2d_pinned", "h2d_pageable", "h2d_copy_ms", "h2d_ms_besi
          "h2d_share_beside_kernels", "kernels", "kernel_ms", "copy_streams", "kernel_streams",
          "copies_on_own_stream", "trace_file", "trace_bytes"}  # fmt: skip
 ORDER = {"fx_ops", "generated_ops", "same_order", "first_difference_at", "around_difference",
-         "load_wait_release_in_order", "loads_beside_held_units_fx", "loads_beside_held_units_generated"}  # fmt: skip
+         "load_wait_release_in_order", "loads_beside_held_units_fx",
+         "loads_beside_held_units_generated"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +69,32 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
     assert cal["profile"]["name"].startswith("cpu-memcpy-")  # labelled: not a GPU figure
     assert list(report["cases"]) == ["tiny-t2v-2blocks@32p5", "tiny-t2v-2blocks@32p1"]
     for case in report["cases"].values():
-        assert CASE <= set(case)
+        assert set(case) >= CASE
         b = case["budgets"]
         assert b["min"] == case["min_vram_bytes"] < b["mid"] < b["large"]
         assert b["min"] < case["weight_bytes"]
         v = case["variants"]
-        assert MEASURED <= set(v["resident_eager"])
+        assert set(v["resident_eager"]) >= MEASURED
         for name in ("fxswap_eager@min", "fxswap_eager_depth0@min", "fxswap_eager@mid", "fxswap_eager@large"):
-            assert FXSWAP <= set(v[name]), name
+            assert set(v[name]) >= FXSWAP, name
             assert v[name]["exact_per_call"] == [True] * 4, name  # warm-up + 3 timed, bitwise
             assert len(v[name]["step_s_all"]) == 3
             assert v[name]["ledger_peak_bytes"] <= v[name]["budget_bytes"]
             assert v[name]["swapped_units"] > 0
         assert v["fxswap_eager_depth0@min"]["plan_prefetch_depth"] == 0
-        assert v["fxswap_eager_depth0@min"]["moved_bytes_per_call"] == v["fxswap_eager@min"]["moved_bytes_per_call"]
+        assert (
+            v["fxswap_eager_depth0@min"]["moved_bytes_per_call"]
+            == v["fxswap_eager@min"]["moved_bytes_per_call"]
+        )
         # the peer runs on the CPU without streams; same weights, so fp32 outputs agree
         peer = v["diffusers_group_offload"]
         assert peer["use_stream"] is False and peer["max_abs_diff"] <= 1e-5
         assert "skipped" in v["fxswap_eager@peer_peak"]  # no allocator peak on the CPU
         for name in ("resident_compiled", "fxswap_inductor@min"):
             assert "skipped" in v[name]
-        assert {"copy_ms", "step_ms", "hidden_share_vs_resident", "hidden_share_vs_depth0"} <= set(case["overlap"])
+        assert {"copy_ms", "step_ms", "hidden_share_vs_resident", "hidden_share_vs_depth0"} <= set(
+            case["overlap"]
+        )
 
 
 def test_dry_run_profiles_one_copy_bound_step(dry_run: tuple[dict[str, Any], Path]) -> None:
@@ -114,13 +120,14 @@ def test_deadline_skips_and_keeps_valid_json(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dry_run_inductor_checks_generated_code_order(tmp_path: Path) -> None:
-    skip = "fxswap_eager@mid,fxswap_eager@large,fxswap_inductor@mid,fxswap_inductor@large,diffusers_group_offload"
+    skip = ",".join(["fxswap_eager@mid", "fxswap_eager@large", "fxswap_inductor@mid", "fxswap_inductor@large",
+                     "diffusers_group_offload"])  # fmt: skip
     report = _gpu_check().main(["--dry-run", "--dry-run-inductor", "--models", "tiny-t2v-2blocks", "--cases",
                                 "32p1", "--skip", skip, "--out-dir", str(tmp_path)])  # fmt: skip
     assert not report["errors"], report["errors"]
     v = report["cases"]["tiny-t2v-2blocks@32p1"]["variants"]
     ind = v["fxswap_inductor@min"]
-    assert FXSWAP <= set(ind) and ORDER <= set(ind["generated_code_order"])
+    assert set(ind) >= FXSWAP and set(ind["generated_code_order"]) >= ORDER
     order = ind["generated_code_order"]
     assert order["fx_ops"] == order["generated_ops"] == 3 * ind["ops"]["loads"] // 4  # per call: l, w, r
     assert order["load_wait_release_in_order"]
@@ -134,11 +141,23 @@ def test_analyse_trace_overlap_by_hand(tmp_path: Path) -> None:
         {"ph": "X", "cat": "kernel", "name": "k2", "ts": 50, "dur": 100, "args": {"stream": 7}},  # 0..150
         {"ph": "X", "cat": "kernel", "name": "k3", "ts": 300, "dur": 50, "args": {"stream": 7}},
         # 100 us copy, 50 of it beside k1/k2 (100..150); pinned, side stream
-        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 100, "dur": 100,
-         "args": {"stream": 20}},
+        {
+            "ph": "X",
+            "cat": "gpu_memcpy",
+            "name": "Memcpy HtoD (Pinned -> Device)",
+            "ts": 100,
+            "dur": 100,
+            "args": {"stream": 20},
+        },
         # 100 us copy, 50 beside k3 (300..350); pageable
-        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "ts": 250, "dur": 100,
-         "args": {"stream": 20}},
+        {
+            "ph": "X",
+            "cat": "gpu_memcpy",
+            "name": "Memcpy HtoD (Pageable -> Device)",
+            "ts": 250,
+            "dur": 100,
+            "args": {"stream": 20},
+        },
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 0, "dur": 10},
         {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0},
     ]
