@@ -32,7 +32,8 @@ def _gpu_check() -> ModuleType:
 # The schema the device run is read with (written here, not taken from the script).
 TOP = {"schema_version", "command", "dry_run", "device", "torch", "python", "dtype", "steps", "mode",
        "time_limit_s", "calibration", "cases", "skipped", "errors", "finished", "elapsed_s"}  # fmt: skip
-CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "min_vram_bytes", "budgets",
+CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "input_bytes", "min_vram_bytes",
+        "budgets",
         "budgets_gib", "variants"}  # fmt: skip
 MEASURED = {"first_call_s", "step_s", "step_s_all", "baseline_allocated_bytes", "baseline_reserved_bytes",
             "peak_allocated_first_call", "peak_reserved_first_call", "peak_allocated", "peak_reserved",
@@ -48,7 +49,7 @@ TRACE = {"h2d_copies", "h2d_pinned", "h2d_pageable", "h2d_copy_ms", "h2d_ms_besi
          "copies_on_own_stream", "trace_file", "trace_bytes"}  # fmt: skip
 ORDER = {"fx_ops", "generated_ops", "same_order", "first_difference_at", "around_difference",
          "load_wait_release_in_order", "loads_beside_held_units_fx",
-         "loads_beside_held_units_generated"}  # fmt: skip
+         "loads_beside_held_units_generated", "generated_code_found"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,7 @@ def test_dry_run_inductor_checks_generated_code_order(tmp_path: Path) -> None:
     ind = v["fxswap_inductor@min"]
     assert set(ind) >= FXSWAP and set(ind["generated_code_order"]) >= ORDER
     order = ind["generated_code_order"]
+    assert order["generated_code_found"]
     assert order["fx_ops"] == order["generated_ops"] == 3 * ind["ops"]["loads"] // 4  # per call: l, w, r
     assert order["load_wait_release_in_order"]
     assert len(ind["exact_per_call"]) == 4 and ind["max_abs_diff"] is not None and ind["max_abs_diff"] < 1e-4
