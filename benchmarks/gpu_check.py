@@ -766,6 +766,23 @@ class GpuCheck:
         st["result"]["overlap"] = out
         self.sink()
 
+    def ratios(self, case: Case) -> None:
+        """Each variant's step over its resident baseline: fxswap eager and the peer over resident eager,
+        fxswap Inductor over resident compiled (1.0 = as fast as the whole model on the GPU)."""
+        st = self.state.get(case.key)
+        if st is None:
+            return
+        v = st["result"]["variants"]
+        base = {"eager": v.get("resident_eager", {}).get("step_s"),
+                "inductor": v.get("resident_compiled", {}).get("step_s")}  # fmt: skip
+        out = {}
+        for name, res in v.items():
+            kind = "inductor" if name.startswith("fxswap_inductor") else "eager"
+            if res.get("step_s") and base[kind] and not name.startswith("resident"):
+                out[name] = round(res["step_s"] / base[kind], 4)
+        st["result"]["step_vs_resident"] = out
+        self.sink()
+
     def run(self) -> None:
         self.calibrate()
         order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
@@ -809,10 +826,12 @@ class GpuCheck:
                 else:
                     self.resident(case, "inductor")
                     self.fxswap(case, "inductor", "min")
+                self.ratios(case)
             if backend == "inductor":  # the larger budgets compile again: last
                 for case in (c for c in self.cases if c.model == model):
                     self.fxswap(case, "inductor", "mid")
                     self.fxswap(case, "inductor", "large")
+                    self.ratios(case)
         self.report["finished"] = True
         self.sink()
 

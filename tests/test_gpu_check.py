@@ -33,7 +33,7 @@ def _gpu_check() -> ModuleType:
 TOP = {"schema_version", "command", "dry_run", "device", "torch", "python", "dtype", "steps", "mode",
        "time_limit_s", "calibration", "cases", "skipped", "errors", "finished", "elapsed_s"}  # fmt: skip
 CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "input_bytes", "min_vram_bytes",
-        "budgets",
+        "budgets", "step_vs_resident",
         "budgets_gib", "variants"}  # fmt: skip
 MEASURED = {"first_call_s", "step_s", "step_s_all", "baseline_allocated_bytes", "baseline_reserved_bytes",
             "peak_allocated_first_call", "peak_reserved_first_call", "peak_allocated", "peak_reserved",
@@ -96,6 +96,8 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
         assert {"copy_ms", "step_ms", "hidden_share_vs_resident", "hidden_share_vs_depth0"} <= set(
             case["overlap"]
         )
+        ratio = case["step_vs_resident"]["fxswap_eager@min"]
+        assert ratio == round(v["fxswap_eager@min"]["step_s"] / v["resident_eager"]["step_s"], 4)
 
 
 def test_dry_run_profiles_one_copy_bound_step(dry_run: tuple[dict[str, Any], Path]) -> None:
