@@ -30,6 +30,19 @@ run() {
     echo "device_run: no fxswap wheel in $WHEELS/: run benchmarks/prepare_device_wheels.sh first (and carry $WHEELS)"
     return 3
   fi
+  source_hash() {
+    python3 -c "
+import hashlib, pathlib
+h = hashlib.sha256()
+for p in sorted([*pathlib.Path('fxswap').rglob('*.py'), *pathlib.Path('passes').rglob('*.py'), pathlib.Path('pyproject.toml')]):
+    h.update(str(p).encode() + b'\\0' + p.read_bytes())
+print(h.hexdigest())
+"
+  }
+  if [ "$(source_hash)" != "$(cat "$WHEELS/SOURCE_SHA256" 2>/dev/null)" ]; then
+    echo "device_run: $WHEELS/ was built from other sources than this tree: re-run benchmarks/prepare_device_wheels.sh"
+    return 3
+  fi
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$WHEELS"/*.whl || { echo "device_run: installing the wheels failed"; return 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -17,6 +17,17 @@ mkdir -p "$WHEELS"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   -d "$WHEELS" "$DIFFUSERS" "${EXTRA[@]}"
 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$WHEELS" .
+# The sources the fxswap wheel was built from: device_run.sh refuses a wheel older than the tree.
+source_hash() {
+  python3 -c "
+import hashlib, pathlib
+h = hashlib.sha256()
+for p in sorted([*pathlib.Path('fxswap').rglob('*.py'), *pathlib.Path('passes').rglob('*.py'), pathlib.Path('pyproject.toml')]):
+    h.update(str(p).encode() + b'\\0' + p.read_bytes())
+print(h.hexdigest())
+"
+}
+source_hash > "$WHEELS/SOURCE_SHA256"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$scratch" "$WHEELS"/*.whl
