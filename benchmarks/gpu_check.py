@@ -1,346 +1,921 @@
-"""GPU check for fxswap (prepared on CPU; run it where a CUDA device is lent).
+"""GPU check for fxswap: one run on a lent GPU answers peak, overlap, speed and exactness.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json     # ~6-8 min on one H100
-    python benchmarks/gpu_check.py --dry-run                                    # tiny WAN on the CPU, seconds
+    bash benchmarks/device_run.sh                       # on the GPU machine (CONTRIBUTING.md, "GPU checks")
+    python benchmarks/gpu_check.py --out-dir DIR        # the same, without the install / import checks
+    python benchmarks/gpu_check.py --dry-run --out-dir DIR   # tiny WANs on the CPU: the same code path
 
-For each model (random weights, bf16, inputs at 480p, 81 frames):
+What it measures, in this order (each result is written to ``DIR/gpu_check.json`` as soon as it
+exists, so a run cut short keeps everything measured before the cut):
 
-- ``wan2.1-t2v-1.3b`` and ``wan2.1-t2v-14b`` cut to 10 layers;
-- the budget is the planner's minimum for the input plus a quarter of the weights, and must be well
-  below the weights (the JSON says by how much);
-- variants, each timed over ``--steps`` steps after one warm-up call:
-  ``fxswap_eager`` and ``fxswap_inductor`` (``fxswap.compile``, budget as above),
-  ``resident_eager`` and ``resident_compiled`` (the whole model on the GPU; ``torch.compile``),
-  ``diffusers_group_offload`` (``apply_group_offloading(block_level, 1 block per group,
-  use_stream=True)``, the same model and inputs).
+1. **Calibration**, first: pinned host-to-device bandwidth (and pageable H2D, D2H) and the achieved
+   bf16 matmul rate (``fxswap.calibrate.calibrated_profile``). Every plan below is made with these
+   rates (``fxswap.costmodel.plan_rates``), so ``predicted_step_ms`` is comparable with the measured step.
+2. **Cases**: WAN 2.1 14B cut to 10 blocks first, then WAN 2.1 1.3B; each at 480p81 (832x480, 81 frames)
+   and at the copy-bound 480p17. bf16, random weights. Budgets: the planner's minimum for the case
+   (``min``) and two larger ones (``mid`` = min + 1/4 of the weights, ``large`` = min + 1/2).
+3. Per case, the eager pass first (cheap), for every model, then the Inductor pass (compiles):
 
-Reported per variant: mean step seconds, ``torch.cuda.max_memory_allocated`` over the timed steps
-and over the first call, max abs difference of the output against ``resident_eager`` and, for
-fxswap, whether the peak stayed within the budget. Results are written after every variant, so a
-run cut short keeps what it measured. ``--time-limit`` skips (and records) variants that would
-start after that many seconds; ``--hard-limit`` (450 s) interrupts the running one with an error
-entry, so a one-shot run prints its JSON in under 8 minutes. ``step_vs_resident_eager`` gives each
-variant's step time over the fully resident eager model's.
+   - ``resident_eager`` / ``resident_compiled``: the whole model on the GPU, plain / ``torch.compile``;
+     their outputs are the references;
+   - ``fxswap_eager@{min,mid,large}`` and ``fxswap_inductor@{min,mid,large}``;
+   - ``fxswap_eager_depth0@min``: the same plan as ``fxswap_eager@min`` with every load moved to its
+     wait (prefetch depth 0): copies cannot overlap compute, the no-overlap bound;
+   - ``diffusers_group_offload``: diffusers' ``WanTransformer3DModel`` holding the same weights,
+     ``apply_group_offloading(block_level, 1 block per group, use_stream=True, record_stream=True)``,
+     the peer; ``fxswap_eager@peer_peak`` then runs fxswap at the peer's measured peak as its budget.
+
+Per variant: ``step_s`` = median of ``--steps`` (>= 3) timed calls after one warm-up call (which
+plans / compiles); ``peak_allocated`` / ``peak_reserved`` = the CUDA allocator's peak minus the bytes
+allocated / reserved just before the warm-up call (so the inputs and anything left from earlier do not
+count, and fxswap's resident weights, made by the warm-up, do), for the warm-up and for the timed calls;
+``alloc_retries`` (``num_alloc_retries`` delta); exactness on every call (``torch.equal`` against the
+reference: eager against resident eager, Inductor against resident compiled; with the max abs
+difference). fxswap variants add the plan (``plan_peak_bytes``, ``predicted_step_ms``, moved bytes...),
+``within_budget`` (measured peak above baseline <= budget), the pinned host bytes fxswap counts against
+the pinned allocator's own statistics, and for Inductor the order of load / wait / release in the
+generated code against the rewritten FX graph (which is the plan).
+
+Per case ``overlap``: copy time = moved bytes / measured pinned rate; ``hidden_share_vs_resident`` =
+1 - (fxswap step - resident step) / copy time; ``hidden_share_vs_depth0`` = (depth-0 step - fxswap step)
+/ copy time. One step of ``fxswap_eager@min`` of the first copy-bound case runs under the profiler:
+``DIR/gpu_check_trace.json.gz`` (Chrome trace) and ``profiled_step`` in the JSON: the H2D copies, whether
+each came from pinned memory, on which stream, and how much of their time ran beside a kernel.
+
+Time: ``--time-limit`` (default 450 s) is checked before every model and every variant; a variant
+whose estimated cost does not fit is recorded as skipped. ``--hard-limit`` (default 470 s) raises
+inside the running variant (recorded as its error) so the JSON is always complete and valid.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
+import gzip
 import json
+import os
 import platform
+import re
 import signal
+import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 GiB = 2**30
+MiB = 2**20
+SCHEMA_VERSION = 2
+BUDGET_LABELS = ("min", "mid", "large")
+# Rough costs (seconds) used to decide whether a variant still fits before the deadline.
+EAGER_COST_S = 15.0
+COMPILE_COST_S = 100.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# ------------------------------------------------------------------------------------------ cases
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str
+    frames: int
+    height: int
+    width: int
+    copy_bound: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}@{self.height}p{self.frames}"
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def model_configs(dry_run: bool) -> dict[str, Any]:
+    """Model name -> WanConfig, in run order (the 14B first)."""
+    from fxswap.models import wan
+
+    if dry_run:
+        return {
+            "tiny-t2v-4blocks": wan.tiny_config("t2v", num_layers=4),
+            "tiny-t2v-2blocks": wan.tiny_config("t2v", num_layers=2),
+        }
+    return {
+        "wan2.1-t2v-14b-10blocks": dataclasses.replace(wan.CONFIGS["wan2.1-t2v-14b"], num_layers=10),
+        "wan2.1-t2v-1.3b": wan.CONFIGS["wan2.1-t2v-1.3b"],
+    }
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def case_list(dry_run: bool, models: Sequence[str]) -> list[Case]:
+    if dry_run:
+        res = [(5, 32, 32, False), (1, 32, 32, True)]
+    else:
+        res = [(81, 480, 832, False), (17, 480, 832, True)]
+    return [Case(m, f, h, w, cb) for m in models for f, h, w, cb in res]
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+# ------------------------------------------------------------------------------------ measurement
+class Device:
+    """Allocator figures on CUDA; None on the CPU (the dry run checks the code path, not figures)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def snapshot(self) -> dict[str, int | None]:
+        if not self.cuda:
+            return {"allocated": None, "reserved": None, "retries": None}
+        stats = torch.cuda.memory_stats(self.device)
+        return {
+            "allocated": int(torch.cuda.memory_allocated(self.device)),
+            "reserved": int(torch.cuda.memory_reserved(self.device)),
+            "retries": int(stats.get("num_alloc_retries", 0)),
+        }
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peaks(self) -> tuple[int | None, int | None]:
+        if not self.cuda:
+            return None, None
+        return int(torch.cuda.max_memory_allocated(self.device)), int(
+            torch.cuda.max_memory_reserved(self.device)
+        )
+
+    def pinned_allocated(self) -> int | None:
+        if not self.cuda or not hasattr(torch.cuda, "host_memory_stats"):
+            return None
+        # active = blocks handed out (rounded sizes), whether new or reused from the allocator's cache
+        return int(torch.cuda.host_memory_stats().get("active_bytes.current", 0))
 
 
-def _relative_steps(variants: dict[str, Any]) -> dict[str, float]:
-    """Each variant's step time over resident eager's (1.0 = as fast as the whole model on the GPU)."""
-    base = variants.get("resident_eager", {}).get("step_s")
-    if not base:
-        return {}
-    return {k: round(v["step_s"] / base, 3) for k, v in variants.items() if v.get("step_s")}
+def _minus(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
 
 
-def _within(peak: int | None, budget: int) -> bool | None:
-    return None if peak is None else bool(peak <= budget)
+def compare(out: torch.Tensor, ref: torch.Tensor | None) -> tuple[bool | None, float | None]:
+    if ref is None:
+        return None, None
+    if out.shape != ref.shape:
+        return False, None
+    equal = bool(torch.equal(out, ref))
+    return equal, 0.0 if equal else float((out.float() - ref.float()).abs().max())
 
 
-def time_variant(
-    fn: Callable[[], torch.Tensor], device: torch.device, steps: int
+def measure(
+    fn: Callable[[], torch.Tensor], dev: Device, steps: int, ref: torch.Tensor | None
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """One warm-up call (captures / compiles), then ``steps`` timed calls."""
-    _free(device)
-    _reset_peak(device)
+    """One warm-up call, then ``steps`` timed calls; peaks above the bytes live before the warm-up."""
+    dev.free()
+    base = dev.snapshot()
+    dev.reset_peak()
     t0 = time.perf_counter()
     with torch.no_grad():
         out = fn()
-    _sync(device)
+    dev.sync()
     first_s = time.perf_counter() - t0
-    first_peak = _peak(device)
-    _reset_peak(device)
+    first_alloc, first_res = dev.peaks()
+    equal, diff = compare(out, ref)
+    checks = [equal]
+    diffs = [diff]
+    dev.reset_peak()
     times = []
     with torch.no_grad():
         for _ in range(steps):
             t = time.perf_counter()
             out = fn()
-            _sync(device)
+            dev.sync()
             times.append(time.perf_counter() - t)
-    res = {
+            equal, diff = compare(out, ref)
+            checks.append(equal)
+            diffs.append(diff)
+    alloc, res = dev.peaks()
+    end = dev.snapshot()
+    known = [d for d in diffs if d is not None]
+    result = {
         "first_call_s": round(first_s, 3),
-        "step_s": round(sum(times) / len(times), 4),
-        "step_s_all": [round(t, 4) for t in times],
-        "max_memory_allocated_first_call": first_peak,
-        "max_memory_allocated": _peak(device),
+        "step_s": round(statistics.median(times), 5),
+        "step_s_all": [round(t, 5) for t in times],
+        "baseline_allocated_bytes": base["allocated"],
+        "baseline_reserved_bytes": base["reserved"],
+        "peak_allocated_first_call": _minus(first_alloc, base["allocated"]),
+        "peak_reserved_first_call": _minus(first_res, base["reserved"]),
+        "peak_allocated": _minus(alloc, base["allocated"]),
+        "peak_reserved": _minus(res, base["reserved"]),
+        "alloc_retries": _minus(end["retries"], base["retries"]),
+        "exact_every_step": None if ref is None else all(bool(c) for c in checks),
+        "exact_per_call": checks,
+        "max_abs_diff": max(known) if known else None,
     }
-    return res, out.detach().float().cpu()
+    return result, out.detach().clone()
 
 
-def model_specs(dry_run: bool) -> list[dict[str, Any]]:
-    from fxswap.models import wan
-
-    if dry_run:
-        return [
-            {"name": "tiny-t2v", "config": wan.tiny_config("t2v"), "frames": 5, "height": 32, "width": 32}
-        ]
-    base14 = wan.CONFIGS["wan2.1-t2v-14b"]
-    return [
-        {"name": "wan2.1-t2v-1.3b", "config": wan.CONFIGS["wan2.1-t2v-1.3b"], "frames": 81, "height": 480,
-         "width": 832},
-        {"name": "wan2.1-t2v-14b-10layers", "config": dataclasses.replace(base14, num_layers=10),
-         "frames": 81, "height": 480, "width": 832},
-    ]  # fmt: skip
+# ------------------------------------------------------------------------------ generated-code order
+_OP_RE = re.compile(r"torch\.ops\.fxswap\.(load|wait|release)\.default\(\s*(\d+)\b")
 
 
-def choose_budget(
-    model_meta: torch.nn.Module, inputs_meta: dict[str, Any], mode: str, plan_kw: dict[str, Any]
-) -> dict[str, int]:
-    """Planner minimum for this input + a quarter of the weights (kept below 3/4 of the weights)."""
-    import fxswap.api as api
+def fx_sequence(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
+    """(kind, unit id) of every fxswap op in the rewritten FX graph, in graph order (the plan)."""
+    from fxswap import ops
 
-    probe = api.plan(model_meta, **inputs_meta, mode=mode, max_vram_gb=4096, **plan_kw)
-    weights = probe.weight_bytes
-    budget = max(probe.min_vram_bytes, min(probe.min_vram_bytes + weights // 4, (weights * 3) // 4))
+    kinds = {ops.load: "load", ops.wait: "wait", ops.release: "release"}
+    return [(kinds[n.target], int(n.args[0])) for n in gm.graph.nodes if n.target in kinds]
+
+
+def generated_sequence(sources: Sequence[str]) -> list[tuple[str, int]]:
+    """(kind, unit id) of every fxswap op call in Inductor's generated Python, in source order."""
+    seq: list[tuple[str, int]] = []
+    for src in sources:
+        seq.extend((m.group(1), int(m.group(2))) for m in _OP_RE.finditer(src))
+    return seq
+
+
+def order_report(fx_seq: list[tuple[str, int]], gen_seq: list[tuple[str, int]]) -> dict[str, Any]:
+    def per_unit_ok(seq: list[tuple[str, int]]) -> bool:
+        pos: dict[tuple[str, int], int] = {}
+        for i, ev in enumerate(seq):
+            pos.setdefault(ev, i)
+        units = {u for _, u in seq}
+        return all(
+            pos.get(("load", u), -1) < pos.get(("wait", u), -1) < pos.get(("release", u), -1) for u in units
+        )
+
+    def prefetched(seq: list[tuple[str, int]]) -> int:
+        # loads issued while another unit is still held (between its wait and its release): overlap kept
+        held: set[int] = set()
+        n = 0
+        for kind, u in seq:
+            if kind == "wait":
+                held.add(u)
+            elif kind == "release":
+                held.discard(u)
+            elif held:
+                n += 1
+        return n
+
+    first_diff = next((i for i, (a, b) in enumerate(zip(fx_seq, gen_seq, strict=False)) if a != b), None)
+    if first_diff is None and len(fx_seq) != len(gen_seq):
+        first_diff = min(len(fx_seq), len(gen_seq))
     return {
-        "budget_bytes": int(budget),
-        "weight_bytes": int(weights),
-        "min_vram_bytes": int(probe.min_vram_bytes),
+        "fx_ops": len(fx_seq),
+        "generated_ops": len(gen_seq),
+        "same_order": fx_seq == gen_seq,
+        "first_difference_at": first_diff,
+        "around_difference": None
+        if first_diff is None
+        else {"fx": fx_seq[first_diff : first_diff + 4], "generated": gen_seq[first_diff : first_diff + 4]},
+        "load_wait_release_in_order": per_unit_ok(gen_seq),
+        "loads_beside_held_units_fx": prefetched(fx_seq),
+        "loads_beside_held_units_generated": prefetched(gen_seq),
     }
 
 
-def run_model(spec: dict[str, Any], args: argparse.Namespace, device: torch.device, deadline: float,
-              sink: Callable[[], None], result: dict[str, Any]) -> None:  # fmt: skip
-    import fxswap.compiler as fc
-    from fxswap.models import wan
+def _inductor_sources(before: int) -> list[str]:
+    from torch._inductor.codecache import PyCodeCache
 
-    cfg = spec["config"]
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
-    kw = dict(frames=spec["frames"], height=spec["height"], width=spec["width"])
-    t0 = time.perf_counter()
-    meta_model = wan.build(cfg, device="meta", dtype=dtype).requires_grad_(False)
-    # the dry run's tiny model needs tiny units and no workspace reserve to swap anything at all
-    plan_kw: dict[str, Any] = {"reserve_mb": 0, "block_size_mb": 0.004} if args.dry_run else {}
-    inputs_meta = wan.example_inputs(cfg, device="meta", dtype=dtype, **kw)
-    budget = choose_budget(meta_model, inputs_meta, args.mode, plan_kw)
-    del meta_model
-    torch.manual_seed(0)
-    model = wan.build(cfg, device="cpu", dtype=dtype).requires_grad_(False).eval()
-    inputs = wan.example_inputs(cfg, device=device, dtype=dtype, **kw)
-    result.update(
-        budget,
-        budget_gb=round(budget["budget_bytes"] / GiB, 3),
-        weight_gb=round(budget["weight_bytes"] / GiB, 3),
-        budget_below_weights_gb=round((budget["weight_bytes"] - budget["budget_bytes"]) / GiB, 3),
-        build_s=round(time.perf_counter() - t0, 1),
-        variants={},
-    )
-    sink()
-    variants: dict[str, Any] = result["variants"]
-    ref: torch.Tensor | None = None
+    out = []
+    for mod in PyCodeCache.modules[before:]:
+        path = getattr(mod, "__file__", None)
+        if path and os.path.exists(path):
+            out.append(Path(path).read_text())
+    return out
 
-    def record(
-        name: str, fn: Callable[[], torch.Tensor], extra: Callable[[], dict[str, Any]] | None = None
-    ) -> None:
-        nonlocal ref
-        if name in args.skip:
-            variants[name] = {"skipped": "--skip"}
-            sink()
-            return
-        if time.perf_counter() > deadline:
-            variants[name] = {"skipped": f"--time-limit {args.time_limit}s reached"}
-            sink()
-            return
-        try:
-            res, out = time_variant(fn, device, args.steps)
-            if ref is not None:
-                res["max_abs_diff_vs_resident_eager"] = float((out - ref).abs().max())
-            if name == "resident_eager":
-                ref = out
-            if extra is not None:
-                res.update(extra())
-        except Exception as e:  # noqa: BLE001 (a failing variant must not lose the others)
-            res = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        variants[name] = res
-        sink()
-        _free(device)
 
-    # resident first: it is the reference for the others' outputs
-    if device.type == "cuda":
-        model.to(device)
-    record("resident_eager", lambda: model(**inputs))
-    if args.dry_run and not args.dry_run_inductor:
-        variants["resident_compiled"] = {"skipped": "--dry-run (add --dry-run-inductor)"}
-    else:
-        compiled = torch.compile(model)
-        record("resident_compiled", lambda: compiled(**inputs))
-        del compiled
-    torch._dynamo.reset()
-    if device.type == "cuda":
-        model.to("cpu")
-    _free(device)
-
-    for backend in ("eager", "inductor"):
-        if args.dry_run and backend == "inductor" and not args.dry_run_inductor:
-            variants["fxswap_inductor"] = {"skipped": "--dry-run (add --dry-run-inductor)"}
+# ------------------------------------------------------------------------------------ trace analysis
+def analyse_trace(path: Path) -> dict[str, Any]:
+    """H2D copies of a Chrome trace beside its kernels: how many, pinned or not, which streams, and the
+    share of copy time that ran while a kernel ran (interval overlap)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        events = json.load(f).get("traceEvents", [])
+    copies, kernels = [], []
+    for ev in events:
+        if ev.get("ph") != "X":
             continue
-        sm = fc.compile(
-            model, mode=args.mode, max_vram_gb=budget["budget_bytes"] / GiB, backend=backend, device=device,
-            **plan_kw,
-        )  # fmt: skip
+        cat = str(ev.get("cat", "")).lower()
+        name = str(ev.get("name", ""))
+        start, dur = float(ev.get("ts", 0.0)), float(ev.get("dur", 0.0))
+        stream = (ev.get("args") or {}).get("stream")
+        if cat == "gpu_memcpy" and "htod" in name.lower().replace(" ", ""):
+            copies.append((start, start + dur, name, stream))
+        elif cat == "kernel":
+            kernels.append((start, start + dur, stream))
+    kernels.sort()
+    merged: list[list[float]] = []
+    for s, e, _ in kernels:
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
 
-        def extra(sm: fc.SwapModule = sm) -> dict[str, Any]:
-            plan = sm.plan
-            assert plan is not None
-            peak = _peak(device)
-            return {
-                "plan_peak_bytes": plan.peak_bytes,
-                "plan_resident_bytes": plan.resident_bytes,
-                "plan_moved_bytes_per_call": plan.moved_bytes_per_call,
-                "plan_predicted_step_ms": plan.predicted_step_ms,
-                "swapped_units": sum(not u.resident for u in plan.units),
-                "units": len(plan.units),
-                "within_budget": _within(peak, budget["budget_bytes"]),
-                "ledger_peak_bytes": sm.runtime.ledger.peak if sm.runtime.track else None,
-                "pinned_bytes": sm.runtime.store.pinned_bytes,
+    def overlap(s: float, e: float) -> float:
+        tot = 0.0
+        for ks, ke in merged:
+            if ke <= s:
+                continue
+            if ks >= e:
+                break
+            tot += min(e, ke) - max(s, ks)
+        return tot
+
+    copy_us = sum(e - s for s, e, _, _ in copies)
+    beside = sum(overlap(s, e) for s, e, _, _ in copies)
+    kernel_streams = sorted({str(st) for _, _, st in kernels})
+    copy_streams = sorted({str(st) for *_, st in copies})
+    return {
+        "h2d_copies": len(copies),
+        "h2d_pinned": sum("pinned" in n.lower() for _, _, n, _ in copies),
+        "h2d_pageable": sum("pageable" in n.lower() for _, _, n, _ in copies),
+        "h2d_copy_ms": round(copy_us / 1e3, 3),
+        "h2d_ms_beside_kernels": round(beside / 1e3, 3),
+        "h2d_share_beside_kernels": None if not copy_us else round(beside / copy_us, 4),
+        "kernels": len(kernels),
+        "kernel_ms": round(sum(e - s for s, e, _ in kernels) / 1e3, 3),
+        "copy_streams": copy_streams,
+        "kernel_streams": kernel_streams,
+        "copies_on_own_stream": bool(copies) and not (set(copy_streams) & set(kernel_streams)),
+    }
+
+
+# ----------------------------------------------------------------------------------------- runner
+class Deadline(Exception):
+    pass
+
+
+class GpuCheck:
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args = args
+        self.dev = Device(device)
+        self.device = device
+        self.dtype = torch.float32 if args.dry_run else torch.bfloat16
+        self.start = time.perf_counter()
+        self.deadline = self.start + args.time_limit
+        self.out_dir = Path(args.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.json_path = self.out_dir / "gpu_check.json"
+        self.trace_path = self.out_dir / "gpu_check_trace.json.gz"
+        self.traced = False
+        self.models: dict[str, Any] = {}
+        self.configs = model_configs(args.dry_run)
+        wanted = [m for m in args.models.split(",") if m] or list(self.configs)
+        unknown = sorted(set(wanted) - set(self.configs))
+        if unknown:
+            raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(self.configs)}")
+        self.model_names = [m for m in self.configs if m in wanted]
+        wanted_cases = [c for c in args.cases.split(",") if c]
+        self.cases = [
+            c for c in case_list(args.dry_run, self.model_names)
+            if not wanted_cases or any(w in c.key for w in wanted_cases)
+        ]  # fmt: skip
+        self.state: dict[str, dict[str, Any]] = {}
+        self.profile: Any = None
+        self.report: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "dry_run": args.dry_run,
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "steps": args.steps,
+            "mode": args.mode,
+            "time_limit_s": args.time_limit,
+            "calibration": None,
+            "cases": {},
+            "skipped": [],
+            "errors": [],
+            "finished": False,
+        }
+
+    # -- bookkeeping
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, msg: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {msg}", flush=True)
+
+    def sink(self) -> None:
+        self.report["elapsed_s"] = round(self.elapsed(), 1)
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.report, indent=1) + "\n")
+        tmp.replace(self.json_path)
+
+    def fits(self, cost_s: float) -> bool:
+        return time.perf_counter() + cost_s <= self.deadline
+
+    # -- calibration
+    def calibrate(self) -> None:
+        from fxswap.calibrate import calibrated_profile
+
+        kw: dict[str, Any] = {"copy_mb": 256.0, "repeats": 5}
+        if self.args.dry_run:
+            kw = {"copy_mb": 16.0, "repeats": 3, "matmul_n": 256}
+        from fxswap.errors import FxswapError
+
+        try:
+            prof, measured = calibrated_profile(self.device, base=self.args.base, **kw)
+        except FxswapError as e:
+            # an unknown card: its datasheet peak only scales achieved_fraction; the measured rates
+            # that the planner uses are the same with any base
+            self.report["errors"].append(f"calibration: {e}"[:1000])
+            prof, measured = calibrated_profile(self.device, base="h100-sxm", **kw)
+        self.profile = prof
+        self.report["calibration"] = {
+            "measured": measured,
+            "profile": dataclasses.asdict(prof),
+        }
+        self.log(
+            f"calibrated: pinned H2D {measured['pinned_h2d_gbps']:.1f} GB/s, matmul "
+            f"{measured['matmul_tflops']:.1f} TFLOP/s ({prof.name})"
+        )
+        self.sink()
+
+    def plan_kw(self) -> dict[str, Any]:
+        from fxswap.costmodel import plan_rates
+
+        kw: dict[str, Any] = dict(plan_rates(self.profile))
+        if self.args.dry_run:
+            # the tiny models need tiny units and no workspace reserve to swap anything at all
+            kw.update(reserve_mb=0, block_size_mb=0.004)
+        return kw
+
+    # -- models
+    def model(self, name: str) -> Any:
+        if name in self.models:
+            return self.models[name]
+        from fxswap.models import wan
+
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        # Built (default init) on the device, where it is fast, then kept on the host: every variant
+        # starts from host weights, fxswap's input.
+        m = wan.build(self.configs[name], device=self.device, dtype=self.dtype)
+        m = m.to("cpu").requires_grad_(False).eval()
+        self.dev.free()
+        self.models[name] = m
+        self.log(f"built {name} in {time.perf_counter() - t0:.1f} s")
+        return m
+
+    def case_state(self, case: Case) -> dict[str, Any]:
+        st = self.state.get(case.key)
+        if st is not None:
+            return st
+        import fxswap.api as api
+        from fxswap.capture import trace
+        from fxswap.errors import BudgetInfeasibleError
+        from fxswap.models import wan
+
+        cfg = self.configs[case.model]
+        kw = {"frames": case.frames, "height": case.height, "width": case.width}
+        meta = wan.build(cfg, device="meta", dtype=self.dtype)
+        inputs_meta = wan.example_inputs(cfg, device="meta", dtype=self.dtype, **kw)
+        # the probe (a 4 TiB budget) only gives the minimum budget and the weight bytes
+        opts = api.make_options(mode=self.args.mode, max_vram_gb=4096, **self.plan_kw())
+        try:
+            probe = api.plan_traced(trace(meta, **inputs_meta), opts)
+        except BudgetInfeasibleError as e:  # pragma: no cover - 4 TiB always fits
+            raise RuntimeError(f"probe plan failed: {e}") from e
+        weights, minimum = int(probe.weight_bytes), int(probe.min_vram_bytes)
+        budgets = {"min": minimum, "mid": minimum + weights // 4, "large": minimum + weights // 2}
+        inputs = wan.example_inputs(cfg, device=self.device, dtype=self.dtype, **kw)
+        st = {
+            "inputs": inputs,
+            "refs": {},
+            "plans": {},
+            "result": {
+                "model": case.model,
+                "frames": case.frames,
+                "height": case.height,
+                "width": case.width,
+                "copy_bound": case.copy_bound,
+                "weight_bytes": weights,
+                # live before every call, so inside the baseline the peaks are measured above
+                "input_bytes": sum(int(t.untyped_storage().nbytes()) for t in inputs.values()),
+                "min_vram_bytes": minimum,
+                "budgets": budgets,
+                "budgets_gib": {k: round(v / GiB, 3) for k, v in budgets.items()},
+                "variants": {},
+            },
+        }
+        self.state[case.key] = st
+        self.report["cases"][case.key] = st["result"]
+        self.sink()
+        return st
+
+    # -- one variant
+    def run_variant(
+        self, case: Case, name: str, cost_s: float, body: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        st = self.case_state(case)
+        variants = st["result"]["variants"]
+        if name in self.args.skip_set:
+            variants[name] = {"skipped": "--skip"}
+            self.sink()
+            return
+        if not self.fits(cost_s):
+            variants[name] = {
+                "skipped": f"deadline: {self.deadline - time.perf_counter():.0f} s left, "
+                f"needs ~{cost_s:.0f} s"
             }
+            self.report["skipped"].append(f"{case.key}/{name}")
+            self.log(f"skip {case.key} {name} (deadline)")
+            self.sink()
+            return
+        self.log(f"run  {case.key} {name}")
+        t0 = time.perf_counter()
+        try:
+            res = body(st)
+        except Exception as e:  # noqa: BLE001 (one failing variant must not lose the others)
+            res = {"error": f"{type(e).__name__}: {e}"[:3000], "traceback": traceback.format_exc()[-3000:]}
+            self.report["errors"].append(f"{case.key}/{name}: {type(e).__name__}: {e}"[:500])
+            self.log(f"ERROR {case.key} {name}: {type(e).__name__}: {e}"[:500])
+        res["wall_s"] = round(time.perf_counter() - t0, 2)
+        variants[name] = res
+        if "step_s" in res:
+            self.log(f"     {name}: step {res['step_s'] * 1e3:.1f} ms, exact {res.get('exact_every_step')}, "
+                     f"peak {res.get('peak_allocated')}")  # fmt: skip
+        self.sink()
+        self.dev.free()
 
-        record(f"fxswap_{backend}", lambda sm=sm: sm(**inputs), extra)
-        sm.runtime.close()
-        del sm
-        _free(device)
+    # -- resident
+    def resident(self, case: Case, backend: str) -> None:
+        name = "resident_eager" if backend == "eager" else "resident_compiled"
+        cost = EAGER_COST_S if backend == "eager" else COMPILE_COST_S
 
-    if device.type != "cuda":
-        variants["diffusers_group_offload"] = {"skipped": "needs CUDA (use_stream=True)"}
-        sink()
-        return
-    try:
+        def body(st: dict[str, Any]) -> dict[str, Any]:
+            model = self.model(case.model)
+            inputs = st["inputs"]
+            model.to(self.device)
+            try:
+                fn = model if backend == "eager" else torch.compile(model)
+                res, out = measure(lambda: fn(**inputs), self.dev, self.args.steps, None)
+                st["refs"][backend] = out
+                # eager and compiled resident outputs against each other (not expected bitwise)
+                other = st["refs"].get("inductor" if backend == "eager" else "eager")
+                res["equal_to_other_resident"], res["max_abs_diff_vs_other_resident"] = compare(out, other)
+            finally:
+                model.to("cpu")
+                if backend == "inductor":
+                    torch._dynamo.reset()
+            return res
+
+        self.run_variant(case, name, cost, body)
+
+    # -- fxswap
+    def fxswap(self, case: Case, backend: str, label: str, *, depth0: bool = False,
+               budget_bytes: int | None = None) -> None:  # fmt: skip
+        name = f"fxswap_{backend}{'_depth0' if depth0 else ''}@{label}"
+        cost = EAGER_COST_S if backend == "eager" else COMPILE_COST_S
+
+        def body(st: dict[str, Any]) -> dict[str, Any]:
+            import fxswap.compiler as fc
+
+            model = self.model(case.model)
+            ref = st["refs"].get(backend)
+            if ref is None:
+                return {"skipped": f"no resident {backend} reference (it failed or was skipped)"}
+            budget = budget_bytes if budget_bytes is not None else st["result"]["budgets"][label]
+            kw = self.plan_kw()
+            plan = None
+            if depth0:
+                base = st["plans"].get((backend, label)) or st["plans"].get(("eager", label))
+                if base is None:
+                    return {"skipped": f"no fxswap_{backend}@{label} plan to take the depth-0 copy of"}
+                plan = depth0_plan(base)
+            pinned0 = self.dev.pinned_allocated()
+            first_compile = not any(k[0] == backend for k in st["plans"]) and not self.models_compiled(
+                case.model
+            )
+            from torch._inductor.codecache import PyCodeCache
+
+            n_modules = len(PyCodeCache.modules)
+            sm = fc.compile(model, mode=self.args.mode, max_vram_gb=budget / GiB, backend=backend,
+                            device=self.device, plan=plan, **kw)  # fmt: skip
+            try:
+                res, _ = measure(lambda: sm(**st["inputs"]), self.dev, self.args.steps, ref)
+                p = sm.plan
+                assert p is not None
+                st["plans"].setdefault((backend, label), p)
+                moved = int(p.moved_bytes_per_call)
+                copy_ms = moved / (self.profile.pinned_h2d_gbps * 1e9) * 1e3
+                res.update(
+                    budget_bytes=int(budget),
+                    plan_peak_bytes=int(p.peak_bytes),
+                    plan_resident_bytes=int(p.resident_bytes),
+                    plan_partition=p.partition,
+                    plan_prefetch_depth=0 if depth0 else int(p.prefetch_depth),
+                    moved_bytes_per_call=moved,
+                    copy_ms_at_measured_rate=round(copy_ms, 3),
+                    predicted_step_ms=round(float(p.predicted_step_ms), 3),
+                    predicted_compute_ms=round(float(p.predicted_compute_ms), 3),
+                    predicted_over_measured=round(float(p.predicted_step_ms) / (res["step_s"] * 1e3), 4),
+                    swapped_units=sum(not u.resident for u in p.units),
+                    units=len(p.units),
+                    within_budget=None if res["peak_allocated"] is None else res["peak_allocated"] <= budget,
+                    peak_minus_plan_peak=None
+                    if res["peak_allocated"] is None
+                    else res["peak_allocated"] - int(p.peak_bytes),
+                    reserved_within_budget=None
+                    if res["peak_reserved"] is None
+                    else res["peak_reserved"] <= budget,
+                    ledger_peak_bytes=sm.runtime.ledger.peak if sm.runtime.track else None,
+                    ops=sm.runtime.stats,
+                    pinned_bytes_counted=int(sm.runtime.store.pinned_bytes),
+                    pinned_payload_bytes=int(sm.runtime.store.pinned_payload_bytes),
+                    pageable_bytes=int(sm.runtime.store.pageable_bytes),
+                )
+                pinned1 = self.dev.pinned_allocated()
+                if first_compile and pinned0 is not None and pinned1 is not None:
+                    # the first runtime of this model pins everything it stores: the allocator's own
+                    # count is the oracle for fxswap's (later runtimes reuse pinned tensors)
+                    res["pinned_allocator_active_delta_bytes"] = pinned1 - pinned0
+                if backend == "inductor" and sm.graph_module is not None:
+                    sources = _inductor_sources(n_modules)
+                    res["generated_code_order"] = order_report(
+                        fx_sequence(sm.graph_module), generated_sequence(sources)
+                    )
+                    # no new module: served from an in-process cache, nothing to compare
+                    res["generated_code_order"]["generated_code_found"] = bool(sources)
+                if (
+                    backend == "eager"
+                    and label == "min"
+                    and not depth0
+                    and case.copy_bound
+                    and not self.traced
+                ):
+                    res["profiled_step"] = self.profile_step(lambda: sm(**st["inputs"]))
+            finally:
+                sm.runtime.close()
+                if backend == "inductor":
+                    torch._dynamo.reset()
+            return res
+
+        self.run_variant(case, name, cost, body)
+
+    def models_compiled(self, model: str) -> bool:
+        return any(st["plans"] for key, st in self.state.items() if key.startswith(model + "@"))
+
+    def profile_step(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.dev.cuda else [])
+        self.dev.sync()
+        with profile(activities=acts) as prof, torch.no_grad():
+            fn()
+            self.dev.sync()
+        raw = self.out_dir / "gpu_check_trace.json"
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(self.trace_path, "wb") as dst:
+            dst.write(src.read())
+        raw.unlink()
+        self.traced = True
+        out = analyse_trace(self.trace_path)
+        out["trace_file"] = self.trace_path.name
+        out["trace_bytes"] = self.trace_path.stat().st_size
+        if out["trace_bytes"] > 15 * MiB:  # the device tool brings back files of up to 16 MiB
+            self.trace_path.unlink()
+            out["trace_file"] = None
+        return out
+
+    # -- diffusers peer
+    def diffusers(self, case: Case) -> None:
+        def body(st: dict[str, Any]) -> dict[str, Any]:
+            model = self.peer(case.model)
+            inp = st["inputs"]
+            res, _ = measure(
+                lambda: model(hidden_states=inp["x"], timestep=inp["timestep"],
+                              encoder_hidden_states=inp["context"], return_dict=False)[0],
+                self.dev, self.args.steps, st["refs"].get("eager"),
+            )  # fmt: skip
+            budget = st["result"]["budgets"]["min"]
+            res["within_min_budget"] = (
+                None if res["peak_allocated"] is None else res["peak_allocated"] <= budget
+            )
+            res["use_stream"] = self.dev.cuda
+            res["note"] = "max_abs_diff against fxswap's resident eager WanModel: another implementation" + (
+                "" if self.dev.cuda else "; dry run: use_stream=False (streams need CUDA)"
+            )
+            return res
+
+        self.run_variant(case, "diffusers_group_offload", EAGER_COST_S + 10, body)
+
+    def peer(self, name: str) -> Any:
+        key = f"peer:{name}"
+        if key in self.models:
+            return self.models[key]
+        from diffusers import WanTransformer3DModel
         from diffusers.hooks import apply_group_offloading
 
-        apply_group_offloading(
-            model, onload_device=device, offload_device="cpu", offload_type="block_level",
-            num_blocks_per_group=1, use_stream=True,
-        )  # fmt: skip
-        record(
-            "diffusers_group_offload",
-            lambda: model(**inputs),
-            lambda: {"within_budget": _within(_peak(device), budget["budget_bytes"])},
+        from fxswap.models.wan_checkpoint import convert_state_dict
+
+        cfg = self.configs[name]
+        with _parameters_on_meta():
+            peer: Any = WanTransformer3DModel(
+                patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim,
+                freq_dim=cfg.freq_dim,
+                ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=cfg.eps, image_dim=cfg.image_dim,
+            )  # fmt: skip
+        # the same host weights as fxswap's model (shared storage; the peer swaps its own parameter
+        # objects' .data, never fxswap's tensors)
+        sd = convert_state_dict(self.model(name).state_dict(), "original", "diffusers")
+        peer.load_state_dict(sd, strict=True, assign=True)
+        peer = peer.requires_grad_(False).eval()
+        # On the CPU (dry run) streams do not exist: the same model and hooks without them.
+        apply_group_offloading(peer, onload_device=self.device, offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=self.dev.cuda,
+                               record_stream=self.dev.cuda)  # fmt: skip
+        self.models[key] = peer
+        return peer
+
+    # -- the run
+    def overlap(self, case: Case) -> None:
+        st = self.state.get(case.key)
+        if st is None:
+            return
+        v = st["result"]["variants"]
+        sw, d0, res = (
+            v.get("fxswap_eager@min", {}),
+            v.get("fxswap_eager_depth0@min", {}),
+            v.get("resident_eager", {}),
         )
-    except Exception as e:  # noqa: BLE001
-        variants["diffusers_group_offload"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        sink()
+        if "step_s" not in sw:
+            return
+        copy_ms = sw["copy_ms_at_measured_rate"]
+        out: dict[str, Any] = {"copy_ms": copy_ms, "step_ms": sw["step_s"] * 1e3}
+        if "step_s" in res and copy_ms:
+            out["exposed_ms_vs_resident"] = round((sw["step_s"] - res["step_s"]) * 1e3, 3)
+            out["hidden_share_vs_resident"] = round(1 - out["exposed_ms_vs_resident"] / copy_ms, 4)
+        if "step_s" in d0 and copy_ms:
+            out["depth0_step_ms"] = d0["step_s"] * 1e3
+            out["hidden_share_vs_depth0"] = round((d0["step_s"] - sw["step_s"]) * 1e3 / copy_ms, 4)
+        st["result"]["overlap"] = out
+        self.sink()
+
+    def ratios(self, case: Case) -> None:
+        """Each variant's step over its resident baseline: fxswap eager and the peer over resident eager,
+        fxswap Inductor over resident compiled (1.0 = as fast as the whole model on the GPU)."""
+        st = self.state.get(case.key)
+        if st is None:
+            return
+        v = st["result"]["variants"]
+        base = {"eager": v.get("resident_eager", {}).get("step_s"),
+                "inductor": v.get("resident_compiled", {}).get("step_s")}  # fmt: skip
+        out = {}
+        for name, res in v.items():
+            kind = "inductor" if name.startswith("fxswap_inductor") else "eager"
+            if res.get("step_s") and base[kind] and not name.startswith("resident"):
+                out[name] = round(res["step_s"] / base[kind], 4)
+        st["result"]["step_vs_resident"] = out
+        self.sink()
+
+    def run(self) -> None:
+        self.calibrate()
+        order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
+        for backend, model in order:
+            if backend == "inductor" and self.args.dry_run and not self.args.dry_run_inductor:
+                for case in (c for c in self.cases if c.model == model):
+                    res = self.case_state(case)["result"]["variants"]
+                    res["resident_compiled"] = {"skipped": "--dry-run without --dry-run-inductor"}
+                    for label in BUDGET_LABELS:
+                        res[f"fxswap_inductor@{label}"] = {"skipped": "--dry-run without --dry-run-inductor"}
+                self.sink()
+                continue
+            if not self.fits(EAGER_COST_S):  # the deadline is checked before each model
+                self.report["skipped"].append(f"{model}/{backend}: deadline before the model")
+                self.log(f"skip {model} {backend}: deadline")
+                self.sink()
+                continue
+            for case in (c for c in self.cases if c.model == model):
+                if backend == "eager":
+                    self.resident(case, "eager")
+                    self.fxswap(case, "eager", "min")
+                    self.fxswap(case, "eager", "min", depth0=True)
+                    self.overlap(case)
+                    self.fxswap(case, "eager", "mid")
+                    self.fxswap(case, "eager", "large")
+                    self.diffusers(case)
+                    peer = self.state[case.key]["result"]["variants"].get("diffusers_group_offload", {})
+                    if peer.get("peak_allocated"):
+                        self.fxswap(
+                            case,
+                            "eager",
+                            "peer_peak",
+                            budget_bytes=max(
+                                int(peer["peak_allocated"]), self.state[case.key]["result"]["min_vram_bytes"]
+                            ),
+                        )
+                    else:
+                        self.state[case.key]["result"]["variants"]["fxswap_eager@peer_peak"] = {
+                            "skipped": "the peer has no measured peak (CPU, or it failed)"
+                        }
+                else:
+                    self.resident(case, "inductor")
+                    self.fxswap(case, "inductor", "min")
+                self.ratios(case)
+            if backend == "inductor":  # the larger budgets compile again: last
+                for case in (c for c in self.cases if c.model == model):
+                    self.fxswap(case, "inductor", "mid")
+                    self.fxswap(case, "inductor", "large")
+                    self.ratios(case)
+        self.report["finished"] = True
+        self.sink()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Build a module with its parameters on meta (no init, no memory) but its buffers real: the peer's
+    RoPE tables are non-persistent buffers that no state dict brings back."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def depth0_plan(plan: Any) -> Any:
+    """``plan`` with every swapped unit's load moved onto its wait (prefetch depth 0): the copies then
+    run with nothing to hide behind. Peak and fingerprint stay (the peak can only drop)."""
+    units = tuple(
+        u if u.resident else dataclasses.replace(u, load_at=u.wait_at, load_node=u.wait_node)
+        for u in plan.units
+    )
+    return dataclasses.replace(plan, units=units, prefetch_depth=0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--dry-run", action="store_true", help="tiny WAN on the CPU: checks the script, no figures"
-    )
-    ap.add_argument(
-        "--dry-run-inductor", action="store_true", help="with --dry-run: also the inductor variant"
-    )
-    ap.add_argument("--out", default="benchmarks/results/gpu_check.json")
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dry-run", action="store_true", help="tiny WANs on the CPU: checks the code path")
+    ap.add_argument("--dry-run-inductor", action="store_true", help="with --dry-run: the Inductor pass too")
+    ap.add_argument("--out-dir", default="benchmarks/results/gpu_check",
+                    help="gpu_check.json and gpu_check_trace.json.gz go here")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=3, help="timed calls per variant after the warm-up (>= 3)")
     ap.add_argument("--mode", default="adaptive", choices=["layerwise", "chunkwise", "adaptive"])
-    ap.add_argument("--time-limit", type=float, default=400.0, help="skip variants that would start later")
     ap.add_argument(
-        "--hard-limit",
-        type=float,
-        default=450.0,
-        help="interrupt the running variant after this many seconds (recorded as an error; the JSON is "
-        "still written); 0 = never",
+        "--base", default=None, help="hardware profile for the unmeasured figures (default: by name)"
     )
-    ap.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. resident_compiled")
-    ap.add_argument("--models", default="", help="comma-separated model names to run (default: all)")
+    ap.add_argument("--time-limit", type=float, default=450.0, help="no variant starts that would end later")
+    ap.add_argument("--hard-limit", type=float, default=470.0,
+                    help="interrupt the running variant after this many seconds; 0 = never")  # fmt: skip
+    ap.add_argument("--skip", default="", help="comma-separated variant names to skip")
+    ap.add_argument("--models", default="", help="comma-separated model names (default: all, 14B first)")
+    ap.add_argument("--cases", default="", help="comma-separated parts of case keys to keep, e.g. 480p17")
     args = ap.parse_args(argv)
-    args.skip = {s for s in args.skip.split(",") if s}
+    args.skip_set = {s for s in args.skip.split(",") if s}
+    if args.steps < 3 and not args.dry_run:
+        ap.error(f"--steps={args.steps}: the median needs at least 3 timed calls")
     if args.dry_run:
         device = torch.device("cpu")
-        args.steps = 1
     else:
         if not torch.cuda.is_available():
             ap.error("no CUDA device: run with --dry-run on the CPU")
-        device = torch.device("cuda", 0)
-    start = time.perf_counter()
-    deadline = start + args.time_limit
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "dry_run": args.dry_run,
-        "steps": args.steps,
-        "mode": args.mode,
-        "models": {},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def sink() -> None:
-        report["elapsed_s"] = round(time.perf_counter() - start, 1)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        report["device_total_memory_bytes"] = int(props.total_memory)
-    if args.hard_limit > 0 and hasattr(signal, "SIGALRM"):
-        # A variant that overruns (a slow compile, a hang) must not cost the whole report: the alarm
-        # raises inside it, its record() catches and records the error, and the run goes on/ends.
+        device = torch.device("cuda", torch.cuda.current_device())
+    check = GpuCheck(args, device)
+    alarm = args.hard_limit > 0 and hasattr(signal, "SIGALRM")
+    if alarm:
+        # A variant that overruns (a slow compile, a hang in Python) must not cost the report: the
+        # alarm raises inside it, run_variant records the error, and later variants are skipped.
         def _overrun(signum: int, frame: Any) -> None:
+            check.deadline = 0.0
             raise TimeoutError(f"--hard-limit {args.hard_limit:g}s reached")
 
         previous = signal.signal(signal.SIGALRM, _overrun)
         signal.setitimer(signal.ITIMER_REAL, args.hard_limit)
-    wanted = {m for m in args.models.split(",") if m}
     try:
-        for spec in model_specs(args.dry_run):
-            if wanted and spec["name"] not in wanted:
-                continue
-            result: dict[str, Any] = {k: spec[k] for k in ("frames", "height", "width")}
-            report["models"][spec["name"]] = result
-            try:
-                run_model(spec, args, device, deadline, sink, result)
-            except Exception as e:  # noqa: BLE001
-                result["error"] = f"{type(e).__name__}: {e}"[:2000]
-            result["step_vs_resident_eager"] = _relative_steps(result.get("variants", {}))
-            sink()
-            _free(device)
+        check.run()
+    except Exception as e:  # noqa: BLE001 (calibration or a case setup failed: keep the report)
+        check.report["errors"].append(f"run: {type(e).__name__}: {e}"[:2000])
+        check.log(f"ERROR run: {type(e).__name__}: {e}")
+        traceback.print_exc()
     finally:
-        if args.hard_limit > 0 and hasattr(signal, "SIGALRM"):
+        if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-    sink()
-    print(json.dumps(report, indent=2))
-    return report
+        check.sink()
+    return check.report
 
 
 if __name__ == "__main__":
-    main()
+    rep = main()
+    sys.exit(0 if rep["finished"] and not rep["errors"] else 1)

@@ -32,10 +32,17 @@ from fxswap.costmodel import wan_block_flops
 from fxswap.errors import FxswapError
 from fxswap.hardware import PROFILES, HardwareProfile, get_profile, save_profile
 
-__all__ = ["add_calibrate_arguments", "measure_host_memcpy", "run_calibrate"]
+__all__ = [
+    "add_calibrate_arguments",
+    "calibrated_profile",
+    "measure_host_memcpy",
+    "measure_matmul_tflops",
+    "run_calibrate",
+]
 
 MiB = 2**20
 _NAME_HINTS = (
+    ("h200", "h200"),  # "NVIDIA H200" (torch.cuda.get_device_name on the H200 SXM)
     ("5090", "rtx5090"),
     ("4090", "rtx4090"),
     ("4080", "rtx4080"),
@@ -121,6 +128,86 @@ def _cuda_copy_rates(nbytes: int, repeats: int) -> dict[str, float]:
     }
 
 
+def measure_matmul_tflops(device: Any, n: int = 8192, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of an ``n``x``n``x``n`` matrix product: bf16 on CUDA (CUDA events, median),
+    float32 on the CPU (wall clock, median); random data, after one warm-up product."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            ms = _cuda_median_ms(lambda: torch.mm(a, b), repeats)
+    else:
+        ms = _median_ms(lambda: torch.mm(a, b), repeats, lambda: None)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def calibrated_profile(
+    device: Any,
+    *,
+    base: str | None = None,
+    copy_mb: float = 256.0,
+    repeats: int = 5,
+    matmul_n: int | None = None,
+) -> tuple[HardwareProfile, dict[str, Any]]:
+    """Measure the copy rates and the matmul rate of ``device`` and return a calibrated profile for
+    the planner (``fxswap.costmodel.plan_rates``) with the raw measurements.
+
+    The copies are measured first, so that a card without a built-in profile still reports them
+    before the base lookup fails. ``achieved_fraction`` = measured matmul TFLOP/s / the base's
+    datasheet peak: the planner's ``compute_tflops`` becomes the measured matmul rate.
+
+    On the CPU (the dry run) the "copy" is a host memcpy and the product runs in float32; the profile
+    is named ``cpu-memcpy-...`` and its sources say so: it prices nothing real.
+
+    Raises:
+        FxswapError: no built-in profile matches the GPU's name and ``base`` is not given (the
+            measurements are in the error message).
+    """
+    import torch
+
+    dev = torch.device(device)
+    nbytes = round(copy_mb * MiB)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    if dev.type == "cuda":
+        device_name = torch.cuda.get_device_name(dev)
+        with torch.cuda.device(dev):
+            rates = _cuda_copy_rates(nbytes, repeats)
+        n = matmul_n or 8192
+    else:
+        device_name = "cpu"
+        memcpy = measure_host_memcpy(nbytes, repeats)
+        rates = {"pinned_h2d_gbps": memcpy, "pageable_h2d_gbps": memcpy, "d2h_gbps": memcpy}
+        n = matmul_n or 512
+    tflops = measure_matmul_tflops(dev, n, repeats)
+    measured: dict[str, Any] = {"device_name": device_name, **rates, "matmul_tflops": tflops, "matmul_n": n}
+    try:
+        prof = _base_profile(base, device_name) if dev.type == "cuda" else get_profile(base or "generic-20gb")
+    except FxswapError as exc:
+        raise FxswapError(f"{exc}. Measured before the lookup: {measured}") from None
+    what = "measured" if dev.type == "cuda" else "host memcpy / CPU float32 matmul (dry run, not a GPU)"
+    sources = dict(prof.sources)
+    for k in (*rates, "achieved_fraction"):
+        sources[k] = f"{what} on {device_name}, {stamp}"
+    vram = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else prof.vram_bytes
+    prefix = "calibrated" if dev.type == "cuda" else "cpu-memcpy"
+    prof = replace(
+        prof,
+        name=f"{prefix}-{prof.name}",
+        calibrated=dev.type == "cuda",
+        vram_bytes=int(vram),
+        achieved_fraction=min(1.0, tflops / prof.bf16_tflops),
+        sources=sources,
+        **rates,
+    )
+    prof.check()
+    return prof, measured
+
+
 def _block_ms(model: str, width: int, height: int, frames: int, repeats: int) -> tuple[float, float]:
     """(ms per block, FLOPs per block) of ``model`` on the GPU: 2-block minus 1-block forward."""
     import torch
@@ -194,13 +281,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
         return 2
     device_name = torch.cuda.get_device_name()
     try:
-        base = _base_profile(args.base, device_name)
         width, height = (int(v) for v in args.resolution.lower().split("x"))
-    except (FxswapError, ValueError) as exc:
-        print(f"fxswap calibrate: {exc}", file=sys.stderr)
+    except ValueError:
+        print(f"fxswap calibrate: --resolution={args.resolution!r}; use WIDTHxHEIGHT, e.g. 832x480",
+              file=sys.stderr)  # fmt: skip
         return 2
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    # The copies first: a card without a built-in profile still gets its link measured and printed.
     rates = _cuda_copy_rates(nbytes, args.repeats)
+    print(
+        f"{device_name}: pinned H2D {rates['pinned_h2d_gbps']:.1f} GB/s, pageable H2D "
+        f"{rates['pageable_h2d_gbps']:.1f} GB/s, D2H {rates['d2h_gbps']:.1f} GB/s"
+    )
+    try:
+        base = _base_profile(args.base, device_name)
+    except FxswapError as exc:
+        print(f"fxswap calibrate: {exc}", file=sys.stderr)
+        return 2
     sources = dict(base.sources)
     for k in rates:
         sources[k] = f"measured by fxswap calibrate on {device_name}, {stamp}"
@@ -212,10 +309,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
         pinned_h2d_gbps=rates["pinned_h2d_gbps"],
         pageable_h2d_gbps=rates["pageable_h2d_gbps"],
         d2h_gbps=rates["d2h_gbps"],
-    )
-    print(
-        f"{device_name}: pinned H2D {rates['pinned_h2d_gbps']:.1f} GB/s, pageable H2D "
-        f"{rates['pageable_h2d_gbps']:.1f} GB/s, D2H {rates['d2h_gbps']:.1f} GB/s"
     )
     if not args.skip_block:
         block_ms, flops = _block_ms(args.model, width, height, args.frames, args.repeats)

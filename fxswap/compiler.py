@@ -71,6 +71,8 @@ logger = logging.getLogger("fxswap.compiler")
 
 BACKENDS = ("inductor", "eager")
 MiB = 2**20
+# fxswap's scoped Inductor settings (names checked on torch 2.11 to 2.14; see _compile).
+_INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_locality": False, "triton.cudagraphs": False}
 GiB = 2**30
 
 
@@ -84,9 +86,11 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
     # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
     # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
     # after release k), which serialises transfer and compute. Fusion is unaffected.
+    # CUDA graphs stay off whatever the global config says: a replay skips the Python load / wait
+    # ops, so every replay would compute with the weights (and addresses) of the recorded call.
     with (
         stage("fxswap: compiling with Inductor"),
-        torch._inductor.config.patch(reorder_for_locality=False),
+        torch._inductor.config.patch(_INDUCTOR_CONFIG),
         torch.no_grad(),
     ):
         return compile_fx(gm, list(flat))  # type: ignore[return-value]
@@ -788,6 +792,7 @@ class Experts:
         self.boundary = boundary
         self.timestep_arg = timestep_arg
         self._active: int | None = None
+        self._mirror: list[Any] = []  # see _host_value: [weakref to the base, version, host copy]
 
     def _switch(self, i: int) -> None:
         if self._active is not None and self._active != i:
@@ -822,7 +827,7 @@ class Experts:
             t = kwargs[ta]
         else:
             t = self._forward_signature.bind_partial(*args, **kwargs).arguments[ta]
-        return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        return _host_value(t, self._mirror)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.boundary is None:
@@ -830,6 +835,39 @@ class Experts:
                 "`boundary` was not set: call experts.high(...) / experts.low(...) or experts[i](...)"
             )
         return self[0 if self._timestep(args, kwargs) >= self.boundary else 1](*args, **kwargs)
+
+
+def _host_value(t: Any, mirror: list[Any]) -> float:
+    """The first element of the timestep ``t`` as a float, without a host sync where avoidable.
+
+    Reading a device tensor (``.item()``) waits for all queued GPU work, so the host could not run
+    ahead of the previous step. Pipelines pass each step's timestep as a view of one device tensor
+    (diffusers: ``t`` of ``scheduler.timesteps``, then ``t.expand(batch)``): that tensor is copied to the
+    host once (one sync per schedule) and later views are read from the host copy while the storage's
+    version counter says it is unchanged. Numbers and CPU tensors never sync; a fresh device tensor
+    per step (or an inference-mode tensor, which has no version counter) is read directly.
+    """
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    if t.device.type in ("cpu", "meta"):
+        return float(t.flatten()[0])
+    return _mirrored_value(t, mirror)
+
+
+def _mirrored_value(t: torch.Tensor, mirror: list[Any]) -> float:
+    """``t``'s first element read from ``mirror``, a host copy of ``t``'s storage kept in place
+    (one at a time: the schedule being sampled), refreshed when ``t`` belongs to another tensor or
+    its version counter moved."""
+    base = t._base if t._base is not None else t
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors track no version: nothing tells a stale copy apart
+        return float(t.flatten()[0])
+    if not mirror or mirror[0]() is not base or mirror[1] != version or mirror[2].dtype != t.dtype:
+        storage = t.untyped_storage().cpu()  # the one sync per schedule
+        mirror[:] = [weakref.ref(base), version, torch.empty(0, dtype=t.dtype).set_(storage)]
+    host = mirror[2].as_strided(t.shape, t.stride(), t.storage_offset())
+    return float(host.flatten()[0])
 
 
 class _ExpertView:

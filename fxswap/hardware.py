@@ -221,6 +221,24 @@ PROFILES: dict[str, HardwareProfile] = {
         d2h_gbps=_H100_D2H,
         sources={"bf16_tflops": "NVIDIA H100 datasheet", "achieved_fraction": "diffusers PR #11605"},
     ),
+    "h200": _p(
+        name="h200",
+        # [src] NVIDIA H200 Tensor Core GPU datasheet (H200 SXM): 141 GB HBM3e at 4.8 TB/s; BF16 tensor
+        # 1,979 TFLOPS with sparsity = 989 dense, the same GH100 compute as the H100 SXM.
+        vram_bytes=141 * GiB,  # counted in GiB as the other cards here; torch reports ~140.4 GiB
+        bf16_tflops=989.4,  # [src] H200 datasheet: 1,979 sparse / 989 dense (as H100 SXM)
+        achieved_fraction=0.45,  # [calc] as h100-sxm: same GH100 SMs and kernels (diffusers PR #11605)
+        mem_gbps=4800.0 * _MEM_EFF,  # [src] H200 datasheet: 4.8 TB/s HBM3e
+        # [guess] the same PCIe 5.0 x16 host link as HGX H100: the H100 link figures.
+        pinned_h2d_gbps=_H100_PINNED,
+        pageable_h2d_gbps=_H100_PAGEABLE,
+        d2h_gbps=_H100_D2H,
+        sources={
+            "bf16_tflops": "NVIDIA H200 datasheet (H200 SXM)",
+            "mem_gbps": "NVIDIA H200 datasheet: 4.8 TB/s HBM3e",
+            "link": "[guess] PCIe 5.0 as HGX H100, see module docstring",
+        },
+    ),
     "generic-20gb": _p(
         name="generic-20gb",
         # [guess] not a product: a 20 GiB PCIe 4.0 card between the RTX 4080 and 4090, for budgets

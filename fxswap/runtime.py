@@ -52,6 +52,7 @@ __all__ = [
     "default_backend",
     "default_device",
     "live_runtimes",
+    "pinned_allocation_bytes",
 ]
 
 logger = logging.getLogger("fxswap.runtime")
@@ -113,6 +114,17 @@ def staging_bytes(tensor: Tensor, storage_dtype: torch.dtype | None) -> int:
     return 0 if sd == tensor.dtype else tensor.numel() * sd.itemsize
 
 
+def pinned_allocation_bytes(nbytes: int) -> int:
+    """Host bytes that pinning a tensor of ``nbytes`` really takes.
+
+    torch's CachingHostAllocator (``ATen/core/CachingHostAllocator.h``, ``allocate``) rounds every
+    request up to the next power of two before ``cudaHostAlloc`` (``c10::llvm::PowerOf2Ceil``; torch
+    2.13 adds a ``pinned_max_round_threshold`` setting whose default, SIZE_MAX, keeps the rounding
+    for all sizes). A 141.6 MB WAN 14B FFN weight pins 256 MiB: the ``pin_share`` cap must count that.
+    """
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
 def _total_ram_bytes() -> int:
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
@@ -134,7 +146,8 @@ class HostStore:
             raise ValueError(f"`pin_share` must be within [0, 1], got {pin_share!r}")
         self.pin = pin
         self.pin_limit_bytes = int(_total_ram_bytes() * pin_share)
-        self.pinned_bytes = 0
+        self.pinned_bytes = 0  # as the pinned allocator takes them (pinned_allocation_bytes)
+        self.pinned_payload_bytes = 0  # the tensors' own bytes inside those blocks
         self.pageable_bytes = 0
         self._tensors: dict[str, Tensor] = {}
         self._warned = False
@@ -154,9 +167,11 @@ class HostStore:
             host = host.to(sd)
         host = host.contiguous()
         nbytes = host.untyped_storage().nbytes()
-        if self.pin and self.pinned_bytes + nbytes <= self.pin_limit_bytes:
+        pinned = pinned_allocation_bytes(nbytes)
+        if self.pin and self.pinned_bytes + pinned <= self.pin_limit_bytes:
             host = host.pin_memory()
-            self.pinned_bytes += nbytes
+            self.pinned_bytes += pinned
+            self.pinned_payload_bytes += nbytes
         else:
             if self.pin and not self._warned:
                 warnings.warn(
@@ -250,11 +265,17 @@ class CudaStreamBackend(TransferBackend):
         side = self._side(device)
         out = [torch.empty_like(h, device=device) for h in host]  # on the compute stream
         side.wait_stream(compute)
-        with torch.cuda.stream(side):
-            for d, h in zip(out, host, strict=True):
-                d.copy_(h, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record(side)
+        try:
+            with torch.cuda.stream(side):
+                for d, h in zip(out, host, strict=True):
+                    d.copy_(h, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(side)
+        except BaseException:
+            # Copies already enqueued write into `out`; dropping it now would return those blocks to
+            # the compute stream's pool while the side stream still writes into them.
+            side.synchronize()
+            raise
         return _CudaPending(out, ev, device)
 
 
@@ -345,11 +366,13 @@ class _Unit:
 
     def start_load(self) -> Tensor:
         p = self._start(self.host, self._device)
+        # Owned by `pending` before anything else can raise: discard_pending then waits for the copy
+        # before the destination is freed (a dropped record would free it mid-copy).
+        self.pending.append(p)
         if self._track:
             track = self._ledger.track
             for t in p.tensors:
                 track(t)
-        self.pending.append(p)
         self.loads += 1
         return self._token
 

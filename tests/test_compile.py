@@ -416,33 +416,6 @@ def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) ->
     assert torch.equal(same_api(x, t_hi), wh(x, t_hi)) and torch.equal(same_api(x, t_lo), wl(x, t_lo))
 
 
-# ---------------------------------------------------------------------------------------- gpu check
-def test_gpu_check_dry_run(tmp_path: Path) -> None:
-    import importlib.util
-    import json
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = tmp_path / "gpu_check.json"
-    report = mod.main(["--dry-run", "--out", str(out)])
-    assert json.loads(out.read_text()) == report
-    tiny = report["models"]["tiny-t2v"]
-    assert tiny["budget_bytes"] < tiny["weight_bytes"]
-    v = tiny["variants"]
-    assert v["fxswap_eager"]["max_abs_diff_vs_resident_eager"] == 0.0
-    assert v["fxswap_eager"]["swapped_units"] > 0
-    assert v["fxswap_eager"]["ledger_peak_bytes"] <= tiny["budget_bytes"]
-    assert "skipped" in v["diffusers_group_offload"]
-    assert tiny["step_vs_resident_eager"]["resident_eager"] == 1.0
-    assert tiny["step_vs_resident_eager"]["fxswap_eager"] > 0
-    import signal
-
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # the hard-limit alarm is disarmed
-
-
 def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> None:
     """On CUDA the store pins a copy; the model's tensor is pointed at it (one host copy, same values)."""
     c = case(cases, "mlp")
