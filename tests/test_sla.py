@@ -101,7 +101,9 @@ def test_kept_blocks_is_the_requested_fraction(blocks: int, topk: float, kept: i
     assert sla.kept_blocks(blocks, topk) == kept
 
 
-@pytest.mark.parametrize(("length", "bq", "bk", "topk"), [(160, 32, 16, 0.3), (100, 16, 8, 0.25), (64, 64, 8, 0.5)])
+@pytest.mark.parametrize(
+    ("length", "bq", "bk", "topk"), [(160, 32, 16, 0.3), (100, 16, 8, 0.25), (64, 64, 8, 0.5)]
+)
 def test_block_selection_keeps_exactly_the_best_fraction(length: int, bq: int, bk: int, topk: float) -> None:
     q, k, _ = _qkv(2, 2, length, 16, seed=1)
     lut = sla.select_blocks(q, k, topk, bq, bk)
@@ -180,7 +182,8 @@ SLA_CFG = wan.tiny_config(attention_type="sla", sla_topk=0.5, sla_block_q=8, sla
 
 def test_sla_model_with_all_blocks_and_zero_proj_l_is_the_dense_model() -> None:
     dense = _perturbed(wan.tiny_config())
-    model = wan.build(wan.tiny_config(attention_type="sla", sla_topk=1.0, sla_block_q=8, sla_block_k=4)).eval()
+    cfg = wan.tiny_config(attention_type="sla", sla_topk=1.0, sla_block_q=8, sla_block_k=4)
+    model = wan.build(cfg).eval()
     missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
     assert all("proj_l" in k for k in missing) and len(missing) == 4 and not unexpected
     # Only self-attention is SLA: cross-attention keeps SDPA (TurboDiffusion's replace_attention).
@@ -253,7 +256,9 @@ def _turbowan_state_dict(m: wan.WanModel, dtype: torch.dtype) -> dict[str, torch
 
 def test_turbowan_pth_loads_and_runs(tmp_path: Path) -> None:
     # head_dim 128 (dim 128, 1 head): the head count is detected as for the released files.
-    cfg = wan.tiny_config(dim=128, num_heads=1, attention_type="sla", sla_topk=0.5, sla_block_q=8, sla_block_k=4)
+    cfg = wan.tiny_config(
+        dim=128, num_heads=1, attention_type="sla", sla_topk=0.5, sla_block_q=8, sla_block_k=4
+    )
     src = _perturbed(cfg)
     path = tmp_path / "TurboWan-tiny.pth"
     sd = _turbowan_state_dict(src, torch.float32)
@@ -268,7 +273,8 @@ def test_turbowan_pth_loads_and_runs(tmp_path: Path) -> None:
     # Detected without a config (text_len cannot be seen in the tensors, so this one is not run):
     # the SLA keys pick attention_type="sla", sla_topk is an argument, the tensors are the source's.
     detected = wan.load(path, sla_topk=0.5)
-    assert (detected.config.attention_type, detected.config.sla_topk, detected.config.num_heads) == ("sla", 0.5, 1)
+    got = detected.config
+    assert (got.attention_type, got.sla_topk, got.num_heads) == ("sla", 0.5, 1)
     for key, t in src.state_dict().items():
         assert torch.equal(detected.state_dict()[key], t), key
     with pytest.raises(CheckpointError, match="attention_type='sdpa' disagrees"):

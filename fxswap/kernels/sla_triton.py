@@ -95,8 +95,8 @@ def _sla_fwd(
     if KEPT < NK:
         s_rest = tl.load(SSUM + bh * CD * DV + offs_cd[:, None] * DV + offs_dv[None, :]) - s_kept
         z_rest = tl.load(ZSUM + bh * CD + offs_cd) - z_kept
-        cq = tl.load(CQ + bh * L * CD + rows[:, None] * CD + offs_cd[None, :], mask=row_ok[:, None], other=0.0)
-        cq = cq.to(tl.float32)
+        cq_ptrs = CQ + bh * L * CD + rows[:, None] * CD + offs_cd[None, :]
+        cq = tl.load(cq_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
         num = tl.dot(cq, s_rest, input_precision=PREC)
         # Padding rows of the last block have phi(q) = 0: give them a harmless denominator.
         den = tl.where(row_ok, tl.sum(cq * z_rest[None, :], axis=1), 1.0)
@@ -138,14 +138,14 @@ def sparse_linear(
     q, k, v, c_q, c_k = (t.contiguous() for t in (q, k, v, c_q, c_k))
     lut = lut.contiguous()
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    f32 = {"dtype": torch.float32, "device": q.device}
+    f32, dev = torch.float32, q.device
     if kept < nk:
-        s = torch.empty((b * h, nk, cd, dv), **f32)
-        z = torch.empty((b * h, nk, cd), **f32)
+        s = torch.empty((b * h, nk, cd, dv), dtype=f32, device=dev)
+        z = torch.empty((b * h, nk, cd), dtype=f32, device=dev)
         _kv_sums[(nk, b * h)](c_k, v, s, z, length, CD=cd, DV=dv, BK=block_k, NK=nk, PREC=prec)
         s_sum, z_sum = s.sum(dim=1), z.sum(dim=1)
     else:  # the linear branch is empty: the kernel never reads these
-        s = z = s_sum = z_sum = torch.empty(1, **f32)
+        s = z = s_sum = z_sum = torch.empty(1, dtype=f32, device=dev)
     o_s = torch.empty((b, h, length, dv), dtype=q.dtype, device=q.device)
     o_l = torch.empty_like(o_s)
     _sla_fwd[(mq, b * h)](

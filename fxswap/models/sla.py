@@ -83,7 +83,9 @@ def check_topk(topk: float) -> None:
 
 def _check_block(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive int (TurboDiffusion uses 128 for queries, 64 for keys)")
+        raise ValueError(
+            f"{name}={value!r} must be a positive int (TurboDiffusion uses 128 for queries, 64 for keys)"
+        )
 
 
 def mean_pool(x: Tensor, block: int) -> Tensor:
@@ -100,7 +102,9 @@ def mean_pool(x: Tensor, block: int) -> Tensor:
     return sums / counts
 
 
-def select_blocks(q: Tensor, k: Tensor, topk: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> Tensor:
+def select_blocks(
+    q: Tensor, k: Tensor, topk: float, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+) -> Tensor:
     """The key blocks each query block attends to exactly: int64 ``[B, H, ceil(L/block_q), kept]``.
 
     Scores are ``mean_pool(q) @ mean_pool(k - mean(k))^T`` in float32; the ``kept_blocks`` highest
