@@ -223,6 +223,19 @@ def test_fxswap_compile_of_an_sla_model_is_exact(mode: str) -> None:
     assert swapped[-1] == []
 
 
+@pytest.mark.slow
+def test_fxswap_inductor_matches_torch_compile_on_an_sla_model() -> None:
+    model = _perturbed(SLA_CFG)
+    kw = wan.example_inputs(SLA_CFG, frames=5, height=48, width=80)  # 30 tokens: partial blocks
+    lo = _min_budget(model, kw, "adaptive")
+    sm = fx_compile(model, mode="adaptive", max_vram_gb=lo / 2**30, backend="inductor", **COMMON)
+    out = sm(**kw)
+    ref = torch.compile(model)(**kw)
+    # Same tolerance as tests/test_compile.py's WAN case (observed here: 7e-7, a few fp32 ulps).
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert sm.plan is not None and sum(not u.resident for u in sm.plan.units) > 0
+
+
 def test_capture_prices_sla_like_its_closed_form() -> None:
     from fxswap.capture import trace
 

@@ -170,7 +170,8 @@ def sparse_linear_reference(
         o_l = (cqb @ s_q) / (cqb * z_q[:, :, None, :]).sum(dim=-1, keepdim=True)
 
     def tokens(o: Tensor) -> Tensor:
-        return o.flatten(1, 2)[:, :length].reshape(b, h, length, dv).to(q.dtype)
+        # Contiguous, as the fake implementation promises (Inductor lays out the op's outputs by it).
+        return o.flatten(1, 2)[:, :length].reshape(b, h, length, dv).to(q.dtype).contiguous()
 
     return tokens(o_s), tokens(o_l)
 
