@@ -27,8 +27,8 @@ between two blocks may resolve differently from TurboDiffusion's bf16 scoring.
 
 from __future__ import annotations
 
-import math
 import os
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -63,14 +63,22 @@ def kept_blocks(num_blocks: int, topk: float) -> int:
     """How many of ``num_blocks`` key blocks each query block keeps: ``floor(topk * num_blocks)``,
     at least 1 and at most ``num_blocks``.
 
-    TurboDiffusion takes ``min(n, int(topk * n))``; the tiny tolerance makes a product such as
-    ``0.29 * 100 = 28.999999999999996`` count as the 29 blocks the caller asked for, and the floor of
-    1 keeps softmax defined when ``topk * n < 1`` (TurboDiffusion would keep 0 blocks and divide by 0).
+    TurboDiffusion takes ``min(n, int(topk * n))``; here ``topk`` is read as the fraction it spells,
+    so ``0.29`` of 100 blocks is 29 (float arithmetic gives ``int(28.999999999999996) = 28``), and the
+    floor of 1 keeps softmax defined when ``topk * n < 1`` (TurboDiffusion would keep 0 blocks).
     """
     if not isinstance(num_blocks, int) or num_blocks <= 0:
         raise ValueError(f"num_blocks={num_blocks!r} must be a positive int")
     check_topk(topk)
-    return max(1, min(num_blocks, math.floor(topk * num_blocks + 1e-9)))
+    return _kept(num_blocks, topk)
+
+
+def _kept(num_blocks: Any, topk: float) -> Any:
+    # topk as the nearest fraction p/q with q <= 10^6, then integer floor(n * p / q): exact for the
+    # fractions people write (0.29 * 100 -> 29, where float arithmetic gives 28.99...), and made of
+    # integer ops only, so it stays symbolic when Dynamo traces with a dynamic sequence length.
+    frac = Fraction(topk).limit_denominator(10**6)
+    return max(1, min(num_blocks, num_blocks * frac.numerator // frac.denominator))
 
 
 def check_topk(topk: float) -> None:
@@ -114,7 +122,7 @@ def select_blocks(
     check_topk(topk)
     smoothed = k.float() - k.float().mean(dim=-2, keepdim=True)
     scores = mean_pool(q, block_q) @ mean_pool(smoothed, block_k).transpose(-1, -2)
-    kept = kept_blocks(scores.shape[-1], topk)
+    kept = _kept(scores.shape[-1], topk)
     return torch.topk(scores, kept, dim=-1, sorted=True).indices
 
 
