@@ -152,5 +152,8 @@ def sparse_linear(
         q, k, v, c_q, lut, s, z, s_sum, z_sum, o_s, o_l,
         length, mq, d**-0.5,
         D=d, DV=dv, CD=cd, BQ=block_q, BK=block_k, KEPT=kept, NK=nk, PREC=prec,
+        # Each program holds q, the accumulator and the kept blocks' [cd, dv] sums: 8 warps at
+        # head_dim 128 as TurboDiffusion's SLA kernel uses (not tuned here: no GPU yet).
+        num_warps=8 if d >= 128 else 4,
     )  # fmt: skip
     return o_s, o_l
