@@ -255,7 +255,26 @@ def test_capture_prices_sla_like_its_closed_form() -> None:
     assert 0.09 < (sparse - (dense - core)) / core < 0.12
 
 
+def test_fxswap_plan_cli_prices_a_turbowan_model(capsys: pytest.CaptureFixture[str]) -> None:
+    from fxswap.cli import main
+
+    small = ["--layers", "2", "--resolution", "256x256", "--frames", "5", "--max-vram-gb", "2"]
+    assert main(["plan", "--model", "turbowan2.1-t2v-1.3b", *small]) == 0
+    assert "predicted peak" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------- checkpoints
+def test_detected_turbowan_architecture_gets_its_name() -> None:
+    from fxswap.models.wan_checkpoint import detect_config
+
+    for name, turbo in wan.TURBOWAN_CONFIGS.items():
+        shapes = {k: tuple(v.shape) for k, v in wan.build(name, device="meta").state_dict().items()}
+        assert wan.turbowan_config(detect_config(shapes)) == turbo, name
+        assert wan.named_config(name) is turbo and turbo.attention_type == "sla" and turbo.sla_topk == 0.1
+    custom = wan.tiny_config()
+    assert wan.turbowan_config(custom) == dataclasses.replace(custom, attention_type="sla")
+
+
 def _turbowan_state_dict(m: wan.WanModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """TurboDiffusion's layout, written here: Linear patch embedding, proj_l kept in float32."""
     sd: dict[str, torch.Tensor] = {}
