@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.repeats,
             )
             lut = sla.select_blocks(q, k, topk, bq, bk)
-            op_args = (q, k, v, sla.feature_map(q), sla.feature_map(k), lut, bq, bk)
+            s, z = sla.kv_block_sums(sla.feature_map(k), v, bk)
+            op_args = (q, k, v, sla.feature_map(q), s, z, lut, bq, bk)
             times[f"reference[{topk}]"] = _median_ms(
                 lambda a=op_args: sla.sparse_linear_reference(*a), device, max(1, args.repeats // 4)
             )
@@ -134,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if args.dry_run and dt == torch.bfloat16:
                     continue  # the interpreter computes with numpy, which has no bfloat16
                 qq, kk, vv = (t.to(dt) for t in (q, k, v))
-                a = (qq, kk, vv, sla.feature_map(qq), sla.feature_map(kk), lut, bq, bk)
+                ss, zz = sla.kv_block_sums(sla.feature_map(kk), vv, bk)
+                a = (qq, kk, vv, sla.feature_map(qq), ss, zz, lut, bq, bk)
                 got, want = sla_triton.sparse_linear(*a), sla.sparse_linear_reference(*a)
                 errors[str(topk)][name] = max(
                     (x.float() - y.float()).abs().max().item() for x, y in zip(got, want, strict=True)

@@ -199,14 +199,14 @@ def _flops(node: fx.Node, target: str, outs: list[torch.Tensor]) -> float:
 
 
 def _sla_flops(node: fx.Node) -> float:
-    """``sla_sparse_linear(q, k, v, c_q, c_k, lut, block_q, block_k)`` from its shapes.
+    """``sla_sparse_linear(q, k, v, c_q, s, z, lut, block_q, block_k)`` from its shapes.
 
     Sparse branch: every query attends to ``kept * block_k`` keys (QK^T and PV). Linear branch, when
-    some key block is not kept: the per-block sums ``phi(k)^T v``, the kept blocks' sums taken off
-    the totals once per query block, ``phi(q) S`` and the denominator.
+    some key block is not kept: the kept blocks' sums ``s`` taken off the totals once per query
+    block, ``phi(q) S`` and the denominator (the per-block sums themselves are a matmul in the graph).
     """
-    q, v, c_q, lut = (_arg_tensor(node, i, key) for i, key in ((0, "q"), (2, "v"), (3, "c_q"), (5, "lut")))
-    block_k = node.args[7] if len(node.args) > 7 else node.kwargs.get("block_k")
+    q, v, c_q, lut = (_arg_tensor(node, i, key) for i, key in ((0, "q"), (2, "v"), (3, "c_q"), (6, "lut")))
+    block_k = node.args[8] if len(node.args) > 8 else node.kwargs.get("block_k")
     if q is None or v is None or c_q is None or lut is None or not isinstance(block_k, int) or q.dim() != 4:
         return 0.0
     bh, length, d = math.prod(q.shape[:-2]), q.shape[-2], q.shape[-1]
@@ -215,7 +215,7 @@ def _sla_flops(node: fx.Node) -> float:
     sparse = 2.0 * bh * length * kept * block_k * (d + dv)
     if kept >= -(-length // block_k):
         return sparse
-    linear = 4.0 * bh * length * cd * dv + 2.0 * bh * length * cd + float(bh * mq * kept * cd * dv)
+    linear = 2.0 * bh * length * cd * dv + 2.0 * bh * length * cd + float(bh * mq * kept * cd * dv)
     return sparse + linear
 
 

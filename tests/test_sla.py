@@ -35,6 +35,14 @@ MODES = ("layerwise", "chunkwise", "adaptive")
 COMMON: dict[str, Any] = dict(reserve_mb=0, block_size_mb=0.004)
 
 
+def _op_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, bq: int, bk: int
+) -> tuple[Any, ...]:
+    """The fused op's arguments, as ``sla.sla_attention`` builds them."""
+    s, z = sla.kv_block_sums(sla.feature_map(k), v, bk)
+    return (q, k, v, sla.feature_map(q), s, z, lut, bq, bk)
+
+
 def _qkv(b: int, h: int, length: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(b, h, length, d, generator=g) for _ in range(3))
@@ -121,7 +129,7 @@ def test_block_selection_keeps_exactly_the_best_fraction(length: int, bq: int, b
 def test_reference_matches_the_definition(topk: float) -> None:
     q, k, v = _qkv(1, 2, 72, 16, seed=2)
     lut = sla.select_blocks(q, k, topk, 16, 8)
-    o_s, o_l = sla.sparse_linear_reference(q, k, v, sla.feature_map(q), sla.feature_map(k), lut, 16, 8)
+    o_s, o_l = sla.sparse_linear_reference(*_op_args(q, k, v, lut, 16, 8))
     want_s, want_l = _brute_sla(q, k, v, lut, 16, 8)
     assert (o_s.double() - want_s).abs().max() <= 1e-5
     assert (o_l.double() - want_l).abs().max() <= 1e-5
@@ -146,7 +154,7 @@ def test_proj_l_adds_the_projected_linear_branch() -> None:
 def test_reference_and_model_capture_with_fullgraph() -> None:
     q, k, v = _qkv(1, 2, 40, 16)
     lut = sla.select_blocks(q, k, 0.5, 16, 8)
-    args = (q, k, v, sla.feature_map(q), sla.feature_map(k), lut, 16, 8)
+    args = _op_args(q, k, v, lut, 16, 8)
     compiled = torch.compile(sla.sparse_linear_reference, fullgraph=True, backend="eager")
     for got, want in zip(compiled(*args), sla.sparse_linear_reference(*args), strict=True):
         assert torch.equal(got, want)
@@ -165,7 +173,10 @@ def test_bad_sla_arguments_are_named() -> None:
         wan.tiny_config(attention_type="sla", sla_block_k=0)
     q, k, v = _qkv(1, 1, 16, 8)
     with pytest.raises(ValueError, match="lut"):
-        sla.sparse_linear(q, k, v, q, k, torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16)
+        s, z = sla.kv_block_sums(k, v, 16)
+        sla.sparse_linear(q, k, v, q, s, z, torch.zeros(1, 1, 1, 1, dtype=torch.int32), 16, 16)
+    with pytest.raises(ValueError, match="kv_block_sums"):
+        sla.sparse_linear(q, k, v, q, s[:, :, :0], z, sla.select_blocks(q, k, 1.0, 16, 16), 16, 16)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -367,7 +378,7 @@ def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path: Path) -> N
     for b, h, length, d, bq, bk, topk in KERNEL_CASES:
         q, k, v = _qkv(b, h, length, d, seed=length + d)
         lut = sla.select_blocks(q, k, topk, bq, bk)
-        cases.append({"args": (q, k, v, sla.feature_map(q), sla.feature_map(k), lut, bq, bk)})
+        cases.append({"args": _op_args(q, k, v, lut, bq, bk)})
     src, dst = tmp_path / "in.pt", tmp_path / "out.pt"
     torch.save(cases, src)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -399,7 +410,7 @@ def test_triton_kernel_matches_reference_on_cuda(dtype: torch.dtype) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 4, 4000, 128, device="cuda", generator=g, dtype=dtype) for _ in range(3))
     lut = sla.select_blocks(q, k, 0.1)
-    args = (q, k, v, sla.feature_map(q), sla.feature_map(k), lut, sla.BLOCK_Q, sla.BLOCK_K)
+    args = _op_args(q, k, v, lut, sla.BLOCK_Q, sla.BLOCK_K)
     got = sla_triton.sparse_linear(*args)
     want = sla.sparse_linear_reference(*args)
     tol = 1e-4 if dtype == torch.float32 else 3e-2

@@ -1,15 +1,11 @@
-"""Triton kernels for SLA's sparse and linear branches (``torch.ops.fxswap.sla_sparse_linear``).
+"""Triton kernel for SLA's sparse and linear branches (``torch.ops.fxswap.sla_sparse_linear``).
 
-Two launches per call:
-
-``_kv_sums`` (grid: key blocks x batch*heads)
-    ``S_j = phi(k_j)^T v_j`` and ``Z_j = sum phi(k_j)`` for every key block ``j``, in float32; their
-    totals over ``j`` are then one ``torch.sum`` each.
-``_sla_fwd`` (grid: query blocks x batch*heads)
-    For one query block: online-softmax attention over the key blocks its LUT row lists (float32
-    running max, sum and accumulator), and, while visiting them, the sums ``S``/``Z`` of those
-    blocks; the linear branch then uses ``total - visited`` (the unkept blocks) without touching
-    any other key block: ``o_l = phi(q) S' / (phi(q) . Z')``, or 0 when every block is kept.
+``_sla_fwd`` (grid: query blocks x batch*heads), for one query block: online-softmax attention over
+the key blocks its LUT row lists (float32 running max, sum and accumulator) and, while visiting
+them, the per-block sums ``S_j``/``Z_j`` of those blocks (computed in the graph by
+:func:`fxswap.models.sla.kv_block_sums`); the linear branch then uses ``total - visited``, the
+unkept blocks, without touching any other key block: ``o_l = phi(q) S' / (phi(q) . Z')``, or 0
+when every block is kept.
 
 Semantics are those of :func:`fxswap.models.sla.sparse_linear_reference`, which the tests compare
 against through Triton's CPU interpreter (``TRITON_INTERPRET=1``). Float32 inputs use IEEE
@@ -25,27 +21,6 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["check_shapes", "sparse_linear"]
-
-
-@triton.jit
-def _kv_sums(
-    CK, V, S, Z,
-    L,
-    CD: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    j = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    rows = j * BK + tl.arange(0, BK)
-    valid = rows < L
-    offs_cd = tl.arange(0, CD)
-    offs_dv = tl.arange(0, DV)
-    ck_t = tl.load(CK + bh * L * CD + rows[None, :] * CD + offs_cd[:, None], mask=valid[None, :], other=0.0)
-    v = tl.load(V + bh * L * DV + rows[:, None] * DV + offs_dv[None, :], mask=valid[:, None], other=0.0)
-    s = tl.dot(ck_t.to(tl.float32), v.to(tl.float32), input_precision=PREC)
-    z = tl.sum(ck_t.to(tl.float32), axis=1)
-    base = bh * NK + j
-    tl.store(S + base * CD * DV + offs_cd[:, None] * DV + offs_dv[None, :], s)
-    tl.store(Z + base * CD + offs_cd, z)
 
 
 @triton.jit
@@ -123,29 +98,30 @@ def check_shapes(head_dim: int, value_dim: int, feature_dim: int, block_q: int, 
 
 
 def sparse_linear(
-    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, c_k: Tensor, lut: Tensor, block_q: int, block_k: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    c_q: Tensor,
+    s: Tensor,
+    z: Tensor,
+    lut: Tensor,
+    block_q: int,
+    block_k: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(o_s, o_l)`` of :func:`fxswap.models.sla.sparse_linear_reference`, by the Triton kernels.
+    """``(o_s, o_l)`` of :func:`fxswap.models.sla.sparse_linear_reference`, by the Triton kernel.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before Triton is
-    imported).
+    imported). Workspace: the totals of ``s``/``z`` over the key blocks, ``B*H*cd*(dv+1)`` floats.
     """
     b, h, length, d = q.shape
     dv, cd = v.shape[-1], c_q.shape[-1]
     check_shapes(d, dv, cd, block_q, block_k)
     mq, nk = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
     kept = lut.shape[-1]
-    q, k, v, c_q, c_k = (t.contiguous() for t in (q, k, v, c_q, c_k))
-    lut = lut.contiguous()
+    q, k, v, c_q, lut = (t.contiguous() for t in (q, k, v, c_q, lut))
+    s, z = s.float().contiguous(), z.float().contiguous()
+    s_sum, z_sum = s.sum(dim=2), z.sum(dim=2)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    f32, dev = torch.float32, q.device
-    if kept < nk:
-        s = torch.empty((b * h, nk, cd, dv), dtype=f32, device=dev)
-        z = torch.empty((b * h, nk, cd), dtype=f32, device=dev)
-        _kv_sums[(nk, b * h)](c_k, v, s, z, length, CD=cd, DV=dv, BK=block_k, NK=nk, PREC=prec)
-        s_sum, z_sum = s.sum(dim=1), z.sum(dim=1)
-    else:  # the linear branch is empty: the kernel never reads these
-        s = z = s_sum = z_sum = torch.empty(1, dtype=f32, device=dev)
     o_s = torch.empty((b, h, length, dv), dtype=q.dtype, device=q.device)
     o_l = torch.empty_like(o_s)
     _sla_fwd[(mq, b * h)](

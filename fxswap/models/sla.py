@@ -15,9 +15,10 @@ For each query block of ``block_q`` tokens, SLA
 
 Steps 2 and 3 are one op, ``torch.ops.fxswap.sla_sparse_linear``, registered here with a pure
 PyTorch implementation (:func:`sparse_linear_reference`, any device) and, on CUDA when Triton is
-installed, the fused kernel of :mod:`fxswap.kernels.sla_triton`. Steps 1 and 4 stay ordinary torch
-ops, so a captured graph shows the scoring matmul and ``proj_l`` as what they are, and the
-analysis prices the op from its shapes like SDPA. Under ``torch.compile(fullgraph=True)`` the op is
+installed, the fused kernel of :mod:`fxswap.kernels.sla_triton`. Steps 1 and 4, and the linear
+branch's per-key-block sums (:func:`kv_block_sums`), stay ordinary torch ops, so a captured graph
+shows the scoring matmul, the sums' buffer and ``proj_l`` as what they are (the planner counts
+that buffer against the budget), and the analysis prices the op from its shapes like SDPA. Under ``torch.compile(fullgraph=True)`` the op is
 one node: the model still captures as one graph.
 
 The reference computes in float32 whatever the input dtype (the kernel accumulates in float32 too)
@@ -43,6 +44,7 @@ __all__ = [
     "check_topk",
     "feature_map",
     "kept_blocks",
+    "kv_block_sums",
     "mean_pool",
     "select_blocks",
     "sla_attention",
@@ -131,16 +133,40 @@ def feature_map(x: Tensor) -> Tensor:
     return torch.softmax(x, dim=-1)
 
 
+def kv_block_sums(c_k: Tensor, v: Tensor, block_k: int = BLOCK_K) -> tuple[Tensor, Tensor]:
+    """Per key block ``j``: ``S_j = phi(k_j)^T v_j`` ``[B, H, Nk, cd, dv]`` and ``Z_j = sum phi(k_j)``
+    ``[B, H, Nk, cd]``, float32 (the last block's padding adds nothing).
+
+    Ordinary graph ops rather than part of the fused op: ``S`` is the linear branch's one large
+    buffer (``B*H*(L/64)*d^2*4`` bytes: 1.3 GB for WAN 14B at 480p), and as a graph activation the
+    planner counts it against the budget instead of leaving it hidden inside an opaque op.
+    """
+    length = c_k.shape[-2]
+    nk = -(-length // block_k)
+    pad = (0, 0, 0, nk * block_k - length)
+    ckb = F.pad(c_k.float(), pad).unflatten(-2, (nk, block_k))
+    vb = F.pad(v.float(), pad).unflatten(-2, (nk, block_k))
+    return ckb.transpose(-1, -2) @ vb, ckb.sum(dim=-2)
+
+
 def sparse_linear_reference(
-    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, c_k: Tensor, lut: Tensor, block_q: int, block_k: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    c_q: Tensor,
+    s: Tensor,
+    z: Tensor,
+    lut: Tensor,
+    block_q: int,
+    block_k: int,
 ) -> tuple[Tensor, Tensor]:
     """``(o_s, o_l)``, each ``[B, H, L, d]`` in ``q``'s dtype, computed in float32 with PyTorch ops.
 
     ``o_s``: softmax attention of each query block over the key blocks listed in ``lut``
-    ``[B, H, Mq, kept]``; ``o_l``: linear attention with features ``c_q``/``c_k`` over the key blocks
-    not listed (zero when every block is listed). Gathers the kept key/value blocks, so memory is
-    ``O(kept * block_k * L)`` per head, not ``O(L^2)``. Only static Python branches: the function
-    also traces with ``torch.compile(fullgraph=True)``.
+    ``[B, H, Mq, kept]``; ``o_l``: linear attention with query features ``c_q`` over the key blocks
+    not listed, from their sums ``s``/``z`` (:func:`kv_block_sums`); zero when every block is listed.
+    Gathers the kept key/value blocks, so memory is ``O(kept * block_k * L)`` per head, not
+    ``O(L^2)``. Only static Python branches: it also traces with ``torch.compile(fullgraph=True)``.
     """
     b, h, length, d = q.shape
     dv = v.shape[-1]
@@ -168,12 +194,10 @@ def sparse_linear_reference(
     if kept == nk:
         o_l = torch.zeros_like(o_s)
     else:
-        ckb = blocks(c_k, block_k, nk)  # padded rows are 0: they add nothing to the sums
-        s = ckb.transpose(-1, -2) @ vb  # [BH, Nk, cd, dv]
-        z = ckb.sum(dim=-2)  # [BH, Nk, cd]
+        cd = s.shape[-2]
         unkept = torch.ones(bh, mq, nk, dtype=f32, device=q.device).scatter(-1, idx, 0.0)
-        s_q = (unkept @ s.flatten(2)).unflatten(-1, s.shape[2:])  # [BH, Mq, cd, dv]
-        z_q = unkept @ z  # [BH, Mq, cd]
+        s_q = (unkept @ s.float().reshape(bh, nk, cd * dv)).unflatten(-1, (cd, dv))  # [BH, Mq, cd, dv]
+        z_q = unkept @ z.float().reshape(bh, nk, cd)  # [BH, Mq, cd]
         cqb = blocks(c_q, block_q, mq)
         o_l = (cqb @ s_q) / (cqb * z_q[:, :, None, :]).sum(dim=-1, keepdim=True)
 
@@ -185,17 +209,27 @@ def sparse_linear_reference(
 
 
 def _check_sparse_linear_args(
-    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, c_k: Tensor, lut: Tensor, block_q: int, block_k: int
-) -> None:
+    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, s: Tensor, z: Tensor, lut: Tensor,
+    block_q: int, block_k: int,
+) -> None:  # fmt: skip
     if q.ndim != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"sla: q, k, v must be [B, H, L, d] with equal B, H, L (self-attention); got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if c_q.shape[:-1] != q.shape[:-1] or c_k.shape != c_q.shape:
-        raise ValueError(f"sla: c_q/c_k must be [B, H, L, cd]; got {tuple(c_q.shape)}, {tuple(c_k.shape)}")
     _check_block("block_q", block_q)
     _check_block("block_k", block_k)
+    b, h, length = q.shape[:3]
+    nk, cd = -(-length // block_k), c_q.shape[-1]
+    if (
+        c_q.shape[:-1] != q.shape[:-1]
+        or tuple(s.shape) != (b, h, nk, cd, v.shape[-1])
+        or tuple(z.shape) != (b, h, nk, cd)
+    ):
+        raise ValueError(
+            f"sla: c_q must be [B, H, L, cd] and s, z the kv_block_sums [B, H, {nk}, cd, dv] and "
+            f"[B, H, {nk}, cd]; got c_q {tuple(c_q.shape)}, s {tuple(s.shape)}, z {tuple(z.shape)}"
+        )
     mq = -(-q.shape[2] // block_q)
     if lut.ndim != 4 or tuple(lut.shape[:3]) != (q.shape[0], q.shape[1], mq) or lut.dtype != torch.int64:
         raise ValueError(
@@ -214,22 +248,24 @@ def _use_kernel(q: Tensor) -> bool:
 
 @torch.library.custom_op("fxswap::sla_sparse_linear", mutates_args=())
 def sparse_linear(
-    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, c_k: Tensor, lut: Tensor, block_q: int, block_k: int
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, s: Tensor, z: Tensor, lut: Tensor,
+    block_q: int, block_k: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """SLA's sparse and linear branches as one op: the Triton kernel on CUDA when Triton is
     installed (unless ``FXSWAP_SLA_KERNEL=reference``), else :func:`sparse_linear_reference`."""
-    _check_sparse_linear_args(q, k, v, c_q, c_k, lut, block_q, block_k)
+    _check_sparse_linear_args(q, k, v, c_q, s, z, lut, block_q, block_k)
     if _use_kernel(q):
         from fxswap.kernels import sla_triton
 
-        return sla_triton.sparse_linear(q, k, v, c_q, c_k, lut, block_q, block_k)
-    return sparse_linear_reference(q, k, v, c_q, c_k, lut, block_q, block_k)
+        return sla_triton.sparse_linear(q, k, v, c_q, s, z, lut, block_q, block_k)
+    return sparse_linear_reference(q, k, v, c_q, s, z, lut, block_q, block_k)
 
 
 @sparse_linear.register_fake
 def _(
-    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, c_k: Tensor, lut: Tensor, block_q: int, block_k: int
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, c_q: Tensor, s: Tensor, z: Tensor, lut: Tensor,
+    block_q: int, block_k: int,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     shape = (*q.shape[:-1], v.shape[-1])
     return q.new_empty(shape), q.new_empty(shape)
 
@@ -247,7 +283,8 @@ def sla_attention(
     """SLA on ``[B, H, L, d]`` q, k, v: ``o_s + proj_l(o_l)``; no ``proj_weight`` means a zero ``proj_l``
     (an untrained SLA: block-sparse attention)."""
     lut = select_blocks(q, k, topk, block_q, block_k)
-    o_s, o_l = sparse_linear(q, k, v, feature_map(q), feature_map(k), lut, block_q, block_k)
+    s, z = kv_block_sums(feature_map(k), v, block_k)
+    o_s, o_l = sparse_linear(q, k, v, feature_map(q), s, z, lut, block_q, block_k)
     if proj_weight is None:
         return o_s
     return o_s + F.linear(o_l, proj_weight, proj_bias)
@@ -270,9 +307,11 @@ def attention_flops(
     kept = kept_blocks(nk, topk)
     scoring = 2.0 * mq * nk * dd
     sparse = 4.0 * n * kept * block_k * dd
-    # phi(k)^T v per block and phi(q) S (2 L d^2 per head each), the denominator, and the kept
-    # blocks' sums subtracted from the totals once per query block; nothing when all are kept.
-    linear = 4.0 * n * hd * dd + 2.0 * n * dd + float(heads * mq * kept * hd * hd) if kept < nk else 0.0
+    # phi(k)^T v per (padded) key block, always computed; then, unless every block is kept,
+    # phi(q) S, the denominator, and the kept blocks' sums taken off the totals per query block.
+    kv_sums = 2.0 * nk * block_k * hd * dd
+    rest = 2.0 * n * hd * dd + 2.0 * n * dd + float(heads * mq * kept * hd * hd) if kept < nk else 0.0
+    linear = kv_sums + rest
     proj_l = 2.0 * n * hd * dd
     return scoring + sparse + linear + proj_l
 
