@@ -18,8 +18,8 @@ PyTorch implementation (:func:`sparse_linear_reference`, any device) and, on CUD
 installed, the fused kernel of :mod:`fxswap.kernels.sla_triton`. Steps 1 and 4, and the linear
 branch's per-key-block sums (:func:`kv_block_sums`), stay ordinary torch ops, so a captured graph
 shows the scoring matmul, the sums' buffer and ``proj_l`` as what they are (the planner counts
-that buffer against the budget), and the analysis prices the op from its shapes like SDPA. Under ``torch.compile(fullgraph=True)`` the op is
-one node: the model still captures as one graph.
+that buffer against the budget), and the analysis prices the op from its shapes like SDPA.
+Under ``torch.compile(fullgraph=True)`` the op is one node: the model still captures as one graph.
 
 The reference computes in float32 whatever the input dtype (the kernel accumulates in float32 too)
 and returns the input dtype. Selection also scores in float32, so for bf16 inputs a near-tie
