@@ -177,12 +177,11 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
 
     if model.startswith("tiny-") and model.removeprefix("tiny-") in wan.MODEL_TYPES:
         config = wan.tiny_config(model.removeprefix("tiny-"))  # for tests: the full structure, tiny sizes
-    elif model in wan.CONFIGS:
-        config = wan.CONFIGS[model]
+    elif model in wan.CONFIGS or model in wan.TURBOWAN_CONFIGS:
+        config = wan.named_config(model)
     else:
-        raise FxswapError(
-            f"model={model!r} is unknown; use one of {', '.join(wan.CONFIGS)} (or tiny-t2v for a test model)"
-        )
+        known = ", ".join([*wan.CONFIGS, *wan.TURBOWAN_CONFIGS])
+        raise FxswapError(f"model={model!r} is unknown; use one of {known} (or tiny-t2v for a test model)")
     width, height, frames = case_size(model, case)
     key_src = json.dumps(
         [IR_CACHE_VERSION, repr(config), width, height, frames, _source_hash()], sort_keys=True
@@ -206,11 +205,12 @@ def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR
 
 def _source_hash() -> str:
     import fxswap.capture as trace_mod
+    import fxswap.models.sla as sla_mod
     import fxswap.models.wan as wan_mod
     import fxswap.passes.analyse as analyse_mod
 
     h = hashlib.sha256()
-    for mod in (wan_mod, analyse_mod, trace_mod):
+    for mod in (wan_mod, sla_mod, analyse_mod, trace_mod):
         if mod.__file__:
             h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]

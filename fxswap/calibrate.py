@@ -214,7 +214,7 @@ def _block_ms(model: str, width: int, height: int, frames: int, repeats: int) ->
 
     from fxswap.models import wan
 
-    cfg = wan.CONFIGS[model]
+    cfg = wan.named_config(model)
     kwargs = wan.example_inputs(
         model, frames=frames, height=height, width=width, device="cuda", dtype=torch.bfloat16
     )
@@ -229,7 +229,11 @@ def _block_ms(model: str, width: int, height: int, frames: int, repeats: int) ->
     pt, ph, pw = cfg.patch_size
     tokens = (lat_f // pt) * (lat_h // ph) * (lat_w // pw)
     image_tokens = wan.CLIP_TOKENS if cfg.image_dim else 0
-    flops = wan_block_flops(cfg.dim, cfg.ffn_dim, tokens, cfg.text_len, image_tokens)
+    flops = wan_block_flops(
+        cfg.dim, cfg.ffn_dim, tokens, cfg.text_len, image_tokens,
+        sla_topk=cfg.sla_topk if cfg.attention_type == "sla" else None, head_dim=cfg.head_dim,
+        sla_block_q=cfg.sla_block_q, sla_block_k=cfg.sla_block_k,
+    )  # fmt: skip
     return times[1] - times[0], flops
 
 

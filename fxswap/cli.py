@@ -267,11 +267,10 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
 
-    if args.model not in wan.CONFIGS:
-        parser.error(
-            f"argument --model: unknown model {args.model!r}; known: {', '.join(sorted(wan.CONFIGS))}"
-        )
-    config = wan.CONFIGS[args.model]
+    named = {**wan.CONFIGS, **wan.TURBOWAN_CONFIGS}
+    if args.model not in named:
+        parser.error(f"argument --model: unknown model {args.model!r}; known: {', '.join(sorted(named))}")
+    config = named[args.model]
     width, height = args.resolution
     try:
         latent = wan.latent_shape(config, args.frames, height, width)

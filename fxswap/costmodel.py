@@ -112,15 +112,32 @@ def physical_bound(
 
 
 def wan_block_flops(
-    dim: int, ffn_dim: int, tokens: int, text_tokens: int = 512, image_tokens: int = 0
+    dim: int,
+    ffn_dim: int,
+    tokens: int,
+    text_tokens: int = 512,
+    image_tokens: int = 0,
+    *,
+    sla_topk: float | None = None,
+    head_dim: int = 128,
+    sla_block_q: int = 128,
+    sla_block_k: int = 64,
 ) -> float:
     """FLOPs of one WAN transformer block forward, ``wan_architecture.md`` section 5 (B=1).
 
     Used to cross-check the FLOPs that capture derives from shapes; elementwise work is ignored
-    there as here (< 1%).
+    there as here (< 1%). ``sla_topk``: the block's self-attention is SLA (TurboWan) with that
+    key-block fraction; its attention core (block scoring, sparse and linear branches, ``proj_l``)
+    is :func:`fxswap.models.sla.attention_flops`, about ``sla_topk * 4 L^2 D`` instead of ``4 L^2 D``.
     """
     d, f, n, t, i = dim, ffn_dim, tokens, text_tokens, image_tokens
-    self_attn = 8 * n * d * d + 4 * n * n * d
+    if sla_topk is None:
+        core = float(4 * n * n * d)
+    else:
+        from fxswap.models.sla import attention_flops  # lazy: the cost model needs no model code otherwise
+
+        core = attention_flops(n, d, head_dim, sla_topk, sla_block_q, sla_block_k)
+    self_attn = 8 * n * d * d + core
     cross_attn = 4 * n * d * d + 4 * t * d * d + 4 * n * t * d + 4 * i * d * d + 4 * n * i * d
     ffn = 4 * n * d * f
     return float(self_attn + cross_attn + ffn)

@@ -45,6 +45,9 @@ _ADDMM = {"torch.addmm", "torch.baddbmm", "Tensor.addmm", "Tensor.baddbmm"}
 _CONV = {"torch.conv1d", "torch.conv2d", "torch.conv3d", "torch.convolution"}
 _CONV_T = {"torch.conv_transpose1d", "torch.conv_transpose2d", "torch.conv_transpose3d"}
 _SDPA = {"torch._C._nn.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention"}
+# SLA's fused sparse + linear branches (fxswap.models.sla): a custom op, so it is named by its
+# qualified op name, whatever module path target_name puts in front of it.
+_SLA_OP = "fxswap::sla_sparse_linear"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,30 @@ def _flops(node: fx.Node, target: str, outs: list[torch.Tensor]) -> float:
         lq, lk = q.shape[-2], k.shape[-2]
         # Q@K^T (2*Lq*Lk*d) plus P@V (2*Lq*Lk*dv); = 4*B*H*Lq*Lk*d when d == dv
         return 2.0 * batch_heads * lq * lk * (q.shape[-1] + v.shape[-1])
+    if target.endswith(_SLA_OP):
+        return _sla_flops(node)
     return 0.0
+
+
+def _sla_flops(node: fx.Node) -> float:
+    """``sla_sparse_linear(q, k, v, c_q, s, z, lut, block_q, block_k)`` from its shapes.
+
+    Sparse branch: every query attends to ``kept * block_k`` keys (QK^T and PV). Linear branch, when
+    some key block is not kept: the kept blocks' sums ``s`` taken off the totals once per query
+    block, ``phi(q) S`` and the denominator (the per-block sums themselves are a matmul in the graph).
+    """
+    q, v, c_q, lut = (_arg_tensor(node, i, key) for i, key in ((0, "q"), (2, "v"), (3, "c_q"), (6, "lut")))
+    block_k = node.args[8] if len(node.args) > 8 else node.kwargs.get("block_k")
+    if q is None or v is None or c_q is None or lut is None or not isinstance(block_k, int) or q.dim() != 4:
+        return 0.0
+    bh, length, d = math.prod(q.shape[:-2]), q.shape[-2], q.shape[-1]
+    dv, cd = v.shape[-1], c_q.shape[-1]
+    mq, kept = lut.shape[-2], lut.shape[-1]
+    sparse = 2.0 * bh * length * kept * block_k * (d + dv)
+    if kept >= -(-length // block_k):
+        return sparse
+    linear = 2.0 * bh * length * cd * dv + 2.0 * bh * length * cd + float(bh * mq * kept * cd * dv)
+    return sparse + linear
 
 
 def _is_inplace(node: fx.Node, target: str) -> bool:

@@ -107,20 +107,23 @@ def test_inductor_compile_runs_with_cuda_graphs_off(monkeypatch: pytest.MonkeyPa
 
     seen: list[tuple[bool, bool]] = []
 
-    def fake_compile_fx(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+    real_compile_fx = cfx.compile_fx
+
+    def spy_compile_fx(gm: torch.fx.GraphModule, inputs: Any) -> Any:
         cfg = torch._inductor.config
         seen.append((cfg.triton.cudagraphs, cfg.reorder_for_locality))
-        return gm.forward
+        return real_compile_fx(gm, inputs)
 
-    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    monkeypatch.setattr(cfx, "compile_fx", spy_compile_fx)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
     x = torch.randn(2, 8)
     sm = fxswap.compile(model, mode="layerwise", max_vram_gb=2e-6, backend="inductor", device="cpu",
                         reserve_mb=0)  # fmt: skip
     with torch._inductor.config.patch({"triton.cudagraphs": True}):  # a user's global setting
         out = sm(x)
-    assert seen == [(False, False)]
-    assert torch.equal(out, model(x))
+    # one compile per plan tried (fxswap.fit may try more than one); every one with both off
+    assert seen and all(s == (False, False) for s in seen)
+    assert torch.allclose(out, model(x))
 
 
 # ---------------------------------------------------------------------------------- experts' timestep

@@ -39,10 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxswap.models import sla as _sla
+
 __all__ = [
     "ATTENTION_TYPES",
     "CLIP_TOKENS",
     "CONFIGS",
+    "TURBOWAN_CONFIGS",
     "ROPE_THETA",
     "WanConfig",
     "WanModel",
@@ -53,11 +56,13 @@ __all__ = [
     "get_attention",
     "latent_shape",
     "load",
+    "named_config",
     "rope_cos_sin",
     "rope_split",
     "select_expert",
     "sinusoidal_embedding",
     "tiny_config",
+    "turbowan_config",
     "unpatchify",
 ]
 
@@ -75,10 +80,18 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+def _sla_untrained(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _sla.sla_attention(q, k, v)
+
+
 #: Attention implementations by ``WanConfig.attention_type``. Each takes q, k, v as ``[B, H, L, d]``
 #: (same dtype) and returns ``[B, H, Lq, d]`` with the default ``1/sqrt(d)`` scale and no mask.
-#: Read-only: a new backend ("sla") is added here in code, not registered at runtime.
-ATTENTION_TYPES: Mapping[str, AttentionFn] = MappingProxyType({"sdpa": _sdpa})
+#: ``"sla"`` here is sparse-linear attention with the default ``sla_topk`` and a zero ``proj_l``; a
+#: model built with ``attention_type="sla"`` instead gives every self-attention its own
+#: :class:`fxswap.models.sla.SparseLinearAttention` (learned ``proj_l``, the config's ``sla_topk``)
+#: and keeps SDPA for cross-attention, as TurboDiffusion does.
+#: Read-only: a new backend is added here in code, not registered at runtime.
+ATTENTION_TYPES: Mapping[str, AttentionFn] = MappingProxyType({"sdpa": _sdpa, "sla": _sla_untrained})
 
 
 def get_attention(attention_type: str) -> AttentionFn:
@@ -141,6 +154,11 @@ class WanConfig:
     #: Wan2.2 TI2V: the model accepts a ``[B, L]`` timestep (one per token).
     per_token_timesteps: bool = False
     attention_type: str = "sdpa"
+    #: attention_type="sla": fraction of key blocks each query block attends to exactly (TurboWan: 0.1).
+    sla_topk: float = 0.1
+    #: attention_type="sla": query / key block sizes in tokens (TurboDiffusion: 128 / 64).
+    sla_block_q: int = _sla.BLOCK_Q
+    sla_block_k: int = _sla.BLOCK_K
     #: Wan2.2 A14B: fraction of ``num_train_timesteps`` at and above which the high-noise expert runs.
     boundary: float | None = None
     num_experts: int = 1
@@ -189,6 +207,14 @@ class WanConfig:
             if not isinstance(self.image_dim, int) or self.image_dim <= 0:
                 raise ValueError(f"WanConfig.image_dim={self.image_dim!r} must be a positive int or None")
         get_attention(self.attention_type)
+        _sla.check_topk(self.sla_topk)
+        for field in ("sla_block_q", "sla_block_k"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"WanConfig.{field}={value!r} must be a positive int (TurboDiffusion: 128 for queries, "
+                    f"64 for keys)"
+                )
         if self.num_experts not in (1, 2):
             raise ValueError(f"WanConfig.num_experts={self.num_experts!r} must be 1 or 2 (Wan2.2 A14B)")
         if (self.num_experts == 2) != (self.boundary is not None):
@@ -250,6 +276,45 @@ CONFIGS: dict[str, WanConfig] = {
         ),
     )
 }  # fmt: skip
+
+
+def _turbowan(base: str, name: str) -> WanConfig:
+    # TurboDiffusion: sla_topk 0.1 by default (its README recommends 0.15), blocks 128 x 64.
+    return dataclasses.replace(CONFIGS[base], attention_type="sla", sla_topk=0.1, name=name)
+
+
+#: TurboDiffusion's TurboWan releases: the WAN architecture with SLA self-attention. Separate from
+#: ``CONFIGS`` because their tensors are a WAN model's plus ``proj_l``; every function that takes a
+#: config name (``build``, ``example_inputs``, ``latent_shape``, ``fxswap plan --model``, ``fxswap
+#: bench --models``) accepts these names too. ``sla_topk`` can be changed per call:
+#: ``build("turbowan2.1-t2v-1.3b", sla_topk=0.15)``.
+TURBOWAN_CONFIGS: dict[str, WanConfig] = {
+    c.name: c
+    for c in (
+        _turbowan("wan2.1-t2v-1.3b", "turbowan2.1-t2v-1.3b"),
+        _turbowan("wan2.1-t2v-14b", "turbowan2.1-t2v-14b"),
+        _turbowan("wan2.2-i2v-a14b", "turbowan2.2-i2v-a14b"),
+    )
+}
+
+
+def named_config(name: str) -> WanConfig:
+    """The config called ``name`` in :data:`CONFIGS` or :data:`TURBOWAN_CONFIGS`; ValueError naming the
+    known ones otherwise."""
+    return _resolve(name)
+
+
+def turbowan_config(config: WanConfig) -> WanConfig:
+    """``config`` with SLA self-attention; named after the TurboWan release of the same architecture
+    when there is one (used by the loader for TurboWan files with SLA keys)."""
+    if config.attention_type == "sla":
+        return config
+    for turbo in TURBOWAN_CONFIGS.values():
+        base = dataclasses.replace(turbo, attention_type=config.attention_type, sla_topk=config.sla_topk,
+                                   name=config.name)  # fmt: skip
+        if base == config:
+            return turbo
+    return dataclasses.replace(config, attention_type="sla")
 
 
 def tiny_config(model_type: str = "t2v", **overrides: Any) -> WanConfig:
@@ -417,13 +482,35 @@ class _Attention(nn.Module):
         self.norm_k = RMSNorm(d, config.eps, **factory)
 
 
+class SLAAttnOp(nn.Module):
+    """Holder that gives SLA's parameters TurboDiffusion's state-dict path,
+    ``self_attn.attn_op.local_attn.proj_l.*`` (its ``MinimalA2AAttnOp.local_attn``)."""
+
+    def __init__(self, config: WanConfig, **factory: Any) -> None:
+        super().__init__()
+        self.local_attn = _sla.SparseLinearAttention(
+            config.head_dim, config.sla_topk, config.sla_block_q, config.sla_block_k, **factory
+        )
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out: Tensor = self.local_attn(q, k, v)
+        return out
+
+
 class WanSelfAttention(_Attention):
+    def __init__(self, config: WanConfig, attn_fn: AttentionFn, **factory: Any) -> None:
+        super().__init__(config, attn_fn, **factory)
+        self.attn_op: SLAAttnOp | None = None
+        if config.attention_type == "sla":
+            self.attn_op = SLAAttnOp(config, **factory)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), cos, sin)
         v = self.v(x).unflatten(2, heads)
-        out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        attend = self.attn_fn if self.attn_op is None else self.attn_op
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -486,7 +573,9 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = FP32LayerNorm(d, eps, elementwise_affine=False, **factory)
         self.self_attn = WanSelfAttention(config, attn_fn, **factory)
         self.norm3 = FP32LayerNorm(d, eps, elementwise_affine=True, **factory)
-        self.cross_attn = WanCrossAttention(config, attn_fn, **factory)
+        # SLA replaces self-attention only (TurboDiffusion's replace_attention): text is 512 tokens.
+        cross_fn = _sdpa if config.attention_type == "sla" else attn_fn
+        self.cross_attn = WanCrossAttention(config, cross_fn, **factory)
         self.norm2 = FP32LayerNorm(d, eps, elementwise_affine=False, **factory)
         self.ffn = nn.Sequential(
             nn.Linear(d, config.ffn_dim, **factory),
@@ -722,10 +811,11 @@ class WanModel(nn.Module):
 def _resolve(name_or_config: str | WanConfig) -> WanConfig:
     if isinstance(name_or_config, WanConfig):
         return name_or_config
-    try:
-        return CONFIGS[name_or_config]
-    except KeyError:
-        raise ValueError(f"unknown WAN config {name_or_config!r}; known: {sorted(CONFIGS)}") from None
+    found = CONFIGS.get(name_or_config) or TURBOWAN_CONFIGS.get(name_or_config)
+    if found is None:
+        known = sorted([*CONFIGS, *TURBOWAN_CONFIGS])
+        raise ValueError(f"unknown WAN config {name_or_config!r}; known: {known}")
+    return found
 
 
 def build(
@@ -753,7 +843,8 @@ def load(
     config: WanConfig | str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    attention_type: str = "sdpa",
+    attention_type: str | None = None,
+    sla_topk: float | None = None,
     strict: bool = True,
 ) -> WanModel:
     """Load a WAN checkpoint (any layout, one file or shards) into a ready ``WanModel``.
@@ -761,15 +852,18 @@ def load(
     ``config``: a ``WanConfig`` or a ``CONFIGS`` name; detected from the tensors when None. Pass the
     name for a Wan2.2 T2V-A14B expert (``"wan2.2-t2v-a14b"``): its tensors are exactly a Wan2.1
     T2V-14B's, so detection cannot know it is one of two experts. ``dtype`` is the compute dtype
-    (None: the dtype most of the file is stored in, bf16 for fp8 files). Every problem is a
-    ``CheckpointError`` raised before a model is returned. Implemented in
-    ``fxswap.models.wan_checkpoint.load``; this is its public name.
+    (None: the dtype most of the file is stored in, bf16 for fp8 files). ``attention_type``: None
+    picks it from the keys (``"sla"`` for a TurboWan file with ``proj_l`` keys, else the config's);
+    an explicit value that disagrees with the keys is an error. ``sla_topk``: the SLA key-block
+    fraction (None: the config's, 0.1). Every problem is a ``CheckpointError`` raised before a model
+    is returned. Implemented in ``fxswap.models.wan_checkpoint.load``; this is its public name.
     """
     from fxswap.models import wan_checkpoint  # lazy: the loader imports this module
 
     return wan_checkpoint.load(
-        path, config=config, device=device, dtype=dtype, attention_type=attention_type, strict=strict
-    )
+        path, config=config, device=device, dtype=dtype, attention_type=attention_type, sla_topk=sla_topk,
+        strict=strict,
+    )  # fmt: skip
 
 
 def latent_shape(config: WanConfig | str, frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -639,12 +639,14 @@ def _to_original(
 def _named_config(name: str) -> WanConfig:
     from fxswap.models import wan
 
-    if name not in wan.CONFIGS:
+    try:
+        return wan.named_config(name)
+    except ValueError:
+        known = sorted([*wan.CONFIGS, *wan.TURBOWAN_CONFIGS])
         raise CheckpointError(
-            f"config={name!r} is not a named WAN config; use one of {sorted(wan.CONFIGS)}, a "
+            f"config={name!r} is not a named WAN config; use one of {known}, a "
             f"WanConfig, or None to detect it from the tensors"
-        )
-    return wan.CONFIGS[name]
+        ) from None
 
 
 def _refuse_comfy_quant_metadata(path: Path, raw: Mapping[str, _Entry], metadata: Mapping[str, str]) -> None:
@@ -1000,25 +1002,50 @@ def _resolve_load_args(
     path: str | os.PathLike[str],
     config: WanConfig | str | None,
     dtype: torch.dtype | None,
-    attention_type: str,
+    attention_type: str | None,
+    sla_topk: float | None = None,
 ) -> tuple[LazyStateDict, CheckpointInfo, WanConfig, torch.dtype]:
+    from fxswap.models import wan
+
     sd, info = load_state_dict(path, config=config)
-    if info.needs_attention_type == "sla":
-        raise CheckpointError(
-            f"{info.path}: this TurboWan checkpoint was trained with sparse-linear attention (SLA): it has "
-            f"{len(info.sla_keys)} SLA key(s) such as {info.sla_keys[0]!r}, so it needs "
-            f"attention_type='sla', which fxswap does not implement yet (you asked for "
-            f"attention_type={attention_type!r}). Running it with SDPA would silently change its output; "
-            f"use a checkpoint without SLA keys"
-        )
     cfg = info.config
     if cfg is None:
         raise CheckpointError(f"{info.path}: the config could not be detected: {info.config_error}")
-    if cfg.attention_type != attention_type:
+    if attention_type is not None and attention_type not in wan.ATTENTION_TYPES:
+        raise CheckpointError(
+            f"load: attention_type={attention_type!r} is not available; use one of "
+            f"{sorted(wan.ATTENTION_TYPES)} or None (picked from the checkpoint's keys)"
+        )
+    has_sla = info.needs_attention_type == "sla"
+    if has_sla and attention_type not in (None, "sla"):
+        raise CheckpointError(
+            f"{info.path}: attention_type={attention_type!r} disagrees with the checkpoint: it was trained "
+            f"with sparse-linear attention (SLA) and has {len(info.sla_keys)} SLA key(s) such as "
+            f"{info.sla_keys[0]!r}. Running it with {attention_type!r} would silently change its "
+            f"output; pass attention_type='sla' or None (picked from the keys)"
+        )
+    if not has_sla and (attention_type or cfg.attention_type) == "sla":
+        arg = "attention_type='sla'" if attention_type else f"config={cfg.name!r} (attention_type='sla')"
+        raise CheckpointError(
+            f"{info.path}: {arg} disagrees with the checkpoint: it has no SLA key "
+            f"('blocks.<i>.self_attn.attn_op.local_attn.proj_l.weight'), so it was not trained with "
+            f"SLA; pass attention_type=None or 'sdpa', or build the model with wan.build(..., "
+            f"attention_type='sla') to try SLA with an untrained (zero) proj_l"
+        )
+    if has_sla:
+        cfg = wan.turbowan_config(cfg)
+    elif attention_type is not None and cfg.attention_type != attention_type:
+        cfg = dataclasses.replace(cfg, attention_type=attention_type)
+    if sla_topk is not None:
+        if cfg.attention_type != "sla":
+            raise CheckpointError(
+                f"load: sla_topk={sla_topk!r} only applies to SLA attention, but {info.path} loads with "
+                f"attention_type={cfg.attention_type!r}; drop sla_topk"
+            )
         try:
-            cfg = dataclasses.replace(cfg, attention_type=attention_type)
+            cfg = dataclasses.replace(cfg, sla_topk=sla_topk)
         except ValueError as e:
-            raise CheckpointError(f"load: attention_type={attention_type!r} is not available ({e})") from e
+            raise CheckpointError(f"load: {e}") from e
     compute = dtype if dtype is not None else _default_compute_dtype(sd)
     _check_compute_dtype(compute)
     return sd, info, cfg, compute
@@ -1030,7 +1057,8 @@ def load(
     config: WanConfig | str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    attention_type: str = "sdpa",
+    attention_type: str | None = None,
+    sla_topk: float | None = None,
     strict: bool = True,
 ) -> WanModel:
     """Load a WAN transformer checkpoint (any layout in :data:`LAYOUTS`) into a fresh WanModel.
@@ -1040,7 +1068,9 @@ def load(
     ``config="wan2.2-t2v-a14b"`` to get its expert boundary.
     ``device``: where the parameters live. ``dtype``: the compute dtype (fp32, bf16, fp16, fp64);
     None picks the dtype most of the file is stored in, or bf16 for fp8 files. Parameters the model
-    keeps in fp32 stay fp32. ``attention_type`` is passed to the model. ``strict=False`` ignores
+    keeps in fp32 stay fp32. ``attention_type``: None picks ``"sla"`` for files with SLA keys
+    (TurboWan), else the config's; a value that disagrees with the keys is an error. ``sla_topk``
+    sets the SLA key-block fraction (SLA models only; None keeps 0.1). ``strict=False`` ignores
     unexpected keys; missing keys and shape mismatches are always errors.
 
     Returns a WanModel whose parameters are in the compute dtype on ``device`` (fp8 is dequantised
@@ -1051,7 +1081,7 @@ def load(
     """
     from fxswap.models import wan
 
-    sd, info, cfg, compute = _resolve_load_args(path, config, dtype, attention_type)
+    sd, info, cfg, compute = _resolve_load_args(path, config, dtype, attention_type, sla_topk)
     dev = torch.device(device)
     skeleton = wan.build(cfg, device="meta", dtype=compute)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
@@ -1089,7 +1119,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike[str], *, strict: b
     ):
         raise CheckpointError(
             f"{info.path}: SLA checkpoint ({info.sla_keys[0]!r} ...) needs a model built with "
-            f"attention_type='sla', which fxswap does not implement yet"
+            f"attention_type='sla': build it with wan.build(config, attention_type='sla') or use wan.load"
         )
     targets = model.state_dict(keep_vars=True)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in targets.items()}
