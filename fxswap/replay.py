@@ -130,9 +130,9 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        ns = getattr(func, "namespace", "")
-        if ns == "fxswap":
-            kind = func._schema.name.split("::")[-1]
+        kind = func._schema.name.split("::")[-1] if getattr(func, "namespace", "") == "fxswap" else ""
+        swap_op = kind in ("load", "wait", "release")
+        if swap_op:
             uid = int(args[0])
             # The runtime allocates a unit's device tensors when its load is issued (the copy needs
             # a destination); the fake wait creates them instead, so move them to the load here.
@@ -150,7 +150,7 @@ class _Tracker(TorchDispatchMode):
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._note(t)
-        if ns != "fxswap" and ws:
+        if not swap_op and ws:
             # The op's scratch, live while it runs, beside its output (which it allocates first).
             self._move(ws)
             self._move(-ws)
@@ -162,7 +162,7 @@ def _unit_bytes(uid: int) -> int:
 
     meta = ops.lookup(uid).meta
     return sum(
-        math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        math.prod(shape) * dtype.itemsize
         for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
     )
 
