@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(CASES))
     ap.add_argument("--backends", default="eager,inductor")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--name", default="bench_memory", help="file name (without suffix) of the results")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows: list[dict[str, object]] = []
@@ -89,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         for backend in a.backends.split(","):
             for mode in MODES:
                 rows += rows_for(name, c, backend, mode)
-                print(
-                    f"{name} {backend} {mode}: " + ", ".join(f"{r['ratio']:.3f}" for r in rows[-4:]),
-                    flush=True,
-                )
+                got = ", ".join(f"{r['ratio']:.3f}" for r in rows[-4:])
+                print(f"{name} {backend} {mode}: {got}", flush=True)
+                write(a.out, a.name, rows, t0, finished=False)
+    write(a.out, a.name, rows, t0, finished=True)
+    return 0
+
+
+def write(out: Path, name: str, rows: list[dict[str, object]], t0: float, *, finished: bool) -> None:
+    """Results so far (rewritten after every group, so a cut run keeps what it measured)."""
     ratios = [float(r["ratio"]) for r in rows]  # type: ignore[arg-type]
     head = {
         "hardware": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -102,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         "best_measured_over_planned": min(ratios),
         "all_plans_within_budget": all(bool(r["within_budget"]) for r in rows),
         "seconds": round(time.perf_counter() - t0, 1),
+        "finished": finished,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench_memory.json").write_text(json.dumps({"summary": head, "rows": rows}, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"summary": head, "rows": rows}, indent=1) + "\n")
     lines = [
         "# Measured peak / planned peak (CPU allocator events; reserve_mb=0)",
         "",
-        f"`python benchmarks/bench_memory.py` on {head['hardware']}: {head['rows']} rows in "
+        f"`python benchmarks/bench_memory.py` on {head['hardware']}"
+        f"{'' if finished else ' (cut short: the rows so far)'}: {head['rows']} rows in "
         f"{head['seconds']} s; worst measured/planned {head['worst_measured_over_planned']:.4f}, "
         f"best {head['best_measured_over_planned']:.4f}; every plan within its budget: "
         f"{head['all_plans_within_budget']}.",
@@ -121,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         r0 = grp[0]
         cells = " | ".join(f"{float(r['ratio']):.3f}" for r in grp)  # type: ignore[arg-type]
         lines.append(f"| {r0['model']} | {r0['backend']} | {r0['mode']} | {cells} |")
-    (a.out / "bench_memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:3]))
-    return 0
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if finished:
+        print("\n".join(lines[:3]))
 
 
 if __name__ == "__main__":
