@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
-from fxswap.workspace import rules_for, with_workspace
+from fxswap.workspace import probe_workspace, rules_for, with_workspace
 
 __all__ = ["DynamoGraph", "Traced", "dynamo_graph", "input_names", "one_graph", "trace"]
 
@@ -275,9 +275,15 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             user_name = (module_path(source.name) if source is not None else ph.name) or f"input{i}"
         roles.append(PlaceholderRole(weight=None, name=user_name))
 
-    # Nothing runs here (the inputs may be meta tensors): op workspace comes from the documented
-    # CUDA rules; fxswap.compile measures it on its device instead (fxswap.workspace).
-    ir = with_workspace(graph_ir(gm, roles), rules_for(gm))
+    # Op workspace: measured where the inputs live (as fxswap.compile does on its device), or, for
+    # meta inputs where nothing can run, from the documented CUDA rules (fxswap.workspace).
+    devices = {
+        t.device for t in pytree.tree_leaves((example_inputs, example_kwargs)) if isinstance(t, torch.Tensor)
+    }
+    if len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda"):
+        ir = with_workspace(graph_ir(gm, roles), probe_workspace(gm, next(iter(devices))))
+    else:
+        ir = with_workspace(graph_ir(gm, roles), rules_for(gm))
     return Traced(
         gm=gm,
         example_inputs=flat_inputs,

@@ -96,6 +96,13 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
         return compile_fx(gm, list(flat))  # type: ignore[return-value]
 
 
+def measured_ir(cap: _Capture, device: torch.device) -> GraphIR:
+    """The capture's IR with each op's workspace measured on ``device`` (probed once per capture)."""
+    if cap.workspace is None:
+        cap.workspace = probe_workspace(cap.gm, device)
+    return with_workspace(cap.ir, cap.workspace)
+
+
 def _input_buffer_names(cap: _Capture) -> set[str]:
     # The IR names a graph input's buffer after its placeholder (passes.analyse.graph_ir).
     return {
@@ -425,9 +432,7 @@ class SwapModule:
         cap, fresh = _capture(self.model, args, kwargs, self.device, names)
         self.stats["captures"] += int(fresh)
         staging = self.runtime.staging_bytes(list(self._named.values()))
-        if cap.workspace is None:
-            cap.workspace = probe_workspace(cap.gm, self.device)
-        ir = with_workspace(cap.ir, cap.workspace)
+        ir = measured_ir(cap, self.device)
         opts = self.options
         if self._given_plan is not None:
             self._given_plan.check_compatible(fingerprint_parts(cap.ir, self.options))

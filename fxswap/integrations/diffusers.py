@@ -602,7 +602,7 @@ def _named_errors(name: str, max_vram_gb: float) -> Iterator[None]:
 
 def _plan_call(sm: Any, module: torch.nn.Module, call: dict[str, Any]) -> Any:
     """The plan ``sm`` would make for ``module(**call)`` (capture cached for the real build)."""
-    from fxswap.compiler import _capture
+    from fxswap.compiler import _capture, measured_ir
     from fxswap.passes.planner import build_plan
 
     names = None if sm._forward_sig is None else list(sm._forward_sig.parameters)
@@ -612,7 +612,7 @@ def _plan_call(sm: Any, module: torch.nn.Module, call: dict[str, Any]) -> Any:
     staging = sm.runtime.staging_bytes(list(sm._named.values()))
     if staging:
         opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
-    return build_plan(cap.ir, opts)
+    return build_plan(measured_ir(cap, sm.device), opts)
 
 
 def _shape_key(call: dict[str, Any]) -> Any:
