@@ -205,12 +205,13 @@ def test_inductor_equals_torch_compile_and_never_recompiles(inductor_mlp: Any) -
     ref = torch.compile(c.model)(*c.args)
     out = sm(*c.args)
     assert torch.equal(out, ref)  # same Inductor kernels; the swap ops only hand in the weights
+    compiles = sm.stats["compiles"]  # the first call's: fxswap.fit may compile more than one plan
     frames = dict(counters["frames"])
     breaks = sum(counters["graph_break"].values())
     compiled_graphs = dict(counters["inductor"])
     for _ in range(5):
         assert torch.equal(sm(*c.args), ref)
-    assert sm.stats["compiles"] == 1 and sm.stats["captures"] <= 1
+    assert sm.stats["compiles"] == compiles and sm.stats["captures"] <= 1
     assert dict(counters["frames"]) == frames, "a later call went through Dynamo again"
     assert sum(counters["graph_break"].values()) == breaks
     assert dict(counters["inductor"]) == compiled_graphs, "a later call compiled again"
