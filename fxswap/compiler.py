@@ -830,7 +830,8 @@ class SwapModule:
 
     def _release_after_oom(self) -> None:
         """Give back everything a failed call held, so the free memory measured next is real."""
-        self._forget_failed_call()
+        self._active = None
+        self.runtime.drop_residents()
         self.runtime.discard_pending()
         gc.collect()
         if self.device.type == "cuda":
@@ -868,6 +869,8 @@ class SwapModule:
             f"the call's inputs already hold {held} bytes"
         )
         if self.options.mode != "adaptive":
+            if entry is None:
+                self._current = None  # nothing of a first call is kept
             raise DeviceOutOfMemoryError(
                 f"{what}. The budget that would fit now is max_vram_gb={fits / GiB:.4f} ({fits} bytes); "
                 f"mode {self.options.mode!r} does not re-plan by itself (the plan needs up to {needed} "

@@ -410,7 +410,14 @@ class _Unit:
                 "follow its load in the graph (was the graph edited after the rewrite?)"
             )
         p = self.pending.popleft()
-        p.wait()
+        try:
+            p.wait()
+        except BaseException:
+            # Interrupted mid-wait (KeyboardInterrupt): the copy may still be landing in these
+            # tensors; let it land before they can be freed and their memory handed out again.
+            p.wait_host()
+            p.tensors = []
+            raise
         out = p.tensors
         p.tensors = []  # ownership passes to the graph: keep no reference
         if self.casts:
