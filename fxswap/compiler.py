@@ -852,6 +852,8 @@ class SwapModule:
         recompile once and re-run the call from its inputs (they are never written); the other
         modes: raise :class:`DeviceOutOfMemoryError` naming the budget that would fit now."""
         where = "first call" if entry is None else f"call {self.stats['calls'] + 1}"
+        if err.__traceback__ is not None:  # its frames' locals (a build's inputs) would stay allocated
+            traceback.clear_frames(err.__traceback__)
         self._release_after_oom()
         free = self.runtime.free_bytes()
         margin = max(self.oom_margin_min_bytes, int(free * self.oom_margin_share))
@@ -933,6 +935,7 @@ class SwapModule:
     def _run(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._current = entry
         self._activate(entry)
+        flat: list[Any] | None = None
         try:
             flat = self._flat(entry, {"args": args, "kwargs": kwargs})
             with torch.no_grad():
@@ -940,6 +943,7 @@ class SwapModule:
                     entry.fn = self._compile(entry, flat)
                 return entry.fn(*flat)
         except BaseException as e:
+            flat = None  # this frame stays in the traceback: it must not keep the resident copies
             # Loads issued before the failure were never waited for: drop them (after their copies
             # land), or the next call would pair its waits with them and keep their memory forever.
             self.runtime.discard_pending()
