@@ -754,9 +754,9 @@ class SwapModule:
         # included) fingerprints equal to an offline plan made with fxswap.plan(model, <same call>).
         args, kwargs = self._canonical(orig_args, orig_kwargs)
         sig = _signature(args, kwargs)
-        entry = self._entries.get(sig)
+        found = self._entries.get(sig)
         root = {"args": args, "kwargs": kwargs}
-        if entry is None:
+        if found is None:
             if self.strict and self._entries:
                 raise SignatureError(
                     f"strict=True: inputs {_describe(args, kwargs)} differ from the compiled signature "
@@ -776,6 +776,7 @@ class SwapModule:
                 entry, outs = self._first_run(built, sig, args, kwargs, orig_args, orig_kwargs, root)
             self._entries[sig] = entry
         else:
+            entry = found
             try:
                 outs = self._run(entry, args, kwargs)
             except torch.OutOfMemoryError as e:
