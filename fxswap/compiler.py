@@ -62,6 +62,7 @@ __all__ = [
     "ClosedError",
     "DeviceError",
     "DeviceOutOfMemoryError",
+    "OomRecovery",
     "ReentrantCallError",
     "Experts",
     "SignatureError",
@@ -400,6 +401,11 @@ class SwapModule:
     Attributes:
         runtime: the :class:`fxswap.runtime.SwapRuntime` (host store, ledger, stats).
         stats: ``{"captures", "compiles", "calls", "empty_cache"}`` counters.
+        recoveries: one :class:`OomRecovery` per out-of-memory error an adaptive model survived.
+
+    Calls are serialised: a second thread waits for the running call (the units' transfers pair
+    up through per-unit queues); a call from inside a call raises :class:`ReentrantCallError`.
+    :meth:`close` (or garbage collection) returns all device and pinned memory.
     """
 
     def __init__(
@@ -997,7 +1003,11 @@ def compile(  # noqa: A001 (the public name the brief asks for)
 
     Args:
         model: the module (inference only; its weight values are never modified).
-        mode: "layerwise", "chunkwise" or "adaptive" (see :class:`fxswap.PlanOptions`).
+        mode: "layerwise", "chunkwise" or "adaptive" (see :class:`fxswap.PlanOptions`). Out of
+            device memory during a call (another process took memory), "adaptive" re-plans for
+            the free memory minus a margin (``SwapModule.oom_margin_*``), recompiles once, re-runs
+            the call from its inputs and logs a warning (``SwapModule.recoveries``); the other
+            modes raise :class:`DeviceOutOfMemoryError` naming the budget that would fit now.
         max_vram_gb: device budget in GiB for weights, activations and the planner's reserve.
         block_size_mb: unit size for chunkwise (and one candidate for adaptive), MiB.
         plan: a :class:`fxswap.SwapPlan` or a path to its JSON; checked against the graph on the
