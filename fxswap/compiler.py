@@ -892,6 +892,16 @@ class SwapModule:
             ) from err
         budget = min(old, fits)
         replan = entry is None or budget < old
+        # What to put back if the recovery fails: the memory may be free again by the next call.
+        before = (self.options, self._given_plan, entry)
+
+        def restore() -> None:
+            self.options, self._given_plan = before[0], before[1]
+            self._entries.pop(sig, None)
+            if before[2] is not None:
+                self._entries[sig] = before[2]
+            self._forget_failed_call()
+
         if replan:
             self._entries.pop(sig, None)
             self._given_plan = None  # a given plan was made for the old budget
@@ -899,7 +909,7 @@ class SwapModule:
             try:
                 entry = self._build(orig_args, orig_kwargs, root)
             except BudgetInfeasibleError as e:
-                self._forget_failed_call()
+                restore()
                 raise DeviceOutOfMemoryError(
                     f"{what}. The budget that would fit now is {budget} bytes ({budget / GiB:.4f} GiB), "
                     f"below the smallest that works for this input: {e.min_vram_bytes} bytes "
@@ -924,6 +934,7 @@ class SwapModule:
             outs = self._run(entry, root["args"], root["kwargs"])
         except torch.OutOfMemoryError as e:
             self._release_after_oom()
+            restore()
             raise DeviceOutOfMemoryError(
                 f"{what}. fxswap re-planned for {budget} bytes and ran the call again; it ran out of "
                 f"memory again ({type(e).__name__}: {str(e)[:200]}). Fix: free device memory, or compile "

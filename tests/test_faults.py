@@ -192,6 +192,9 @@ def test_adaptive_below_the_minimum_names_what_to_free(setup: Setup) -> None:
     assert ei.value.needed_bytes == s.lo["adaptive"] and ei.value.fits_bytes == s.lo["adaptive"] - 1
     assert isinstance(ei.value, torch.OutOfMemoryError)  # callers catching torch's error still do
     assert held_by_fxswap(sm) == 0
+    # nothing was lost: once memory is free again, the old plan runs
+    sm.runtime.alloc_hook = None
+    assert torch.equal(sm(s.x), s.ref) and sm.plan is not None and sm.plan.max_vram_bytes == s.hi
 
 
 def test_adaptive_gives_up_after_one_retry(setup: Setup) -> None:
