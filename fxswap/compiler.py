@@ -506,7 +506,7 @@ class SwapModule:
                     "fxswap: planned and compiled %s in %.2f s: %s",
                     type(self.model).__name__,
                     time.perf_counter() - t0,
-                    entry.plan.summary(),
+                    entry.plan.summary() + "\n" + self._host_line(),
                 )
                 return entry
             plan = build_plan(ir, opts)
@@ -524,7 +524,7 @@ class SwapModule:
             "fxswap: planned %s in %.2f s: %s",
             type(self.model).__name__,
             time.perf_counter() - t0,
-            plan.summary(),
+            plan.summary() + "\n" + self._host_line(),
         )
         return entry
 
@@ -706,14 +706,16 @@ class SwapModule:
     def summary(self) -> str:
         """The current plan's summary plus the host copies: pinned and pageable bytes (and why
         pinning stopped, if it failed)."""
+        plan = self.plan
+        return self._host_line() if plan is None else plan.summary() + "\n" + self._host_line()
+
+    def _host_line(self) -> str:
         st = self.runtime.store
-        host = (
+        return (
             f"  host copies: {len(st)} tensors, pinned {st.pinned_bytes / MiB:.2f} MiB, pageable "
             f"{st.pageable_bytes / MiB:.2f} MiB"
             + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
         )
-        plan = self.plan
-        return host if plan is None else plan.summary() + "\n" + host
 
     def _canonical(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
