@@ -505,3 +505,21 @@ def test_close_and_gc_return_every_byte_and_unregister(setup: Setup, close: bool
     assert not any(i in ops._UNITS for i in ids)
     with torch.no_grad():
         assert torch.equal(s.model(s.x), s.ref)  # the model itself is untouched
+
+
+@pytest.mark.slow
+def test_inductor_adaptive_recovers_equal_to_torch_compile(setup: Setup) -> None:
+    s = setup
+    sm = fx_compile(s.model, mode="adaptive", max_vram_gb=s.hi / GiB, backend="inductor", reserve_mb=0)
+    ref = torch.compile(s.model)(s.x)
+    assert torch.equal(sm(s.x), ref)
+    target = (s.lo["adaptive"] + s.hi) // 2
+    sm.oom_margin_share, sm.oom_margin_min_bytes = 0.0, 0
+    sm.runtime.free_bytes_probe = lambda: target - s.x.numel() * s.x.element_size()
+    sm.release()
+    sm.runtime.alloc_hook = FaultAt("resident", 3, oom)
+    out = sm(s.x)
+    assert torch.equal(out, ref)
+    assert sm.recoveries[0].replanned and sm.plan is not None
+    assert sm.plan.max_vram_bytes == target and sm.plan.peak_bytes <= target and sm.plan.swapped_bytes > 0
+    assert torch.equal(sm(s.x), ref)
