@@ -110,6 +110,7 @@ def child(path: Path, budget_gb: float, calls: int) -> dict[str, Any]:
     import torch._dynamo  # noqa: F401  (the compile stack: its code is RSS, not weights)
 
     import fxswap.compiler
+
     try:  # reset the kernel's high-water mark to the post-import level
         Path("/proc/self/clear_refs").write_text("5")
         hwm_reset = True
