@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import itertools
 import logging
+import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.capture import dynamo_graph, input_names
-from fxswap.errors import CaptureError, FxswapError, PlanError
+from fxswap.errors import BudgetInfeasibleError, CaptureError, FxswapError, PlanError
 from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.monitoring import _ACTIVE as _ACTIVE_MONITORS
@@ -57,7 +60,11 @@ from fxswap.swapplan import PlanOptions, SwapPlan, fingerprint_parts, load_plan
 from fxswap.workspace import probe_workspace, with_workspace
 
 __all__ = [
+    "ClosedError",
     "DeviceError",
+    "DeviceOutOfMemoryError",
+    "OomRecovery",
+    "ReentrantCallError",
     "Experts",
     "SignatureError",
     "SwapModule",
@@ -124,6 +131,48 @@ class TrainingModeError(FxswapError, ValueError):
 
 class SignatureError(FxswapError, ValueError):
     """A call's inputs do not match the compiled signature and ``strict=True`` forbids a new plan."""
+
+
+class DeviceOutOfMemoryError(FxswapError, torch.OutOfMemoryError):
+    """The device ran out of memory during a call and fxswap could not recover (``layerwise`` /
+    ``chunkwise`` never re-plan; ``adaptive`` re-plans once). Nothing of the failed call is held.
+
+    Attributes: ``free_bytes`` (measured after fxswap released its own memory), ``margin_bytes``
+    (kept free for others), ``fits_bytes`` (the budget that would fit now: free - margin + the
+    call's own inputs, which the plan counts and which are allocated already) and ``needed_bytes``
+    (what the plan in use needs; for adaptive after re-planning, the smallest budget that works).
+    """
+
+    def __init__(
+        self, message: str, *, free_bytes: int, margin_bytes: int, fits_bytes: int, needed_bytes: int
+    ) -> None:
+        super().__init__(message)
+        self.free_bytes = free_bytes
+        self.margin_bytes = margin_bytes
+        self.fits_bytes = fits_bytes
+        self.needed_bytes = needed_bytes
+
+
+class ReentrantCallError(FxswapError, RuntimeError):
+    """A compiled model was called from inside its own call (same thread)."""
+
+
+class ClosedError(FxswapError, RuntimeError):
+    """The compiled model was closed; its units and device copies are gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class OomRecovery:
+    """One out-of-memory recovery of an adaptive compiled model (``SwapModule.recoveries``)."""
+
+    where: str  # the failing step: "first call" or "call <n>"
+    error: str  # the original error, shortened
+    free_bytes: int
+    margin_bytes: int
+    old_budget_bytes: int
+    new_budget_bytes: int
+    replanned: bool  # False: the budget still fitted, the same plan was run again
+    peak_bytes: int  # the new plan's peak
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -365,6 +414,11 @@ class SwapModule:
     Attributes:
         runtime: the :class:`fxswap.runtime.SwapRuntime` (host store, ledger, stats).
         stats: ``{"captures", "compiles", "calls", "empty_cache"}`` counters.
+        recoveries: one :class:`OomRecovery` per out-of-memory error an adaptive model survived.
+
+    Calls are serialised: a second thread waits for the running call (the units' transfers pair
+    up through per-unit queues); a call from inside a call raises :class:`ReentrantCallError`.
+    :meth:`close` (or garbage collection) returns all device and pinned memory.
     """
 
     def __init__(
@@ -395,7 +449,16 @@ class SwapModule:
         self._modules = tuple(model.modules())
         self._forward_sig = _plain_signature(model)
         self._builds = itertools.count()
-        weakref.finalize(self, runtime.close)
+        # One call at a time: a call's loads and waits pair up through per-unit queues, so two
+        # interleaved calls would take each other's transfers. Other threads wait their turn.
+        self._call_lock = threading.Lock()
+        self._call_owner: int | None = None
+        self.recoveries: list[OomRecovery] = []
+        #: Kept free for other processes when re-planning after an out-of-memory error:
+        #: max(oom_margin_min_bytes, oom_margin_share x free memory).
+        self.oom_margin_min_bytes = 256 * MiB if device.type == "cuda" else 0
+        self.oom_margin_share = 0.05
+        self._finalizer = weakref.finalize(self, runtime.close)
 
     # -- introspection
     @property
@@ -456,7 +519,7 @@ class SwapModule:
                     "fxswap: %s planned and compiled in %.2f s: %s",
                     type(self.model).__name__,
                     elapsed,
-                    plan_line(entry.plan),
+                    plan_line(entry.plan) + "; " + self._host_line(),
                 )
                 return entry
             plan = build_plan(ir, opts)
@@ -472,7 +535,12 @@ class SwapModule:
                 )
         elapsed = time.perf_counter() - t0
         name = type(self.model).__name__
-        logger.info("fxswap: %s planned in %.2f s: %s", name, elapsed, plan_line(entry.plan))
+        logger.info(
+            "fxswap: %s planned in %.2f s: %s",
+            name,
+            elapsed,
+            plan_line(entry.plan) + "; " + self._host_line(),
+        )
         return entry
 
     def _make_entry(self, cap: _Capture, plan: SwapPlan, ir: GraphIR, opts: PlanOptions) -> _Entry:
@@ -564,6 +632,36 @@ class SwapModule:
         self.runtime.drop_residents()
         self._active = None
 
+    def close(self) -> None:
+        """Return every byte of device and pinned host memory this model holds and unregister its
+        units; later calls raise :class:`ClosedError`. Weights the store shared with the model (see
+        ``_share_host_copies``) are given back as pageable copies, so the model stays usable on its
+        own. Garbage collection of the compiled model does the same minus that hand-back."""
+        with self._call_lock:
+            if self.runtime.closed:
+                return
+            for name, host in self.runtime.store.items():
+                t = self._named.get(name)
+                if t is not None and t.data_ptr() == host.data_ptr() and host.is_pinned():
+                    t.data = torch.empty(host.shape, dtype=host.dtype).copy_(host)
+            self._entries.clear()
+            self._active = self._current = None
+            self._finalizer()  # runtime.close(), once
+
+    def summary(self) -> str:
+        """The current plan's summary plus the host copies: pinned and pageable bytes (and why
+        pinning stopped, if it failed)."""
+        plan = self.plan
+        return self._host_line() if plan is None else plan.summary() + "\n" + self._host_line()
+
+    def _host_line(self) -> str:
+        st = self.runtime.store
+        return (
+            f"  host copies: {len(st)} tensors, pinned {st.pinned_bytes / MiB:.2f} MiB, pageable "
+            f"{st.pageable_bytes / MiB:.2f} MiB"
+            + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
+        )
+
     def _canonical(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -577,6 +675,25 @@ class SwapModule:
         return (), dict(bound.arguments)
 
     def __call__(self, *orig_args: Any, **orig_kwargs: Any) -> Any:
+        me = threading.get_ident()
+        if self._call_owner == me:
+            raise ReentrantCallError(
+                f"{type(self.model).__name__} compiled by fxswap was called from inside its own call "
+                "(a hook or callback calling the model?). Fix: call it after the running call returns."
+            )
+        with self._call_lock:
+            self._call_owner = me
+            try:
+                return self._call(orig_args, orig_kwargs)
+            finally:
+                self._call_owner = None
+
+    def _call(self, orig_args: tuple[Any, ...], orig_kwargs: dict[str, Any]) -> Any:
+        if self.runtime.closed:
+            raise ClosedError(
+                f"this compiled {type(self.model).__name__} was closed (close()): its device copies and "
+                "units are gone. Fix: compile the model again with fxswap.compile."
+            )
         if any(m.training for m in self._modules):
             train = _training_modules(self._modules, self.model)
             raise TrainingModeError(
@@ -590,8 +707,9 @@ class SwapModule:
         # included) fingerprints equal to an offline plan made with fxswap.plan(model, <same call>).
         args, kwargs = self._canonical(orig_args, orig_kwargs)
         sig = _signature(args, kwargs)
-        entry = self._entries.get(sig)
-        if entry is None:
+        found = self._entries.get(sig)
+        root = {"args": args, "kwargs": kwargs}
+        if found is None:
             if self.strict and self._entries:
                 raise SignatureError(
                     f"strict=True: inputs {_describe(args, kwargs)} differ from the compiled signature "
@@ -600,24 +718,24 @@ class SwapModule:
                     "compile with strict=False to plan each new signature."
                 )
             self._check_devices(args, kwargs)
-            entry = self._build(orig_args, orig_kwargs, {"args": args, "kwargs": kwargs})
             try:
-                outs = self._run(entry, args, kwargs)
-            except Exception as e:
-                # The capture ran on meta tensors, which do not check everything (e.g. mixed dtypes
-                # in a matmul). The first real run does: report it against the new signature and
-                # keep nothing of it.
-                self._active = self._current = None
-                self.runtime.drop_residents()
-                dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self._named.values()})
-                raise SignatureError(
-                    f"{type(self.model).__name__} failed on its first call with inputs "
-                    f"{_describe(args, kwargs)}: {type(e).__name__}: {e}. The model's weights are "
-                    f"{'/'.join(dtypes)}. Fix: pass inputs in the dtypes (and shapes) the model computes in."
-                ) from e
+                built: _Entry | None = self._build(orig_args, orig_kwargs, root)
+            except torch.OutOfMemoryError as e:  # Inductor's build runs on the device too
+                if isinstance(e, FxswapError):
+                    raise
+                built = None
+                entry, outs = self._recover(e, sig, None, orig_args, orig_kwargs, root)
+            if built is not None:
+                entry, outs = self._first_run(built, sig, args, kwargs, orig_args, orig_kwargs, root)
             self._entries[sig] = entry
         else:
-            outs = self._run(entry, args, kwargs)
+            entry = found
+            try:
+                outs = self._run(entry, args, kwargs)
+            except torch.OutOfMemoryError as e:
+                if isinstance(e, FxswapError):
+                    raise
+                entry, outs = self._recover(e, sig, entry, orig_args, orig_kwargs, root)
         self.stats["calls"] += 1
         if _ACTIVE_MONITORS:
             notify_step(type(self.model).__name__)
@@ -632,21 +750,173 @@ class SwapModule:
         leaves = [outs[s] if s is not None else c for s, c in zip(cap.out_slots, cap.out_consts, strict=True)]
         return pytree.tree_unflatten(leaves, cap.out_spec)
 
+    def _first_run(
+        self,
+        entry: _Entry,
+        sig: Hashable,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        orig_args: tuple[Any, ...],
+        orig_kwargs: dict[str, Any],
+        root: dict[str, Any],
+    ) -> tuple[_Entry, Any]:
+        try:
+            return entry, self._run(entry, args, kwargs)
+        except torch.OutOfMemoryError as e:
+            if isinstance(e, FxswapError):
+                raise
+            return self._recover(e, sig, None, orig_args, orig_kwargs, root)
+        except Exception as e:
+            # The capture ran on meta tensors, which do not check everything (e.g. mixed dtypes
+            # in a matmul). The first real run does: report it against the new signature and
+            # keep nothing of it.
+            self._forget_failed_call()
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self._named.values()})
+            raise SignatureError(
+                f"{type(self.model).__name__} failed on its first call with inputs "
+                f"{_describe(args, kwargs)}: {type(e).__name__}: {e}. The model's weights are "
+                f"{'/'.join(dtypes)}. Fix: pass inputs in the dtypes (and shapes) the model computes in."
+            ) from e
+
+    def _forget_failed_call(self) -> None:
+        self._active = self._current = None
+        self.runtime.drop_residents()
+
+    def _release_after_oom(self) -> None:
+        """Give back everything a failed call held, so the free memory measured next is real."""
+        self._active = None
+        self.runtime.drop_residents()
+        self.runtime.discard_pending()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _recover(
+        self,
+        err: torch.OutOfMemoryError,
+        sig: Hashable,
+        entry: _Entry | None,
+        orig_args: tuple[Any, ...],
+        orig_kwargs: dict[str, Any],
+        root: dict[str, Any],
+    ) -> tuple[_Entry, Any]:
+        """Out of memory during a call (another process took device memory). Free what the call
+        held, measure the free memory; ``adaptive``: re-plan for it (unless the plan still fits),
+        recompile once and re-run the call from its inputs (they are never written); the other
+        modes: raise :class:`DeviceOutOfMemoryError` naming the budget that would fit now."""
+        where = "first call" if entry is None else f"call {self.stats['calls'] + 1}"
+        if err.__traceback__ is not None:  # its frames' locals (a build's inputs) would stay allocated
+            traceback.clear_frames(err.__traceback__)
+        self._release_after_oom()
+        free = self.runtime.free_bytes()
+        margin = max(self.oom_margin_min_bytes, int(free * self.oom_margin_share))
+        from fxswap.oracle import live_bytes
+
+        on_device = pytree.tree_leaves(root)
+        held = live_bytes([t for t in on_device if isinstance(t, torch.Tensor) and t.device == self.device])
+        fits = max(0, free - margin + held)
+        old = entry.plan.max_vram_bytes if entry is not None else self.options.max_vram_bytes
+        needed = entry.plan.peak_bytes if entry is not None else old
+        short = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        what = (
+            f"{type(self.model).__name__} ran out of device memory during its {where} ({short}). "
+            f"Free now: {free} bytes ({free / GiB:.3f} GiB); margin kept for others: {margin} bytes; "
+            f"the call's inputs already hold {held} bytes"
+        )
+        if self.options.mode != "adaptive":
+            if entry is None:
+                self._current = None  # nothing of a first call is kept
+            raise DeviceOutOfMemoryError(
+                f"{what}. The budget that would fit now is max_vram_gb={fits / GiB:.4f} ({fits} bytes); "
+                f"mode {self.options.mode!r} does not re-plan by itself (the plan needs up to {needed} "
+                f"bytes). Fix: compile with max_vram_gb={fits / GiB:.4f} or less, or mode='adaptive' "
+                "to re-plan on out-of-memory, or free device memory.",
+                free_bytes=free,
+                margin_bytes=margin,
+                fits_bytes=fits,
+                needed_bytes=needed,
+            ) from err
+        budget = min(old, fits)
+        replan = entry is None or budget < old
+        # What to put back if the recovery fails: the memory may be free again by the next call.
+        before = (self.options, self._given_plan, entry)
+
+        def restore() -> None:
+            self.options, self._given_plan = before[0], before[1]
+            self._entries.pop(sig, None)
+            if before[2] is not None:
+                self._entries[sig] = before[2]
+            self._forget_failed_call()
+
+        if replan:
+            self._entries.pop(sig, None)
+            self._given_plan = None  # a given plan was made for the old budget
+            self.options = dataclasses.replace(self.options, max_vram_bytes=budget)
+            try:
+                entry = self._build(orig_args, orig_kwargs, root)
+            except BudgetInfeasibleError as e:
+                restore()
+                raise DeviceOutOfMemoryError(
+                    f"{what}. The budget that would fit now is {budget} bytes ({budget / GiB:.4f} GiB), "
+                    f"below the smallest that works for this input: {e.min_vram_bytes} bytes "
+                    f"({e.min_vram_bytes / GiB:.4f} GiB). Fix: free at least "
+                    f"{e.min_vram_bytes - budget} bytes of device memory, or use a smaller input.",
+                    free_bytes=free,
+                    margin_bytes=margin,
+                    fits_bytes=fits,
+                    needed_bytes=e.min_vram_bytes,
+                ) from err
+        assert entry is not None
+        rec = OomRecovery(where, short, free, margin, old, budget, replan, entry.plan.peak_bytes)
+        logger.warning(
+            "fxswap: %s; %s (budget %d -> %d bytes, peak %d bytes); running the call again from its inputs",
+            what,
+            "re-planned and recompiled" if replan else "the plan still fits, running it again",
+            old,
+            budget,
+            entry.plan.peak_bytes,
+        )
+        try:
+            outs = self._run(entry, root["args"], root["kwargs"])
+        except torch.OutOfMemoryError as e:
+            self._release_after_oom()
+            restore()
+            raise DeviceOutOfMemoryError(
+                f"{what}. fxswap re-planned for {budget} bytes and ran the call again; it ran out of "
+                f"memory again ({type(e).__name__}: {str(e)[:200]}). Fix: free device memory, or compile "
+                f"with a smaller max_vram_gb than {budget / GiB:.4f}.",
+                free_bytes=free,
+                margin_bytes=margin,
+                fits_bytes=fits,
+                needed_bytes=entry.plan.peak_bytes,
+            ) from e
+        self._entries[sig] = entry
+        self.recoveries.append(rec)
+        return entry, outs
+
     forward = __call__
 
     def _run(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._current = entry
         self._activate(entry)
-        flat = self._flat(entry, {"args": args, "kwargs": kwargs})
+        flat: list[Any] | None = None
         try:
+            flat = self._flat(entry, {"args": args, "kwargs": kwargs})
             with torch.no_grad():
                 if entry.fn is None:
                     entry.fn = self._compile(entry, flat)
                 return entry.fn(*flat)
-        except BaseException:
+        except BaseException as e:
+            flat = None  # this frame stays in the traceback: it must not keep the resident copies
             # Loads issued before the failure were never waited for: drop them (after their copies
             # land), or the next call would pair its waits with them and keep their memory forever.
             self.runtime.discard_pending()
+            # The traceback holds the graph's frames, and their locals the unit copies and
+            # activations: whoever keeps the exception (a notebook's sys.last_exc) would keep that
+            # device memory. Clear the finished frames below this one.
+            if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
+                traceback.clear_frames(e.__traceback__.tb_next)
             raise
 
     def _check_devices(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -691,7 +961,11 @@ def compile(  # noqa: A001 (the public name the brief asks for)
 
     Args:
         model: the module (inference only; its weight values are never modified).
-        mode: "layerwise", "chunkwise" or "adaptive" (see :class:`fxswap.PlanOptions`).
+        mode: "layerwise", "chunkwise" or "adaptive" (see :class:`fxswap.PlanOptions`). Out of
+            device memory during a call (another process took memory), "adaptive" re-plans for
+            the free memory minus a margin (``SwapModule.oom_margin_*``), recompiles once, re-runs
+            the call from its inputs and logs a warning (``SwapModule.recoveries``); the other
+            modes raise :class:`DeviceOutOfMemoryError` naming the budget that would fit now.
         max_vram_gb: device budget in GiB for weights, activations and the planner's reserve.
         block_size_mb: unit size for chunkwise (and one candidate for adaptive), MiB.
         plan: a :class:`fxswap.SwapPlan` or a path to its JSON; checked against the graph on the

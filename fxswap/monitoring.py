@@ -6,7 +6,7 @@
     print(mon.peak_bytes, mon.rows[-1])
 
 On CUDA a row holds ``torch.cuda`` allocated / reserved / peak (max allocated since the monitor
-started) and the pinned host bytes of every live fxswap runtime. On the CPU (tests) the "device"
+started) and the pinned and pageable host bytes of every live fxswap runtime. On the CPU (tests) the "device"
 numbers are fxswap's ledger: the bytes of device copies held by fxswap, from tensor finalizers.
 """
 
@@ -38,6 +38,7 @@ class MonitorRow:
     peak_bytes: int
     pinned_bytes: int
     seconds: float  # wall time since the previous row (or the monitor's start)
+    pageable_bytes: int = 0  # host copies that stayed pageable (pin cap reached or pinning failed)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -46,7 +47,8 @@ class MonitorRow:
         return (
             f"step {self.step}{' ' + self.label if self.label else ''}: allocated "
             f"{self.allocated_bytes / GiB:.2f} GiB, reserved {self.reserved_bytes / GiB:.2f} GiB, peak "
-            f"{self.peak_bytes / GiB:.2f} GiB, pinned host {self.pinned_bytes / GiB:.2f} GiB, "
+            f"{self.peak_bytes / GiB:.2f} GiB, pinned host {self.pinned_bytes / GiB:.2f} GiB, pageable host "
+            f"{self.pageable_bytes / GiB:.2f} GiB, "
             f"{self.seconds * 1e3:.1f} ms"
         )
 
@@ -66,25 +68,27 @@ class Monitor:
             for r in _rt.live_runtimes():
                 r.ledger.reset_peak()
 
-    def _sample(self) -> tuple[int, int, int, int]:
+    def _sample(self) -> tuple[int, int, int, int, int]:
         rts = _rt.live_runtimes()
         pinned = sum(r.store.pinned_bytes for r in rts)
+        pageable = sum(r.store.pageable_bytes for r in rts)
         if self.device.type == "cuda":
             return (
                 torch.cuda.memory_allocated(self.device),
                 torch.cuda.memory_reserved(self.device),
                 torch.cuda.max_memory_allocated(self.device),
                 pinned,
+                pageable,
             )
         held = sum(r.ledger.bytes for r in rts if r.device.type == self.device.type)
         self._cpu_peak = max(self._cpu_peak, held, *(r.ledger.peak for r in rts if r.device == self.device))
-        return held, held, self._cpu_peak, pinned
+        return held, held, self._cpu_peak, pinned, pageable
 
     def step(self, label: str = "") -> MonitorRow:
         """Record (and log) one row now."""
-        alloc, reserved, peak, pinned = self._sample()
+        alloc, reserved, peak, pinned, pageable = self._sample()
         now = time.perf_counter()
-        row = MonitorRow(len(self.rows), label, alloc, reserved, peak, pinned, now - self._last)
+        row = MonitorRow(len(self.rows), label, alloc, reserved, peak, pinned, now - self._last, pageable)
         self._last = now
         self.rows.append(row)
         if self.log is not None:

@@ -31,7 +31,7 @@ import warnings
 import weakref
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -132,6 +132,20 @@ def _total_ram_bytes() -> int:
         return 0
 
 
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class HostStore:
     """Exactly one host copy per weight name, in its storage dtype.
 
@@ -139,9 +153,14 @@ class HostStore:
         pin: pin the copies (page-locked memory makes ``non_blocking`` H2D copies truly async).
         pin_share: at most this share of physical RAM is pinned; the rest stays pageable and a
             warning says so once (pinning everything can starve the OS and the dataloader).
+        pinner: how a tensor is pinned (default ``Tensor.pin_memory``). If it raises (Windows and
+            containers cap page-locked memory; ``cudaHostAlloc`` fails), that weight and every later
+            one stay pageable: one warning, :attr:`pin_error` keeps the reason, nothing fails.
     """
 
-    def __init__(self, *, pin: bool, pin_share: float = 0.5) -> None:
+    def __init__(
+        self, *, pin: bool, pin_share: float = 0.5, pinner: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
         if not 0.0 <= pin_share <= 1.0:
             raise ValueError(f"`pin_share` must be within [0, 1], got {pin_share!r}")
         self.pin = pin
@@ -149,8 +168,20 @@ class HostStore:
         self.pinned_bytes = 0  # as the pinned allocator takes them (pinned_allocation_bytes)
         self.pinned_payload_bytes = 0  # the tensors' own bytes inside those blocks
         self.pageable_bytes = 0
+        self.pin_error: str | None = None
+        self._pinner = pinner if pinner is not None else Tensor.pin_memory
         self._tensors: dict[str, Tensor] = {}
         self._warned = False
+
+    def _warn_once(self, why: str) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"fxswap: {why}; this and further weights stay pageable, so their copies are slower and "
+            "not fully asynchronous (fxswap keeps running).",
+            stacklevel=4,
+        )
 
     def put(self, name: str, tensor: Tensor, storage_dtype: torch.dtype | None = None) -> Tensor:
         """Store ``tensor`` (a host tensor) under ``name`` once and return the host copy."""
@@ -167,23 +198,39 @@ class HostStore:
             host = host.to(sd)
         host = host.contiguous()
         nbytes = host.untyped_storage().nbytes()
-        pinned = pinned_allocation_bytes(nbytes)
-        if self.pin and self.pinned_bytes + pinned <= self.pin_limit_bytes:
-            host = host.pin_memory()
-            self.pinned_bytes += pinned
+        pinned = False
+        alloc = pinned_allocation_bytes(nbytes)
+        if self.pin and self.pin_error is None:
+            if self.pinned_bytes + alloc <= self.pin_limit_bytes:
+                try:
+                    host = self._pinner(host)
+                    pinned = True
+                except RuntimeError as e:  # torch reports allocation failures as RuntimeError
+                    self.pin_error = f"{type(e).__name__}: {e}"
+                    logger.warning("fxswap: pinning `%s` (%d bytes) failed: %s", name, nbytes, self.pin_error)
+                    self._warn_once(
+                        f"pinning host memory failed after {self.pinned_bytes} bytes ({self.pin_error})"
+                    )
+            else:
+                self._warn_once(
+                    f"pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB (`pin_share`); "
+                    "raise `pin_share` if the machine has RAM to spare"
+                )
+        if pinned:
+            self.pinned_bytes += alloc
             self.pinned_payload_bytes += nbytes
         else:
-            if self.pin and not self._warned:
-                warnings.warn(
-                    f"fxswap: pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB "
-                    "(`pin_share`); further weights stay pageable, so their copies are slower and not "
-                    "fully asynchronous. Raise `pin_share` if the machine has RAM to spare.",
-                    stacklevel=3,
-                )
-                self._warned = True
             self.pageable_bytes += nbytes
         self._tensors[name] = host
         return host
+
+    def clear(self) -> None:
+        """Forget every host copy (their memory returns when no one else holds them)."""
+        self._tensors.clear()
+        self.pinned_bytes = self.pinned_payload_bytes = self.pageable_bytes = 0
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        return list(self._tensors.items())
 
     def __getitem__(self, name: str) -> Tensor:
         return self._tensors[name]
@@ -338,8 +385,8 @@ class _Unit:
     """
 
     __slots__ = (
-        "_device", "_ledger", "_start", "_token", "_track", "casts", "host", "loads", "meta", "name",
-        "params", "pending", "releases", "waits",
+        "_device", "_ledger", "_rt", "_start", "_token", "_track", "casts", "host", "loads", "meta",
+        "name", "params", "pending", "releases", "waits",
     )  # fmt: skip
 
     def __init__(
@@ -363,8 +410,11 @@ class _Unit:
         self._token = runtime.token
         self._track = runtime.track
         self._ledger = runtime.ledger
+        self._rt = runtime
 
     def start_load(self) -> Tensor:
+        if self._rt.alloc_hook is not None:
+            self._rt.alloc_hook("load", self.name, sum(h.untyped_storage().nbytes() for h in self.host))
         p = self._start(self.host, self._device)
         # Owned by `pending` before anything else can raise: discard_pending then waits for the copy
         # before the destination is freed (a dropped record would free it mid-copy).
@@ -383,7 +433,14 @@ class _Unit:
                 "follow its load in the graph (was the graph edited after the rewrite?)"
             )
         p = self.pending.popleft()
-        p.wait()
+        try:
+            p.wait()
+        except BaseException:
+            # Interrupted mid-wait (KeyboardInterrupt): the copy may still be landing in these
+            # tensors; let it land before they can be freed and their memory handed out again.
+            p.wait_host()
+            p.tensors = []
+            raise
         out = p.tensors
         p.tensors = []  # ownership passes to the graph: keep no reference
         if self.casts:
@@ -392,7 +449,10 @@ class _Unit:
             # held beside the unit's compute-dtype tensors; SwapRuntime.staging_bytes bounds it
             # and the compiler plans that bound (see SwapRuntime).
             dtypes = self.meta.dtypes
+            hook = self._rt.alloc_hook
             for i in self.casts:
+                if hook is not None:
+                    hook("cast", self.params[i], out[i].numel() * dtypes[i].itemsize)
                 cast = out[i].to(dtypes[i])
                 if self._track:  # tracked while its staging tensor still lives, as on the device
                     self._ledger.track(cast)
@@ -451,6 +511,15 @@ class SwapRuntime:
         storage_dtype: see above; None keeps each weight's own dtype.
         track: count device copies in :attr:`ledger` with tensor finalizers (~2 us per tensor per
             load). Default: on for non-CUDA devices; on CUDA the allocator's statistics are the ledger.
+        pin: pin the host copies; default on CUDA only (see :class:`HostStore` for the fallback).
+        pinner: how a host tensor is pinned (:class:`HostStore`); tests inject a failing one.
+
+    Fault hooks (for tests and diagnosis; None in normal use): :attr:`alloc_hook` is called as
+    ``hook(kind, name, nbytes)`` right before fxswap allocates device memory, with ``kind`` one of
+    ``"resident"`` (a resident weight's copy), ``"load"`` (a unit's transfer destinations) and
+    ``"cast"`` (a storage-dtype cast after the wait); whatever it raises propagates exactly as the
+    allocator's own error would. :attr:`free_bytes_probe` replaces the device query of
+    :meth:`free_bytes`.
     """
 
     def __init__(
@@ -461,12 +530,19 @@ class SwapRuntime:
         pin_share: float = 0.5,
         storage_dtype: torch.dtype | None = None,
         track: bool | None = None,
+        pin: bool | None = None,
+        pinner: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.track = self.device.type != "cuda" if track is None else track
         self.token = ops.token_for(self.device)
         self.backend = backend if backend is not None else default_backend(self.device)
-        self.store = HostStore(pin=self.device.type == "cuda", pin_share=pin_share)
+        self.store = HostStore(
+            pin=self.device.type == "cuda" if pin is None else pin, pin_share=pin_share, pinner=pinner
+        )
+        self.alloc_hook: Callable[[str, str, int], None] | None = None
+        self.free_bytes_probe: Callable[[], int] | None = None
+        self.closed = False
         self.storage_dtype = storage_dtype
         self.ledger = Ledger()
         self._residents: dict[str, Tensor] = {}
@@ -517,6 +593,8 @@ class SwapRuntime:
         """The device copy of a resident weight, made on first request (one copy per name)."""
         d = self._residents.get(fqn)
         if d is None:
+            if self.alloc_hook is not None:
+                self.alloc_hook("resident", fqn, tensor.numel() * tensor.element_size())
             src = tensor.detach()
             sd = stored_dtype(src.dtype, self.storage_dtype)
             if sd != src.dtype:  # rounded like the swapped weights (on the host: no device staging)
@@ -541,11 +619,27 @@ class SwapRuntime:
     def resident_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self._residents.values())
 
+    def free_bytes(self) -> int:
+        """Device memory free now, as the driver (CUDA) or the OS (CPU: MemAvailable) reports it."""
+        if self.free_bytes_probe is not None:
+            return int(self.free_bytes_probe())
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0])
+        return _available_ram_bytes()
+
+    @property
+    def units_registered(self) -> int:
+        """How many of this runtime's units the op registry holds."""
+        return len(self._uids)
+
     def close(self) -> None:
-        """Drop residents and unregister every unit (graphs using them then fail loudly)."""
+        """Drop residents, pending copies and host copies, and unregister every unit (graphs using
+        them then fail loudly). Idempotent."""
         self.drop_residents()
         self.discard_pending()
         for uid in self._uids.values():
             ops.unregister_unit(uid)
         self._uids.clear()
         self._units.clear()
+        self.store.clear()
+        self.closed = True
