@@ -82,7 +82,7 @@ NODE_CLASS_MAPPINGS = {"FxswapTestConditioning": FxswapTestConditioning}
 '''
 
 
-def _write_wan(path: Path, seed: int) -> None:
+def _write_wan(path: Path, seed: int, layout: str = "comfyui") -> None:
     from fxswap.models import wan, wan_checkpoint
 
     torch.manual_seed(seed)
@@ -90,7 +90,10 @@ def _write_wan(path: Path, seed: int) -> None:
     with torch.no_grad():  # PyTorch's default init leaves the tiny model's output near zero
         for p in model.parameters():
             p.normal_(0, 0.05)
-    wan_checkpoint.save(model, path, layout="comfyui")
+    if layout == "comfyui":
+        wan_checkpoint.save(model, path, layout="comfyui")
+    else:  # a folder of shards, as diffusers publishes them
+        wan_checkpoint.save(model, path, layout="diffusers", max_shard_bytes=2**21)
 
 
 def _write_lora(path: Path, seed: int) -> None:
@@ -209,6 +212,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     models = base / "models" / "diffusion_models"
     models.mkdir(parents=True)
     _write_wan(models / "tiny_t2v.safetensors", seed=1)
+    _write_wan(models / "tiny_t2v_diffusers", seed=1, layout="diffusers")
     _write_wan(models / "tiny_a14b_high.safetensors", seed=2)
     _write_wan(models / "tiny_a14b_low.safetensors", seed=3)
     (base / "models" / "loras").mkdir(parents=True)
@@ -383,4 +387,42 @@ def test_a14b_two_experts_one_budget(server: Server) -> None:
     assert all(r["allocated_bytes"] <= budget for r in high_rows + low_rows), (high_rows, low_rows, budget)
     assert min(r["allocated_bytes"] for r in high_rows) > 0.5 * weights, high_rows
     assert "releases" in server.log(), "switching experts must release the first one's device memory"
+    assert server.alive()
+
+
+def _wan_loader(fx: dict[str, Any], prefix: str, model_name: str = "tiny_t2v.safetensors") -> dict[str, Any]:
+    p = _t2v(None, prefix=prefix)
+    p["1"] = {"class_type": "FxswapWanLoader", "inputs": {
+        "model_name": model_name, "attention_type": "sdpa", "sla_topk": 0.1, "offload_mode": "block_swap",
+        **{k: v for k, v in fx.items()}}}  # fmt: skip
+    p["10"] = {"class_type": "FxswapMonitor", "inputs": {"model": ["7", 0], "samples": ["8", 0]}}
+    return p
+
+
+def test_wan_loader_matches_comfyui(server: Server) -> None:
+    """fxswap's own WAN module in ComfyUI's sampler, against ComfyUI's WanModel on the same file.
+
+    Tolerance: 1e-5 x max|latent|, about 84 float32 ulps of the largest value. The two modules are
+    different float32 implementations of one computation (3 blocks, 3 steps, CFG 5 amplifies each
+    step's difference by up to 1 + 2 x 5), so they agree to rounding, not bitwise; the test also
+    checks that a real change of input (another negative prompt) moves the latents by more than a
+    thousand times that bound, so the bound still tells right from wrong.
+    """
+    base = server.latent(server.run(_t2v(None, prefix="base_loader")), "9")
+    other = _t2v(None, prefix="base_loader_other")
+    other["3"]["inputs"]["seed"] = 13
+    moved = (server.latent(server.run(other), "9") - base).abs().max().item()
+    bound = 1e-5 * base.abs().max().item()
+    assert moved > 1000 * bound, (moved, bound)
+    entry = server.run(_wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader"))
+    out = server.latent(entry, "9")
+    diff = (out - base).abs().max().item()
+    print(f"WAN loader vs ComfyUI WanModel: max abs diff {diff:.3g} (bound {bound:.3g}), other prompt {moved:.3g}")
+    assert diff <= bound, (diff, bound)
+    rows, budget = _rows(entry, "10")
+    assert len(rows) == 3 and all(r["peak_bytes"] <= budget for r in rows), rows
+    # any layout fxswap reads: the same weights as a sharded diffusers folder give the same latents
+    entry = server.run(_wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader_diffusers",
+                                   model_name="tiny_t2v_diffusers/"))
+    assert torch.equal(server.latent(entry, "9"), out)
     assert server.alive()
