@@ -53,6 +53,9 @@ def _missing() -> str | None:
     return None
 
 
+# .ci/run sets FXSWAP_REQUIRE_COMFYUI=1: there a missing ComfyUI is a failure, not a skip.
+if _missing() is not None and os.environ.get("FXSWAP_REQUIRE_COMFYUI") == "1":
+    raise RuntimeError(f"FXSWAP_REQUIRE_COMFYUI=1 but {_missing()}")
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 # ---------------------------------------------------------------------------------------- fixtures
