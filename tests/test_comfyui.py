@@ -143,7 +143,9 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} at start:\n{self.log()[-4000:]}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.proc.returncode} at start:\n{self.log()[-4000:]}"
+                )
             try:
                 if requests.get(f"{self.url}/system_stats", timeout=2).ok:
                     return
@@ -168,13 +170,18 @@ class Server:
     def alive(self) -> bool:
         import requests
 
-        return self.proc is not None and self.proc.poll() is None and requests.get(
-            f"{self.url}/system_stats", timeout=5).ok
+        return (
+            self.proc is not None
+            and self.proc.poll() is None
+            and requests.get(f"{self.url}/system_stats", timeout=5).ok
+        )
 
     def post(self, prompt: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         import requests
 
-        r = requests.post(f"{self.url}/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30)
+        r = requests.post(
+            f"{self.url}/prompt", json={"prompt": prompt, "client_id": uuid.uuid4().hex}, timeout=30
+        )
         return r.status_code, r.json()
 
     def run(self, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +216,9 @@ class Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     base = tmp_path_factory.mktemp("comfy")
     (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "fxswap_comfyui").symlink_to(REPO / "fxswap" / "comfyui", target_is_directory=True)
+    (base / "custom_nodes" / "fxswap_comfyui").symlink_to(
+        REPO / "fxswap" / "comfyui", target_is_directory=True
+    )
     (base / "custom_nodes" / "fxswap_test_nodes").mkdir()
     (base / "custom_nodes" / "fxswap_test_nodes" / "__init__.py").write_text(TEST_NODES)
     models = base / "models" / "diffusion_models"
@@ -231,30 +240,37 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- workflows
+def _n(class_type: str, **inputs: Any) -> dict[str, Any]:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def _latent_node() -> dict[str, Any]:
+    return _n("EmptyHunyuanLatentVideo", width=64, height=64, length=5, batch_size=1)
+
+
 def _t2v(fx: dict[str, Any] | None, *, lora: bool = False, prefix: str, steps: int = 3) -> dict[str, Any]:
     """UNETLoader [-> LoraLoaderModelOnly] [-> fxswap Block Swap] -> ModelSamplingSD3 -> KSampler."""
     p: dict[str, Any] = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_t2v.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "FxswapTestConditioning", "inputs": {"seed": 11, "tokens": TEXT_TOKENS}},
-        "3": {"class_type": "FxswapTestConditioning", "inputs": {"seed": 12, "tokens": TEXT_TOKENS}},
-        "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1}},
-    }  # fmt: skip
+        "1": _n("UNETLoader", unet_name="tiny_t2v.safetensors", weight_dtype="default"),
+        "2": _n("FxswapTestConditioning", seed=11, tokens=TEXT_TOKENS),
+        "3": _n("FxswapTestConditioning", seed=12, tokens=TEXT_TOKENS),
+        "4": _latent_node(),
+    }
     model: list[Any] = ["1", 0]
     if lora:
-        p["5"] = {"class_type": "LoraLoaderModelOnly",
-                  "inputs": {"model": model, "lora_name": "tiny_lora.safetensors", "strength_model": 0.8}}  # fmt: skip
+        p["5"] = _n("LoraLoaderModelOnly", model=model, lora_name="tiny_lora.safetensors", strength_model=0.8)
         model = ["5", 0]
     if fx is not None:
-        p["6"] = {"class_type": "FxswapBlockSwap", "inputs": {"model": model, **fx}}
+        p["6"] = _n("FxswapBlockSwap", model=model, **fx)
         model = ["6", 0]
-    p["7"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": model, "shift": 8.0}}
-    p["8"] = {"class_type": "KSampler", "inputs": {
-        "model": ["7", 0], "seed": 42, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
-        "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}}  # fmt: skip
-    p["9"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}}
+    p["7"] = _n("ModelSamplingSD3", model=model, shift=8.0)
+    p["8"] = _n("KSampler", model=["7", 0], seed=42, steps=steps, cfg=5.0, sampler_name="euler",
+                scheduler="simple", positive=["2", 0], negative=["3", 0], latent_image=["4", 0],
+                denoise=1.0)  # fmt: skip
+    p["9"] = _n("SaveLatent", samples=["8", 0], filename_prefix=prefix)
     if fx is not None:
-        p["10"] = {"class_type": "FxswapMonitor", "inputs": {"model": ["7", 0], "samples": ["8", 0]}}
-        p["11"] = {"class_type": "FxswapPlan", "inputs": {"model": ["7", 0], "latent": ["4", 0], "positive": ["2", 0]}}
+        p["10"] = _n("FxswapMonitor", model=["7", 0], samples=["8", 0])
+        p["11"] = _n("FxswapPlan", model=["7", 0], latent=["4", 0], positive=["2", 0])
     return p
 
 
@@ -338,34 +354,32 @@ def test_bad_inputs_are_validation_errors(server: Server) -> None:
 def _a14b(fx: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
     """WAN 2.2 A14B as ComfyUI users wire it: two UNETLoaders, two KSamplerAdvanced (steps 0-2, 2-4)."""
     p: dict[str, Any] = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_a14b_high.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_a14b_low.safetensors", "weight_dtype": "default"}},
-        "3": {"class_type": "FxswapTestConditioning", "inputs": {"seed": 21, "tokens": TEXT_TOKENS}},
-        "4": {"class_type": "FxswapTestConditioning", "inputs": {"seed": 22, "tokens": TEXT_TOKENS}},
-        "5": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5, "batch_size": 1}},
-    }  # fmt: skip
+        "1": _n("UNETLoader", unet_name="tiny_a14b_high.safetensors", weight_dtype="default"),
+        "2": _n("UNETLoader", unet_name="tiny_a14b_low.safetensors", weight_dtype="default"),
+        "3": _n("FxswapTestConditioning", seed=21, tokens=TEXT_TOKENS),
+        "4": _n("FxswapTestConditioning", seed=22, tokens=TEXT_TOKENS),
+        "5": _latent_node(),
+    }
     high, low = ["1", 0], ["2", 0]
     if fx is not None:
-        p["6"] = {"class_type": "FxswapBlockSwap", "inputs": {"model": high, **fx}}
-        p["7"] = {"class_type": "FxswapBlockSwap", "inputs": {"model": low, **fx}}
+        p["6"] = _n("FxswapBlockSwap", model=high, **fx)
+        p["7"] = _n("FxswapBlockSwap", model=low, **fx)
         high, low = ["6", 0], ["7", 0]
-    p["8"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": high, "shift": 8.0}}
-    p["9"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": low, "shift": 8.0}}
-    common = {"cfg": 3.5, "sampler_name": "euler", "scheduler": "simple", "positive": ["3", 0], "negative": ["4", 0],
-              "noise_seed": 7, "steps": 4}  # fmt: skip
-    p["10"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **common, "model": ["8", 0], "add_noise": "enable", "latent_image": ["5", 0], "start_at_step": 0,
-        "end_at_step": 2, "return_with_leftover_noise": "enable"}}  # fmt: skip
+    p["8"] = _n("ModelSamplingSD3", model=high, shift=8.0)
+    p["9"] = _n("ModelSamplingSD3", model=low, shift=8.0)
+    common = dict(cfg=3.5, sampler_name="euler", scheduler="simple", positive=["3", 0], negative=["4", 0],
+                  noise_seed=7, steps=4)  # fmt: skip
+    p["10"] = _n("KSamplerAdvanced", **common, model=["8", 0], add_noise="enable", latent_image=["5", 0],
+                 start_at_step=0, end_at_step=2, return_with_leftover_noise="enable")  # fmt: skip
     first: list[Any] = ["10", 0]
     if fx is not None:
-        p["12"] = {"class_type": "FxswapMonitor", "inputs": {"model": ["8", 0], "samples": first}}
+        p["12"] = _n("FxswapMonitor", model=["8", 0], samples=first)
         first = ["12", 0]
-    p["11"] = {"class_type": "KSamplerAdvanced", "inputs": {
-        **common, "model": ["9", 0], "add_noise": "disable", "latent_image": first, "start_at_step": 2,
-        "end_at_step": 4, "return_with_leftover_noise": "disable"}}  # fmt: skip
-    p["14"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": prefix}}
+    p["11"] = _n("KSamplerAdvanced", **common, model=["9", 0], add_noise="disable", latent_image=first,
+                 start_at_step=2, end_at_step=4, return_with_leftover_noise="disable")  # fmt: skip
+    p["14"] = _n("SaveLatent", samples=["11", 0], filename_prefix=prefix)
     if fx is not None:
-        p["13"] = {"class_type": "FxswapMonitor", "inputs": {"model": ["9", 0], "samples": ["11", 0]}}
+        p["13"] = _n("FxswapMonitor", model=["9", 0], samples=["11", 0])
     return p
 
 
@@ -381,7 +395,9 @@ def test_a14b_two_experts_one_budget(server: Server) -> None:
     weights = 0
     from safetensors import safe_open
 
-    with safe_open(str(server.base / "models" / "diffusion_models" / "tiny_a14b_high.safetensors"), "pt") as f:
+    with safe_open(
+        str(server.base / "models" / "diffusion_models" / "tiny_a14b_high.safetensors"), "pt"
+    ) as f:
         for k in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             t = f.get_tensor(k)
             weights += t.numel() * t.element_size()
@@ -395,10 +411,9 @@ def test_a14b_two_experts_one_budget(server: Server) -> None:
 
 def _wan_loader(fx: dict[str, Any], prefix: str, model_name: str = "tiny_t2v.safetensors") -> dict[str, Any]:
     p = _t2v(None, prefix=prefix)
-    p["1"] = {"class_type": "FxswapWanLoader", "inputs": {
-        "model_name": model_name, "attention_type": "sdpa", "sla_topk": 0.1, "offload_mode": "block_swap",
-        **{k: v for k, v in fx.items()}}}  # fmt: skip
-    p["10"] = {"class_type": "FxswapMonitor", "inputs": {"model": ["7", 0], "samples": ["8", 0]}}
+    p["1"] = _n("FxswapWanLoader", model_name=model_name, attention_type="sdpa", sla_topk=0.1,
+                offload_mode="block_swap", **fx)  # fmt: skip
+    p["10"] = _n("FxswapMonitor", model=["7", 0], samples=["8", 0])
     return p
 
 
@@ -420,12 +435,13 @@ def test_wan_loader_matches_comfyui(server: Server) -> None:
     entry = server.run(_wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader"))
     out = server.latent(entry, "9")
     diff = (out - base).abs().max().item()
-    print(f"WAN loader vs ComfyUI WanModel: max abs diff {diff:.3g} (bound {bound:.3g}), other prompt {moved:.3g}")
+    print(f"WAN loader vs ComfyUI: max abs diff {diff:.3g} (bound {bound:.3g}), other prompt {moved:.3g}")
     assert diff <= bound, (diff, bound)
     rows, budget = _rows(entry, "10")
     assert len(rows) == 3 and all(r["peak_bytes"] <= budget for r in rows), rows
     # any layout fxswap reads: the same weights as a sharded diffusers folder give the same latents
-    entry = server.run(_wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader_diffusers",
-                                   model_name="tiny_t2v_diffusers/"))
+    entry = server.run(
+        _wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader_diffusers", model_name="tiny_t2v_diffusers/")
+    )
     assert torch.equal(server.latent(entry, "9"), out)
     assert server.alive()

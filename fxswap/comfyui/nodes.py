@@ -60,32 +60,79 @@ CATEGORY = "fxswap"
 
 _BUDGET_INPUTS: dict[str, Any] = {
     # min 0 / no max: out-of-range values reach fxswap's check, whose message says what to pass.
-    "max_vram_gb": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 4096.0, "step": 0.01,
-                              "tooltip": "Device budget (GiB) for weights, activations and the reserve."}),
-    "block_size_mb": ("FLOAT", {"default": 300.0, "min": 0.0, "max": 1e6, "step": 1.0,
-                                "tooltip": "Swap unit size (MiB) for chunkwise; one candidate for adaptive."}),
-    "swap_mode": (MODES, {"default": "adaptive",
-                          "tooltip": "layerwise: one block per unit; chunkwise: runs of block_size_mb; "
-                                     "adaptive: the planner picks the unit size."}),
+    "max_vram_gb": (
+        "FLOAT",
+        {
+            "default": 16.0,
+            "min": 0.0,
+            "max": 4096.0,
+            "step": 0.01,
+            "tooltip": "Device budget (GiB) for weights, activations and the reserve.",
+        },
+    ),
+    "block_size_mb": (
+        "FLOAT",
+        {
+            "default": 300.0,
+            "min": 0.0,
+            "max": 1e6,
+            "step": 1.0,
+            "tooltip": "Swap unit size (MiB) for chunkwise; one candidate for adaptive.",
+        },
+    ),
+    "swap_mode": (
+        MODES,
+        {
+            "default": "adaptive",
+            "tooltip": "layerwise: one block per unit; chunkwise: runs of block_size_mb; "
+            "adaptive: the planner picks the unit size.",
+        },
+    ),
 }
 _OPTIONAL_INPUTS: dict[str, Any] = {
-    "empty_cache_freq": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
-                                 "tooltip": "torch.cuda.empty_cache() every N model calls; 0 never."}),
-    "reserve_mb": ("FLOAT", {"default": 256.0, "min": 0.0, "max": 1e6, "step": 1.0,
-                             "tooltip": "Workspace and allocator slack (MiB) the plan keeps free at every op."}),
-    "backend": (BACKENDS, {"default": "inductor",
-                           "tooltip": "inductor: compile the swapped graph; eager: run it as FX "
-                                      "(bitwise equal to ComfyUI's own model)."}),
+    "empty_cache_freq": (
+        "INT",
+        {
+            "default": 0,
+            "min": 0,
+            "max": 1_000_000,
+            "tooltip": "torch.cuda.empty_cache() every N model calls; 0 never.",
+        },
+    ),
+    "reserve_mb": (
+        "FLOAT",
+        {
+            "default": 256.0,
+            "min": 0.0,
+            "max": 1e6,
+            "step": 1.0,
+            "tooltip": "Workspace and allocator slack (MiB) the plan keeps free at every op.",
+        },
+    ),
+    "backend": (
+        BACKENDS,
+        {
+            "default": "inductor",
+            "tooltip": "inductor: compile the swapped graph; eager: run it as FX "
+            "(bitwise equal to ComfyUI's own model).",
+        },
+    ),
 }
 
 
 def _check_common(
-    max_vram_gb: Any, block_size_mb: Any, swap_mode: Any, empty_cache_freq: Any = 0,
-    reserve_mb: Any = 256.0, backend: Any = "inductor",
+    max_vram_gb: Any,
+    block_size_mb: Any,
+    swap_mode: Any,
+    empty_cache_freq: Any = 0,
+    reserve_mb: Any = 256.0,
+    backend: Any = "inductor",
 ) -> str | bool:
     """True, or fxswap's message for the first bad value (ComfyUI shows it as a validation error)."""
     try:
-        make_options(mode=swap_mode, max_vram_gb=max_vram_gb, block_size_mb=block_size_mb, reserve_mb=reserve_mb)
+        make_options(
+            mode=swap_mode, max_vram_gb=max_vram_gb, block_size_mb=block_size_mb, reserve_mb=reserve_mb
+        )
     except (ValueError, TypeError) as e:
         return f"fxswap: {e}"
     if isinstance(empty_cache_freq, bool) or not isinstance(empty_cache_freq, int) or empty_cache_freq < 0:
@@ -188,14 +235,25 @@ class FxswapBlockSwap:
 
     @classmethod
     def VALIDATE_INPUTS(  # noqa: N802
-        cls, max_vram_gb: Any, block_size_mb: Any, swap_mode: Any, empty_cache_freq: Any = 0,
-        reserve_mb: Any = 256.0, backend: Any = "inductor",
+        cls,
+        max_vram_gb: Any,
+        block_size_mb: Any,
+        swap_mode: Any,
+        empty_cache_freq: Any = 0,
+        reserve_mb: Any = 256.0,
+        backend: Any = "inductor",
     ) -> str | bool:
         return _check_common(max_vram_gb, block_size_mb, swap_mode, empty_cache_freq, reserve_mb, backend)
 
     def apply(
-        self, model: Any, max_vram_gb: float, block_size_mb: float, swap_mode: str,
-        empty_cache_freq: int = 0, reserve_mb: float = 256.0, backend: str = "inductor",
+        self,
+        model: Any,
+        max_vram_gb: float,
+        block_size_mb: float,
+        swap_mode: str,
+        empty_cache_freq: int = 0,
+        reserve_mb: float = 256.0,
+        backend: str = "inductor",
     ) -> tuple[Any]:
         if isinstance(model, FxswapModelPatcher):
             raise ComfyIntegrationError(
@@ -225,18 +283,32 @@ class FxswapBlockSwap:
         diffusion.eval()
         name = f"{type(diffusion).__name__}@{id(diffusion):x}"
         state = SwapState.create(
-            name, diffusion, mode=swap_mode, max_vram_gb=max_vram_gb, block_size_mb=block_size_mb,
-            reserve_mb=reserve_mb, empty_cache_freq=empty_cache_freq, backend=backend,
-            device=torch.device(model.load_device), adapt=_comfy_adapter, lora=lora,
+            name,
+            diffusion,
+            mode=swap_mode,
+            max_vram_gb=max_vram_gb,
+            block_size_mb=block_size_mb,
+            reserve_mb=reserve_mb,
+            empty_cache_freq=empty_cache_freq,
+            backend=backend,
+            device=torch.device(model.load_device),
+            adapt=_comfy_adapter,
+            lora=lora,
             key_prefix=COMFY_PREFIX,
         )
         patched = make_patcher(
-            own_base_model(base, model.offload_device), state,
-            load_device=model.load_device, offload_device=model.offload_device, template=model,
+            own_base_model(base, model.offload_device),
+            state,
+            load_device=model.load_device,
+            offload_device=model.offload_device,
+            template=model,
         )
         logger.info(
-            "fxswap: block swap for %s: mode %s, budget %.2f GiB, %d LoRA-patched weights merged on the device",
-            name, swap_mode, max_vram_gb, len(lora),
+            "fxswap: block swap for %s: mode %s, budget %.2f GiB, %d LoRA-patched weights (merged on device)",
+            name,
+            swap_mode,
+            max_vram_gb,
+            len(lora),
         )
         return (patched,)
 
@@ -286,8 +358,16 @@ class FxswapWanLoader:
             "required": {
                 "model_name": (_checkpoint_names(),),
                 "attention_type": (sorted(wan.ATTENTION_TYPES), {"default": "sdpa"}),
-                "sla_topk": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01,
-                                       "tooltip": "Share of key blocks SLA attends to (attention_type sla)."}),
+                "sla_topk": (
+                    "FLOAT",
+                    {
+                        "default": 0.1,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Share of key blocks SLA attends to (attention_type sla).",
+                    },
+                ),
                 "offload_mode": (["block_swap"], {"default": "block_swap"}),
                 **_BUDGET_INPUTS,
             },
@@ -296,8 +376,16 @@ class FxswapWanLoader:
 
     @classmethod
     def VALIDATE_INPUTS(  # noqa: N802
-        cls, attention_type: Any, sla_topk: Any, offload_mode: Any, max_vram_gb: Any, block_size_mb: Any,
-        swap_mode: Any, empty_cache_freq: Any = 0, reserve_mb: Any = 256.0, backend: Any = "inductor",
+        cls,
+        attention_type: Any,
+        sla_topk: Any,
+        offload_mode: Any,
+        max_vram_gb: Any,
+        block_size_mb: Any,
+        swap_mode: Any,
+        empty_cache_freq: Any = 0,
+        reserve_mb: Any = 256.0,
+        backend: Any = "inductor",
         dtype: Any = "default",
     ) -> str | bool:
         try:
@@ -305,7 +393,9 @@ class FxswapWanLoader:
         except ValueError as e:
             return f"fxswap: {e}"
         if not isinstance(sla_topk, (int, float)) or not (0.0 < float(sla_topk) <= 1.0):
-            return f"fxswap: `sla_topk`={sla_topk!r} is invalid: pass a share of key blocks in (0, 1], e.g. 0.1"
+            return (
+                f"fxswap: `sla_topk`={sla_topk!r} is invalid: pass a share of key blocks in (0, 1], e.g. 0.1"
+            )
         if offload_mode != "block_swap":
             return f"fxswap: `offload_mode`={offload_mode!r} is invalid: fxswap offers 'block_swap'"
         if dtype not in DTYPES:
@@ -313,9 +403,18 @@ class FxswapWanLoader:
         return _check_common(max_vram_gb, block_size_mb, swap_mode, empty_cache_freq, reserve_mb, backend)
 
     def load(
-        self, model_name: str, attention_type: str, sla_topk: float, offload_mode: str, max_vram_gb: float,
-        block_size_mb: float, swap_mode: str, dtype: str = "default", empty_cache_freq: int = 0,
-        reserve_mb: float = 256.0, backend: str = "inductor",
+        self,
+        model_name: str,
+        attention_type: str,
+        sla_topk: float,
+        offload_mode: str,
+        max_vram_gb: float,
+        block_size_mb: float,
+        swap_mode: str,
+        dtype: str = "default",
+        empty_cache_freq: int = 0,
+        reserve_mb: float = 256.0,
+        backend: str = "inductor",
     ) -> tuple[Any]:
         path = _checkpoint_path(model_name)
         load_kwargs: dict[str, Any] = {"attention_type": attention_type, "dtype": DTYPES[dtype]}
@@ -327,7 +426,9 @@ class FxswapWanLoader:
         compute = module.compute_dtype
         # ComfyUI's side of the MODEL: its WAN BaseModel (sampling schedule, latent format, conds) on
         # meta tensors, detected from the same key names and shapes; it holds no weight.
-        shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+        shapes = {
+            k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()
+        }
         model_config = comfy.model_detection.model_config_from_unet(shapes, "")
         if model_config is None:
             raise ComfyIntegrationError(
@@ -339,9 +440,17 @@ class FxswapWanLoader:
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         name = f"{os.path.basename(model_name.rstrip('/'))} ({cfg.name}, {attention_type})"
         state = SwapState.create(
-            name, module, mode=swap_mode, max_vram_gb=max_vram_gb, block_size_mb=block_size_mb,
-            reserve_mb=reserve_mb, empty_cache_freq=empty_cache_freq, backend=backend,
-            device=torch.device(load_device), adapt=_wan_adapter(cfg), lora={},
+            name,
+            module,
+            mode=swap_mode,
+            max_vram_gb=max_vram_gb,
+            block_size_mb=block_size_mb,
+            reserve_mb=reserve_mb,
+            empty_cache_freq=empty_cache_freq,
+            backend=backend,
+            device=torch.device(load_device),
+            adapt=_wan_adapter(cfg),
+            lora={},
             key_prefix=COMFY_PREFIX,
         )
         base.device = offload_device
@@ -373,11 +482,17 @@ class FxswapPlan:
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802
         return {
             "required": {"model": ("MODEL",), "latent": ("LATENT",), "positive": ("CONDITIONING",)},
-            "optional": {"cfg_batch": ("BOOLEAN", {
-                "default": True, "tooltip": "Plan cond and uncond in one call (ComfyUI batches them)."})},
+            "optional": {
+                "cfg_batch": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Plan cond and uncond in one call (ComfyUI batches them)."},
+                )
+            },
         }
 
-    def plan(self, model: Any, latent: dict[str, Any], positive: Any, cfg_batch: bool = True) -> dict[str, Any]:
+    def plan(
+        self, model: Any, latent: dict[str, Any], positive: Any, cfg_batch: bool = True
+    ) -> dict[str, Any]:
         state = _fxswap_state(model, "fxswap Plan")
         samples = latent["samples"]
         batch = samples.shape[0] * (2 if cfg_batch else 1)
@@ -419,7 +534,9 @@ class FxswapMonitor:
     def report(self, model: Any, samples: dict[str, Any]) -> dict[str, Any]:
         state = _fxswap_state(model, "fxswap Monitor")
         rows = state.monitor_rows
-        lines = [f"fxswap monitor for {state.name}: {len(rows)} model calls, budget {state.budget_bytes} bytes"]
+        lines = [
+            f"fxswap monitor for {state.name}: {len(rows)} model calls, budget {state.budget_bytes} bytes"
+        ]
         lines += [str(r) for r in rows]
         peak = max((r.peak_bytes for r in rows), default=0)
         lines.append(f"peak {peak} bytes ({peak / max(state.budget_bytes, 1):.1%} of the budget)")

@@ -258,7 +258,9 @@ class SwapState:
                 freed = other.release()
                 logger.info(
                     "fxswap: %s releases %d bytes of device memory before %s runs (one budget per device)",
-                    other.name, freed, self.name,
+                    other.name,
+                    freed,
+                    self.name,
                 )
             _ACTIVE[str(self.device)] = self
         self.loaded = True
@@ -286,17 +288,24 @@ class SwapState:
         if key not in self._split:
             try:
                 with free_memory_is_budget(self.budget_bytes):
-                    return self.swap(*args, **kwargs)  # type: ignore[no-any-return]
+                    out: Tensor = self.swap(*args, **kwargs)
+                    return out
             except BudgetInfeasibleError as e:
                 if x.shape[0] < 2:
                     raise
                 # ComfyUI batched cond and uncond (its own estimate said they fit); fxswap's plan
                 # says this batch does not fit the budget: run it in halves instead.
-                logger.info("fxswap: %s: batch %d does not fit the budget (%s); running halves",
-                            self.name, x.shape[0], str(e).splitlines()[0])
+                logger.info(
+                    "fxswap: %s: batch %d does not fit the budget (%s); running halves",
+                    self.name,
+                    x.shape[0],
+                    str(e).splitlines()[0],
+                )
                 self._split.add(key)
         half = x.shape[0] // 2
-        outs = [self._run(*_batch_slice(args, kwargs, s, x.shape[0])) for s in (slice(0, half), slice(half, None))]
+        outs = [
+            self._run(*_batch_slice(args, kwargs, s, x.shape[0])) for s in (slice(0, half), slice(half, None))
+        ]
         return torch.cat(outs, dim=0)
 
     # -- planning without running
@@ -310,7 +319,9 @@ class SwapState:
         # so the preview is the plan the first sampling call makes for the same input shapes.
         sig = self.swap._forward_sig
         with free_memory_is_budget(self.budget_bytes):
-            cap, _ = _capture(self.module, args, kwargs, self.device, None if sig is None else list(sig.parameters))
+            cap, _ = _capture(
+                self.module, args, kwargs, self.device, None if sig is None else list(sig.parameters)
+            )
         return build_plan(cap.ir, self.options)
 
 
@@ -324,7 +335,7 @@ def _batch_slice(
 
 
 # ------------------------------------------------------------------------------------- the patcher
-def own_base_model(base: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def own_base_model(base: Any, device: torch.device) -> Any:
     """A new BaseModel object sharing ``base``'s submodules (no weight is copied): attributes,
     object patches and method overrides set on it do not reach ``base``."""
     m = copy.copy(base)
@@ -346,7 +357,7 @@ def _memory_required(self: Any, input_shape: Any, cond_shapes: Any = None) -> in
     return 0
 
 
-class FxswapModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[misc]
+class FxswapModelPatcher(comfy.model_patcher.ModelPatcher):
     """A ModelPatcher whose weights fxswap places: ComfyUI sees the budget as the model's size and
     loaded size, and its load / unload calls make fxswap take or drop device memory."""
 
@@ -367,7 +378,7 @@ class FxswapModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[misc
     def clone(self, *args: Any, **kwargs: Any) -> FxswapModelPatcher:
         n = super().clone(*args, **kwargs)
         n.fxswap = self.fxswap
-        return n  # type: ignore[no-any-return]
+        return n
 
     # -- loading: object patches only, weights stay with fxswap
     def _check_lora(self) -> None:
@@ -389,7 +400,9 @@ class FxswapModelPatcher(comfy.model_patcher.ModelPatcher):  # type: ignore[misc
     ) -> Any:
         return super().patch_model(None, 0, load_weights=False, force_patch_weights=False)
 
-    def partially_load(self, device_to: Any, extra_memory: float = 0, force_patch_weights: bool = False) -> int:
+    def partially_load(
+        self, device_to: Any, extra_memory: float = 0, force_patch_weights: bool = False
+    ) -> int:
         self._check_lora()
         self.patch_model(load_weights=False)
         self.fxswap.activate()
@@ -444,7 +457,10 @@ def make_patcher(
         if mon.rows:
             logger.info(
                 "fxswap: %s sampled %d model calls; device peak %d bytes of a %d-byte budget",
-                state.name, len(mon.rows), mon.peak_bytes, state.budget_bytes,
+                state.name,
+                len(mon.rows),
+                mon.peak_bytes,
+                state.budget_bytes,
             )
         return out
 
