@@ -81,7 +81,31 @@ class FxswapTestConditioning:
         g = torch.Generator().manual_seed(seed)
         return ([[torch.randn(1, tokens, 4096, generator=g), {}]],)
 
-NODE_CLASS_MAPPINGS = {"FxswapTestConditioning": FxswapTestConditioning}
+class FxswapTestMemoryReport:
+    """What ComfyUI's memory manager holds after a sampler: one row per LoadedModel."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "samples": ("LATENT",)}}
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "report"
+    CATEGORY = "testing"
+
+    def report(self, model, samples):
+        import comfy.model_management as mm
+        swapped = model.model.diffusion_model
+        rows = []
+        for lm in mm.current_loaded_models:
+            m = lm.model
+            if m is None:
+                continue
+            rows.append({"patcher": type(m).__name__, "model_memory": int(lm.model_memory()),
+                         "loaded_memory": int(lm.model_loaded_memory()),
+                         "same_diffusion_model": getattr(m.model, "diffusion_model", None) is swapped})
+        return {"ui": {"loaded": rows}}
+
+NODE_CLASS_MAPPINGS = {"FxswapTestConditioning": FxswapTestConditioning,
+                       "FxswapTestMemoryReport": FxswapTestMemoryReport}
 '''
 
 
@@ -445,3 +469,42 @@ def test_wan_loader_matches_comfyui(server: Server) -> None:
     )
     assert torch.equal(server.latent(entry, "9"), out)
     assert server.alive()
+
+
+def test_comfyui_memory_manager_counts_the_budget(server: Server) -> None:
+    """After a plain run loaded ComfyUI's own copy, the fxswap run leaves ComfyUI holding the fxswap
+    MODEL at its budget and no ComfyUI-loaded copy of the same diffusion model."""
+    server.run(_t2v(None, prefix="base_mm"))
+    p = _t2v(_fx(), prefix="fx_mm")
+    p["12"] = _n("FxswapTestMemoryReport", model=["7", 0], samples=["8", 0])
+    entry = server.run(p)
+    loaded = entry["outputs"]["12"]["loaded"]
+    _, budget = _rows(entry, "10")
+    mine = [r for r in loaded if r["patcher"] == "FxswapModelPatcher"]
+    assert len(mine) == 1 and mine[0]["model_memory"] == mine[0]["loaded_memory"] == budget, loaded
+    assert not [r for r in loaded if r["same_diffusion_model"] and r["patcher"] != "FxswapModelPatcher"], loaded
+
+
+def _min_budget(text: str) -> int:
+    # "minimum budget for mode layerwise with this input: 3.59 MiB (3759616 bytes)"
+    line = next(ln for ln in text.splitlines() if "minimum budget" in ln)
+    return int(line.rsplit("(", 1)[1].split()[0])
+
+
+def test_cfg_batch_over_budget_runs_in_halves(server: Server) -> None:
+    """ComfyUI batches cond and uncond; where fxswap's plan for the batch does not fit the budget but
+    one half does, the batch runs as two calls, each within the budget."""
+    p = _t2v(_fx(), prefix="fx_plan_probe")
+    p["12"] = _n("FxswapPlan", model=["7", 0], latent=["4", 0], positive=["2", 0], cfg_batch=False)
+    entry = server.run(p)
+    two, one = _min_budget(entry["outputs"]["11"]["text"][0]), _min_budget(entry["outputs"]["12"]["text"][0])
+    assert two > one, (two, one)
+    budget_gb = (two + one) / 2 / 2**30
+    base = server.latent(server.run(_t2v(None, prefix="base_halves")), "9")
+    entry = server.run(_t2v(_fx(max_vram_gb=budget_gb), prefix="fx_halves"))
+    rows, budget = _rows(entry, "10")
+    assert len(rows) == 6 and all(r["peak_bytes"] <= budget for r in rows), rows
+    out = server.latent(entry, "9")
+    diff = (out - base).abs().max().item()
+    print(f"cond/uncond in halves vs batched: max abs diff {diff:.3g}")
+    assert diff <= 1e-5 * base.abs().max().item(), diff
