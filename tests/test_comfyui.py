@@ -482,7 +482,8 @@ def test_comfyui_memory_manager_counts_the_budget(server: Server) -> None:
     _, budget = _rows(entry, "10")
     mine = [r for r in loaded if r["patcher"] == "FxswapModelPatcher"]
     assert len(mine) == 1 and mine[0]["model_memory"] == mine[0]["loaded_memory"] == budget, loaded
-    assert not [r for r in loaded if r["same_diffusion_model"] and r["patcher"] != "FxswapModelPatcher"], loaded
+    comfy_copies = [r for r in loaded if r["same_diffusion_model"] and r["patcher"] != "FxswapModelPatcher"]
+    assert not comfy_copies, loaded
 
 
 def _min_budget(text: str) -> int:
@@ -508,3 +509,28 @@ def test_cfg_batch_over_budget_runs_in_halves(server: Server) -> None:
     diff = (out - base).abs().max().item()
     print(f"cond/uncond in halves vs batched: max abs diff {diff:.3g}")
     assert diff <= 1e-5 * base.abs().max().item(), diff
+
+
+def test_example_workflow_matches_the_servers_nodes(server: Server) -> None:
+    """examples/comfyui_wan22_a14b_fxswap.json names only nodes and inputs this ComfyUI has, gives
+    every required input, links to outputs that exist, and sets fxswap's widgets to values its
+    validation accepts. (Its model files are real WAN 2.2 names, not present here: not run.)"""
+    import requests
+
+    from fxswap.api import make_options
+
+    info = requests.get(f"{server.url}/object_info", timeout=30).json()
+    prompt = json.loads((REPO / "examples" / "comfyui_wan22_a14b_fxswap.json").read_text())
+    for nid, node in prompt.items():
+        spec = info[node["class_type"]]["input"]
+        known = {**spec.get("required", {}), **spec.get("optional", {})}
+        assert set(node["inputs"]) <= set(known), (nid, set(node["inputs"]) - set(known))
+        assert set(spec.get("required", {})) <= set(node["inputs"]), (nid, node["class_type"])
+        for v in node["inputs"].values():
+            if isinstance(v, list):
+                src = prompt[v[0]]
+                assert v[1] < len(info[src["class_type"]]["output"]), (nid, v)
+        if node["class_type"] == "FxswapBlockSwap":
+            w = node["inputs"]
+            make_options(mode=w["swap_mode"], max_vram_gb=w["max_vram_gb"], block_size_mb=w["block_size_mb"],
+                         reserve_mb=w["reserve_mb"])  # fmt: skip

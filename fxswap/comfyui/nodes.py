@@ -274,6 +274,12 @@ class FxswapBlockSwap:
                     f"the MODEL carries a patch for {key!r}, outside the diffusion model; fxswap merges "
                     "diffusion-model LoRAs only. Fix: use LoraLoaderModelOnly."
                 )
+            _, set_func, convert_func = comfy.model_patcher.get_key_weight(base, key)
+            if set_func is not None or convert_func is not None:
+                raise ComfyIntegrationError(
+                    f"the MODEL patches {key!r}, a weight ComfyUI stores quantised (scaled fp8); fxswap "
+                    "merges LoRAs into plain weights only. Fix: load the fp16/bf16 checkpoint for LoRAs."
+                )
             lora[key.removeprefix(COMFY_PREFIX)] = patches
         _evict_comfy_copies(diffusion)
         _on_host(diffusion, "fxswap Block Swap")
