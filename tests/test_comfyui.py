@@ -534,3 +534,19 @@ def test_example_workflow_matches_the_servers_nodes(server: Server) -> None:
             w = node["inputs"]
             make_options(mode=w["swap_mode"], max_vram_gb=w["max_vram_gb"], block_size_mb=w["block_size_mb"],
                          reserve_mb=w["reserve_mb"])  # fmt: skip
+
+
+@pytest.mark.slow  # Inductor compiles for ~2.5 min on 2 cores; .ci/run runs it (no -m filter there)
+def test_block_swap_inductor_backend(server: Server) -> None:
+    """The default backend: the swapped graph compiled by Inductor, inside ComfyUI's sampler.
+
+    Inductor fuses and reorders float32 arithmetic, so it agrees with ComfyUI's eager model to
+    rounding (same bound as the WAN loader, 1e-5 x max|latent|), not bitwise."""
+    base = server.latent(server.run(_t2v(None, prefix="base_inductor")), "9")
+    entry = server.run(_t2v(_fx(max_vram_gb=0.004, backend="inductor"), prefix="fx_inductor"))
+    out = server.latent(entry, "9")
+    diff = (out - base).abs().max().item()
+    print(f"inductor backend vs ComfyUI: max abs diff {diff:.3g}")
+    assert diff <= 1e-5 * base.abs().max().item(), diff
+    rows, budget = _rows(entry, "10")
+    assert len(rows) == 3 and all(r["peak_bytes"] <= budget for r in rows), rows

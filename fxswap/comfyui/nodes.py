@@ -310,7 +310,7 @@ class FxswapBlockSwap:
             template=model,
         )
         logger.info(
-            "fxswap: block swap for %s: mode %s, budget %.2f GiB, %d LoRA-patched weights (merged on device)",
+            "fxswap: block swap for %s: mode %s, budget %g GiB, %d LoRA-patched weights (merged on device)",
             name,
             swap_mode,
             max_vram_gb,
@@ -461,7 +461,7 @@ class FxswapWanLoader:
         )
         base.device = offload_device
         patcher = make_patcher(base, state, load_device=load_device, offload_device=offload_device)
-        logger.info("fxswap: loaded %s from %s: mode %s, budget %.2f GiB", name, path, swap_mode, max_vram_gb)
+        logger.info("fxswap: loaded %s from %s: mode %s, budget %g GiB", name, path, swap_mode, max_vram_gb)
         return (patcher,)
 
 
