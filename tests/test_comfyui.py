@@ -550,3 +550,40 @@ def test_block_swap_inductor_backend(server: Server) -> None:
     assert diff <= 1e-5 * base.abs().max().item(), diff
     rows, budget = _rows(entry, "10")
     assert len(rows) == 3 and all(r["peak_bytes"] <= budget for r in rows), rows
+
+
+CAPTURE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # no CUDA here (vendor README)
+import comfy.sd
+import fxswap
+from fxswap.comfyui.swap import free_memory_is_budget
+patcher = comfy.sd.load_diffusion_model(sys.argv[2])
+dm = patcher.model.diffusion_model.eval()
+x, t, ctx = torch.randn(2, 16, 2, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 16, 4096)
+try:
+    fxswap.trace(dm, x, t, ctx)
+    print("RESULT plain: captured")
+except fxswap.CaptureError as e:
+    print("RESULT plain: refused:", str(e).splitlines()[0])
+with free_memory_is_budget(2**30):
+    fxswap.trace(dm, x, t, ctx)
+print("RESULT answered: captured")
+"""
+
+
+def test_comfy_wanmodel_captures_only_with_the_free_memory_answer(server: Server) -> None:
+    """ComfyUI's WanModel with its default CPU attention (sub-quadratic, which asks get_free_memory()
+    mid-forward) is refused as one graph as it is, and captured while fxswap answers the question."""
+    assert "sub quadratic" in server.log()  # the attention the server above ran with
+    model = server.base / "models" / "diffusion_models" / "tiny_t2v.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-c", CAPTURE_SCRIPT, str(COMFY_DIR), str(model)],
+        capture_output=True, text=True, timeout=300, cwd=server.base,
+    )  # fmt: skip
+    results = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results[0].startswith("RESULT plain: refused:") and "psutil" in results[0], results
+    assert results[1] == "RESULT answered: captured", results
