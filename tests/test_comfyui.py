@@ -370,6 +370,16 @@ def test_bad_inputs_are_validation_errors(server: Server) -> None:
         mine = [e for e in errors if e["extra_info"]["input_name"] == name]
         assert [e["details"] for e in mine] == [f"{name} - fxswap: {fxswap_error.value}"], errors
         assert str(value) in mine[0]["details"] and option in mine[0]["details"]
+    # the WAN loader's own inputs: an attention fxswap's WAN module does not have
+    from fxswap.models import wan
+
+    with pytest.raises(ValueError) as attention_error:
+        wan.get_attention("flash9")
+    code, body = server.post(_wan_loader(_fx(attention_type="flash9"), prefix="bad"))
+    assert code == 400, body
+    errors = body["node_errors"]["1"]["errors"]
+    mine = [e for e in errors if e["extra_info"]["input_name"] == "attention_type"]
+    assert [e["details"] for e in mine] == [f"attention_type - fxswap: {attention_error.value}"], body
     # nothing of the refused prompts ran, and the server still samples
     assert server.alive()
     server.run(_t2v(_fx(), prefix="after_bad"))
@@ -435,8 +445,8 @@ def test_a14b_two_experts_one_budget(server: Server) -> None:
 
 def _wan_loader(fx: dict[str, Any], prefix: str, model_name: str = "tiny_t2v.safetensors") -> dict[str, Any]:
     p = _t2v(None, prefix=prefix)
-    p["1"] = _n("FxswapWanLoader", model_name=model_name, attention_type="sdpa", sla_topk=0.1,
-                offload_mode="block_swap", **fx)  # fmt: skip
+    inputs = dict(model_name=model_name, attention_type="sdpa", sla_topk=0.1, offload_mode="block_swap")
+    p["1"] = _n("FxswapWanLoader", **{**inputs, **fx})
     p["10"] = _n("FxswapMonitor", model=["7", 0], samples=["8", 0])
     return p
 
