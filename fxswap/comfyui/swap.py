@@ -195,6 +195,7 @@ class SwapState:
     loaded: bool = False
     monitor_rows: list[Any] = dataclasses.field(default_factory=list)
     _split: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
+    _seen: set[tuple[Any, ...]] = dataclasses.field(default_factory=set)
 
     @staticmethod
     def lora_fingerprint(patches: dict[str, list[Any]], prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -286,10 +287,14 @@ class SwapState:
         x = args[0]
         key = tuple(x.shape)
         if key not in self._split:
+            # Only a call with new input shapes captures (and so asks get_free_memory); later calls
+            # run the compiled graph and leave ComfyUI's function alone for its other threads.
+            sig = _shapes(args, kwargs)
             try:
-                with free_memory_is_budget(self.budget_bytes):
+                with free_memory_is_budget(self.budget_bytes) if sig not in self._seen else _nothing():
                     out: Tensor = self.swap(*args, **kwargs)
-                    return out
+                self._seen.add(sig)
+                return out
             except BudgetInfeasibleError as e:
                 if x.shape[0] < 2:
                     raise
@@ -323,6 +328,18 @@ class SwapState:
                 self.module, args, kwargs, self.device, None if sig is None else list(sig.parameters)
             )
         return build_plan(cap.ir, self.options)
+
+
+def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def one(v: Any) -> Any:
+        return (tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else ("V", repr(v))
+
+    return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _batch_slice(
