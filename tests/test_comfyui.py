@@ -323,6 +323,11 @@ def test_block_swap_t2v_equals_comfyui(server: Server) -> None:
         assert all(0 < r["peak_bytes"] <= budget for r in rows), rows
         plan_text = entry["outputs"]["11"]["text"][0]
         assert "predicted peak" in plan_text and "minimum budget" in plan_text, plan_text
+        # the plan shown before sampling is the plan the sampler's calls ran with
+        assert plan_text.split("\n", 1)[1] == entry["outputs"]["10"]["plan"][0], (
+            plan_text,
+            entry["outputs"]["10"],
+        )
     assert server.alive()
 
 

@@ -524,7 +524,8 @@ class FxswapPlan:
 
 
 class FxswapMonitor:
-    """After a sampler: the VRAM monitor's rows of the fxswap model's last sampling run."""
+    """After a sampler: the VRAM monitor's rows of the fxswap model's last sampling run, and the plan
+    of its last call."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "STRING")
@@ -548,8 +549,10 @@ class FxswapMonitor:
         lines.append(f"peak {peak} bytes ({peak / max(state.budget_bytes, 1):.1%} of the budget)")
         text = "\n".join(lines)
         rows_json = [r.as_dict() for r in rows]
+        plan = state.swap.plan
+        plans = [] if plan is None else [plan.summary()]
         return {
-            "ui": {"text": [text], "rows": rows_json, "budget_bytes": [state.budget_bytes]},
+            "ui": {"text": [text], "rows": rows_json, "budget_bytes": [state.budget_bytes], "plan": plans},
             "result": (samples, text),
         }
 
