@@ -391,9 +391,12 @@ def test_cfg_auto_prices_both_schedules_and_picks_the_faster(
                 )
             )
     single, double = plans
-    assert price.separate_step_ms == pytest.approx(2 * single.predicted_step_ms)
+    # Not exact: fxswap.plan traces the real tensors while the price plans compile's meta capture, and
+    # the two graphs differ in a few ops' memory traffic (observed: predicted compute 0.409 vs 0.401 us
+    # of a 94 ms step, peaks 196,548 vs 196,808 bytes); the check is that the price is the planner's.
+    assert price.separate_step_ms == pytest.approx(2 * single.predicted_step_ms, rel=1e-4)
     assert price.separate_moved_bytes == 2 * single.moved_bytes_per_call
-    assert price.batched_step_ms == pytest.approx(double.predicted_step_ms)
+    assert price.batched_step_ms == pytest.approx(double.predicted_step_ms, rel=1e-4)
     assert price.batched_step_ms is not None and price.chosen == "batched"
     assert price.batched_step_ms < price.separate_step_ms
     assert any("predictions" in r.getMessage() and "using batched" in r.getMessage() for r in caplog.records)
