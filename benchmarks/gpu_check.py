@@ -783,6 +783,61 @@ class GpuCheck:
         st["result"]["step_vs_resident"] = out
         self.sink()
 
+    def oom_recovery(self, case: Case) -> None:
+        """Another program takes device memory between two calls: adaptive must re-plan and stay exact.
+
+        On CUDA a second tensor takes all free memory but half of what the plan holds above its
+        resident weights, so the next call's loads fail for real; on the CPU (dry run) the runtime's
+        allocation hook raises the same error at the first load.
+        """
+
+        def body(st: dict[str, Any]) -> dict[str, Any]:
+            import fxswap.compiler as fc
+
+            ref = st["refs"].get("eager")
+            if ref is None:
+                return {"skipped": "no resident eager reference"}
+            budget = st["result"]["budgets"]["large"]
+            sm = fc.compile(self.model(case.model), mode="adaptive", max_vram_gb=budget / GiB,
+                            backend="eager", device=self.device, **self.plan_kw())  # fmt: skip
+            try:
+                with torch.no_grad():
+                    sm(**st["inputs"])
+                assert sm.plan is not None
+                hog: torch.Tensor | None = None
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    keep = int(sm.plan.peak_bytes - sm.plan.resident_bytes) // 2
+                    hog = torch.empty(max(0, free - keep), dtype=torch.uint8, device=self.device)
+                else:
+                    fired: list[int] = []
+
+                    def hook(kind: str, name: str, nbytes: int) -> None:
+                        if kind == "load" and not fired:
+                            fired.append(nbytes)
+                            raise torch.OutOfMemoryError("injected: another program took the memory")
+
+                    sm.runtime.alloc_hook = hook
+                try:
+                    with torch.no_grad():
+                        out = sm(**st["inputs"])
+                finally:
+                    del hog
+                    sm.runtime.alloc_hook = None
+                exact, max_abs = compare(out, ref)
+                rec = sm.recoveries[-1] if sm.recoveries else None
+                return {
+                    "budget_bytes": int(budget),
+                    "recoveries": len(sm.recoveries),
+                    "recovery": dataclasses.asdict(rec) if rec is not None else None,
+                    "exact_after_recovery": exact,
+                    "max_abs_diff": max_abs,
+                }
+            finally:
+                sm.close()
+
+        self.run_variant(case, "fxswap_eager_oom_recovery@large", EAGER_COST_S, body)
+
     def run(self) -> None:
         self.calibrate()
         order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
@@ -809,6 +864,7 @@ class GpuCheck:
                     self.fxswap(case, "eager", "mid")
                     self.fxswap(case, "eager", "large")
                     self.diffusers(case)
+                    self.oom_recovery(case)
                     peer = self.state[case.key]["result"]["variants"].get("diffusers_group_offload", {})
                     if peer.get("peak_allocated"):
                         self.fxswap(
