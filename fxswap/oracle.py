@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["Measurement", "Segments", "live_bytes", "measure", "measure_segments"]
+__all__ = ["Measurement", "Segments", "live_bytes", "measure", "measure_segments", "profiler_active"]
+
+
+def profiler_active() -> bool:
+    """Whether a torch profiler is already running in this process (profilers do not nest: a second
+    one's exit stops the first)."""
+    return bool(torch._C._autograd._profiler_enabled())
 
 
 @dataclass

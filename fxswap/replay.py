@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxswap.errors import FxswapError
-from fxswap.oracle import Segments, measure_segments
+from fxswap.oracle import Segments, measure_segments, profiler_active
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 
@@ -206,6 +206,9 @@ def _workspace_prober(device: torch.device) -> tuple[Callable[[Any, Any, Any], i
 
 def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if device.type == "cpu" and profiler_active():
+        return 0  # profilers do not nest; fxswap.workspace warns once for the capture
 
     with unset_fake_temporarily():
 

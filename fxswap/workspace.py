@@ -44,7 +44,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.ir import GraphIR
-from fxswap.oracle import Segments, measure_segments
+from fxswap.oracle import Segments, measure_segments, profiler_active
 from fxswap.passes.analyse import target_name
 
 __all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
@@ -128,6 +128,14 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     """
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"`device`={device}: workspace can be probed on 'cpu' or 'cuda' devices only")
+    if device.type == "cpu" and profiler_active():
+        # The CPU probe reads a profiler of its own, and profilers do not nest (the caller is
+        # profiling this very call, e.g. with fxswap.oracle.measure): fall back to the rules.
+        logger.warning(
+            "fxswap: a torch profiler is running, so op workspace is not measured for this capture; "
+            "the documented rules are used instead (run the first call outside the profiler to measure)"
+        )
+        return rules_for(gm)
     seen_storages: set[int] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
