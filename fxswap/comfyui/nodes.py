@@ -424,7 +424,8 @@ class FxswapWanLoader:
     ) -> tuple[Any]:
         path = _checkpoint_path(model_name)
         load_kwargs: dict[str, Any] = {"attention_type": attention_type, "dtype": DTYPES[dtype]}
-        if "sla_topk" in inspect.signature(wan.load).parameters:
+        if attention_type == "sla" and "sla_topk" in inspect.signature(wan.load).parameters:
+            # only SLA reads it: wan.load refuses a top-k for dense attention rather than ignore it
             load_kwargs["sla_topk"] = sla_topk
         module = wan.load(path, **load_kwargs)
         module.eval()

@@ -316,7 +316,7 @@ class SwapState:
     # -- planning without running
     def preview(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SwapPlan:
         """The plan a call with these (meta) inputs would get. Raises BudgetInfeasibleError."""
-        from fxswap.compiler import _capture
+        from fxswap.compiler import _capture, measured_ir
         from fxswap.passes.planner import build_plan
 
         args, kwargs = self.adapt(args, kwargs)
@@ -327,7 +327,9 @@ class SwapState:
             cap, _ = _capture(
                 self.module, args, kwargs, self.device, None if sig is None else list(sig.parameters)
             )
-        return build_plan(cap.ir, self.options)
+        # The op workspace the compiled model measures on its device, so that the eager preview is
+        # exactly the plan the sampler runs (under Inductor fxswap.fit then accounts Inductor's buffers).
+        return build_plan(measured_ir(cap, self.device), self.options)
 
 
 def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
