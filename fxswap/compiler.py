@@ -233,13 +233,15 @@ def _to_meta(x: Any) -> Any:
     return x
 
 
-def _retarget(gm: fx.GraphModule, device: torch.device) -> None:
-    meta = torch.device("meta")
+def _retarget(gm: fx.GraphModule, device: torch.device, source: torch.device | None = None) -> None:
+    """Point the device constants the graph baked in (``torch.arange(..., device=...)``) from
+    ``source`` (default ``meta``, where fxswap.compile captures) to ``device``."""
+    src = source if source is not None else torch.device("meta")
 
     def fix(a: Any) -> Any:
-        if isinstance(a, torch.device) and a == meta:
+        if isinstance(a, torch.device) and a == src:
             return device
-        if isinstance(a, str) and a == "meta":
+        if isinstance(a, str) and a == str(src):
             return str(device)
         return a
 
@@ -404,7 +406,6 @@ class _Entry:
     resident: frozenset[str]
     cap: _Capture
     ir: GraphIR | None = None  # what the plan was made from (workspace included)
-    options: PlanOptions | None = None  # the options it was made with (staging in the reserve)
     unit_ids: dict[str, int] | None = None
 
 
@@ -523,7 +524,7 @@ class SwapModule:
                 )
                 return entry
             plan = build_plan(ir, opts)
-        entry = self._make_entry(cap, plan, ir, opts)
+        entry = self._make_entry(cap, plan, ir)
         if self.backend == "inductor":
             entry = self._measured(entry, root)
             if entry.plan.peak_bytes > plan.max_vram_bytes:
@@ -543,7 +544,7 @@ class SwapModule:
         )
         return entry
 
-    def _make_entry(self, cap: _Capture, plan: SwapPlan, ir: GraphIR, opts: PlanOptions) -> _Entry:
+    def _make_entry(self, cap: _Capture, plan: SwapPlan, ir: GraphIR) -> _Entry:
         from fxswap.passes.rewrite import insert_swaps
 
         # a fresh prefix per build: a failed first run leaves its units behind under the old one
@@ -565,7 +566,7 @@ class SwapModule:
             elif fqn not in swapped:
                 inputs.append(("resident", fqn))
         resident = frozenset(f for k, f in inputs if k == "resident")
-        return _Entry(plan, None, gm, tuple(inputs), resident, cap, ir=ir, options=opts, unit_ids=unit_ids)
+        return _Entry(plan, None, gm, tuple(inputs), resident, cap, ir=ir, unit_ids=unit_ids)
 
     def _flat(self, entry: _Entry, root: dict[str, Any]) -> list[Any]:
         return [
@@ -592,7 +593,7 @@ class SwapModule:
         built, plan = fit(
             ir,
             opts,
-            lambda p: self._built(self._make_entry(cap, p, ir, opts), root),
+            lambda p: self._built(self._make_entry(cap, p, ir), root),
             _input_buffer_names(cap),
             self.device,
         )

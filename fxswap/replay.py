@@ -178,10 +178,9 @@ def _call_of(compiled: Any) -> tuple[Any, dict[str, Any]]:
     return call, fn.__globals__
 
 
-def _workspace_prober(device: torch.device) -> tuple[Callable[[Any, Any, Any], int], Callable[[], None]]:
+def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
     """An ATen-call workspace measurer with a per-signature cache (zeros on ``device``)."""
     cache: dict[Any, int] = {}
-    pending: list[tuple[Any, Any, Any, Any]] = []
 
     def key_of(func: Any, args: Any, kwargs: Any) -> Any:
         def one(v: Any) -> Any:
@@ -198,10 +197,7 @@ def _workspace_prober(device: torch.device) -> tuple[Callable[[Any, Any, Any], i
             cache[key] = _measure_one(func, args, kwargs, device)
         return cache[key]
 
-    def flush() -> None:
-        pending.clear()
-
-    return probe, flush
+    return probe
 
 
 def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
@@ -247,7 +243,7 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
 
     call, glb = _call_of(compiled)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    probe, _flush = _workspace_prober(device)
+    probe = _workspace_prober(device)
     tracker = _Tracker(device, probe)
 
     def empty_strided(size: Any, stride: Any, dtype: Any = None, *a: Any, **k: Any) -> torch.Tensor:

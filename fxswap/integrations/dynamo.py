@@ -78,24 +78,6 @@ def _weight_name(node: fx.Node, value: Any) -> str | None:
     return None
 
 
-def _retarget(gm: fx.GraphModule, device: torch.device) -> None:
-    # Dynamo traced on the host: device constants in the graph (torch.arange(..., device='cpu'))
-    # must follow the inputs to the device.
-    cpu = torch.device("cpu")
-
-    def fix(a: Any) -> Any:
-        if isinstance(a, torch.device) and a == cpu:
-            return device
-        if isinstance(a, str) and a == "cpu":
-            return str(device)
-        return a
-
-    for n in gm.graph.nodes:
-        n.args = fx.node.map_aggregate(n.args, fix)
-        n.kwargs = fx.node.map_aggregate(n.kwargs, fix)
-    gm.recompile()
-
-
 def _split(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
@@ -113,7 +95,7 @@ def fxswap_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, **_: Any
 ) -> Callable[..., Any]:
     """The ``fxswap`` backend for ``torch.compile`` (see the module docstring for ``options``)."""
-    from fxswap.compiler import BACKENDS, _options, _resolve_device, compile_inductor
+    from fxswap.compiler import BACKENDS, _options, _resolve_device, _retarget, compile_inductor
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
@@ -174,7 +156,9 @@ def fxswap_backend(
                 t.data = host
         new = insert_swaps(gm, plan, [r.weight for r in roles], unit_ids=unit_ids)
         if device.type != "cpu":
-            _retarget(new, device)
+            # Dynamo traced on the host: device constants follow the inputs to the device.
+            _retarget(new, device, torch.device("cpu"))
+            new.recompile()
         # per remaining placeholder: the index of its example input, and the resident weight's name
         kept = [(i, r.weight) for i, r in enumerate(roles) if r.weight is None or r.weight not in swapped]
         runtime.retain_residents({w for _, w in kept if w is not None})
