@@ -33,6 +33,7 @@ from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError
 from fxswap.models import wan
 from fxswap.oracle import live_bytes, measure
+from tests.models import MLP, Shared
 
 MODES = ("layerwise", "chunkwise", "adaptive")
 GiB = 2**30
@@ -40,17 +41,6 @@ COMMON: dict[str, Any] = dict(reserve_mb=0, block_size_mb=0.02)
 
 
 # ----------------------------------------------------------------------------------------- models
-class MLP(nn.Module):
-    def __init__(self, n: int = 5, d: int = 48) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = F.gelu(b(x))
-        return x
-
-
 class ConvShared(nn.Module):
     """A conv net whose second conv is applied twice (one weight read at two distant places)."""
 
@@ -67,23 +57,6 @@ class ConvShared(nn.Module):
         x = F.relu(self.c3(x))
         x = F.relu(self.c2(x))
         return self.head(x.mean(dim=(2, 3)))
-
-
-class Tied(nn.Module):
-    """The same Linear twice, and an output projection tied to the input projection."""
-
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Linear(d, d, bias=False)
-        self.mid = nn.Linear(d, d)
-        self.out = nn.Linear(d, d, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.emb(x)
-        h = self.mid(torch.tanh(h))
-        h = self.mid(h)
-        return self.out(h), h.sum()
 
 
 class Block(nn.Module):
@@ -149,9 +122,9 @@ def _wan(kind: str, frames: int, height: int, width: int) -> Callable[[], Case]:
 
 
 CASES: dict[str, Callable[[], Case]] = {
-    "mlp": lambda: Case(MLP(), (torch.randn(8, 48),), {}),
+    "mlp": lambda: Case(MLP(n=5, d=48), (torch.randn(8, 48),), {}),
     "conv_shared": lambda: Case(ConvShared(), (torch.randn(2, 3, 16, 16),), {}),
-    "tied": lambda: Case(Tied(), (torch.randn(4, 32),), {}),
+    "tied": lambda: Case(Shared(), (torch.randn(4, 32),), {}),
     "attention_lm": lambda: Case(AttentionLM(), (torch.randint(0, 256, (2, 24)),), {}),
     "activation_heavy": lambda: Case(ActivationHeavy(), (torch.randn(256, 32),), {}),
     "wan_t2v_5x32x32": _wan("t2v", 5, 32, 32),

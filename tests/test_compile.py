@@ -27,23 +27,13 @@ from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanError, PlanMi
 from fxswap.models import wan
 from fxswap.runtime import LateCopyBackend
 from fxswap.swapplan import SwapPlan
+from tests.models import MLP, Shared
 
 MODES = ("layerwise", "chunkwise", "adaptive")
 COMMON = dict(reserve_mb=0, block_size_mb=0.004)
 
 
 # ----------------------------------------------------------------------------------------- models
-class MLP(nn.Module):
-    def __init__(self, n: int = 6, d: int = 64) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = F.gelu(b(x))
-        return x
-
-
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -57,23 +47,6 @@ class ConvNet(nn.Module):
         x = F.relu(self.c2(x))
         x = F.relu(self.c3(x)).mean(dim=(2, 3))
         return self.head(x)
-
-
-class Shared(nn.Module):
-    """One weight used in two places (the same Linear twice, and a tied output projection)."""
-
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Linear(d, d, bias=False)
-        self.mid = nn.Linear(d, d)
-        self.out = nn.Linear(d, d, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.emb(x)
-        h = self.mid(torch.tanh(h))
-        h = self.mid(h)  # second use of mid
-        return self.out(h), h.sum()
 
 
 @dataclass

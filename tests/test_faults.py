@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fxswap import ops
 from fxswap.compiler import ClosedError, DeviceOutOfMemoryError, ReentrantCallError, SwapModule
@@ -38,20 +37,10 @@ from fxswap.errors import BudgetInfeasibleError
 from fxswap.monitoring import monitor
 from fxswap.oracle import measure
 from fxswap.runtime import CopyBackend, HostStore, LateCopyBackend, PendingTransfer, TransferBackend
+from tests.models import MLP
 
 COMMON: dict[str, Any] = dict(reserve_mb=0, block_size_mb=0.004, backend="eager")
 GiB = 2**30
-
-
-class MLP(nn.Module):
-    def __init__(self, n: int = 6, d: int = 64) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = F.gelu(b(x))
-        return x
 
 
 @dataclass

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,24 +33,14 @@ from fxswap.errors import BudgetInfeasibleError, CaptureError, CheckpointError, 
 from fxswap.models.wan_checkpoint import load as wan_load
 from fxswap.models.wan_checkpoint import load_state_dict
 from fxswap.swapplan import SwapPlan, load_plan
+from tests.models import MLP
 
 GiB = 2**30
 
 
-class MLP(nn.Module):
-    def __init__(self, n: int = 4, d: int = 32) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for b in self.blocks:
-            x = F.gelu(b(x))
-        return x
-
-
 def _mlp(seed: int = 0, n: int = 4) -> MLP:
     torch.manual_seed(seed)
-    return MLP(n=n).eval().requires_grad_(False)
+    return MLP(n=n, d=32).eval().requires_grad_(False)
 
 
 X = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
