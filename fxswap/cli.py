@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
         "a100-40gb, a100-80gb, h100-pcie, h100-sxm, generic-20gb) or a file written by `fxswap calibrate`; "
         "--h2d-gbps / --compute-tflops override its figures",
     )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="capture the graph again instead of reading (or writing) the graph cache "
+        "($FXSWAP_CACHE_DIR, default ~/.cache/fxswap/graphs)",
+    )
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
     p.add_argument(
         "--plot", default=None, metavar="TIMELINE.png", help="draw the memory timeline (needs matplotlib)"
@@ -192,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--step-gb", type=_positive_float, default=1.0, help="budget grid step in GiB (default 1)")
     r.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="capture the graph again instead of reading (or writing) the graph cache "
+        "($FXSWAP_CACHE_DIR, default ~/.cache/fxswap/graphs)",
+    )
+    r.add_argument(
         "--layers",
         type=_positive_int,
         default=None,
@@ -233,6 +245,7 @@ def _cmd_recommend(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             headroom_gb=args.headroom_gb,
             step_gb=args.step_gb,
             layers=args.layers,
+            cache=not args.no_cache,
             progress=lambda msg: print(msg, file=sys.stderr) if sys.stderr.isatty() else None,
         )
     except NoCudaError as e:
@@ -257,15 +270,14 @@ def _cmd_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    import dataclasses
-
     import torch
 
-    from fxswap.api import make_options, plan_traced
-    from fxswap.capture import trace
+    from fxswap.api import make_options
     from fxswap.errors import BudgetInfeasibleError, CaptureError
+    from fxswap.graph_cache import captured_ir
     from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
+    from fxswap.passes.planner import build_plan
 
     named = {**wan.CONFIGS, **wan.TURBOWAN_CONFIGS}
     if args.model not in named:
@@ -328,19 +340,18 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         dtype=dtype,
     )
     try:
-        traced = trace(model, **inputs)
+        graph = captured_ir(model, (), inputs, cache=not args.no_cache)
     except CaptureError as e:
         print(f"fxswap plan: error: {e}", file=sys.stderr)
         return 1
-    ir = traced.ir
+    ir = graph.ir
     if args.dtype == "fp8":
         linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         ir = fp8_linear_storage(ir, linears)
-        traced = dataclasses.replace(traced, ir=ir)
 
     start = time.perf_counter()
     try:
-        plan = plan_traced(traced, options)
+        plan = build_plan(ir, options)
     except BudgetInfeasibleError as e:
         print(
             f"fxswap plan: error: --max-vram-gb {args.max_vram_gb:g} is infeasible for {args.model} at "
@@ -355,7 +366,12 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(
         f"model {args.model} ({model.config.num_layers} blocks{layers}), {width}x{height}, "
         f"{args.frames} frames, batch {args.batch}, latent {tuple(latent)}, weights {args.dtype}, "
-        f"meta capture {traced.capture_seconds:.1f} s, planning {plan_seconds:.2f} s"
+        + (
+            f"graph from the cache {graph.seconds:.2f} s"
+            if graph.hit
+            else f"meta capture {graph.seconds:.1f} s"
+        )
+        + f", planning {plan_seconds:.2f} s"
     )
     if args.dtype == "fp8":
         print(

@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fxswap.errors import BudgetInfeasibleError, FxswapError
+
+if TYPE_CHECKING:
+    from fxswap.ir import GraphIR
 
 __all__ = ["NoCudaError", "Recommendation", "Setting", "gpu_memory_bytes", "recommend"]
 
@@ -148,13 +151,12 @@ def gpu_memory_bytes(device: int = 0) -> int:
 
 
 def _capture(
-    model: str, width: int, height: int, frames: int, dtype: str, batch: int, layers: int | None
-) -> Any:
-    import dataclasses
-
+    model: str, width: int, height: int, frames: int, dtype: str, batch: int, layers: int | None, cache: bool
+) -> tuple[GraphIR, float]:
+    """The graph (bf16, or with fp8 Linear storage) and the seconds its capture or cache read took."""
     import torch
 
-    from fxswap.capture import trace
+    from fxswap.graph_cache import captured_ir
     from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
 
@@ -175,11 +177,11 @@ def _capture(
         device="meta",
         dtype=torch_dtype[dtype],
     )
-    traced = trace(m, **inputs)
+    graph = captured_ir(m, (), inputs, cache=cache)
     if dtype == "fp8":  # as `fxswap plan --dtype fp8`: Linear weights stored in 1 byte per element
         linears = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
-        traced = dataclasses.replace(traced, ir=fp8_linear_storage(traced.ir, linears))
-    return traced
+        return fp8_linear_storage(graph.ir, linears), graph.seconds
+    return graph.ir, graph.seconds
 
 
 def recommend(
@@ -197,6 +199,7 @@ def recommend(
     saving_slack: float = 0.25,
     reserve_mb: float | None = None,
     layers: int | None = None,
+    cache: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Recommendation:
     """Balanced, memory-saving and fastest settings for ``model`` at this video size on this card.
@@ -215,6 +218,8 @@ def recommend(
             memory-saving settings may be predicted to run.
         reserve_mb: the planner's reserve (default PlanOptions').
         layers: keep only the first N transformer blocks (quick looks and tests).
+        cache: read and write the captured graph in the graph cache (``fxswap.graph_cache``); False
+            captures again and writes nothing.
 
     Raises:
         ValueError: a bad argument (named, with the fix).
@@ -222,8 +227,9 @@ def recommend(
     """
     import time
 
-    from fxswap.api import make_options, plan_traced
+    from fxswap.api import make_options
     from fxswap.models import wan
+    from fxswap.passes.planner import build_plan
 
     if model not in wan.CONFIGS:
         raise ValueError(f"`model`={model!r} is unknown. Fix: pass one of {', '.join(sorted(wan.CONFIGS))}")
@@ -272,7 +278,7 @@ def recommend(
 
     say = progress or (lambda _msg: None)
     say(f"capturing {model} at {width}x{height}, {frames} frames (meta tensors)")
-    traced = _capture(model, width, height, frames, dtype, batch, layers)
+    ir, capture_seconds = _capture(model, width, height, frames, dtype, batch, layers, cache)
     t0 = time.perf_counter()
 
     def plan(mode: str, budget_gb: float, block_mb: float) -> Any:
@@ -285,7 +291,7 @@ def recommend(
             compute_tflops=rates.get("compute_tflops"),
             device_mem_gbps=rates.get("device_mem_gbps"),
         )
-        return plan_traced(traced, opts)
+        return build_plan(ir, opts)
 
     candidates = [
         ("adaptive", 300.0),
@@ -355,7 +361,7 @@ def recommend(
         min_mode=min_mode,
         settings=settings,
         plans_made=made,
-        capture_seconds=traced.capture_seconds,
+        capture_seconds=capture_seconds,
         planning_seconds=time.perf_counter() - t0,
         min_by_mode=min_by_mode,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +18,10 @@ settings.register_profile(
     "nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("FXSWAP_HYPOTHESIS_PROFILE", "ci"))
+
+# The run's graph cache (fxswap.graph_cache) lives in a fresh folder, inherited by the CLI
+# subprocesses: tests neither read nor fill the user's ~/.cache.
+os.environ["FXSWAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxswap-test-graphs-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

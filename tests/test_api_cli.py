@@ -326,3 +326,21 @@ def test_cli_wires_bench_and_calibrate(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--sim", "--no-such-flag"])
     assert exc.value.code == 2
+
+
+def test_cli_plan_reads_the_graph_cache_and_plans_the_same(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphs = tmp_path / "graphs"
+    monkeypatch.setenv("FXSWAP_CACHE_DIR", str(graphs))
+    argv = ["plan", *SMALL, "--max-vram-gb", "1", "--mode", "chunkwise"]
+    assert main([*argv, "--no-cache", "-o", str(tmp_path / "fresh.json")]) == 0
+    assert not graphs.exists()  # --no-cache writes nothing
+    assert main([*argv, "-o", str(tmp_path / "first.json")]) == 0
+    assert "meta capture" in capsys.readouterr().out
+    assert len(list(graphs.iterdir())) == 1
+    assert main([*argv, "-o", str(tmp_path / "cached.json")]) == 0
+    assert "graph from the cache" in capsys.readouterr().out
+    fresh = (tmp_path / "fresh.json").read_bytes()
+    assert (tmp_path / "first.json").read_bytes() == fresh
+    assert (tmp_path / "cached.json").read_bytes() == fresh
