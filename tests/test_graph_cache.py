@@ -51,11 +51,15 @@ def test_tied_weights_and_meta_inputs_round_trip(tmp_path: Path) -> None:
     assert hit.ir == fxswap.trace(model, x).ir
 
 
-def _misses(tmp_path: Path, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> bool:
+def _misses(
+    tmp_path: Path, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> bool:
     return not captured_ir(model, args, kwargs, cache=tmp_path).hit
 
 
-def test_every_input_of_the_key_misses_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_input_of_the_key_misses_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 32)
     base = MLP(4, 32)
