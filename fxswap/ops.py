@@ -21,6 +21,10 @@ Contract (why these ops survive Inductor; see shared/reference/torch_mechanics.m
   returns (to the caching allocator on CUDA; the CPU ledger observes it through tensor finalizers).
   It returns a token nobody reads; ``torch.fx.has_side_effect`` keeps FX, AOT and Inductor dead-code
   elimination from removing it (Inductor's ``FallbackKernel.has_side_effects`` consults the same set).
+- ``carry`` is ``load`` for the *next* call (warm start, ``fxswap.passes.warmstart``): issued in
+  this call's tail for a unit the next call loads at its start. Its transfer waits in the unit's
+  queue across the boundary, and the next call's ``load`` of that unit then starts nothing: its
+  ``wait`` takes the carried transfer. Nobody reads its token; ``has_side_effect`` keeps it.
 - No op declares a mutation: functionalization would clone and copy back the buffers.
 - Unit ids are literal ints in the graph: a SymInt id would make the fake impls unhashable.
 
@@ -44,6 +48,7 @@ __all__ = [
     "FXSWAP_OPS",
     "UnitHandle",
     "UnitMeta",
+    "carry",
     "load",
     "lookup",
     "probe",
@@ -71,7 +76,12 @@ class UnitHandle(Protocol):
     meta: UnitMeta
 
     def start_load(self) -> Tensor:
-        """Start the copy; return the token (a 0-element tensor on the unit's device)."""
+        """Start the copy (unless the previous call carried it in); return the token (a 0-element
+        tensor on the unit's device)."""
+        ...
+
+    def start_carry(self) -> Tensor:
+        """Start the copy for the next call's first load of this unit; return the token."""
         ...
 
     def finish_wait(self) -> list[Tensor]:
@@ -120,6 +130,8 @@ _lib = torch.library.Library("fxswap", "DEF")  # noqa: TOR901 (module-lifetime l
 _lib.define("load(int uid, Tensor anchor) -> Tensor")
 _lib.define("wait(int uid, Tensor token) -> Tensor[]")
 _lib.define("release(int uid, Tensor[] weights, Tensor after) -> Tensor")
+# Warm start: the next call's load of a head unit, issued in this call's tail (see start_carry).
+_lib.define("carry(int uid, Tensor anchor) -> Tensor")
 # A pass-through op for tests: calls a registered Python callback, returns its input unchanged
 # (fresh alias-free output). Used to observe the ledger at a precise point of a compiled graph.
 _lib.define("probe(int pid, Tensor x) -> Tensor")
@@ -139,6 +151,11 @@ def _load_impl(uid: int, anchor: Tensor) -> Tensor:
     tok = (_UNITS.get(uid) or lookup(uid)).start_load()
     # An op's output must not alias its input: anchored on another fxswap token (the shared one),
     # hand out a fresh one.
+    return tok if anchor is not tok else tok.new_empty(0)
+
+
+def _carry_impl(uid: int, anchor: Tensor) -> Tensor:
+    tok = (_UNITS.get(uid) or lookup(uid)).start_carry()
     return tok if anchor is not tok else tok.new_empty(0)
 
 
@@ -164,6 +181,7 @@ def _probe_impl(pid: int, x: Tensor) -> Tensor:
 
 for _name, _fn in (
     ("load", _load_impl),
+    ("carry", _carry_impl),
     ("wait", _wait_impl),
     ("release", _release_impl),
     ("probe", _probe_impl),
@@ -190,20 +208,22 @@ def _probe_fake(pid: int, x: Tensor) -> Tensor:
 
 
 torch.library.register_fake("fxswap::load", _load_fake, lib=_lib)
+torch.library.register_fake("fxswap::carry", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::wait", _wait_fake, lib=_lib)
 torch.library.register_fake("fxswap::release", _release_fake, lib=_lib)
 torch.library.register_fake("fxswap::probe", _probe_fake, lib=_lib)
 
 load = torch.ops.fxswap.load.default
+carry = torch.ops.fxswap.carry.default
 wait = torch.ops.fxswap.wait.default
 release = torch.ops.fxswap.release.default
 probe = torch.ops.fxswap.probe.default
 
-for _op in (load, wait, release, probe):
+for _op in (load, carry, wait, release, probe):
     torch.fx.has_side_effect(_op)
 
 #: Targets of every node the rewrite inserts; passes recognise fxswap nodes by target, never by name.
-FXSWAP_OPS: frozenset[Any] = frozenset({load, wait, release})
+FXSWAP_OPS: frozenset[Any] = frozenset({load, carry, wait, release})
 
 _NEXT_PROBE = itertools.count(1)
 

@@ -385,8 +385,8 @@ class _Unit:
     """
 
     __slots__ = (
-        "_device", "_ledger", "_rt", "_start", "_token", "_track", "casts", "host", "loads", "meta",
-        "name", "params", "pending", "releases", "waits",
+        "_device", "_ledger", "_rt", "_start", "_token", "_track", "carried", "casts", "host", "loads",
+        "meta", "name", "params", "pending", "releases", "waits",
     )  # fmt: skip
 
     def __init__(
@@ -404,6 +404,8 @@ class _Unit:
         self.meta = meta
         self.casts = casts  # positions stored in a narrower dtype than the graph computes in
         self.pending: deque[PendingTransfer] = deque()
+        # Transfers a previous call's tail started for this call's first load (warm start).
+        self.carried = 0
         self.loads = self.waits = self.releases = 0
         self._start = runtime.backend.start
         self._device = runtime.device
@@ -413,6 +415,19 @@ class _Unit:
         self._rt = runtime
 
     def start_load(self) -> Tensor:
+        if self.carried:
+            # The previous call's tail already started this transfer (``start_carry``); it waits in
+            # `pending` for this load's wait.
+            self.carried -= 1
+            return self._token
+        return self._transfer()
+
+    def start_carry(self) -> Tensor:
+        token = self._transfer()
+        self.carried += 1
+        return token
+
+    def _transfer(self) -> Tensor:
         if self._rt.alloc_hook is not None:
             self._rt.alloc_hook("load", self.name, sum(h.untyped_storage().nbytes() for h in self.host))
         p = self._start(self.host, self._device)
@@ -471,6 +486,7 @@ class _Unit:
         freeing it would let the allocator hand it to the compute stream mid-copy.
         """
         n = len(self.pending)
+        self.carried = 0
         while self.pending:
             p = self.pending.popleft()
             p.wait_host()
@@ -581,8 +597,20 @@ class SwapRuntime:
     def discard_pending(self) -> int:
         """After a failed graph run: wait for and drop every transfer that no ``wait`` consumed, so
         the next run neither pairs its waits with stale loads nor keeps their device memory.
-        Returns how many were dropped."""
+        Also what drops the transfers a warm start carried for a next call that will not come (or
+        runs another graph). Returns how many were dropped."""
         return sum(u.discard_pending() for u in self._units)
+
+    @property
+    def carried_bytes(self) -> int:
+        """Device bytes held between calls by transfers carried for the next call (warm start)."""
+        return sum(
+            t.untyped_storage().nbytes()
+            for u in self._units
+            if u.carried
+            for p in u.pending
+            for t in p.tensors
+        )
 
     @property
     def unit_ids(self) -> dict[str, int]:

@@ -78,6 +78,7 @@ class _UnitLike(Protocol):
     load_node: str | None
     wait_node: str | None
     release_node: str | None
+    carry_node: str | None
 
 
 class _PlanLike(Protocol):
@@ -92,7 +93,7 @@ def _is_tensor_node(n: fx.Node) -> bool:
 def _is_realised(n: fx.Node) -> bool:
     if n.op == "placeholder":
         return _is_tensor_node(n)
-    if n.target in (ops.load, ops.release):
+    if n.target in (ops.load, ops.carry, ops.release):
         return True
     if n.op == "call_function" and n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node):
         return n.args[0].target is ops.wait  # a weight handed out by wait
@@ -116,7 +117,7 @@ def _load_anchor(before: fx.Node, exclude: set[fx.Node], pos: Mapping[fx.Node, i
         if n not in exclude and _is_realised(n):
             if fallback is None:
                 fallback = n
-            if n.op == "placeholder" or n.target in (ops.load, ops.release):
+            if n.op == "placeholder" or n.target in (ops.load, ops.carry, ops.release):
                 return n
             if any(pos.get(u, -1) >= at or u.op == "output" for u in n.users):
                 return n
@@ -126,6 +127,16 @@ def _load_anchor(before: fx.Node, exclude: set[fx.Node], pos: Mapping[fx.Node, i
     raise PlanError(
         f"no tensor precedes node `{before.name}` to anchor a load on; the graph has no tensor input"
     )
+
+
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes before node ``b`` in their graph."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
 
 
 def _tensor_handle(graph: fx.Graph, node: fx.Node) -> fx.Node:
@@ -177,7 +188,8 @@ def insert_swaps(
     Args:
         gm: the Dynamo graph (parameters as placeholders); not modified.
         plan: a ``SwapPlan`` (or anything with ``units`` carrying ``name``, ``params``,
-            ``resident``, ``load_node``, ``wait_node``, ``release_node``: FX node names of ``gm``).
+            ``resident``, ``load_node``, ``wait_node``, ``release_node``, ``carry_node``: FX node
+            names of ``gm``; ``carry_node`` may be ``"output"``, the end of the call, or None).
         placeholder_params: for each placeholder position of ``gm``, the weight's FQN, or None for
             a user input.
         unit_ids: the op id of every swapped unit (from ``SwapRuntime.add_unit``), baked into the
@@ -254,6 +266,19 @@ def insert_swaps(
                 "call_function", ops.release, (uid, ws, after), name=f"fxswap_release_{label}"
             )
         rel.meta["fxswap"] = {**tag, "kind": "release"}
+        if u.carry_node is not None:
+            # Warm start: the next call's load of this unit, issued in this call's tail. It must
+            # come after this call's release of the unit: anchored on the release token when the
+            # nearest realised node before its point precedes the release.
+            n_carry = node(u.carry_node, u.name, "carry")
+            c_anchor = _load_anchor(n_carry, swapped_phs, pos)
+            if _precedes(c_anchor, rel):
+                c_anchor = rel
+            with graph.inserting_before(n_carry):
+                c = graph.create_node(
+                    "call_function", ops.carry, (uid, c_anchor), name=f"fxswap_carry_{label}"
+                )
+            c.meta["fxswap"] = {**tag, "kind": "carry"}
 
     try:
         graph.lint()
@@ -267,6 +292,6 @@ def insert_swaps(
             "fxswap rewrite: %d swapped units, %d resident; %d fxswap nodes inserted",
             len(swapped),
             len(plan.units) - len(swapped),
-            3 * len(swapped),
+            3 * len(swapped) + sum(u.carry_node is not None for u in swapped),
         )
     return new
