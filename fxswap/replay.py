@@ -59,7 +59,7 @@ class ReplayError(FxswapError, RuntimeError):
 class FxswapEvent:
     """One fxswap op in the replay: its kind, unit id and the allocation level when it ran."""
 
-    kind: str  # "load" | "wait" | "release"
+    kind: str  # "load" | "carry" | "wait" | "release"
     uid: int
     index: int  # position in ReplayResult.levels at which the op ran
 
@@ -131,12 +131,13 @@ class _Tracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         kind = func._schema.name.split("::")[-1] if getattr(func, "namespace", "") == "fxswap" else ""
-        swap_op = kind in ("load", "wait", "release")
+        swap_op = kind in ("load", "carry", "wait", "release")
         if swap_op:
             uid = int(args[0])
             # The runtime allocates a unit's device tensors when its load is issued (the copy needs
             # a destination); the fake wait creates them instead, so move them to the load here.
-            if kind == "load":
+            # A carry allocates the next call's copy, which outlives this call (its wait is there).
+            if kind in ("load", "carry"):
                 self._move(_unit_bytes(uid))
             elif kind == "wait":
                 self._move(-_unit_bytes(uid))
@@ -162,8 +163,7 @@ def _unit_bytes(uid: int) -> int:
 
     meta = ops.lookup(uid).meta
     return sum(
-        math.prod(shape) * dtype.itemsize
-        for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
+        math.prod(shape) * dtype.itemsize for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
     )
 
 
@@ -296,7 +296,8 @@ def inductor_activations(
     Args:
         result: the replay of the program compiled from the plan.
         num_ops: ops in the plan's graph.
-        event_ops: FX op index of each fxswap op, by ``(kind, uid)`` (load_at, wait_at, release_after).
+        event_ops: FX op index of each fxswap op, by ``(kind, uid)`` (load_at, wait_at, release_after,
+            and carry_at for a warm start's carries, the last op for one at the end of the call).
         units_at: bytes of swapped units the plan holds at each op (the simulator's ``swapped``).
 
     Returns:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, simulate_memory, simulate_time
 
-__all__ = ["WarmStart", "plan_warm_start", "simulate_steady"]
+__all__ = ["WarmStart", "plan_warm_start", "simulate_steady", "steady_memory"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,38 @@ class WarmStart:
     @property
     def enabled(self) -> bool:
         return any(c is not None for c in self.carry_at)
+
+
+def steady_memory(
+    act: Sequence[int], units: Sequence[UnitWindow], reserve_bytes: int, carry_at: Sequence[int | None]
+) -> tuple[list[int], int]:
+    """Per-op bytes of a steady-state call and the bytes allocated between two calls.
+
+    Args:
+        act: activation bytes per op.
+        units: the schedule (every unit), as for :func:`~fxswap.passes.simulate.simulate_memory`.
+        reserve_bytes: counted at every op.
+        carry_at: per unit, where the next call's load is issued (None: not carried).
+
+    Returns:
+        ``(mem, boundary)``: ``mem[i]`` the one-call bytes at op ``i`` plus the carried units issued
+        at or before it; ``boundary`` = reserve + resident + ``act[-1]`` + every carried unit.
+    """
+    n = len(act)
+    tl = simulate_memory(act, units, reserve_bytes)
+    diff = [0] * (n + 1)
+    carried = 0
+    for u, c in zip(units, carry_at, strict=True):
+        if c is not None and not u.resident:
+            diff[c] += u.bytes
+            carried += u.bytes
+    mem = []
+    running = 0
+    for i in range(n):
+        running += diff[i]
+        mem.append(tl.total(i) + running)
+    last = act[-1] if n else 0
+    return mem, reserve_bytes + tl.resident_bytes + last + carried
 
 
 def simulate_steady(
@@ -199,6 +231,5 @@ def plan_warm_start(
     warm_report = simulate_steady(costs, units, carry, h2d_gbps)
     if round(warm_report.step_ms, 9) >= round(cold_report.step_ms, 9):
         return off
-    boundary = reserve_bytes + resident + last_act + carried_total
-    peak = max(max(steady), boundary)
-    return WarmStart(tuple(carry), peak, boundary, carried_total, warm_report, cold_report)
+    mem, boundary = steady_memory(act, units, reserve_bytes, carry)
+    return WarmStart(tuple(carry), max(*mem, boundary), boundary, carried_total, warm_report, cold_report)
