@@ -7,34 +7,10 @@ from typing import Any
 import torch
 
 from fxswap.capture import Traced, trace
-from fxswap.swapplan import PlanOptions, SwapPlan
+from fxswap.options import OPTIONAL_OPTIONS, PlanOptions, make_options
+from fxswap.swapplan import SwapPlan
 
 __all__ = ["OPTIONAL_OPTIONS", "make_options", "plan", "plan_traced"]
-
-
-# The PlanOptions.from_user arguments that take their documented default when left out (or None).
-OPTIONAL_OPTIONS = ("reserve_mb", "h2d_gbps", "compute_tflops", "max_prefetch_depth", "device_mem_gbps")
-
-
-def make_options(
-    *, mode: str, max_vram_gb: float, block_size_mb: float = 300, **optional: float | None
-) -> PlanOptions:
-    """Validated :class:`PlanOptions` from user units; an optional option that is ``None`` (or left
-    out) keeps PlanOptions' documented default. ``optional`` takes the names in
-    :data:`OPTIONAL_OPTIONS` (``reserve_mb``, ``h2d_gbps``, ...).
-
-    Raises:
-        TypeError: an option name that is not one of :data:`OPTIONAL_OPTIONS`.
-        ValueError: naming the argument, its value and the fix (:meth:`PlanOptions.from_user`).
-    """
-    unknown = sorted(set(optional) - set(OPTIONAL_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"unknown planner option {unknown[0]!r}; the options are mode, max_vram_gb, block_size_mb, "
-            f"{', '.join(OPTIONAL_OPTIONS)}"
-        )
-    given: dict[str, Any] = {k: v for k, v in optional.items() if v is not None}
-    return PlanOptions.from_user(mode=mode, max_vram_gb=max_vram_gb, block_size_mb=block_size_mb, **given)
 
 
 def plan_traced(traced: Traced, options: PlanOptions) -> SwapPlan:

@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
-from fxswap.passes.analyse import PlaceholderRole, graph_ir, module_path
+from fxswap.passes.analyse import graph_ir, module_path, placeholder_roles
 from fxswap.workspace import probe_workspace, rules_for, with_workspace
 
 __all__ = ["DynamoGraph", "Traced", "dynamo_graph", "input_names", "one_graph", "trace"]
@@ -261,19 +261,12 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         fqn.setdefault(id(p), name)
     user_names = input_names(model, example_inputs, example_kwargs)
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    roles: list[PlaceholderRole] = []
-    for i, (ph, value) in enumerate(zip(placeholders, flat_inputs, strict=True)):
-        weight = fqn.get(id(value))
-        if weight is not None:
-            roles.append(PlaceholderRole(weight=weight, name=weight))
-            continue
-        user_name = user_names.get(id(value))
-        if user_name is None:
-            # A plain tensor attribute of the model (not a registered buffer) or a global.
-            source = getattr(ph, "_dynamo_source", None)
-            user_name = (module_path(source.name) if source is not None else ph.name) or f"input{i}"
-        roles.append(PlaceholderRole(weight=None, name=user_name))
+    def unknown(i: int, ph: fx.Node) -> str:
+        # A plain tensor attribute of the model (not a registered buffer) or a global.
+        source = getattr(ph, "_dynamo_source", None)
+        return (module_path(source.name) if source is not None else ph.name) or f"input{i}"
+
+    roles = placeholder_roles(gm, flat_inputs, fqn, user_names, unknown)
 
     # Op workspace: measured where the inputs live (as fxswap.compile does on its device), or, for
     # meta inputs where nothing can run, from the documented CUDA rules (fxswap.workspace).

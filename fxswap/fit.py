@@ -25,6 +25,7 @@ import torch
 
 from fxswap.errors import BudgetInfeasibleError
 from fxswap.ir import BufferInfo, GraphIR
+from fxswap.ops import UnitHandle, bound_units
 from fxswap.swapplan import PlanOptions, SwapPlan
 
 __all__ = ["ROUNDS", "Built", "account", "fit"]
@@ -39,12 +40,15 @@ H = TypeVar("H")
 @dataclass
 class Built(Generic[H]):
     """What ``build(plan)`` returns: the caller's handle, the compiled program, the flat inputs of a
-    call (resident weights on the device, the caller's tensors) and the units' op ids."""
+    call (resident weights on the device, the caller's tensors), the units' op ids and, for
+    build-local (negative) ids, the unit table to bind while the program runs
+    (:func:`fxswap.ops.bound_units`)."""
 
     handle: H
     fn: Callable[..., Any]
     flat: Sequence[Any]
     unit_ids: Mapping[str, int]
+    units: Mapping[int, UnitHandle] = dataclasses.field(default_factory=dict)
 
 
 def _per_op(ir: GraphIR, act: Sequence[int]) -> GraphIR:
@@ -77,7 +81,8 @@ def account(
     from fxswap.passes.validate import validate_plan
     from fxswap.replay import inductor_activations, replay
 
-    result = replay(built.fn, list(built.flat), device)
+    with bound_units(built.units):
+        result = replay(built.fn, list(built.flat), device)
     windows = unit_windows(plan.units)
     held = sum(b.nbytes for b in ir.buffers if b.name in input_buffers)
     units_at = simulate_memory(analyse_liveness(ir).act, windows, plan.reserve_bytes).swapped

@@ -22,7 +22,7 @@ import torch
 
 from fxswap import runtime as _rt
 
-__all__ = ["Monitor", "MonitorRow", "monitor"]
+__all__ = ["Monitor", "MonitorRow", "any_active", "monitor", "notify_step"]
 
 logger = logging.getLogger("fxswap.monitor")
 
@@ -101,6 +101,11 @@ class Monitor:
 
 
 _ACTIVE: list[Monitor] = []
+
+
+def any_active() -> bool:
+    """Whether a :func:`monitor` block is running (compiled models skip :func:`notify_step` if not)."""
+    return bool(_ACTIVE)
 
 
 def notify_step(label: str) -> None:

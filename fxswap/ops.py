@@ -9,7 +9,8 @@ literal integer id ``7``::
     ...   = linear(x, w0, w1)                              # the unit's uses
     rtok  = torch.ops.fxswap.release.default(7, ws, last)  # after op release_after: the release point
 
-Contract (why these ops survive Inductor; see shared/reference/torch_mechanics.md Q3):
+Contract (why these ops survive Inductor; the reasoning and the pitfalls behind each rule are in
+``docs/ops_and_inductor.md``):
 
 - ``load`` returns a 0-size token and ``wait`` consumes it, so the load -> wait -> consumer order is
   data flow, not an effect chain (effect tokens were observed misordered by Inductor's reordering).
@@ -27,6 +28,11 @@ Contract (why these ops survive Inductor; see shared/reference/torch_mechanics.m
   ``wait`` takes the carried transfer. Nobody reads its token; ``has_side_effect`` keeps it.
 - No op declares a mutation: functionalization would clone and copy back the buffers.
 - Unit ids are literal ints in the graph: a SymInt id would make the fake impls unhashable.
+- Ids come in two kinds. A positive id is the process-wide registry's (:func:`register_unit`), unique
+  for the process. A negative id is a slot of the unit table the caller binds around the run
+  (:func:`bound_units`): ``fxswap.compile`` numbers a build's units -1, -2, ... in plan order, so
+  the same model and plan give the same graph code in every build and process (Inductor's FX graph
+  cache then hits), while two compiled models in one process still reach their own units.
 
 The ops are defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``:
 custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~2.5 us
@@ -35,9 +41,10 @@ custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,15 +55,13 @@ __all__ = [
     "FXSWAP_OPS",
     "UnitHandle",
     "UnitMeta",
+    "bound_units",
     "carry",
     "load",
     "lookup",
-    "probe",
-    "register_probe",
     "register_unit",
     "token_for",
     "release",
-    "unregister_probe",
     "unregister_unit",
     "wait",
 ]
@@ -115,15 +120,37 @@ def unregister_unit(uid: int) -> None:
         _UNITS.pop(uid, None)
 
 
+# The unit table bound by the thread running a graph whose ids are build-local (negative).
+_BOUND = threading.local()
+
+
+@contextlib.contextmanager
+def bound_units(table: Mapping[int, UnitHandle]) -> Iterator[None]:
+    """Resolve the negative unit ids of the graphs run (or compiled) in this block, on this
+    thread, through ``table`` (``fxswap.compile`` binds each build's table around its calls)."""
+    before = getattr(_BOUND, "table", None)
+    _BOUND.table = table
+    try:
+        yield
+    finally:
+        _BOUND.table = before
+
+
 def lookup(uid: int) -> UnitHandle:
     """Return the handle of unit ``uid``; raise a KeyError stating the contract if it is unknown."""
     try:
+        if uid < 0:
+            return _BOUND.table[uid]  # type: ignore[no-any-return]
         return _UNITS[uid]
-    except KeyError:
-        raise KeyError(
-            f"fxswap: unit id {uid} is not registered. Every fxswap op in a graph must belong to a live "
-            "fxswap.compile(...) object; the graph outlived its runtime or was built for another process."
-        ) from None
+    except (KeyError, AttributeError, TypeError):
+        where = (
+            "is not in the unit table bound for this call: a graph built by fxswap.compile runs through "
+            "its compiled model (SwapModule), which binds its units"
+            if uid < 0
+            else "is not registered. Every fxswap op in a graph must belong to a live fxswap.compile(...) "
+            "object; the graph outlived its runtime or was built for another process"
+        )
+        raise KeyError(f"fxswap: unit id {uid} {where}.") from None
 
 
 _lib = torch.library.Library("fxswap", "DEF")  # noqa: TOR901 (module-lifetime library)
@@ -132,9 +159,6 @@ _lib.define("wait(int uid, Tensor token) -> Tensor[]")
 _lib.define("release(int uid, Tensor[] weights, Tensor after) -> Tensor")
 # Warm start: the next call's load of a head unit, issued in this call's tail (see start_carry).
 _lib.define("carry(int uid, Tensor anchor) -> Tensor")
-# A pass-through op for tests: calls a registered Python callback, returns its input unchanged
-# (fresh alias-free output). Used to observe the ledger at a precise point of a compiled graph.
-_lib.define("probe(int pid, Tensor x) -> Tensor")
 
 
 def token_for(device: torch.device) -> Tensor:
@@ -168,23 +192,11 @@ def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
     return tok if after is not tok else tok.new_empty(0)
 
 
-_PROBES: dict[int, Callable[[], None]] = {}
-
-
-def _probe_impl(pid: int, x: Tensor) -> Tensor:
-    cb = _PROBES.get(pid)
-    if cb is not None:
-        cb()
-    # A fresh tensor: returning the input itself from a non-aliasing schema is illegal.
-    return x.clone()
-
-
 for _name, _fn in (
     ("load", _load_impl),
     ("carry", _carry_impl),
     ("wait", _wait_impl),
     ("release", _release_impl),
-    ("probe", _probe_impl),
 ):
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
@@ -203,37 +215,18 @@ def _release_fake(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
     return token_for(after.device)
 
 
-def _probe_fake(pid: int, x: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
 torch.library.register_fake("fxswap::load", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::carry", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::wait", _wait_fake, lib=_lib)
 torch.library.register_fake("fxswap::release", _release_fake, lib=_lib)
-torch.library.register_fake("fxswap::probe", _probe_fake, lib=_lib)
 
 load = torch.ops.fxswap.load.default
 carry = torch.ops.fxswap.carry.default
 wait = torch.ops.fxswap.wait.default
 release = torch.ops.fxswap.release.default
-probe = torch.ops.fxswap.probe.default
 
-for _op in (load, carry, wait, release, probe):
+for _op in (load, carry, wait, release):
     torch.fx.has_side_effect(_op)
 
 #: Targets of every node the rewrite inserts; passes recognise fxswap nodes by target, never by name.
 FXSWAP_OPS: frozenset[Any] = frozenset({load, carry, wait, release})
-
-_NEXT_PROBE = itertools.count(1)
-
-
-def register_probe(callback: Callable[[], None]) -> int:
-    """Register ``callback`` for ``torch.ops.fxswap.probe(pid, x)`` and return ``pid`` (tests, debugging)."""
-    pid = next(_NEXT_PROBE)
-    _PROBES[pid] = callback
-    return pid
-
-
-def unregister_probe(pid: int) -> None:
-    _PROBES.pop(pid, None)

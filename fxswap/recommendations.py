@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fxswap.errors import BudgetInfeasibleError, FxswapError
+from fxswap.errors import BudgetInfeasibleError, NoCudaError
 
 if TYPE_CHECKING:
     from fxswap.ir import GraphIR
@@ -38,10 +38,6 @@ BLOCK_SIZES_MB = (200, 300, 500)  # chunkwise candidates (the seed guide's prese
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
 # tie-break between equal predicted times: the mode that adapts first
 _MODE_ORDER = {m: i for i, m in enumerate(MODES)}
-
-
-class NoCudaError(FxswapError, RuntimeError):
-    """No CUDA device to read the memory of (pass the card's memory instead)."""
 
 
 @dataclass(frozen=True)

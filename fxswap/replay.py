@@ -42,17 +42,13 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxswap.errors import FxswapError
+from fxswap.errors import ReplayError
 from fxswap.oracle import Segments, measure_segments, profiler_active
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 
 _KERNEL = re.compile(r"^(cpp_fused_|cpp_|triton_|kernel_cpp_)")
 _VIEW_OR_FREE = ("aten::view", "aten::_reinterpret", "aten::as_strided", "aten::t", "aten::permute")
-
-
-class ReplayError(FxswapError, RuntimeError):
-    """Inductor's generated code could not be replayed (an unknown wrapper construct)."""
 
 
 @dataclass(frozen=True, slots=True)

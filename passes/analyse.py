@@ -16,15 +16,23 @@ import dataclasses
 import math
 import operator
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxswap.ir import BufferInfo, GraphIR, InputInfo, OpInfo, WeightInfo
 
-__all__ = ["PlaceholderRole", "fp8_linear_storage", "graph_ir", "module_path", "target_name"]
+__all__ = [
+    "PlaceholderRole",
+    "fp8_linear_storage",
+    "graph_ir",
+    "module_path",
+    "placeholder_roles",
+    "target_name",
+]
 
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
@@ -56,6 +64,38 @@ class PlaceholderRole:
 
     weight: str | None  # FQN for parameters/buffers, None for user inputs
     name: str  # FQN for weights; a readable input name (e.g. "context[0]") otherwise
+
+
+def placeholder_roles(
+    gm: fx.GraphModule,
+    flat_inputs: Sequence[Any],
+    weight_of: Mapping[int, str],
+    input_name_of: Mapping[int, str],
+    unknown: Callable[[int, fx.Node], str],
+) -> list[PlaceholderRole]:
+    """The role of each placeholder of a captured graph, by the identity of the object Dynamo
+    passed for it (never by Dynamo's mangled placeholder names).
+
+    The one placeholder loop of both captures (``fxswap.trace`` and ``fxswap.compile``).
+
+    Args:
+        gm: the captured graph.
+        flat_inputs: the objects Dynamo passed, one per placeholder.
+        weight_of: id(tensor) -> weight FQN for the model's parameters and buffers.
+        input_name_of: id(tensor) -> readable name for the call's input tensors.
+        unknown: names (or refuses, by raising) a placeholder that is neither, given its position
+            and node.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roles: list[PlaceholderRole] = []
+    for i, (ph, value) in enumerate(zip(placeholders, flat_inputs, strict=True)):
+        weight = weight_of.get(id(value))
+        if weight is not None:
+            roles.append(PlaceholderRole(weight=weight, name=weight))
+            continue
+        name = input_name_of.get(id(value))
+        roles.append(PlaceholderRole(weight=None, name=name if name is not None else unknown(i, ph)))
+    return roles
 
 
 def target_name(node: fx.Node) -> str:

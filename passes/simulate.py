@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fxswap.ir import OpInfo
+from fxswap.options import DEFAULT_DEVICE_MEM_GBPS
 
 if TYPE_CHECKING:
     from fxswap.swapplan import SwapUnit
@@ -60,9 +61,6 @@ __all__ = [
     "unit_windows",
 ]
 
-# Achieved device-memory bandwidth for memory-bound ops (norms, adds, softmax). 1,500 GB/s is
-# roughly 75% of an H100 PCIe / A100 80GB peak; consumer cards are lower (RTX 4090: ~1,000 peak).
-DEFAULT_DEVICE_MEM_GBPS = 1500.0
 
 
 @dataclass(frozen=True, slots=True)

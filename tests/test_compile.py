@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxswap.api import plan as fx_plan
-from fxswap.compiler import DeviceError, SignatureError, SwapModule, TrainingModeError, compile_experts
+from fxswap.compiler import DeviceError, SignatureError, SwapModule, TrainingModeError
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, PlanError, PlanMismatchError
+from fxswap.experts import compile_experts
 from fxswap.models import wan
 from fxswap.runtime import LateCopyBackend
 from fxswap.swapplan import SwapPlan
@@ -385,8 +386,10 @@ def test_experts_one_budget_switch_releases_the_other(cases: dict[str, Case]) ->
     gc.collect()
     assert lo_rt.ledger.bytes == 0
     assert len(ex.plans) == 2
-    same_api = fx_compile([wh, wl], mode="adaptive", max_vram_gb=1e-4, backend="eager", boundary=875.0,
-                          timestep_arg="t", **COMMON)  # fmt: skip
+    with pytest.raises(TypeError, match="compile_experts"):
+        fx_compile([wh, wl], mode="adaptive", max_vram_gb=1e-4)  # type: ignore[arg-type]
+    same_api = compile_experts(wh, wl, mode="adaptive", max_vram_gb=1e-4, backend="eager",
+                               boundary=875.0, timestep_arg="t", **COMMON)  # fmt: skip
     assert torch.equal(same_api[1](x, t_lo), wl(x, t_lo))
     assert torch.equal(same_api(x, t_hi), wh(x, t_hi)) and torch.equal(same_api(x, t_lo), wl(x, t_lo))
 

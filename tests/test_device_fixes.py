@@ -12,7 +12,7 @@ import torch
 
 from fxswap import ops
 from fxswap.calibrate import _base_profile, add_calibrate_arguments, run_calibrate
-from fxswap.compiler import _mirrored_value
+from fxswap.experts import _mirrored_value
 from fxswap.hardware import PROFILES
 from fxswap.runtime import HostStore, PendingTransfer, SwapRuntime, TransferBackend, pinned_allocation_bytes
 
@@ -152,7 +152,7 @@ def test_timestep_views_read_from_one_host_copy(monkeypatch: pytest.MonkeyPatch)
 @needs_cuda
 @pytest.mark.gpu
 def test_experts_timestep_switch_does_not_sync_per_step() -> None:
-    from fxswap.compiler import _host_value
+    from fxswap.experts import _host_value
 
     timesteps = torch.linspace(1000, 0, 11, device="cuda")
     mirror: list[Any] = []

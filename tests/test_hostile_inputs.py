@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 
 from fxswap import ops
 from fxswap.api import plan as fx_plan
-from fxswap.compiler import DeviceError, SignatureError, TrainingModeError, compile_experts
+from fxswap.compiler import DeviceError, SignatureError, TrainingModeError
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, CheckpointError, PlanError, PlanMismatchError
+from fxswap.experts import compile_experts
 from fxswap.models.wan_checkpoint import load as wan_load
 from fxswap.models.wan_checkpoint import load_state_dict
 from fxswap.swapplan import SwapPlan, load_plan

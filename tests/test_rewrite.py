@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import probe_ops
 import pytest
 import torch
 import torch.nn as nn
@@ -177,10 +178,10 @@ def _insert_probes(gm: fx.GraphModule, pid: int) -> fx.GraphModule:
     g = gm.graph
     for rel in [n for n in g.nodes if n.target is ops.release]:
         with g.inserting_before(rel):
-            pre = g.call_function(ops.probe, (pid, rel.args[2]))
+            pre = g.call_function(probe_ops.probe, (pid, rel.args[2]))
         rel.update_arg(2, pre)  # the release now comes after the "before" probe
         with g.inserting_after(rel):
-            g.call_function(ops.probe, (pid, rel))
+            g.call_function(probe_ops.probe, (pid, rel))
     g.lint()
     gm.recompile()
     return gm
@@ -195,7 +196,7 @@ def test_memory_returns_at_release(mlp_graph: Any, backend: str) -> None:
     named = dict(m.named_parameters())
     uids = {u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units}
     seen: list[int] = []
-    pid = ops.register_probe(lambda: seen.append(rt.ledger.bytes))
+    pid = probe_ops.register_probe(lambda: seen.append(rt.ledger.bytes))
     try:
         new = _insert_probes(insert_swaps(gm, plan, pp, unit_ids=uids), pid)
         args = run_args(new, pp, m, rt, x)
@@ -209,7 +210,7 @@ def test_memory_returns_at_release(mlp_graph: Any, backend: str) -> None:
         out = fn(*args)
         assert torch.equal(out[0], m(x)) if backend == "eager" else torch.allclose(out[0], m(x))
     finally:
-        ops.unregister_probe(pid)
+        probe_ops.unregister_probe(pid)
     unit_bytes = (16 * 16 + 16) * 4
     assert len(seen) == 8
     for before, after in zip(seen[0::2], seen[1::2], strict=True):

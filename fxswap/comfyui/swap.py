@@ -47,7 +47,7 @@ from torch import Tensor
 import fxswap
 from fxswap.api import make_options
 from fxswap.compiler import SwapModule
-from fxswap.errors import BudgetInfeasibleError, FxswapError
+from fxswap.errors import BudgetInfeasibleError, ComfyIntegrationError
 from fxswap.runtime import PendingTransfer, SwapRuntime, TransferBackend, default_backend
 from fxswap.swapplan import PlanOptions, SwapPlan
 
@@ -64,10 +64,6 @@ COMFY_PREFIX = "diffusion_model."
 # releases the first). Weak values: a model ComfyUI has dropped does not stay registered.
 _ACTIVE: weakref.WeakValueDictionary[str, SwapState] = weakref.WeakValueDictionary()
 _ACTIVE_LOCK = threading.RLock()  # activate() releases the other model under it
-
-
-class ComfyIntegrationError(FxswapError, ValueError):
-    """A ComfyUI model or workflow fxswap cannot run as asked (the message says what to change)."""
 
 
 @contextlib.contextmanager
@@ -316,7 +312,7 @@ class SwapState:
     # -- planning without running
     def preview(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SwapPlan:
         """The plan a call with these (meta) inputs would get. Raises BudgetInfeasibleError."""
-        from fxswap.compiler import _capture, measured_ir
+        from fxswap.build import capture_call, measured_ir
         from fxswap.passes.planner import build_plan
 
         args, kwargs = self.adapt(args, kwargs)
@@ -324,7 +320,7 @@ class SwapState:
         # so the preview is the plan the first sampling call makes for the same input shapes.
         sig = self.swap._forward_sig
         with free_memory_is_budget(self.budget_bytes):
-            cap, _ = _capture(
+            cap, _ = capture_call(
                 self.module, args, kwargs, self.device, None if sig is None else list(sig.parameters)
             )
         # The op workspace the compiled model measures on its device, so that the eager preview is

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from fxswap.errors import BudgetInfeasibleError, FxswapError
+from fxswap.options import make_options
 
 __all__ = ["CFG_MODES", "CfgPrices", "FxswapPipelineState", "disable", "enable", "state"]
 
@@ -242,14 +243,13 @@ class FxswapPipelineState:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
-        import fxswap
 
         pipe = self.pipe
-        options = fxswap.compiler._options(
-            self.mode,
-            self.max_vram_gb,
-            self.block_size_mb,
-            {k: v for k, v in self.compile_kwargs.items() if k in _PLAN_OPTION_NAMES},
+        options = make_options(
+            mode=self.mode,
+            max_vram_gb=self.max_vram_gb,
+            block_size_mb=self.block_size_mb,
+            **{k: v for k, v in self.compile_kwargs.items() if k in _PLAN_OPTION_NAMES},
         )
         budget, reserve = options.max_vram_bytes, options.reserve_bytes
         components = {
@@ -602,12 +602,12 @@ def _named_errors(name: str, max_vram_gb: float) -> Iterator[None]:
 
 def _plan_call(sm: Any, module: torch.nn.Module, call: dict[str, Any]) -> Any:
     """The plan ``sm`` would make for ``module(**call)`` (capture cached for the real build)."""
-    from fxswap.compiler import _capture, measured_ir
+    from fxswap.build import capture_call, measured_ir
     from fxswap.passes.planner import build_plan
 
     names = None if sm._forward_sig is None else list(sm._forward_sig.parameters)
     with _original_class(module):
-        cap, _ = _capture(module, (), call, sm.device, names)
+        cap, _ = capture_call(module, (), call, sm.device, names)
     opts = sm.options
     staging = sm.runtime.staging_bytes(list(sm._named.values()))
     if staging:
@@ -687,7 +687,7 @@ def enable(
         fxswap.BudgetInfeasibleError: an encoder does not fit with ``encoders="onload"``; the
             transformers' minimum budget is checked on the first call (the error names it).
     """
-    from fxswap.compiler import _resolve_device
+    from fxswap.build import resolve_device
 
     for arg, value, choices in (("cfg", cfg, CFG_MODES), ("encoders", encoders, ENCODER_MODES)):
         if value not in choices:
@@ -698,13 +698,14 @@ def enable(
             f"`pipe` must be a diffusers pipeline (with .components), got {type(pipe).__name__}. "
             "Fix: pass e.g. a WanPipeline."
         )
-    import fxswap.compiler
-
     # every option is checked before anything changes (a bad one leaves the old settings in place)
-    fxswap.compiler._options(
-        mode, max_vram_gb, block_size_mb, {k: v for k, v in compile_kwargs.items() if k in _PLAN_OPTION_NAMES}
+    make_options(
+        mode=mode,
+        max_vram_gb=max_vram_gb,
+        block_size_mb=block_size_mb,
+        **{k: v for k, v in compile_kwargs.items() if k in _PLAN_OPTION_NAMES},
     )
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     disable(pipe)
     st = FxswapPipelineState(
         pipe,

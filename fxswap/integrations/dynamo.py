@@ -95,7 +95,8 @@ def fxswap_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, **_: Any
 ) -> Callable[..., Any]:
     """The ``fxswap`` backend for ``torch.compile`` (see the module docstring for ``options``)."""
-    from fxswap.compiler import BACKENDS, _options, _resolve_device, _retarget, compile_inductor
+    from fxswap.build import BACKENDS, compile_inductor, resolve_device, retarget
+    from fxswap.options import make_options
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
@@ -110,8 +111,10 @@ def fxswap_backend(
             f"torch.compile(backend='fxswap', options={{'backend': {copts['backend']!r}}}) is invalid: "
             "use 'inductor' or 'eager'"
         )
-    device = _resolve_device(copts["device"])
-    plan_options = _options(copts["mode"], copts["max_vram_gb"], copts["block_size_mb"], popts)
+    device = resolve_device(copts["device"])
+    plan_options = make_options(
+        mode=copts["mode"], max_vram_gb=copts["max_vram_gb"], block_size_mb=copts["block_size_mb"], **popts
+    )
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
@@ -157,7 +160,7 @@ def fxswap_backend(
         new = insert_swaps(gm, plan, [r.weight for r in roles], unit_ids=unit_ids)
         if device.type != "cpu":
             # Dynamo traced on the host: device constants follow the inputs to the device.
-            _retarget(new, device, torch.device("cpu"))
+            retarget(new, device, torch.device("cpu"))
             new.recompile()
         # per remaining placeholder: the index of its example input, and the resident weight's name
         kept = [(i, r.weight) for i, r in enumerate(roles) if r.weight is None or r.weight not in swapped]

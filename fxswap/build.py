@@ -1,0 +1,509 @@
+"""Build time of ``fxswap.compile``: capture, plan (or check the given plan), register the units,
+rewrite the graph and compile it, for one input signature.
+
+Per input signature (shapes, dtypes, devices and non-tensor values of the call's arguments)::
+
+    capture (Dynamo, fullgraph, on meta: no weight touches the device)
+      -> GraphIR -> plan (or the given plan, checked against the graph)
+      -> SwapRuntime.add_unit(...) per swapped unit (host copies)
+      -> passes.rewrite.insert_swaps (on a copy of the graph)
+      -> eager: run the rewritten FX graph | inductor: compile_fx(rewritten graph)
+
+NOTE (why the capture runs on meta): Dynamo would pass the model's own parameters as graph inputs,
+so the model would have to live on the device for tracing and guards. fxswap keeps the model
+untouched on the host; the graph's inputs are the user's tensors plus the runtime's resident device
+copies. The capture runs on ``meta`` copies of the weights and inputs via
+``torch.func.functional_call``; device constants the graph baked in (``device='meta'``) are retargeted.
+
+The rewritten graph is the same for the same model and plan, in every build and process: its units
+are numbered -1, -2, ... in plan order (build-local ids, resolved through the table
+:func:`fxswap.ops.bound_units` binds around each run), not by the process-wide registry. Inductor's
+FX graph cache then hits across processes.
+
+Call time (binding arguments, guards, residents, out-of-memory recovery) is in
+:mod:`fxswap.compiled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fxswap import ops
+from fxswap.capture import dynamo_graph, input_names
+from fxswap.errors import CaptureError, DeviceError, PlanError
+from fxswap.fit import Built, account, fit
+from fxswap.ir import GraphIR
+from fxswap.options import MiB, PlanOptions
+from fxswap.passes.analyse import graph_ir, placeholder_roles
+from fxswap.runtime import SwapRuntime, default_device
+from fxswap.swapplan import SwapPlan, fingerprint_parts
+from fxswap.workspace import probe_workspace, with_workspace
+
+__all__ = [
+    "BACKENDS",
+    "Builder",
+    "Capture",
+    "Entry",
+    "capture_call",
+    "clear_capture_cache",
+    "compile_inductor",
+    "host_line",
+    "input_buffer_names",
+    "measured_ir",
+    "resolve_device",
+    "retarget",
+    "signature",
+]
+
+logger = logging.getLogger("fxswap.compiler")
+
+BACKENDS = ("inductor", "eager")
+# fxswap's scoped Inductor settings (names checked on torch 2.11 to 2.14; see compile_inductor).
+_INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_locality": False, "triton.cudagraphs": False}
+
+
+def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., Any]:
+    """Inductor on a rewritten graph, with the settings the fxswap ops need (one place for both
+    ``fxswap.compile`` and the ``torch.compile`` backend)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from fxswap.progress import stage
+
+    # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
+    # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
+    # after release k), which serialises transfer and compute. Fusion is unaffected.
+    # CUDA graphs stay off whatever the global config says: a replay skips the Python load / wait
+    # ops, so every replay would compute with the weights (and addresses) of the recorded call.
+    with (
+        stage("fxswap: compiling with Inductor"),
+        torch._inductor.config.patch(_INDUCTOR_CONFIG),
+        torch.no_grad(),
+    ):
+        return compile_fx(gm, list(flat))  # type: ignore[return-value]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(
+            f"`device`={device!r} is not a device: {e}. Fix: pass e.g. 'cuda', 'cuda:0' or 'cpu'"
+        ) from e
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = dev.index if dev.index is not None else 0
+        if idx >= n:
+            raise DeviceError(
+                f"`device`={device!r} does not exist: this process sees {n} CUDA device(s). "
+                "Fix: pass device='cpu', or an index below the device count."
+            )
+        return torch.device("cuda", idx)
+    raise DeviceError(
+        f"`device`={device!r}: fxswap supports 'cuda' and 'cpu' devices. Fix: pass one of those"
+    )
+
+
+def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key: list[Hashable] = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        else:
+            try:
+                hash(leaf)
+                key.append(("V", type(leaf).__name__, leaf))
+            except TypeError:
+                key.append(("V", type(leaf).__name__, repr(leaf)))
+    return tuple(key)
+
+
+def _entry(model: torch.nn.Module, state: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
+    return torch.func.functional_call(model, state, tuple(args), dict(kwargs), strict=False)
+
+
+def _to_meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+    return x
+
+
+def retarget(gm: fx.GraphModule, device: torch.device, source: torch.device | None = None) -> None:
+    """Point the device constants the graph baked in (``torch.arange(..., device=...)``) from
+    ``source`` (default ``meta``, where fxswap.compile captures) to ``device``."""
+    src = source if source is not None else torch.device("meta")
+
+    def fix(a: Any) -> Any:
+        if isinstance(a, torch.device) and a == src:
+            return device
+        if isinstance(a, str) and a == str(src):
+            return str(device)
+        return a
+
+    for n in gm.graph.nodes:
+        n.args = fx.node.map_aggregate(n.args, fix)
+        n.kwargs = fx.node.map_aggregate(n.kwargs, fix)
+
+
+@dataclass
+class Capture:
+    """One capture of a call (see :func:`capture_call`): the graph, what each placeholder is, how
+    to read the user's inputs from a call and rebuild its outputs, and the graph's IR."""
+
+    gm: fx.GraphModule
+    placeholder_params: tuple[str | None, ...]
+    input_getters: tuple[Callable[[dict[str, Any]], Any] | None, ...]  # per placeholder; None: weight
+    out_spec: pytree.TreeSpec
+    out_slots: tuple[int | None, ...]  # per output leaf: graph output index, or None (constant)
+    out_consts: tuple[Any, ...]
+    ir: GraphIR
+    # Measured op workspace on the capture's device (fxswap.workspace), probed on the first build.
+    workspace: dict[str, int] | None = None
+
+
+def measured_ir(cap: Capture, device: torch.device) -> GraphIR:
+    """The capture's IR with each op's workspace measured on ``device`` (probed once per capture)."""
+    if cap.workspace is None:
+        cap.workspace = probe_workspace(cap.gm, device)
+    return with_workspace(cap.ir, cap.workspace)
+
+
+def input_buffer_names(cap: Capture) -> set[str]:
+    """The IR buffers of the caller's inputs (named after their placeholders by
+    ``passes.analyse.graph_ir``): held for the whole call."""
+    placeholders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"]
+    return {n.name for n, fqn in zip(placeholders, cap.placeholder_params, strict=True) if fqn is None}
+
+
+def _getter(path: list[Any]) -> Callable[[dict[str, Any]], Any]:
+    def get(root: dict[str, Any]) -> Any:
+        v: Any = root
+        for k in path:
+            v = v[k]
+        return v
+
+    return get
+
+
+# NOTE: a capture depends only on the model's code, its weights' names/shapes/dtypes and the call
+# signature, so compiling one model several times (other budgets, modes, experts benchmarks) reuses
+# it: Dynamo tracing is by far the slowest step of planning (seconds for WAN; planning takes ms).
+# Weak keys: the cache dies with the model. clear_capture_cache() drops it (e.g. after editing code).
+_CAPTURES: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, Capture]] = weakref.WeakKeyDictionary()
+
+
+def clear_capture_cache() -> None:
+    """Forget every cached capture (they are re-traced on the next first call)."""
+    _CAPTURES.clear()
+
+
+def capture_call(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: torch.device,
+    param_names: Sequence[str] | None = None,
+) -> tuple[Capture, bool]:
+    """The capture of ``model(*args, **kwargs)`` for ``device``, and whether it was traced now
+    (False: served from the per-model cache, see ``_CAPTURES``)."""
+    weights = tuple(
+        (k, tuple(v.shape), v.dtype)
+        for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
+    )
+    key = (signature(args, kwargs), weights, str(device), model.training, param_names is None)
+    per_model = _CAPTURES.setdefault(model, {})
+    hit = per_model.get(key)
+    if hit is not None:
+        return hit, False
+    cap = _trace_on_meta(model, args, kwargs, device, param_names)
+    per_model[key] = cap
+    return cap, True
+
+
+def _trace_on_meta(
+    model: torch.nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: torch.device,
+    param_names: Sequence[str] | None,
+) -> Capture:
+    named = dict(model.named_parameters()) | dict(model.named_buffers())
+    meta_state = {k: _to_meta(v) for k, v in named.items()}
+    meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
+    graph = dynamo_graph(
+        _entry, (model, meta_state, meta_args, meta_kwargs), model, "fxswap.compile", run=True
+    )
+    gm, flat = graph.gm, graph.inputs
+    fqn_of = {id(t): k for k, t in meta_state.items()}
+    # Where each user-input tensor sits in (args, kwargs): Dynamo's flat inputs are those objects.
+    path_of: dict[int, list[Any]] = {}
+    for path, leaf in pytree.tree_flatten_with_path({"args": meta_args, "kwargs": meta_kwargs})[0]:
+        if isinstance(leaf, torch.Tensor):
+            path_of.setdefault(id(leaf), [getattr(k, "key", getattr(k, "idx", None)) for k in path])
+    # getters read the canonical, all-keyword form of a call (see SwapModule._canonical)
+    if param_names is not None:
+        path_of = {
+            k: (["kwargs", param_names[p[1]], *p[2:]] if p[0] == "args" else p) for k, p in path_of.items()
+        }
+    # Same readable input names as fxswap.trace, so a plan made by fxswap.plan fingerprints equal.
+    names = input_names(model, meta_args, meta_kwargs)
+    name_of = {k: names.get(k, ".".join(str(x) for x in p)) for k, p in path_of.items()}
+
+    def unknown(i: int, ph: fx.Node) -> str:
+        raise CaptureError(
+            f"graph input {i} of {type(model).__name__} is neither a registered parameter/buffer nor a "
+            "call argument (a plain tensor attribute or a global?). Fix: register it with "
+            "`register_buffer(..., persistent=False)` so fxswap can place it."
+        )
+
+    roles = placeholder_roles(gm, flat, fqn_of, name_of, unknown)
+    getters = [
+        None if r.weight is not None else _getter(path_of[id(v)]) for r, v in zip(roles, flat, strict=True)
+    ]
+    leaves, spec = pytree.tree_flatten(graph.result)
+    index = {id(t): j for j, t in enumerate(graph.outputs)}
+    slots: list[int | None] = []
+    consts: list[Any] = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if id(leaf) not in index:
+                raise CaptureError(
+                    f"an output tensor of {type(model).__name__} is not a graph output (an input or weight "
+                    "returned as is?); fxswap cannot reconstruct it. Fix: return computed tensors only."
+                )
+            slots.append(index[id(leaf)])
+            consts.append(None)
+        elif leaf is None or isinstance(leaf, (int, float, bool, str, torch.dtype, torch.device)):
+            slots.append(None)
+            consts.append(leaf)
+        else:
+            raise CaptureError(
+                f"{type(model).__name__} returns a {type(leaf).__name__}, which fxswap cannot look into "
+                "(not a tensor, a constant, or a pytree container). Fix: return tensors / tuples / "
+                "dicts, or register the output class with torch.utils._pytree."
+            )
+    ir = graph_ir(gm, roles)
+    retarget(gm, device)
+    return Capture(gm, tuple(r.weight for r in roles), tuple(getters), spec, tuple(slots), tuple(consts), ir)
+
+
+@dataclass
+class Entry:
+    """One built signature: its plan, the rewritten graph, its compiled program, and what a call
+    passes to it."""
+
+    plan: SwapPlan
+    fn: Callable[..., Any] | None  # None until the first call compiles it
+    gm: fx.GraphModule
+    inputs: tuple[tuple[str, Any], ...]  # ("user", getter) | ("resident", fqn)
+    resident: frozenset[str]
+    cap: Capture
+    ir: GraphIR  # what the plan was made from (workspace included)
+    unit_ids: dict[str, int]  # unit name -> its id in the graph (build-local: -1, -2, ...)
+    units: dict[int, ops.UnitHandle]  # graph id -> the runtime's unit (bound around each run)
+
+
+def host_line(runtime: SwapRuntime) -> str:
+    """One line on the host copies: pinned and pageable bytes (and why pinning stopped, if it did)."""
+    st = runtime.store
+    return (
+        f"  host copies: {len(st)} tensors, pinned {st.pinned_bytes / MiB:.2f} MiB, pageable "
+        f"{st.pageable_bytes / MiB:.2f} MiB"
+        + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
+    )
+
+
+class Builder:
+    """Builds one :class:`Entry` per input signature for a compiled model (``SwapModule``).
+
+    Args:
+        model: the user's module; its swapped weights are pointed at the runtime's host copies.
+        runtime: the compiled model's runtime (host store, units, residents).
+        device: where the graph runs.
+        backend: "inductor" or "eager".
+        param_names: ``forward``'s parameter names when every one can be passed by keyword (the
+            call's canonical form), else None.
+        activate: makes an entry's resident weights the runtime's (the compiled model's own, so it
+            knows which entry is active).
+        stats: the compiled model's counters; ``captures`` and ``compiles`` are counted here.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        runtime: SwapRuntime,
+        device: torch.device,
+        backend: str,
+        param_names: list[str] | None,
+        activate: Callable[[Entry], None],
+        stats: dict[str, int],
+    ) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.device = device
+        self.backend = backend
+        self.param_names = param_names
+        self.activate = activate
+        self.stats = stats
+        self.named = dict(model.named_parameters()) | dict(model.named_buffers())
+        self._builds = itertools.count()
+
+    def build(
+        self,
+        options: PlanOptions,
+        given_plan: SwapPlan | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        root: dict[str, Any],
+    ) -> Entry:
+        """Capture, plan and rewrite for one signature (``root``: the call in canonical form);
+        under Inductor also compile, against what Inductor really generates (``fxswap.fit``)."""
+        from fxswap.passes.planner import build_plan
+        from fxswap.progress import plan_line
+
+        t0 = time.perf_counter()
+        cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names)
+        self.stats["captures"] += int(fresh)
+        staging = self.runtime.staging_bytes(list(self.named.values()))
+        ir = measured_ir(cap, self.device)
+        opts = options
+        if given_plan is not None:
+            given_plan.check_compatible(fingerprint_parts(cap.ir, options))
+            plan = given_plan
+            if plan.reserve_bytes < staging:
+                raise PlanError(
+                    f"`plan` reserves {plan.reserve_bytes} bytes but storage_dtype="
+                    f"{self.runtime.storage_dtype} needs {staging} bytes of device staging beside the "
+                    "units (the largest narrowed weight as stored); the budget could be exceeded. Fix: "
+                    f"re-plan with reserve_mb >= {(staging + MiB - 1) // MiB}, or compile without `plan`."
+                )
+        else:
+            # The staging tensor a storage-dtype cast holds beside the units (SwapRuntime docstring)
+            # is planned as part of the reserve, counted at every op.
+            if staging:
+                opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
+            if self.backend == "inductor":
+                entry = self._fit_inductor(cap, ir, opts, root)
+                elapsed = time.perf_counter() - t0
+                logger.info(
+                    "fxswap: %s planned and compiled in %.2f s: %s",
+                    type(self.model).__name__,
+                    elapsed,
+                    plan_line(entry.plan) + "; " + host_line(self.runtime),
+                )
+                return entry
+            plan = build_plan(ir, opts)
+        entry = self.make_entry(cap, plan, ir)
+        if self.backend == "inductor":
+            entry = self._measured(entry, root)
+            if entry.plan.peak_bytes > plan.max_vram_bytes:
+                raise PlanError(
+                    f"`plan`: Inductor's program for it peaks at {entry.plan.peak_bytes} bytes, above the "
+                    f"plan's budget of {plan.max_vram_bytes} bytes (its memory model was the FX graph's). "
+                    "Fix: compile without `plan` so fxswap plans against Inductor's real buffers, or use "
+                    "backend='eager' with this plan."
+                )
+        elapsed = time.perf_counter() - t0
+        logger.info(
+            "fxswap: %s planned in %.2f s: %s",
+            type(self.model).__name__,
+            elapsed,
+            plan_line(entry.plan) + "; " + host_line(self.runtime),
+        )
+        return entry
+
+    def make_entry(self, cap: Capture, plan: SwapPlan, ir: GraphIR) -> Entry:
+        """Register the plan's swapped units with the runtime and rewrite the graph for them."""
+        from fxswap.passes.rewrite import insert_swaps
+        from fxswap.progress import progress
+
+        # A fresh registry prefix per build: a failed first run leaves its units behind under the
+        # old one. The graph never sees it: its ids are the build-local -1, -2, ... (module docstring).
+        prefix = f"s{next(self._builds)}/"
+        swapping = [u for u in plan.units if not u.resident]
+        registered = {
+            u.name: self.runtime.add_unit(prefix + u.name, [(p, self.named[p]) for p in u.params])
+            for u in progress(swapping, desc="fxswap: host copies (pinned on CUDA)", unit="unit")
+        }
+        unit_ids = {u.name: -(i + 1) for i, u in enumerate(swapping)}
+        units = {unit_ids[name]: ops.lookup(uid) for name, uid in registered.items()}
+        gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
+        swapped = {p for u in swapping for p in u.params}
+        self._share_host_copies(swapped)
+        inputs: list[tuple[str, Any]] = []
+        for fqn, get in zip(cap.placeholder_params, cap.input_getters, strict=True):
+            if fqn is None:
+                inputs.append(("user", get))
+            elif fqn not in swapped:
+                inputs.append(("resident", fqn))
+        resident = frozenset(f for k, f in inputs if k == "resident")
+        return Entry(plan, None, gm, tuple(inputs), resident, cap, ir, unit_ids, units)
+
+    def flat(self, entry: Entry, root: dict[str, Any]) -> list[Any]:
+        """The graph's inputs for a call: the user's tensors and the resident device copies."""
+        return [
+            get(root) if kind == "user" else self.runtime.resident(get, self.named[get])
+            for kind, get in entry.inputs
+        ]
+
+    def compile(self, entry: Entry, flat: list[Any]) -> Callable[..., Any]:
+        """The program that runs ``entry``: its FX graph (eager) or Inductor's code for it."""
+        self.stats["compiles"] += 1
+        if self.backend == "eager":
+            return entry.gm.forward
+        with ops.bound_units(entry.units):  # the fake impls read the units' shapes
+            return compile_inductor(entry.gm, flat)
+
+    def _built(self, entry: Entry, root: dict[str, Any]) -> Built[Entry]:
+        """Compile ``entry`` with Inductor: what :mod:`fxswap.fit` replays."""
+        self.activate(entry)
+        flat = self.flat(entry, root)
+        return Built(entry, self.compile(entry, flat), flat, entry.unit_ids, entry.units)
+
+    def _measured(self, entry: Entry, root: dict[str, Any]) -> Entry:
+        """``entry`` compiled, its plan accounted by Inductor's generated program (fxswap.fit)."""
+        built = self._built(entry, root)
+        plan, ir = account(entry.plan, entry.ir, built, input_buffer_names(entry.cap), self.device)
+        return dataclasses.replace(entry, plan=plan, fn=built.fn, ir=ir)
+
+    def _fit_inductor(self, cap: Capture, ir: GraphIR, opts: PlanOptions, root: dict[str, Any]) -> Entry:
+        """Plan, compile and replay until Inductor's real peak fits the budget (:func:`fxswap.fit.fit`)."""
+        built, plan = fit(
+            ir,
+            opts,
+            lambda p: self._built(self.make_entry(cap, p, ir), root),
+            input_buffer_names(cap),
+            self.device,
+        )
+        return dataclasses.replace(built.handle, plan=plan, fn=built.fn)
+
+
+    def _share_host_copies(self, names: set[str]) -> None:
+        # NOTE: on CUDA the store pins a copy of each swapped weight. Pointing the model's tensor at
+        # that copy keeps ONE host copy in the process instead of two (the pageable original is
+        # freed when nothing else holds it). Values, dtype, shape and device (cpu) are unchanged.
+        for name in names:
+            t = self.named[name]
+            host = self.runtime.store[name]
+            if (
+                host.data_ptr() != t.data_ptr()
+                and host.dtype == t.dtype
+                and host.shape == t.shape
+                and host.device == t.device
+            ):
+                t.data = host
