@@ -323,8 +323,7 @@ def host_line(runtime: SwapRuntime) -> str:
     st = runtime.store
     return (
         f"  host copies: {len(st)} tensors, pinned {st.pinned_bytes / MiB:.2f} MiB, pageable "
-        f"{st.pageable_bytes / MiB:.2f} MiB"
-        + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
+        f"{st.pageable_bytes / MiB:.2f} MiB" + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
     )
 
 
@@ -491,7 +490,6 @@ class Builder:
             self.device,
         )
         return dataclasses.replace(built.handle, plan=plan, fn=built.fn)
-
 
     def _share_host_copies(self, names: set[str]) -> None:
         # NOTE: on CUDA the store pins a copy of each swapped weight. Pointing the model's tensor at

@@ -190,14 +190,24 @@ class SwapModule:
     def _activate(self, entry: Entry) -> None:
         if self._active is entry:
             return
-        # Another signature's plan may keep other weights resident: never hold both sets.
+        # Another signature's plan may keep other weights resident: never hold both sets. Units
+        # the last call carried for its own graph's next call (warm start) are not this graph's.
+        self.runtime.discard_pending()
         self.runtime.retain_residents(entry.resident)
         self._active = entry
 
     def release(self) -> None:
-        """Drop every resident device copy (they are re-made on the next call)."""
+        """Drop every resident device copy and every unit prefetched for a next call (they are
+        made again by the next call)."""
         self.runtime.drop_residents()
+        self.runtime.discard_pending()
         self._active = None
+
+    def discard_prefetch(self) -> None:
+        """Free the units a warm start loaded for the next call (``plan.carried_bytes``), e.g. when
+        the sampling loop is over; the next call then starts cold. Resident weights stay."""
+        with self._call_lock:
+            self.runtime.discard_pending()
 
     def close(self) -> None:
         """Return every byte of device and pinned host memory this model holds and unregister its

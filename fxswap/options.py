@@ -86,6 +86,10 @@ class PlanOptions:
         max_prefetch_depth: the most units ahead a load may be issued (0 = just before use); the
             planner searches depths 0..this by its cost model (:mod:`fxswap.passes.planner`).
         h2d_gbps, compute_tflops, device_mem_gbps: the cost model's rates (see module constants).
+        warm_start: plan the sampling loop as a cycle: each call's tail starts loading the units the
+            next call of the same signature needs first (:mod:`fxswap.passes.warmstart`), within the
+            same budget, when the cost model predicts faster calls. Between two calls those units
+            stay allocated; ``SwapModule.discard_prefetch()`` frees them.
     """
 
     mode: str = DEFAULT_MODE
@@ -96,6 +100,7 @@ class PlanOptions:
     h2d_gbps: float = DEFAULT_H2D_GBPS
     compute_tflops: float = DEFAULT_COMPUTE_TFLOPS
     device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +121,8 @@ class PlanOptions:
             raise _bad("reserve_bytes", self.reserve_bytes, "pass an int >= 0 (default 256 MiB)")
         if not _is_int(self.max_prefetch_depth) or not 0 <= self.max_prefetch_depth <= 64:
             raise _bad("max_prefetch_depth", self.max_prefetch_depth, "pass an int between 0 and 64")
+        if not isinstance(self.warm_start, bool):
+            raise _bad("warm_start", self.warm_start, "pass True or False")
         for name in ("h2d_gbps", "compute_tflops", "device_mem_gbps"):
             value = getattr(self, name)
             if not _is_rate(value):
@@ -135,6 +142,7 @@ class PlanOptions:
         h2d_gbps: float = DEFAULT_H2D_GBPS,
         compute_tflops: float = DEFAULT_COMPUTE_TFLOPS,
         device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS,
+        warm_start: bool = True,
     ) -> PlanOptions:
         """Options from user units: ``max_vram_gb`` in GiB (2**30), sizes in MiB (2**20).
 
@@ -162,6 +170,7 @@ class PlanOptions:
             h2d_gbps=h2d_gbps,
             compute_tflops=compute_tflops,
             device_mem_gbps=device_mem_gbps,
+            warm_start=warm_start,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,11 +178,22 @@ class PlanOptions:
 
 
 # The PlanOptions.from_user arguments that take their documented default when left out (or None).
-OPTIONAL_OPTIONS = ("reserve_mb", "h2d_gbps", "compute_tflops", "max_prefetch_depth", "device_mem_gbps")
+OPTIONAL_OPTIONS = (
+    "reserve_mb",
+    "h2d_gbps",
+    "compute_tflops",
+    "max_prefetch_depth",
+    "device_mem_gbps",
+    "warm_start",
+)
 
 
 def make_options(
-    *, mode: str, max_vram_gb: float, block_size_mb: float = DEFAULT_BLOCK_SIZE_MB, **optional: float | None
+    *,
+    mode: str,
+    max_vram_gb: float,
+    block_size_mb: float = DEFAULT_BLOCK_SIZE_MB,
+    **optional: float | bool | None,
 ) -> PlanOptions:
     """Validated :class:`PlanOptions` from user units; an optional option that is ``None`` (or left
     out) keeps PlanOptions' documented default. ``optional`` takes the names in

@@ -30,7 +30,9 @@ __all__ = [
     "read_plan_text",
 ]
 
-SCHEMA_VERSION = 1
+# 2: warm start (units' carry_at/carry_node; the plan's warm_start, carried, boundary and first
+# call figures).
+SCHEMA_VERSION = 2
 
 # A field's JSON kind: the checker of a JSON value, and the type named in the error.
 _Kind = tuple[Callable[[object], bool], str]
@@ -74,6 +76,8 @@ UNIT_FIELDS: dict[str, _Kind] = {
     "load_node": OPT_STR,
     "wait_node": OPT_STR,
     "release_node": OPT_STR,
+    "carry_at": OPT_INT,
+    "carry_node": OPT_STR,
 }
 
 #: SwapPlan's fields in declaration order, and their JSON kinds (tests check it against the record).
@@ -98,6 +102,10 @@ PLAN_FIELDS: dict[str, _Kind] = {
     "predicted_step_ms": FLOAT,
     "predicted_compute_ms": FLOAT,
     "predicted_stall_ms": FLOAT,
+    "warm_start": BOOL,
+    "carried_bytes": INT,
+    "boundary_bytes": INT,
+    "predicted_first_step_ms": FLOAT,
     "h2d_gbps": FLOAT,
     "compute_tflops": FLOAT,
     "device_mem_gbps": FLOAT,

@@ -114,6 +114,9 @@ class SwapUnit:
     """One swap unit. Op indices point into ``GraphIR.ops``; ``*_node`` are those ops' FX names.
 
     A resident unit has ``load_at``/``wait_at``/``release_after`` and the node names None.
+    ``carry_at`` (warm start): the op before which the load for the *next* call is issued, after
+    this call's release (``num_ops``: as the call ends, ``carry_node`` "output"); None when the unit
+    is not carried across calls.
     """
 
     name: str
@@ -129,6 +132,8 @@ class SwapUnit:
     load_node: str | None
     wait_node: str | None
     release_node: str | None
+    carry_at: int | None = None
+    carry_node: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +161,12 @@ class SwapPlan:
     predicted_step_ms: float
     predicted_compute_ms: float
     predicted_stall_ms: float
+    # Warm start (fxswap.passes.warmstart): the predicted_* figures above are those of a call after
+    # the first; peak_bytes covers every call and the bytes held between two calls.
+    warm_start: bool
+    carried_bytes: int  # allocated between two calls for the next call's first units
+    boundary_bytes: int  # everything allocated between two calls (0 without warm start)
+    predicted_first_step_ms: float  # the first call, which starts cold
     h2d_gbps: float
     compute_tflops: float
     device_mem_gbps: float
@@ -192,6 +203,8 @@ class SwapPlan:
             ("resident_bytes", self.resident_bytes, sum(u.bytes for u in self.units if u.resident)),
             ("swapped_bytes", self.swapped_bytes, sum(u.bytes for u in self.units if not u.resident)),
             ("weight_bytes", self.weight_bytes, sum(u.bytes for u in self.units)),
+            ("carried_bytes", self.carried_bytes, sum(u.bytes for u in self.units if u.carry_at is not None)),
+            ("warm_start", self.warm_start, any(u.carry_at is not None for u in self.units)),
             ("fingerprint", self.fingerprint, combine_fingerprint(self.parts)),
         )
         for name, stored, expected in checks:
@@ -265,6 +278,13 @@ class SwapPlan:
             f"waiting for copies {self.predicted_stall_ms:.1f} ms) at {self.h2d_gbps:g} GB/s H2D, "
             f"{self.compute_tflops:g} TFLOP/s",
         ]
+        if self.warm_start:
+            carried = sum(u.carry_at is not None for u in self.units)
+            lines.append(
+                f"  warm start: each call's tail loads the next call's first {carried} unit(s) "
+                f"({size(self.carried_bytes)}, held between calls); first call "
+                f"{self.predicted_first_step_ms:.1f} ms, then {self.predicted_step_ms:.1f} ms"
+            )
         # Adaptive picks its own unit size, so the limit a tensor exceeded is the chosen partition's,
         # not the user's block_size_mb.
         limit = (

@@ -229,6 +229,7 @@ def insert_swaps(
     pos = {n: i for i, n in enumerate(graph.nodes)}
     # A swapped weight's placeholder is about to disappear: never anchor a load on it.
     swapped_phs = {ph for u in swapped for fqn in u.params for ph in ph_of.get(fqn, ())}
+    carries: list[tuple[Any, int, fx.Node, dict[str, Any]]] = []
     for u in swapped:
         if u.name not in unit_ids:
             raise PlanError(f"unit `{u.name}` has no id in `unit_ids`; register it with the runtime first")
@@ -267,18 +268,22 @@ def insert_swaps(
             )
         rel.meta["fxswap"] = {**tag, "kind": "release"}
         if u.carry_node is not None:
-            # Warm start: the next call's load of this unit, issued in this call's tail. It must
-            # come after this call's release of the unit: anchored on the release token when the
-            # nearest realised node before its point precedes the release.
-            n_carry = node(u.carry_node, u.name, "carry")
-            c_anchor = _load_anchor(n_carry, swapped_phs, pos)
-            if _precedes(c_anchor, rel):
-                c_anchor = rel
-            with graph.inserting_before(n_carry):
-                c = graph.create_node(
-                    "call_function", ops.carry, (uid, c_anchor), name=f"fxswap_carry_{label}"
-                )
-            c.meta["fxswap"] = {**tag, "kind": "carry"}
+            carries.append((u, uid, rel, tag))
+
+    # Warm start: the next call's load of a unit, issued in this call's tail. Inserted once every
+    # unit's own nodes exist, so that its anchor is the nearest realised node (often another unit's
+    # token) rather than an early one that would let a compiler issue it far too soon; and never
+    # before this call's release of the same unit (anchored on that release otherwise).
+    for u, uid, rel, tag in carries:
+        n_carry = node(u.carry_node, u.name, "carry")
+        c_anchor = _load_anchor(n_carry, swapped_phs, pos)
+        if c_anchor is rel or _precedes(c_anchor, rel):
+            c_anchor = rel
+        with graph.inserting_before(n_carry):
+            c = graph.create_node(
+                "call_function", ops.carry, (uid, c_anchor), name=f"fxswap_carry_{u.name.replace('.', '_')}"
+            )
+        c.meta["fxswap"] = {**tag, "kind": "carry"}
 
     try:
         graph.lint()

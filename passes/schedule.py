@@ -87,7 +87,8 @@ def prepare_partition(
     )
 
 
-PLACEMENTS = ("front", "spread")
+# "back" only pays with a warm start (the planner tries it then): see fill_resident.
+PLACEMENTS = ("front", "spread", "back")
 
 
 def spread_rank(n: int) -> list[int]:
@@ -125,7 +126,12 @@ def fill_resident(
       a few units this hides far more copy time per byte in flight (the depth counts resident units
       too, which take no memory to prefetch past).
 
-    Either way the result is maximal: no swapped unit could be made resident as well.
+    - ``"back"``: reverse execution order, so the last units stay resident and the first ones are
+      swapped. A single call then starts with a stall, but in a sampling loop planned as a cycle
+      (:mod:`fxswap.passes.warmstart`) the first units load while the resident tail of the
+      previous call computes: the rotation of "front" that hides the call boundary.
+
+    Every way the result is maximal: no swapped unit could be made resident as well.
 
     Returns:
         The schedule, or None when even the all-swapped schedule at this depth exceeds the budget.
@@ -137,7 +143,8 @@ def fill_resident(
     if max(levels) > budget:
         return None
     resident = [False] * len(sizes)
-    tie = list(range(len(sizes))) if placement == "front" else spread_rank(len(sizes))
+    n = len(sizes)
+    tie = {"front": list(range(n)), "spread": spread_rank(n), "back": list(range(n - 1, -1, -1))}[placement]
     # Memory of segment j is lower[j] + added: ``added`` sums the resident units, ``lower`` is the
     # all-swapped level less the resident units whose swapped span covers j (counted there already).
     # Making a unit resident then rewrites only its own short span, and the highest other segment
@@ -151,9 +158,7 @@ def fill_resident(
         a, b = spans[k]
         size = sizes[k]
         inside = lower[a : b + 1].count(top)
-        outside = (
-            top if inside < ntop else max(max(lower[:a], default=0), max(lower[b + 1 :], default=0))
-        )
+        outside = top if inside < ntop else max(max(lower[:a], default=0), max(lower[b + 1 :], default=0))
         # Resident adds the unit's bytes to every segment outside its swapped span.
         if outside + added + size <= budget:
             resident[k] = True

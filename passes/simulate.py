@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True, slots=True)
 class UnitWindow:
     """A scheduled unit as the simulators see it (op indices into the graph)."""

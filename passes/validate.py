@@ -6,7 +6,10 @@ Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index an
     resident unit:  load_at = wait_at = release_after = None (and no node names)
     swapped unit:   0 <= load_at <= wait_at,  release_after < len(ops)
                     for every op i reading one of its weights:  wait_at <= i <= release_after
-    simulated peak (fxswap.passes.simulate.simulate_memory) <= max_vram_bytes and == plan.peak_bytes
+    carried unit:   loaded at op 0, release_after < carry_at <= len(ops) (len(ops): as the call ends)
+    simulated peak (fxswap.passes.simulate.simulate_memory; with carried units the steady-state call
+    and the bytes between calls, fxswap.passes.warmstart.steady_memory) <= max_vram_bytes and
+    == plan.peak_bytes
 
 The validator recomputes everything from the graph; it trusts nothing the planner computed except
 the plan itself, so it also checks plans loaded from JSON.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from fxswap.passes.liveness import analyse_liveness, unit_range
 from fxswap.passes.simulate import MemoryTimeline, simulate_memory, unit_windows
+from fxswap.passes.warmstart import steady_memory
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
@@ -36,8 +40,10 @@ def _check_unit_fields(ir: GraphIR, u: SwapUnit) -> None:
     points = (u.load_at, u.wait_at, u.release_after)
     nodes = (u.load_node, u.wait_node, u.release_node)
     if u.resident:
-        if any(p is not None for p in points) or any(n is not None for n in nodes):
-            raise PlanError(f"unit {u.name!r} is resident but has load/wait/release points {points}")
+        if any(p is not None for p in (*points, u.carry_at)) or any(
+            n is not None for n in (*nodes, u.carry_node)
+        ):
+            raise PlanError(f"unit {u.name!r} is resident but has load/wait/release/carry points {points}")
         return
     if u.load_at is None or u.wait_at is None or u.release_after is None:
         raise PlanError(f"unit {u.name!r} is swapped but lacks a load/wait/release point: {points}")
@@ -57,6 +63,20 @@ def _check_unit_fields(ir: GraphIR, u: SwapUnit) -> None:
     ):
         if node != ir.ops[at].name:
             raise PlanError(f"unit {u.name!r}: {label} is {node!r} but {_op(ir, at)} is at that index")
+    if u.carry_at is None:
+        if u.carry_node is not None:
+            raise PlanError(f"unit {u.name!r} has carry_node {u.carry_node!r} but no carry_at")
+        return
+    if u.load_at != 0 or not u.release_after < u.carry_at <= n:
+        raise PlanError(
+            f"unit {u.name!r}: carry_at={u.carry_at} must follow its release after "
+            f"{_op(ir, u.release_after)} (at most {n}, the end of the call), for a unit loaded at op 0"
+        )
+    expected = ir.ops[u.carry_at].name if u.carry_at < n else "output"
+    if u.carry_node != expected:
+        raise PlanError(
+            f"unit {u.name!r}: carry_node is {u.carry_node!r} but carry_at={u.carry_at} is {expected!r}"
+        )
 
 
 def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
@@ -115,9 +135,31 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
                     f"{_op(ir, i)} reads {w!r} of unit {unit.name!r} after its release after "
                     f"{_op(ir, unit.release_after)}"
                 )
-    timeline = simulate_memory(live.act, unit_windows(plan.units), plan.reserve_bytes)
-    where = _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph"
-    if timeline.peak_bytes > plan.max_vram_bytes:
+    windows = unit_windows(plan.units)
+    timeline = simulate_memory(live.act, windows, plan.reserve_bytes)
+    peak, where = (
+        timeline.peak_bytes,
+        _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph",
+    )
+    if plan.warm_start:
+        steady, boundary = steady_memory(
+            live.act, windows, plan.reserve_bytes, [u.carry_at for u in plan.units]
+        )
+        if boundary != plan.boundary_bytes:
+            raise PlanError(
+                f"plan says boundary_bytes={plan.boundary_bytes} but the simulation gives {boundary}"
+            )
+        top = max(steady, default=0)
+        if max(top, boundary) > peak:
+            peak = max(top, boundary)
+            where = (
+                "the bytes between two calls"
+                if boundary > top
+                else f"{_op(ir, steady.index(top))} (steady state)"
+            )
+    elif plan.boundary_bytes:
+        raise PlanError(f"plan says boundary_bytes={plan.boundary_bytes} without a warm start")
+    if peak > plan.max_vram_bytes:
         worst = [
             u.name
             for u in plan.units
@@ -127,12 +169,9 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
             and u.load_at <= timeline.peak_op <= u.release_after
         ]
         raise PlanError(
-            f"simulated peak {timeline.peak_bytes} bytes at {where} exceeds the budget "
+            f"simulated peak {peak} bytes at {where} exceeds the budget "
             f"{plan.max_vram_bytes} bytes; swapped units in memory there: {worst[:8]}"
         )
-    if timeline.peak_bytes != plan.peak_bytes:
-        raise PlanError(
-            f"plan says peak_bytes={plan.peak_bytes} but the simulation gives "
-            f"{timeline.peak_bytes} at {where}"
-        )
+    if peak != plan.peak_bytes:
+        raise PlanError(f"plan says peak_bytes={plan.peak_bytes} but the simulation gives {peak} at {where}")
     return timeline

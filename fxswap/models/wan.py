@@ -705,7 +705,8 @@ class WanModel(nn.Module):
         if c + c_y != cfg.in_dim:
             expect = f"x {cfg.out_dim}" + (f" + y {cfg.y_dim}" if cfg.y_dim else "")
             raise ValueError(
-                f"x has {c} channels" + (f" and y {c_y}" if y is not None else "")
+                f"x has {c} channels"
+                + (f" and y {c_y}" if y is not None else "")
                 + f"; {cfg.name} takes in_dim={cfg.in_dim} channels ({expect}). Pass latents of "
                 f"the VAE this model uses (z={cfg.out_dim}), or the config that matches your latents"
             )

@@ -665,9 +665,7 @@ def _refuse_comfy_quant_metadata(path: Path, raw: Mapping[str, _Entry], metadata
         formats = {str(v.get("format")) for v in layers.values() if isinstance(v, dict)}
     except (ValueError, AttributeError):
         pass  # the refusal below does not depend on parsing the entry
-    found = (
-        f"safetensors metadata {_COMFY_QUANT_METADATA!r}" if _COMFY_QUANT_METADATA in metadata else ""
-    )
+    found = f"safetensors metadata {_COMFY_QUANT_METADATA!r}" if _COMFY_QUANT_METADATA in metadata else ""
     if markers:
         found += (" and " if found else "") + f"per-layer quantisation tensors such as {markers[0]!r}"
     fmts = f" (layer formats: {', '.join(sorted(formats))})" if formats else ""
