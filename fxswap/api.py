@@ -29,6 +29,7 @@ def plan(
     reserve_mb: float | None = None,
     h2d_gbps: float | None = None,
     compute_tflops: float | None = None,
+    warm_start: bool = True,
     **example_kwargs: Any,
 ) -> SwapPlan:
     """Capture ``model(*example_inputs, **example_kwargs)`` and plan it under ``max_vram_gb``.
@@ -52,5 +53,6 @@ def plan(
         reserve_mb=reserve_mb,
         h2d_gbps=h2d_gbps,
         compute_tflops=compute_tflops,
+        warm_start=warm_start,
     )
     return plan_traced(trace(model, *example_inputs, **example_kwargs), options)

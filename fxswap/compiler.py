@@ -66,6 +66,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
     h2d_gbps: float | None = None,
     compute_tflops: float | None = None,
     device_mem_gbps: float | None = None,
+    warm_start: bool = True,
     plan: SwapPlan | str | Path | None = None,
     backend: str = "inductor",
     empty_cache_freq: int = 0,
@@ -95,6 +96,8 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         reserve_mb, max_prefetch_depth, h2d_gbps, compute_tflops, device_mem_gbps: the planner's
             reserve (MiB), prefetch depth cap and cost-model rates; None keeps
             :class:`fxswap.PlanOptions`' documented default.
+        warm_start: plan the sampling loop as a cycle, each call's tail loading the next call's
+            first units within the budget (:class:`fxswap.PlanOptions`); False: every call cold.
         plan: a :class:`fxswap.SwapPlan` or a path to its JSON; checked against the graph on the
             first call (:class:`fxswap.PlanMismatchError` names the field that differs).
         backend: "inductor" (compile the rewritten graph) or "eager" (run it as FX; exact, debuggable).
@@ -142,6 +145,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         h2d_gbps=h2d_gbps,
         compute_tflops=compute_tflops,
         device_mem_gbps=device_mem_gbps,
+        warm_start=warm_start,
     )
     given: SwapPlan | None
     if plan is None or isinstance(plan, SwapPlan):
@@ -179,4 +183,5 @@ def _options_of_plan(plan: SwapPlan, user: PlanOptions) -> PlanOptions:
         h2d_gbps=plan.h2d_gbps,
         compute_tflops=plan.compute_tflops,
         device_mem_gbps=plan.device_mem_gbps,
+        warm_start=plan.warm_start,
     )

@@ -79,13 +79,26 @@ def account(
     from fxswap.passes.liveness import activation_profile, analyse_liveness
     from fxswap.passes.simulate import simulate_memory, unit_windows
     from fxswap.passes.validate import validate_plan
+    from fxswap.passes.warmstart import steady_memory
     from fxswap.replay import inductor_activations, replay
 
     with bound_units(built.units):
         result = replay(built.fn, list(built.flat), device)
     windows = unit_windows(plan.units)
     held = sum(b.nbytes for b in ir.buffers if b.name in input_buffers)
-    units_at = simulate_memory(analyse_liveness(ir).act, windows, plan.reserve_bytes).swapped
+    n = len(ir.ops)
+    carry_at = [u.carry_at for u in plan.units]
+    # Swapped bytes the plan holds at each op, the units a warm start carries for the next call
+    # included (from their point to the end): the replay allocates those too.
+    carried = [0] * (n + 1)
+    for u, c in zip(plan.units, carry_at, strict=True):
+        if c is not None:
+            carried[c] += u.bytes
+    units_at = list(simulate_memory(analyse_liveness(ir).act, windows, plan.reserve_bytes).swapped)
+    running = 0
+    for i in range(n):
+        running += carried[i]
+        units_at[i] += running
     event_ops: dict[tuple[str, int], int] = {}
     for u in plan.units:
         if not u.resident:
@@ -93,14 +106,23 @@ def account(
             event_ops[("load", uid)] = u.load_at or 0
             event_ops[("wait", uid)] = u.wait_at or 0
             event_ops[("release", uid)] = u.release_after or 0
-    act = inductor_activations(result, len(ir.ops), event_ops, units_at)
+            if u.carry_at is not None:
+                event_ops[("carry", uid)] = min(u.carry_at, n - 1)
+    act = inductor_activations(result, n, event_ops, units_at)
     real_ir = _per_op(ir, [a + held for a in act])
-    tl = simulate_memory(activation_profile(real_ir), windows, plan.reserve_bytes)
+    real_act = activation_profile(real_ir)
+    tl = simulate_memory(real_act, windows, plan.reserve_bytes)
+    peak, peak_op, boundary = tl.peak_bytes, tl.peak_op, 0
+    if plan.carried_bytes:
+        mem, boundary = steady_memory(real_act, windows, plan.reserve_bytes, carry_at)
+        top = max(mem, default=0)
+        peak, peak_op = max(top, boundary), (mem.index(top) if top >= boundary else n)
     real = dataclasses.replace(
         plan,
-        peak_bytes=tl.peak_bytes,
-        peak_op=ir.ops[tl.peak_op].name if tl.peak_op >= 0 else "",
+        peak_bytes=peak,
+        peak_op=(ir.ops[peak_op].name if peak_op < n else "output") if peak_op >= 0 else "",
         activation_peak_bytes=max(tl.act, default=0),
+        boundary_bytes=boundary,
     )
     if real.peak_bytes <= real.max_vram_bytes:
         validate_plan(real_ir, real)

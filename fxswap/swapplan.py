@@ -161,8 +161,9 @@ class SwapPlan:
     predicted_step_ms: float
     predicted_compute_ms: float
     predicted_stall_ms: float
-    # Warm start (fxswap.passes.warmstart): the predicted_* figures above are those of a call after
-    # the first; peak_bytes covers every call and the bytes held between two calls.
+    # Warm start (fxswap.passes.warmstart): the option as given, and when units are carried
+    # (carried_bytes > 0) the predicted_* figures above are those of a call after the first, and
+    # peak_bytes covers every call and the bytes held between two calls.
     warm_start: bool
     carried_bytes: int  # allocated between two calls for the next call's first units
     boundary_bytes: int  # everything allocated between two calls (0 without warm start)
@@ -204,7 +205,6 @@ class SwapPlan:
             ("swapped_bytes", self.swapped_bytes, sum(u.bytes for u in self.units if not u.resident)),
             ("weight_bytes", self.weight_bytes, sum(u.bytes for u in self.units)),
             ("carried_bytes", self.carried_bytes, sum(u.bytes for u in self.units if u.carry_at is not None)),
-            ("warm_start", self.warm_start, any(u.carry_at is not None for u in self.units)),
             ("fingerprint", self.fingerprint, combine_fingerprint(self.parts)),
         )
         for name, stored, expected in checks:
@@ -278,7 +278,7 @@ class SwapPlan:
             f"waiting for copies {self.predicted_stall_ms:.1f} ms) at {self.h2d_gbps:g} GB/s H2D, "
             f"{self.compute_tflops:g} TFLOP/s",
         ]
-        if self.warm_start:
+        if self.carried_bytes:
             carried = sum(u.carry_at is not None for u in self.units)
             lines.append(
                 f"  warm start: each call's tail loads the next call's first {carried} unit(s) "

@@ -307,7 +307,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
         predicted_step_ms=report.step_ms,
         predicted_compute_ms=report.compute_ms,
         predicted_stall_ms=report.stall_ms,
-        warm_start=warm is not None,
+        warm_start=options.warm_start,
         carried_bytes=0 if warm is None else warm.carried_bytes,
         boundary_bytes=boundary,
         predicted_first_step_ms=first_report.step_ms,

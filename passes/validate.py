@@ -141,7 +141,7 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
         timeline.peak_bytes,
         _op(ir, timeline.peak_op) if timeline.peak_op >= 0 else "the empty graph",
     )
-    if plan.warm_start:
+    if plan.carried_bytes:
         steady, boundary = steady_memory(
             live.act, windows, plan.reserve_bytes, [u.carry_at for u in plan.units]
         )
@@ -158,7 +158,7 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
                 else f"{_op(ir, steady.index(top))} (steady state)"
             )
     elif plan.boundary_bytes:
-        raise PlanError(f"plan says boundary_bytes={plan.boundary_bytes} without a warm start")
+        raise PlanError(f"plan says boundary_bytes={plan.boundary_bytes} but carries no unit")
     if peak > plan.max_vram_bytes:
         worst = [
             u.name
