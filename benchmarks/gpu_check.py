@@ -17,6 +17,8 @@ exists, so a run cut short keeps everything measured before the cut):
 
    - ``resident_eager`` / ``resident_compiled``: the whole model on the GPU, plain / ``torch.compile``;
      their outputs are the references;
+   - ``fxswap_inductor_cold@min``: ``fxswap_inductor@min``'s budget with ``warm_start=False`` (every
+     call starts cold), against which the warm start's gain over a loop is read;
    - ``fxswap_eager@{min,mid,large}`` and ``fxswap_inductor@{min,mid,large}``;
    - ``fxswap_eager_depth0@min``: the same plan as ``fxswap_eager@min`` with every load moved to its
      wait (prefetch depth 0): copies cannot overlap compute, the no-overlap bound;
@@ -24,7 +26,9 @@ exists, so a run cut short keeps everything measured before the cut):
      ``apply_group_offloading(block_level, 1 block per group, use_stream=True, record_stream=True)``,
      the peer; ``fxswap_eager@peer_peak`` then runs fxswap at the peer's measured peak as its budget.
 
-Per variant: ``step_s`` = median of ``--steps`` (>= 3) timed calls after one warm-up call (which
+Per variant: ``loop_step_s`` = wall time of 10 consecutive calls / 10 (a sampling loop: a warm start's
+prefetch across calls counts), ``loop_step_vs_resident`` per case the ratio to the resident baseline;
+``step_s`` = median of ``--steps`` (>= 3) timed calls after one warm-up call (which
 plans / compiles); ``peak_allocated`` / ``peak_reserved`` = the CUDA allocator's peak minus the bytes
 allocated / reserved just before the warm-up call (so the inputs and anything left from earlier do not
 count, and fxswap's resident weights, made by the warm-up, do), for the warm-up and for the timed calls;
@@ -221,8 +225,30 @@ def measure(
     return result, out.detach().clone()
 
 
+LOOP_CALLS = 10
+
+
+def loop_time(fn: Callable[[], torch.Tensor], dev: Device, ref: torch.Tensor | None) -> dict[str, Any]:
+    """A sampling loop's view: ``LOOP_CALLS`` consecutive calls timed as one (after the warm-up and
+    the timed steps of :func:`measure`), so a warm start's prefetch across calls counts."""
+    outs_exact = []
+    with torch.no_grad():
+        dev.sync()
+        t = time.perf_counter()
+        for _ in range(LOOP_CALLS):
+            out = fn()
+        dev.sync()
+        total = time.perf_counter() - t
+        outs_exact.append(compare(out, ref)[0])
+    return {
+        "loop_calls": LOOP_CALLS,
+        "loop_step_s": round(total / LOOP_CALLS, 5),
+        "loop_last_exact": outs_exact[0],
+    }
+
+
 # ------------------------------------------------------------------------------ generated-code order
-_OP_RE = re.compile(r"torch\.ops\.fxswap\.(load|wait|release)\.default\(\s*(\d+)\b")
+_OP_RE = re.compile(r"torch\.ops\.fxswap\.(load|wait|release)\.default\(\s*(-?\d+)\b")
 
 
 def fx_sequence(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
@@ -563,6 +589,7 @@ class GpuCheck:
                 fn = model if backend == "eager" else torch.compile(model)
                 res, out = measure(lambda: fn(**inputs), self.dev, self.args.steps, None)
                 st["refs"][backend] = out
+                res.update(loop_time(lambda: fn(**inputs), self.dev, out))
                 # eager and compiled resident outputs against each other (not expected bitwise)
                 other = st["refs"].get("inductor" if backend == "eager" else "eager")
                 res["equal_to_other_resident"], res["max_abs_diff_vs_other_resident"] = compare(out, other)
@@ -576,8 +603,8 @@ class GpuCheck:
 
     # -- fxswap
     def fxswap(self, case: Case, backend: str, label: str, *, depth0: bool = False,
-               budget_bytes: int | None = None) -> None:  # fmt: skip
-        name = f"fxswap_{backend}{'_depth0' if depth0 else ''}@{label}"
+               budget_bytes: int | None = None, warm_start: bool = True) -> None:  # fmt: skip
+        name = f"fxswap_{backend}{'_depth0' if depth0 else ''}{'' if warm_start else '_cold'}@{label}"
         cost = EAGER_COST_S if backend == "eager" else COMPILE_COST_S
 
         def body(st: dict[str, Any]) -> dict[str, Any]:
@@ -603,9 +630,11 @@ class GpuCheck:
 
             n_modules = len(PyCodeCache.modules)
             sm = fc.compile(model, mode=self.args.mode, max_vram_gb=budget / GiB, backend=backend,
-                            device=self.device, plan=plan, **kw)  # fmt: skip
+                            device=self.device, plan=plan, warm_start=warm_start and plan is None,
+                            **kw)  # fmt: skip
             try:
                 res, _ = measure(lambda: sm(**st["inputs"]), self.dev, self.args.steps, ref)
+                res.update(loop_time(lambda: sm(**st["inputs"]), self.dev, ref))
                 p = sm.plan
                 assert p is not None
                 st["plans"].setdefault((backend, label), p)
@@ -621,6 +650,9 @@ class GpuCheck:
                     copy_ms_at_measured_rate=round(copy_ms, 3),
                     predicted_step_ms=round(float(p.predicted_step_ms), 3),
                     predicted_compute_ms=round(float(p.predicted_compute_ms), 3),
+                    predicted_first_step_ms=round(float(p.predicted_first_step_ms), 3),
+                    carried_bytes=int(p.carried_bytes),
+                    boundary_bytes=int(p.boundary_bytes),
                     predicted_over_measured=round(float(p.predicted_step_ms) / (res["step_s"] * 1e3), 4),
                     swapped_units=sum(not u.resident for u in p.units),
                     units=len(p.units),
@@ -781,6 +813,15 @@ class GpuCheck:
             if res.get("step_s") and base[kind] and not name.startswith("resident"):
                 out[name] = round(res["step_s"] / base[kind], 4)
         st["result"]["step_vs_resident"] = out
+        # the same over LOOP_CALLS consecutive calls (warm starts included)
+        loop_base = {"eager": v.get("resident_eager", {}).get("loop_step_s"),
+                     "inductor": v.get("resident_compiled", {}).get("loop_step_s")}  # fmt: skip
+        st["result"]["loop_step_vs_resident"] = {
+            name: round(res["loop_step_s"] / loop_base[kind], 4)
+            for name, res in v.items()
+            for kind in ["inductor" if name.startswith("fxswap_inductor") else "eager"]
+            if res.get("loop_step_s") and loop_base[kind] and not name.startswith("resident")
+        }
         self.sink()
 
     def oom_recovery(self, case: Case) -> None:
@@ -882,6 +923,8 @@ class GpuCheck:
                 else:
                     self.resident(case, "inductor")
                     self.fxswap(case, "inductor", "min")
+                    # the same budget with every call cold: what the warm start gains in a loop
+                    self.fxswap(case, "inductor", "min", warm_start=False)
                 self.ratios(case)
             if backend == "inductor":  # the larger budgets compile again: last
                 for case in (c for c in self.cases if c.model == model):
@@ -914,10 +957,13 @@ def depth0_plan(plan: Any) -> Any:
     """``plan`` with every swapped unit's load moved onto its wait (prefetch depth 0): the copies then
     run with nothing to hide behind. Peak and fingerprint stay (the peak can only drop)."""
     units = tuple(
-        u if u.resident else dataclasses.replace(u, load_at=u.wait_at, load_node=u.wait_node)
+        u
+        if u.resident
+        else dataclasses.replace(u, load_at=u.wait_at, load_node=u.wait_node, carry_at=None, carry_node=None)
         for u in plan.units
     )
-    return dataclasses.replace(plan, units=units, prefetch_depth=0)
+    # no warm start either: nothing is loaded before its own call's wait
+    return dataclasses.replace(plan, units=units, prefetch_depth=0, carried_bytes=0, boundary_bytes=0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
