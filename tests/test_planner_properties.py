@@ -93,8 +93,16 @@ def ref_plan_peak(g: GraphIR, plan: SwapPlan) -> int:
             and u.release_after is not None
             and u.load_at <= i <= u.release_after
         )
-        total = plan.reserve_bytes + res + inflight + act[i]
+        # warm start: units loaded in this call's tail for the next call, from their point on
+        carried = sum(u.bytes for u in plan.units if u.carry_at is not None and u.carry_at <= i)
+        total = plan.reserve_bytes + res + inflight + act[i] + carried
         peak = total if peak is None else max(peak, total)
+    if any(u.carry_at is not None for u in plan.units):
+        # between two calls: the next call's carried units beside what the last op saw
+        between = (
+            plan.reserve_bytes + res + act[-1] + sum(u.bytes for u in plan.units if u.carry_at is not None)
+        )
+        peak = between if peak is None else max(peak, between)
     return plan.reserve_bytes + res if peak is None else peak
 
 

@@ -34,6 +34,7 @@ class Unit:
     load_node: str | None = None
     wait_node: str | None = None
     release_node: str | None = None
+    carry_node: str | None = None
 
 
 @dataclass(frozen=True)
