@@ -104,8 +104,8 @@ def test_fake_impls_give_shapes_without_running() -> None:
 def test_ops_are_marked_side_effectful() -> None:
     from torch.fx.node import _side_effectful_functions
 
-    assert {ops.load, ops.wait, ops.release} <= _side_effectful_functions
-    assert frozenset({ops.load, ops.wait, ops.release}) == ops.FXSWAP_OPS
+    assert {ops.load, ops.carry, ops.wait, ops.release} <= _side_effectful_functions
+    assert frozenset({ops.load, ops.carry, ops.wait, ops.release}) == ops.FXSWAP_OPS
 
 
 def test_residents_made_once_tracked_and_released() -> None:
