@@ -30,11 +30,10 @@ RESULTS = HERE / "results"
 
 def timeline_example(cache_dir: str | None) -> None:
     """results/timeline_14b_480p81_16gb.png: the adaptive plan of WAN 14B bf16 at 480p81, 16 GiB, RTX 4090."""
-    from fxswap.passes.planner import build_plan
-
     from fxswap.bench import load_wan_ir
     from fxswap.costmodel import plan_rates
     from fxswap.hardware import PROFILES
+    from fxswap.passes.planner import build_plan
     from fxswap.plots import plot_timeline
     from fxswap.swapplan import PlanOptions
 

@@ -49,6 +49,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fxswap.errors import PlanError
+from fxswap.ir import GraphIR
 from fxswap.passes.liveness import Liveness, analyse_liveness, unit_range
 from fxswap.passes.partition import UnitSpec, partition_layerwise
 from fxswap.passes.simulate import (
@@ -58,9 +60,6 @@ from fxswap.passes.simulate import (
     simulate_memory,
     simulate_time,
 )
-
-from fxswap.errors import PlanError
-from fxswap.ir import GraphIR
 
 __all__ = [
     "PEER_POLICIES",

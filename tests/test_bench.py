@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from fxswap.passes.peers import PEER_POLICIES
 from graphs import chain_graph
 
 from fxswap.bench import (
@@ -29,6 +28,7 @@ from fxswap.bench import (
 )
 from fxswap.hardware import PROFILES
 from fxswap.ir import GraphIR, OpInfo, WeightInfo
+from fxswap.passes.peers import PEER_POLICIES
 
 MiB = 2**20
 GiB = 2**30
@@ -183,7 +183,6 @@ def test_run_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
 def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from fxswap.passes.planner import build_plan
-
     from fxswap.plots import plot_timeline, timeline_parts
     from fxswap.swapplan import PlanOptions
 

@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from fxswap.passes.liveness import activation_profile
 from graphs import OpSpec, build_graph, chain_graph
 
 import fxswap.hardware as hardware
@@ -18,6 +17,7 @@ from fxswap.calibrate import add_calibrate_arguments, run_calibrate
 from fxswap.costmodel import copy_ms, physical_bound, plan_rates, resident_compute_ms, wan_block_flops
 from fxswap.errors import FxswapError
 from fxswap.hardware import PROFILES, HardwareProfile, get_profile, load_profile, save_profile
+from fxswap.passes.liveness import activation_profile
 
 MiB = 2**20
 GiB = 2**30

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from graphs import chain_graph
+
+from fxswap.costmodel import graph_costs
+from fxswap.errors import PlanError
+from fxswap.hardware import PROFILES
 from fxswap.passes.peers import (
     PEER_POLICIES,
     GraphContext,
@@ -16,11 +21,6 @@ from fxswap.passes.peers import (
     wvw_blockswap,
 )
 from fxswap.passes.simulate import simulate_memory
-from graphs import chain_graph
-
-from fxswap.costmodel import graph_costs
-from fxswap.errors import PlanError
-from fxswap.hardware import PROFILES
 
 MiB = 2**20
 RESERVE = 16 * MiB
