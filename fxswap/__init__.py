@@ -35,7 +35,7 @@ _LAZY = {
     "load_plan": "fxswap.swapplan",
     "compile": "fxswap.compiler",
     "monitor": "fxswap.monitoring",
-    "recommend": "fxswap.recommendations",
+    "recommend": "fxswap.bench.recommendations",
 }
 
 __all__ = [

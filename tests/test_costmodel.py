@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from graphs import OpSpec, build_graph, chain_graph
 
-import fxswap.hardware as hardware
-from fxswap.calibrate import add_calibrate_arguments, run_calibrate
-from fxswap.costmodel import copy_ms, physical_bound, plan_rates, resident_compute_ms, wan_block_flops
+import fxswap.bench.hardware as hardware
+from fxswap.bench.calibrate import add_calibrate_arguments, run_calibrate
+from fxswap.bench.costmodel import copy_ms, physical_bound, plan_rates, resident_compute_ms, wan_block_flops
+from fxswap.bench.hardware import PROFILES, HardwareProfile, get_profile, load_profile, save_profile
 from fxswap.errors import FxswapError
-from fxswap.hardware import PROFILES, HardwareProfile, get_profile, load_profile, save_profile
 from fxswap.passes.liveness import activation_profile
 
 MiB = 2**20

@@ -7,10 +7,9 @@ from dataclasses import replace
 import pytest
 from graphs import chain_graph
 
-from fxswap.costmodel import graph_costs
-from fxswap.errors import PlanError
-from fxswap.hardware import PROFILES
-from fxswap.passes.peers import (
+from fxswap.bench.costmodel import graph_costs
+from fxswap.bench.hardware import PROFILES
+from fxswap.bench.peers import (
     PEER_POLICIES,
     GraphContext,
     build_peer,
@@ -20,6 +19,7 @@ from fxswap.passes.peers import (
     mmgp,
     wvw_blockswap,
 )
+from fxswap.errors import PlanError
 from fxswap.passes.simulate import simulate_memory
 
 MiB = 2**20

@@ -3,7 +3,7 @@
 The per-op time itself is the planner's (:func:`fxswap.passes.simulate.op_costs`: an op takes
 ``max(flops / compute rate, mem_bytes / device-memory rate)``; FLOPs of matmul, conv and attention
 come from shapes at capture, everything else is costed by the bytes it moves). This module only
-feeds it a :class:`fxswap.hardware.HardwareProfile`, so that the planner, the peers and the bench
+feeds it a :class:`fxswap.bench.hardware.HardwareProfile`, so that the planner, the peers and the bench
 price every op the same way.
 
 Physical bound of one call (one forward of the traced graph)::
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fxswap.hardware import HardwareProfile
+from fxswap.bench.hardware import HardwareProfile
 from fxswap.ir import GraphIR
 from fxswap.passes.liveness import activation_profile
 from fxswap.passes.simulate import OpCosts, op_costs

@@ -28,9 +28,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from fxswap.costmodel import wan_block_flops
+from fxswap.bench.costmodel import wan_block_flops
+from fxswap.bench.hardware import PROFILES, HardwareProfile, get_profile, save_profile
 from fxswap.errors import FxswapError
-from fxswap.hardware import PROFILES, HardwareProfile, get_profile, save_profile
 
 __all__ = [
     "add_calibrate_arguments",
@@ -155,7 +155,7 @@ def calibrated_profile(
     matmul_n: int | None = None,
 ) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure the copy rates and the matmul rate of ``device`` and return a calibrated profile for
-    the planner (``fxswap.costmodel.plan_rates``) with the raw measurements.
+    the planner (``fxswap.bench.costmodel.plan_rates``) with the raw measurements.
 
     The copies are measured first, so that a card without a built-in profile still reports them
     before the base lookup fails. ``achieved_fraction`` = measured matmul TFLOP/s / the base's

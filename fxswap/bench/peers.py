@@ -346,7 +346,7 @@ def evaluate(
 
     Args:
         sched: the peer schedule.
-        costs: per-op compute times (:func:`fxswap.costmodel.graph_costs`).
+        costs: per-op compute times (:func:`fxswap.bench.costmodel.graph_costs`).
         pinned_h2d_gbps: host-to-device rate of the peer's (pinned) host copies.
         d2h_gbps: device-to-host rate, for peers that copy back.
         sync_overhead_ms: GPU idle time per host synchronisation.
