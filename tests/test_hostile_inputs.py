@@ -30,7 +30,7 @@ from fxswap.api import plan as fx_plan
 from fxswap.compiler import DeviceError, SignatureError, TrainingModeError, compile_experts
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, CheckpointError, PlanError, PlanMismatchError
-from fxswap.models.wan_checkpoint import load as wan_load
+from fxswap.models.wan import load as wan_load
 from fxswap.models.wan_checkpoint import load_state_dict
 from fxswap.swapplan import SwapPlan, load_plan
 from tests.models import MLP

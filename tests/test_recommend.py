@@ -193,7 +193,8 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_progress_bars_quiet_unless_a_terminal_or_forced(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fxswap.models.wan_checkpoint import load, save
+    from fxswap.models.wan import load
+    from fxswap.models.wan_checkpoint import save
 
     cfg = wan.tiny_config("t2v", num_layers=2)
     save(wan.build(cfg), tmp_path / "tiny.safetensors")

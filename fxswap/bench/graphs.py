@@ -113,10 +113,11 @@ def _source_hash() -> str:
     import fxswap.capture as trace_mod
     import fxswap.models.sla as sla_mod
     import fxswap.models.wan as wan_mod
+    import fxswap.models.wan_config as wan_config_mod
     import fxswap.passes.analyse as analyse_mod
 
     h = hashlib.sha256()
-    for mod in (wan_mod, sla_mod, analyse_mod, trace_mod):
+    for mod in (wan_mod, wan_config_mod, sla_mod, analyse_mod, trace_mod):
         if mod.__file__:
             h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
