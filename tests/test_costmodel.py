@@ -132,7 +132,8 @@ def test_physical_bound_by_hand() -> None:
 
 
 def test_wan_block_flops_matches_the_reference_table() -> None:
-    # wan_architecture.md section 5: 14B 480p 41.96 TFLOP, 720p 163.08; 1.3B 480p 9.43.
+    # Derived by hand from the architecture, not from this code (docs/benchmarks.md, "WAN block FLOPs"):
+    # 14B 480p 41.96 TFLOP, 720p 163.08; 1.3B 480p 9.43; Wan2.1 I2V 14B 480p 42.16.
     assert wan_block_flops(5120, 13824, 32760) / 1e12 == pytest.approx(41.96, abs=0.01)
     assert wan_block_flops(5120, 13824, 75600) / 1e12 == pytest.approx(163.08, abs=0.01)
     assert wan_block_flops(1536, 8960, 32760) / 1e12 == pytest.approx(9.43, abs=0.01)

@@ -1,9 +1,10 @@
 """Benchmark and sizing tooling around the compiler; nothing in the core imports it.
 
 The core (capture, ir, passes, plan, ops, runtime, compiled module, api) runs without this
-package; the ``fxswap`` command line is the only core module that imports it, lazily, for its
-``bench``, ``calibrate`` and ``recommend`` subcommands and for ``plan --card`` / ``plan --plot``.
-``tests/test_layers.py`` holds that rule.
+package. Two front doors reach into it, lazily: the ``fxswap`` command (its ``bench``,
+``calibrate`` and ``recommend`` subcommands, ``plan --card`` and ``plan --plot``) and the public
+name ``fxswap.recommend``, which the package resolves on first use. ``tests/test_layers.py`` holds
+that rule. Nothing here is imported by ``import fxswap``.
 
 - :mod:`~fxswap.bench.hardware`: card profiles (compute, memory and link figures, each sourced).
 - :mod:`~fxswap.bench.costmodel`: a captured graph and a card profile to milliseconds; the physical bound.

@@ -123,8 +123,12 @@ def wan_block_flops(
     sla_block_q: int = 128,
     sla_block_k: int = 64,
 ) -> float:
-    """FLOPs of one WAN transformer block forward, ``wan_architecture.md`` section 5 (B=1).
+    """FLOPs of one WAN transformer block forward (B=1; one multiply-add = 2 FLOPs).
 
+    With ``L`` = tokens, ``D`` = dim, ``F`` = ffn_dim, ``T`` text and ``I`` image tokens: self-attention
+    ``8 L D^2`` (q, k, v, o) plus ``4 L^2 D`` (scores and values over all heads), cross-attention
+    ``4 L D^2 + 4 T D^2 + 4 L T D`` (+ ``4 I D^2 + 4 L I D`` for the Wan2.1 I2V image branch), FFN
+    ``4 L D F``. WAN 14B at 480x832x81 (L = 32,760): 41.96 TFLOP per block (``docs/benchmarks.md``).
     Used to cross-check the FLOPs that capture derives from shapes; elementwise work is ignored
     there as here (< 1%). ``sla_topk``: the block's self-attention is SLA (TurboWan) with that
     key-block fraction; its attention core (block scoring, sparse and linear branches, ``proj_l``)
