@@ -21,8 +21,8 @@ import torch
 
 import fxswap
 from fxswap.api import make_options, plan_traced
-from fxswap.costmodel import plan_rates
-from fxswap.hardware import get_profile
+from fxswap.bench.costmodel import plan_rates
+from fxswap.bench.hardware import get_profile
 from fxswap.models import wan
 
 GiB = 2**30

@@ -55,11 +55,11 @@ def main() -> None:
     cli_wall, cli_rss, _ = _run_cli(args.mode, args.max_vram_gb)
 
     import torch
-    from fxswap.passes.planner import build_plan
 
     from fxswap.api import make_options
     from fxswap.capture import trace
     from fxswap.models import wan
+    from fxswap.passes.planner import build_plan
 
     model = wan.build(MODEL, device="meta", dtype=torch.bfloat16)
     inputs = wan.example_inputs(MODEL, frames=81, height=480, width=832, device="meta", dtype=torch.bfloat16)

@@ -106,10 +106,10 @@ def child(path: Path, budget_gb: float, calls: int) -> dict[str, Any]:
     from fxswap.models import wan
 
     import_rss = Sampler().rss()
-    import fxswap.passes.planner  # noqa: F401
     import torch._dynamo  # noqa: F401  (the compile stack: its code is RSS, not weights)
 
     import fxswap.compiler
+    import fxswap.passes.planner  # noqa: F401
 
     try:  # reset the kernel's high-water mark to the post-import level
         Path("/proc/self/clear_refs").write_text("5")

@@ -12,7 +12,7 @@ and 14B at 480p (17 and 81 frames) on a hypothetical H100 behind an 8 GB/s pinne
 
 Outputs in benchmarks/results/: bench_sim.json, bench_sim.csv, bench_sim.md, bench_chart.png and
 readme_table.md (the README excerpt: 14B 480p81/480p17 and 1.3B 480p17, bf16, consumer cards + H100).
-Captured graphs are cached as JSON keyed by config, size and capture source (see fxswap.bench).
+Captured graphs are cached as JSON keyed by config, size and capture source (see fxswap.bench.graphs).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from fxswap.bench import add_bench_arguments, read_json, readme_table, run_bench, write_markdown
+from fxswap.bench.report import read_json, readme_table, write_markdown
+from fxswap.bench.runner import add_bench_arguments, run_bench
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -30,12 +31,11 @@ RESULTS = HERE / "results"
 
 def timeline_example(cache_dir: str | None) -> None:
     """results/timeline_14b_480p81_16gb.png: the adaptive plan of WAN 14B bf16 at 480p81, 16 GiB, RTX 4090."""
+    from fxswap.bench.costmodel import plan_rates
+    from fxswap.bench.graphs import load_wan_ir
+    from fxswap.bench.hardware import PROFILES
+    from fxswap.bench.plots import plot_timeline
     from fxswap.passes.planner import build_plan
-
-    from fxswap.bench import load_wan_ir
-    from fxswap.costmodel import plan_rates
-    from fxswap.hardware import PROFILES
-    from fxswap.plots import plot_timeline
     from fxswap.swapplan import PlanOptions
 
     ir = load_wan_ir("wan2.1-t2v-14b", "480p81", Path(cache_dir) if cache_dir else None)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         timeline_example(args.cache_dir or str(Path.home() / ".cache" / "fxswap" / "ir"))
         write_markdown(rows, RESULTS / "bench_sim.md", header="# fxswap bench --sim (re-rendered)\n")
         try:
-            from fxswap.plots import plot_bench
+            from fxswap.bench.plots import plot_bench
 
             plot_bench(rows, RESULTS / "bench_chart.png")
         except ImportError as exc:
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_gpu_check:
         import json
 
-        from fxswap.bench import compare_with_gpu_check
-        from fxswap.hardware import get_profile
+        from fxswap.bench.gpu_compare import compare_with_gpu_check
+        from fxswap.bench.hardware import get_profile
 
         report = json.loads(Path(args.compare_gpu_check).read_text())
         cmp = compare_with_gpu_check(report, get_profile(args.cards.split(",")[0]))
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slow_link:
         from dataclasses import replace
 
-        from fxswap.hardware import PROFILES, save_profile
+        from fxswap.bench.hardware import PROFILES, save_profile
 
         prof = replace(
             PROFILES["h100-sxm"],

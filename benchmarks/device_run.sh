@@ -46,11 +46,11 @@ print(h.hexdigest())
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     "$WHEELS"/*.whl || { echo "device_run: installing the wheels failed"; return 3; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-  # From / : in the repository root, `python3 -` would import the source tree's fxswap, which has no
-  # fxswap.passes (only the install maps passes/ there).
+  # From / : in the repository root, `python3 -` would import the source tree's fxswap instead of the
+  # wheel's, and the check is that the wheel works.
   (cd / && DEVICE_RUN_DRY="$DRY" timeout 120 python3 -) <<'PY' || { echo "device_run: import check failed"; return 4; }
 import os, sys, torch
-import fxswap, fxswap.passes.planner, fxswap.compiler, fxswap.calibrate
+import fxswap, fxswap.passes.planner, fxswap.compiler, fxswap.bench.calibrate
 import diffusers
 from diffusers import WanTransformer3DModel
 from diffusers.hooks import apply_group_offloading

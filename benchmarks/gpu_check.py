@@ -8,8 +8,9 @@ What it measures, in this order (each result is written to ``DIR/gpu_check.json`
 exists, so a run cut short keeps everything measured before the cut):
 
 1. **Calibration**, first: pinned host-to-device bandwidth (and pageable H2D, D2H) and the achieved
-   bf16 matmul rate (``fxswap.calibrate.calibrated_profile``). Every plan below is made with these
-   rates (``fxswap.costmodel.plan_rates``), so ``predicted_step_ms`` is comparable with the measured step.
+   bf16 matmul rate (``fxswap.bench.calibrate.calibrated_profile``). Every plan below is made with
+   these rates (``fxswap.bench.costmodel.plan_rates``), so ``predicted_step_ms`` is comparable with the
+   measured step.
 2. **Cases**: WAN 2.1 14B cut to 10 blocks first, then WAN 2.1 1.3B; each at 480p81 (832x480, 81 frames)
    and at the copy-bound 480p17. bf16, random weights. Budgets: the planner's minimum for the case
    (``min``) and two larger ones (``mid`` = min + 1/4 of the weights, ``large`` = min + 1/2).
@@ -444,7 +445,7 @@ class GpuCheck:
 
     # -- calibration
     def calibrate(self) -> None:
-        from fxswap.calibrate import calibrated_profile
+        from fxswap.bench.calibrate import calibrated_profile
 
         kw: dict[str, Any] = {"copy_mb": 256.0, "repeats": 5}
         if self.args.dry_run:
@@ -470,7 +471,7 @@ class GpuCheck:
         self.sink()
 
     def plan_kw(self) -> dict[str, Any]:
-        from fxswap.costmodel import plan_rates
+        from fxswap.bench.costmodel import plan_rates
 
         kw: dict[str, Any] = dict(plan_rates(self.profile))
         if self.args.dry_run:

@@ -49,7 +49,7 @@ _LAZY = {
     # defined on first access: it subclasses torch.OutOfMemoryError (see fxswap.errors)
     "DeviceOutOfMemoryError": "fxswap.errors",
     "monitor": "fxswap.monitoring",
-    "recommend": "fxswap.recommendations",
+    "recommend": "fxswap.bench.recommendations",
 }
 
 __all__ = [

@@ -141,8 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_plan, cmd_parser=p)
 
     # bench and calibrate define their own arguments next to their code; modules load lazily.
-    from fxswap.bench import add_bench_arguments
-    from fxswap.calibrate import add_calibrate_arguments
+    from fxswap.bench.calibrate import add_calibrate_arguments
+    from fxswap.bench.runner import add_bench_arguments
 
     b = sub.add_parser(
         "bench",
@@ -214,9 +214,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_recommend(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fxswap.bench.recommendations import NoCudaError, recommend
     from fxswap.errors import FxswapError
     from fxswap.models import wan
-    from fxswap.recommendations import NoCudaError, recommend
 
     if args.model not in wan.CONFIGS:
         parser.error(
@@ -228,7 +228,7 @@ def _cmd_recommend(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     except ValueError as e:
         parser.error(f"argument --resolution/--frames: {e}")
     if args.card is not None:
-        from fxswap.hardware import get_profile
+        from fxswap.bench.hardware import get_profile
 
         try:
             get_profile(args.card)
@@ -258,13 +258,13 @@ def _cmd_recommend(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from fxswap.bench import run_bench
+    from fxswap.bench.runner import run_bench
 
     return run_bench(args)
 
 
 def _cmd_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from fxswap.calibrate import run_calibrate
+    from fxswap.bench.calibrate import run_calibrate
 
     return run_calibrate(args)
 
@@ -294,9 +294,9 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     rates: dict[str, float] = {}
     if args.card is not None:
-        from fxswap.costmodel import plan_rates
+        from fxswap.bench.costmodel import plan_rates
+        from fxswap.bench.hardware import get_profile
         from fxswap.errors import FxswapError
-        from fxswap.hardware import get_profile
 
         try:
             rates = plan_rates(get_profile(args.card))
@@ -389,7 +389,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         plan.save(args.output)
         print(f"plan written to {args.output}")
     if args.plot:
-        from fxswap.plots import plot_timeline
+        from fxswap.bench.plots import plot_timeline
 
         plot_timeline(plan, ir, args.plot)
         print(f"memory timeline drawn to {args.plot}")

@@ -9,7 +9,8 @@ The key covers everything the IR is a function of:
 
 - the model's structure: every module's path, class and ``extra_repr()``, its plain attributes
   (ints, floats, strings, config dataclasses: e.g. the attention type or the SLA top-k), and the
-  source files of the module classes that do not come from torch (the forward's code);
+  source of every loaded module of the packages that define its classes, torch's aside (the
+  forward's code and the helpers it calls; for fxswap's own models that is all of fxswap);
 - every parameter and buffer: name, shape, dtype (aliases included, since tied weights change the IR);
 - the input signature: the pytree structure of the call, each tensor's shape, stride, dtype and
   device type (meta inputs get rule-based op workspace, real ones a measured one), the CUDA card's
@@ -29,9 +30,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import inspect
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -184,10 +185,21 @@ def _source_digest(files: set[str]) -> str:
     return h.hexdigest()
 
 
+def _packages_source(packages: set[str]) -> str:
+    """Digest of every loaded module file of ``packages`` (a forward calls helpers from anywhere in
+    its package: the class's own file is not enough)."""
+    files = set()
+    for name, mod in list(sys.modules.items()):
+        if name.split(".", 1)[0] in packages:
+            f = getattr(mod, "__file__", None)
+            if f:
+                files.add(os.path.abspath(f))
+    return _source_digest(files)
+
+
 def _structure(model: torch.nn.Module) -> dict[str, Any]:
-    torch_dir = os.path.dirname(torch.__file__)
     modules = []
-    sources: set[str] = set()
+    packages: set[str] = set()
     for name, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
         attrs = {}
@@ -198,15 +210,10 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
             if p is not None or v is None:
                 attrs[k] = p
         modules.append([name, f"{cls.__module__}.{cls.__qualname__}", m.extra_repr(), attrs])
-        for klass in cls.__mro__:
-            if klass.__module__.startswith("torch"):
-                continue
-            try:
-                f = inspect.getsourcefile(klass)
-            except TypeError:
-                continue
-            if f and not f.startswith(torch_dir):
-                sources.add(os.path.abspath(f))
+        packages.update(
+            k.__module__.split(".", 1)[0] for k in cls.__mro__ if not k.__module__.startswith("torch")
+        )
+    packages.discard("builtins")
     tensors = [
         [kind, n, list(t.shape), str(t.dtype)]
         for kind, named in (
@@ -225,7 +232,7 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
         first = ids.setdefault(id(t), n)
         if first != n:
             ties.append([n, first])
-    return {"modules": modules, "tensors": tensors, "ties": ties, "model_source": _source_digest(sources)}
+    return {"modules": modules, "tensors": tensors, "ties": ties, "model_source": _packages_source(packages)}
 
 
 def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,25 @@
 """Compiler passes of fxswap, installed as ``fxswap.passes``.
 
+Stage order, as a graph goes through them::
+
+    capture -> analyse -> liveness -> partition -> schedule -> simulate -> validate -> rewrite
+
+- capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
+- :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
+  their bytes, activation buffers with their live ranges, FLOPs), called by capture.
+- :mod:`~fxswap.passes.liveness`: first and last use of every weight, activation bytes per op.
+- :mod:`~fxswap.passes.partition`: weights grouped into swap units (one block, or runs up to a size).
+- :mod:`~fxswap.passes.schedule`: which units stay resident, where each load is issued and waited for.
+- :mod:`~fxswap.passes.simulate`: the one memory simulator and the two-stream time model that pick
+  among schedules.
+- :mod:`~fxswap.passes.validate`: the chosen plan checked against the graph (no use before its
+  wait or after its release, peak within the budget).
+- :mod:`~fxswap.passes.planner` runs liveness to validate for each candidate and returns the
+  :class:`fxswap.swapplan.SwapPlan`.
+- :mod:`~fxswap.passes.rewrite`: the load / wait / release ops inserted into the FX graph at the
+  plan's points.
+
 Each pass is a typed function with no global state. The planning passes work on plain data
-(:class:`fxswap.ir.GraphIR`) and never import ``torch.fx``; the rewrite pass takes an FX graph.
+(:class:`fxswap.ir.GraphIR`) and never import ``torch.fx``; analyse and rewrite take an FX graph.
+Nothing here imports the runtime, the compiled module or the tooling (``tests/test_layers.py``).
 """

@@ -43,15 +43,14 @@ import logging
 import math
 from collections.abc import Sequence
 
+from fxswap.errors import BudgetInfeasibleError, PlanError
+from fxswap.ir import GraphIR
 from fxswap.passes.liveness import Liveness, analyse_liveness
 from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_chunkwise, partition_layerwise
 from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
 from fxswap.passes.warmstart import WarmStart, plan_warm_start, steady_memory
-
-from fxswap.errors import BudgetInfeasibleError, PlanError
-from fxswap.ir import GraphIR
 from fxswap.swapplan import (
     SCHEMA_VERSION,
     PlanOptions,

@@ -17,12 +17,11 @@ the plan itself, so it also checks plans loaded from JSON.
 
 from __future__ import annotations
 
+from fxswap.errors import PlanError
+from fxswap.ir import GraphIR
 from fxswap.passes.liveness import analyse_liveness, unit_range
 from fxswap.passes.simulate import MemoryTimeline, simulate_memory, unit_windows
 from fxswap.passes.warmstart import steady_memory
-
-from fxswap.errors import PlanError
-from fxswap.ir import GraphIR
 from fxswap.swapplan import SwapPlan, SwapUnit
 
 __all__ = ["validate_plan"]

@@ -11,9 +11,7 @@ from hypothesis import HealthCheck, settings
 
 # "ci" is the default: sized so that the whole default suite stays well under 10 minutes on a
 # 2-core machine. "nightly" runs the large case counts (>= 10,000 per property).
-settings.register_profile(
-    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
     "nightly", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

@@ -273,7 +273,7 @@ def test_cli_summary_figures_agree_with_saved_plan(
 def test_cli_card_prices_the_plan_and_flags_override(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fxswap.hardware import PROFILES, save_profile
+    from fxswap.bench.hardware import PROFILES, save_profile
 
     card = PROFILES["rtx4090"]
     assert (

@@ -8,26 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from fxswap.passes.peers import PEER_POLICIES
 from graphs import chain_graph
 
-from fxswap.bench import (
-    FXSWAP_POLICIES,
-    BenchRow,
-    add_bench_arguments,
-    bench_graph,
-    format_table,
-    fp8_ir,
-    ir_from_json,
-    ir_to_json,
-    read_json,
-    readme_table,
-    run_bench,
-    summarize,
-    write_csv,
-    write_json,
-)
-from fxswap.hardware import PROFILES
+from fxswap.bench.graphs import fp8_ir
+from fxswap.bench.hardware import PROFILES
+from fxswap.bench.peers import PEER_POLICIES
+from fxswap.bench.report import format_table, read_json, readme_table, summarize, write_csv, write_json
+from fxswap.bench.rows import FXSWAP_POLICIES, BenchRow, bench_graph
+from fxswap.bench.runner import add_bench_arguments, run_bench
+from fxswap.graph_cache import ir_from_json, ir_to_json
 from fxswap.ir import GraphIR, OpInfo, WeightInfo
 
 MiB = 2**20
@@ -182,9 +171,8 @@ def test_run_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
+    from fxswap.bench.plots import plot_timeline, timeline_parts
     from fxswap.passes.planner import build_plan
-
-    from fxswap.plots import plot_timeline, timeline_parts
     from fxswap.swapplan import PlanOptions
 
     ir = chain_graph(6)
@@ -202,7 +190,7 @@ def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_compare_with_gpu_check_reports_error_per_variant() -> None:
-    from fxswap.bench import compare_with_gpu_check
+    from fxswap.bench.gpu_compare import compare_with_gpu_check
 
     report = {
         "dry_run": True,

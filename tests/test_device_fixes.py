@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fxswap import ops
-from fxswap.calibrate import _base_profile, add_calibrate_arguments, run_calibrate
+from fxswap.bench.calibrate import _base_profile, add_calibrate_arguments, run_calibrate
+from fxswap.bench.hardware import PROFILES
 from fxswap.experts import _mirrored_value
-from fxswap.hardware import PROFILES
 from fxswap.runtime import HostStore, PendingTransfer, SwapRuntime, TransferBackend, pinned_allocation_bytes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -176,7 +176,7 @@ def test_h200_has_a_profile_and_is_recognised() -> None:
 def test_calibrate_measures_copies_before_the_profile_lookup(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import fxswap.calibrate as cal
+    import fxswap.bench.calibrate as cal
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")

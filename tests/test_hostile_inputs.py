@@ -31,7 +31,7 @@ from fxswap.compiler import DeviceError, SignatureError, TrainingModeError
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, CaptureError, CheckpointError, PlanError, PlanMismatchError
 from fxswap.experts import compile_experts
-from fxswap.models.wan_checkpoint import load as wan_load
+from fxswap.models.wan import load as wan_load
 from fxswap.models.wan_checkpoint import load_state_dict
 from fxswap.swapplan import SwapPlan, load_plan
 from tests.models import MLP

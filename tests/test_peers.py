@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from fxswap.passes.peers import (
+from graphs import chain_graph
+
+from fxswap.bench.costmodel import graph_costs
+from fxswap.bench.hardware import PROFILES
+from fxswap.bench.peers import (
     PEER_POLICIES,
     GraphContext,
     build_peer,
@@ -15,12 +19,8 @@ from fxswap.passes.peers import (
     mmgp,
     wvw_blockswap,
 )
-from fxswap.passes.simulate import simulate_memory
-from graphs import chain_graph
-
-from fxswap.costmodel import graph_costs
 from fxswap.errors import PlanError
-from fxswap.hardware import PROFILES
+from fxswap.passes.simulate import simulate_memory
 
 MiB = 2**20
 RESERVE = 16 * MiB

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fxswap.passes.planner import build_plan
 
 from fxswap.errors import PlanError, PlanMismatchError
 from fxswap.ir import GraphIR, InputInfo, WeightInfo
+from fxswap.passes.planner import build_plan
 from fxswap.swapplan import (
     FINGERPRINT_FIELDS,
     SCHEMA_VERSION,

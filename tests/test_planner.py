@@ -7,15 +7,15 @@ import itertools
 import time
 
 import pytest
+
+from fxswap.errors import BudgetInfeasibleError, PlanError
+from fxswap.ir import GraphIR
 from fxswap.passes.liveness import activation_profile, analyse_liveness
 from fxswap.passes.partition import block_key, partition_chunkwise, partition_layerwise
 from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
 from fxswap.passes.schedule import fill_resident, prepare_partition, spread_rank
 from fxswap.passes.simulate import UnitWindow, load_points, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
-
-from fxswap.errors import BudgetInfeasibleError, PlanError
-from fxswap.ir import GraphIR
 from fxswap.swapplan import MODES, PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph, transformer_graph
 

@@ -18,16 +18,16 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 
-from fxswap.passes.liveness import analyse_liveness
-from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
-from fxswap.passes.schedule import fill_resident, prepare_partition
-from fxswap.passes.simulate import op_costs, simulate_time
-from fxswap.passes.validate import validate_plan
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from fxswap.errors import BudgetInfeasibleError, PlanMismatchError
 from fxswap.ir import GraphIR, InputInfo, OpInfo, WeightInfo
+from fxswap.passes.liveness import analyse_liveness
+from fxswap.passes.planner import build_plan, candidate_partitions, mode_min_vram_bytes
+from fxswap.passes.schedule import fill_resident, prepare_partition
+from fxswap.passes.simulate import op_costs, simulate_time
+from fxswap.passes.validate import validate_plan
 from fxswap.swapplan import MODES, PlanOptions, SwapPlan, fingerprint_parts
 from tests.graphs import graphs
 

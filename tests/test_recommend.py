@@ -17,11 +17,11 @@ import torch
 import fxswap
 import fxswap.capture
 from fxswap.api import make_options, plan_traced
+from fxswap.bench.costmodel import plan_rates
+from fxswap.bench.hardware import get_profile
+from fxswap.bench.recommendations import NoCudaError, Recommendation, recommend
 from fxswap.cli import _parser, main
-from fxswap.costmodel import plan_rates
-from fxswap.hardware import get_profile
 from fxswap.models import wan
-from fxswap.recommendations import NoCudaError, Recommendation, recommend
 
 GiB = 2**30
 ARGS: dict[str, Any] = {
@@ -139,9 +139,9 @@ def test_without_vram_or_card_and_no_cuda_a_clear_error(capsys: pytest.CaptureFi
 
 
 def test_public_name() -> None:
-    import fxswap.recommendations
+    import fxswap.bench.recommendations
 
-    assert fxswap.recommend is fxswap.recommendations.recommend  # no submodule shadows the function
+    assert fxswap.recommend is fxswap.bench.recommendations.recommend  # no submodule shadows the function
 
 
 def test_bad_arguments_are_named() -> None:
@@ -193,7 +193,8 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_progress_bars_quiet_unless_a_terminal_or_forced(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fxswap.models.wan_checkpoint import load, save
+    from fxswap.models.wan import load
+    from fxswap.models.wan_checkpoint import save
 
     cfg = wan.tiny_config("t2v", num_layers=2)
     save(wan.build(cfg), tmp_path / "tiny.safetensors")

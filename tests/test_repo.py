@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,15 @@ def test_passes_is_a_subpackage() -> None:
     import fxswap.passes
 
     assert Path(fxswap.passes.__file__).resolve().parent == ROOT / "passes"
+
+
+def test_every_package_directory_is_installed() -> None:
+    """pyproject lists packages by name: a new subpackage missing there would be left out of the wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {"fxswap.passes"} | {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "fxswap").rglob("__init__.py")
+        if "passes" not in p.relative_to(ROOT).parts  # the fxswap/passes symlink: installed from passes/
+    }
+    assert listed == on_disk

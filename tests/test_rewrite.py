@@ -16,11 +16,11 @@ import probe_ops
 import pytest
 import torch
 import torch.nn as nn
-from fxswap.passes.rewrite import insert_swaps
 from torch import fx
 
 from fxswap import ops
 from fxswap.errors import PlanError
+from fxswap.passes.rewrite import insert_swaps
 from fxswap.runtime import LateCopyBackend, SwapRuntime
 
 COMPUTE = ("call_function", "call_method", "call_module")

@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxswap.bench.costmodel import wan_block_flops
 from fxswap.compiler import compile as fx_compile
-from fxswap.costmodel import wan_block_flops
 from fxswap.errors import BudgetInfeasibleError
 from fxswap.models import sla, wan
 from fxswap.models.wan_checkpoint import CheckpointError

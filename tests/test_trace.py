@@ -7,11 +7,11 @@ import resource
 
 import pytest
 import torch
-from fxswap.passes.analyse import module_path
 from torch import nn
 
 import fxswap
 from fxswap.ir import GraphIR
+from fxswap.passes.analyse import module_path
 
 F32 = 4  # bytes per float32 element
 

@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from fxswap.errors import CheckpointError
 from fxswap.models import wan
+from fxswap.models.wan import load
 from fxswap.models.wan_checkpoint import (
     COMFYUI_PREFIX,
     convert_state_dict,
     detect_config,
     detect_layout,
-    load,
     load_into,
     load_state_dict,
     save,

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from fxswap.models import wan
-from fxswap.models.wan_checkpoint import convert_state_dict, load, load_state_dict, save
+from fxswap.models.wan import load
+from fxswap.models.wan_checkpoint import convert_state_dict, load_state_dict, save
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402

@@ -21,8 +21,8 @@ from torch._dynamo.utils import counters
 
 from fxswap.models import wan
 
-# Exact counts from the product brief (issue 2); derived independently in
-# shared/reference/wan_architecture.md section 4 and checked there against published file sizes.
+# Exact counts from the product brief (issue 2); derived by hand from the architecture's formulas
+# (docs/benchmarks.md, "WAN parameter counts"), which also match the published checkpoint sizes.
 EXPECTED_PARAMS = {
     "wan2.1-t2v-1.3b": 1_418_996_800,
     "wan2.1-t2v-14b": 14_288_491_584,

@@ -23,10 +23,11 @@ Storage and compute dtypes. :func:`load_state_dict` never converts anything: it 
 read-only mapping in the original layout whose tensors are memory-mapped views of the file, in the
 dtype they are stored in (fp32, bf16, fp16 or fp8), plus a :class:`CheckpointInfo` with the
 per-weight ``scale_weight`` factors of ``scaled_fp8`` files. So a 28 GB file is never read twice
-and never copied into anonymous memory by the loader. :func:`load` materialises a runnable module:
-each tensor is moved to ``device`` in its storage dtype and only then cast to the dtype the model
-wants for that parameter (the compute dtype, or fp32 where the model keeps a parameter in fp32),
-dequantising fp8 as ``W = W_fp8.float() * scale_weight`` on the way. A parameter that needs no cast
+and never copied into anonymous memory by the loader. ``fxswap.models.wan.load`` materialises a
+runnable module (:func:`materialise_into`): each tensor is moved to ``device`` in its storage dtype
+and only then cast to the dtype the model wants for that parameter (the compute dtype, or fp32 where
+the model keeps a parameter in fp32), dequantising fp8 as ``W = W_fp8.float() * scale_weight`` on the
+way. A parameter that needs no cast
 on the CPU stays a view of the mapped file (copy-on-write), which is how the weights avoid being
 held twice. fp8 parameters are never handed to the model: CPU matmuls cannot take them.
 
@@ -45,16 +46,15 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fxswap.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from fxswap.models.wan import WanConfig, WanModel
+from fxswap.models import wan_config
+from fxswap.models.wan_config import WanConfig
 
 __all__ = [
     "COMFYUI_PREFIX",
@@ -64,9 +64,10 @@ __all__ = [
     "convert_state_dict",
     "detect_config",
     "detect_layout",
-    "load",
     "load_into",
     "load_state_dict",
+    "materialise_into",
+    "resolve_load_args",
     "save",
 ]
 
@@ -637,12 +638,10 @@ def _to_original(
 
 
 def _named_config(name: str) -> WanConfig:
-    from fxswap.models import wan
-
     try:
-        return wan.named_config(name)
+        return wan_config.named_config(name)
     except ValueError:
-        known = sorted([*wan.CONFIGS, *wan.TURBOWAN_CONFIGS])
+        known = sorted([*wan_config.CONFIGS, *wan_config.TURBOWAN_CONFIGS])
         raise CheckpointError(
             f"config={name!r} is not a named WAN config; use one of {known}, a "
             f"WanConfig, or None to detect it from the tensors"
@@ -816,10 +815,8 @@ def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None 
     ti2v iff in_dim == out_dim == 48. Heads cannot be seen in the shapes: they come from ``hints``
     (``num_heads``; fxswap writes the whole config into safetensors metadata) or default to
     dim // 128, the head size of every released WAN. A config equal to a named one in
-    :data:`fxswap.models.wan.CONFIGS` gets that name (and its boundary / expert count).
+    :data:`fxswap.models.wan_config.CONFIGS` gets that name (and its boundary / expert count).
     """
-    from fxswap.models import wan
-
     hints = dict(hints or {})
     hints.pop("_source", None)
 
@@ -890,7 +887,7 @@ def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None 
     }
     # A named config matches when every field the tensors (or the head-count hint) determine agrees.
     arch = tuple(derived)
-    fields_ = {f.name for f in dataclasses.fields(wan.WanConfig)}
+    fields_ = {f.name for f in dataclasses.fields(wan_config.WanConfig)}
     # Hints written by fxswap carry every field; check they agree with the tensors before trusting them.
     for k, v in hints.items():
         if k not in fields_:
@@ -908,11 +905,11 @@ def detect_config(shapes: Mapping[str, Any], *, hints: Mapping[str, Any] | None 
     if "per_token_timesteps" not in derived:
         derived["per_token_timesteps"] = model_type == "ti2v"
     if "name" not in derived:
-        for cfg in wan.CONFIGS.values():
+        for cfg in wan_config.CONFIGS.values():
             if all(getattr(cfg, k) == derived[k] for k in arch):
                 return dataclasses.replace(cfg, **{k: v for k, v in derived.items() if k in fields_})
     try:
-        return wan.WanConfig(**{k: v for k, v in derived.items() if k in fields_})
+        return wan_config.WanConfig(**{k: v for k, v in derived.items() if k in fields_})
     except (TypeError, ValueError) as e:
         raise CheckpointError(
             f"detect_config: derived config {derived} is not a valid WanConfig ({e}); pass config= explicitly"
@@ -996,23 +993,27 @@ def _materialise(
     return t.to(dtype).to(device=device)
 
 
-def _resolve_load_args(
+def resolve_load_args(
     path: str | os.PathLike[str],
     config: WanConfig | str | None,
     dtype: torch.dtype | None,
     attention_type: str | None,
     sla_topk: float | None = None,
 ) -> tuple[LazyStateDict, CheckpointInfo, WanConfig, torch.dtype]:
-    from fxswap.models import wan
+    """The checkpoint at ``path`` opened for ``fxswap.models.wan.load``, every argument checked.
 
+    Returns the lazy state dict, its info, the config to build (given or detected, with the
+    attention type and ``sla_topk`` the file and the arguments agree on) and the compute dtype.
+    Raises :class:`CheckpointError` naming the argument that disagrees with the file.
+    """
     sd, info = load_state_dict(path, config=config)
     cfg = info.config
     if cfg is None:
         raise CheckpointError(f"{info.path}: the config could not be detected: {info.config_error}")
-    if attention_type is not None and attention_type not in wan.ATTENTION_TYPES:
+    if attention_type is not None and attention_type not in wan_config.ATTENTION_TYPES:
         raise CheckpointError(
             f"load: attention_type={attention_type!r} is not available; use one of "
-            f"{sorted(wan.ATTENTION_TYPES)} or None (picked from the checkpoint's keys)"
+            f"{sorted(wan_config.ATTENTION_TYPES)} or None (picked from the checkpoint's keys)"
         )
     has_sla = info.needs_attention_type == "sla"
     if has_sla and attention_type not in (None, "sla"):
@@ -1031,7 +1032,7 @@ def _resolve_load_args(
             f"attention_type='sla') to try SLA with an untrained (zero) proj_l"
         )
     if has_sla:
-        cfg = wan.turbowan_config(cfg)
+        cfg = wan_config.turbowan_config(cfg)
     elif attention_type is not None and cfg.attention_type != attention_type:
         cfg = dataclasses.replace(cfg, attention_type=attention_type)
     if sla_topk is not None:
@@ -1049,49 +1050,24 @@ def _resolve_load_args(
     return sd, info, cfg, compute
 
 
-def load(
-    path: str | os.PathLike[str],
-    *,
-    config: WanConfig | str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    attention_type: str | None = None,
-    sla_topk: float | None = None,
-    strict: bool = True,
-) -> WanModel:
-    """Load a WAN transformer checkpoint (any layout in :data:`LAYOUTS`) into a fresh WanModel.
+def materialise_into(
+    skeleton: torch.nn.Module, sd: LazyStateDict, info: CheckpointInfo, device: torch.device, *, strict: bool
+) -> None:
+    """Fill ``skeleton``, a model built on ``meta`` in the compute dtype, with the checkpoint's tensors.
 
-    ``config``: the model's config or a ``CONFIGS`` name; detected from the tensors when None (see
-    :func:`detect_config`). A Wan2.2 T2V-A14B expert has exactly a Wan2.1 T2V-14B's tensors, so pass
-    ``config="wan2.2-t2v-a14b"`` to get its expert boundary.
-    ``device``: where the parameters live. ``dtype``: the compute dtype (fp32, bf16, fp16, fp64);
-    None picks the dtype most of the file is stored in, or bf16 for fp8 files. Parameters the model
-    keeps in fp32 stay fp32. ``attention_type``: None picks ``"sla"`` for files with SLA keys
-    (TurboWan), else the config's; a value that disagrees with the keys is an error. ``sla_topk``
-    sets the SLA key-block fraction (SLA models only; None keeps 0.1). ``strict=False`` ignores
-    unexpected keys; missing keys and shape mismatches are always errors.
-
-    Returns a WanModel whose parameters are in the compute dtype on ``device`` (fp8 is dequantised
-    there: ``stored.float() * scale_weight``, then cast). On the CPU, parameters whose stored dtype
-    already is the target dtype are views of the memory-mapped file, not copies. Everything (keys,
-    shapes, dtypes, SLA, dtype arguments) is checked before the model is built; any problem is a
-    CheckpointError.
+    Keys and shapes are checked first (:class:`CheckpointError` before any tensor is assigned); each
+    tensor is then moved to ``device`` in its storage dtype and cast there to the dtype the skeleton
+    has for it. ``fxswap.models.wan.load`` builds the skeleton from :func:`resolve_load_args`'s config.
     """
-    from fxswap.models import wan
-
-    sd, info, cfg, compute = _resolve_load_args(path, config, dtype, attention_type, sla_topk)
-    dev = torch.device(device)
-    skeleton = wan.build(cfg, device="meta", dtype=compute)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     _check_keys(expected, sd, strict, str(info.path))
     from fxswap.progress import progress
 
     loading = progress(expected, desc=f"loading {info.path.name}", unit="tensor", total=len(expected))
-    tensors = {k: _materialise(sd, info, k, expected[k][1], dev) for k in loading}
+    tensors = {k: _materialise(sd, info, k, expected[k][1], device) for k in loading}
     skeleton.load_state_dict(tensors, strict=True, assign=True)
-    if dev.type != "meta":
+    if device.type != "meta":
         _check_materialised(skeleton, str(info.path))
-    return skeleton
 
 
 def _check_materialised(model: torch.nn.Module, where: str) -> None:

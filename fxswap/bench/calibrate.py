@@ -6,8 +6,8 @@ Measured on a CUDA device (CUDA events, median of repeats, after warm-up):
   buffer of ``--copy-mb`` (default 256 MiB, about a third of a WAN 14B bf16 block);
 - per-block compute time of a WAN model: the forward of a 2-block model minus that of a 1-block
   model of the same config (random weights, bf16, the given resolution), so the non-block ops cancel.
-  ``achieved_fraction`` = FLOPs of one block (``wan_architecture.md`` section 5) / (time x the base
-  profile's datasheet peak).
+  ``achieved_fraction`` = FLOPs of one block (:func:`fxswap.bench.costmodel.wan_block_flops`) / (time
+  x the base profile's datasheet peak).
 
 The figures that are not measured (datasheet peak, device-memory bandwidth) come from a base
 profile: ``--base NAME``, or the built-in profile whose name matches ``torch.cuda.get_device_name``.
@@ -28,9 +28,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from fxswap.costmodel import wan_block_flops
+from fxswap.bench.costmodel import wan_block_flops
+from fxswap.bench.hardware import PROFILES, HardwareProfile, get_profile, save_profile
 from fxswap.errors import FxswapError
-from fxswap.hardware import PROFILES, HardwareProfile, get_profile, save_profile
 
 __all__ = [
     "add_calibrate_arguments",
@@ -155,7 +155,7 @@ def calibrated_profile(
     matmul_n: int | None = None,
 ) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure the copy rates and the matmul rate of ``device`` and return a calibrated profile for
-    the planner (``fxswap.costmodel.plan_rates``) with the raw measurements.
+    the planner (``fxswap.bench.costmodel.plan_rates``) with the raw measurements.
 
     The copies are measured first, so that a card without a built-in profile still reports them
     before the base lookup fails. ``achieved_fraction`` = measured matmul TFLOP/s / the base's

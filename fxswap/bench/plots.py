@@ -1,6 +1,6 @@
 """Plots (optional extra ``fxswap[plot]``: matplotlib): a plan's memory timeline and the bench chart.
 
-matplotlib is imported inside the functions so that ``import fxswap.plots`` costs nothing and a
+matplotlib is imported inside the functions so that ``import fxswap.bench.plots`` costs nothing and a
 missing matplotlib fails with an ImportError that says how to install it, only when a plot is asked.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fxswap.ir import GraphIR
 
 if TYPE_CHECKING:
-    from fxswap.bench import BenchRow
+    from fxswap.bench.rows import BenchRow
     from fxswap.swapplan import SwapPlan
 
 __all__ = ["plot_bench", "plot_timeline", "timeline_parts"]

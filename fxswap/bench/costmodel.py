@@ -3,7 +3,7 @@
 The per-op time itself is the planner's (:func:`fxswap.passes.simulate.op_costs`: an op takes
 ``max(flops / compute rate, mem_bytes / device-memory rate)``; FLOPs of matmul, conv and attention
 come from shapes at capture, everything else is costed by the bytes it moves). This module only
-feeds it a :class:`fxswap.hardware.HardwareProfile`, so that the planner, the peers and the bench
+feeds it a :class:`fxswap.bench.hardware.HardwareProfile`, so that the planner, the peers and the bench
 price every op the same way.
 
 Physical bound of one call (one forward of the traced graph)::
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fxswap.hardware import HardwareProfile
+from fxswap.bench.hardware import HardwareProfile
 from fxswap.ir import GraphIR
 from fxswap.passes.liveness import activation_profile
 from fxswap.passes.simulate import OpCosts, op_costs
@@ -123,8 +123,12 @@ def wan_block_flops(
     sla_block_q: int = 128,
     sla_block_k: int = 64,
 ) -> float:
-    """FLOPs of one WAN transformer block forward, ``wan_architecture.md`` section 5 (B=1).
+    """FLOPs of one WAN transformer block forward (B=1; one multiply-add = 2 FLOPs).
 
+    With ``L`` = tokens, ``D`` = dim, ``F`` = ffn_dim, ``T`` text and ``I`` image tokens: self-attention
+    ``8 L D^2`` (q, k, v, o) plus ``4 L^2 D`` (scores and values over all heads), cross-attention
+    ``4 L D^2 + 4 T D^2 + 4 L T D`` (+ ``4 I D^2 + 4 L I D`` for the Wan2.1 I2V image branch), FFN
+    ``4 L D F``. WAN 14B at 480x832x81 (L = 32,760): 41.96 TFLOP per block (``docs/benchmarks.md``).
     Used to cross-check the FLOPs that capture derives from shapes; elementwise work is ignored
     there as here (< 1%). ``sla_topk``: the block's self-attention is SLA (TurboWan) with that
     key-block fraction; its attention core (block scoring, sparse and linear branches, ``proj_l``)

@@ -12,30 +12,31 @@ per-op costs its runtime adds that fxswap's two-stream model has no slot for. Me
 - ``sync_at_wait`` / ``sync_after_use``: a host synchronisation (``hw.sync_overhead_ms`` of idle
   GPU while the host launches the next kernel) before the first use / after the last use.
 
-Sources: ``../shared/reference/offload_anchors.md`` (section in brackets). Every peer gets the best
+Each peer is modelled from its own code at the version ``docs/benchmarks.md`` ("Peers") names, with
+the files read; the behaviour that matters here is restated below. Every peer gets the best
 setting of its knob that fits the budget (the knob its users tune by hand); where even its most
 frugal setting exceeds the budget, the result says ``feasible=False`` and reports that setting's
 peak, instead of hiding the row.
 
-- ``wvw-blockswap-p0`` / ``-p1`` (ComfyUI-WanVideoWrapper ``WanVideoBlockSwap``, 2.2): the *last*
+- ``wvw-blockswap-p0`` / ``-p1`` (ComfyUI-WanVideoWrapper ``WanVideoBlockSwap``): the *last*
   ``blocks_to_swap`` blocks are swapped, N the smallest that fits; non-block weights resident;
   ``prefetch_blocks`` 0 or 1 (the load of block b+1 is issued at the start of block b). The
   stream is ``None``, so copies run on the compute stream; each swapped block is copied back with
   ``.to(offload_device)`` after use (a real D2H copy); ``events[b].synchronize()`` before use.
   Modelled with ``use_non_blocking=True`` (pinned host memory, the faster setting).
-- ``diffusers-group`` (``apply_group_offloading(block_level, use_stream=True)``, 2.1): every block
-  is a group of one and is swapped; the non-block weights form the "unmatched" group, loaded at
+- ``diffusers-group`` (diffusers ``apply_group_offloading(block_level, use_stream=True)``): every
+  block is a group of one and is swapped; the non-block weights form the "unmatched" group, loaded at
   the start of the call and released at its end; each group prefetches the next one on a side
   stream; ``stream.synchronize()`` before each use and ``current_stream().synchronize()`` after
   each use (``record_stream=False``). Pre-pinned host copies, so the pinned rate applies.
-- ``mmgp`` (2.4): non-block weights ("base") resident; P "preloaded" floors spread evenly over the
-  tower, P the largest that fits; other floors through the one-block-ahead shuttle on a transfer
-  stream; ``torch.cuda.synchronize()`` before each floor. NOTE: with one load in flight, the full
-  device sync waits for exactly the load the floor needs, so it is modelled as the floor's wait plus
-  the sync overhead. The circular prefetch of the first floor of the *next* call is not modelled
-  (no policy here, fxswap included, carries loads across calls).
-- ``comfyui-lowvram`` (classic lowvram, 2.3): weighted leaf modules sorted largest first are loaded
-  while they fit ``lowvram_model_memory`` (greedy: a module that does not fit is skipped, smaller
+- ``mmgp`` (Wan2GP's offloader): non-block weights ("base") resident; P "preloaded" floors spread
+  evenly over the tower, P the largest that fits; other floors through the one-block-ahead shuttle
+  on a transfer stream; ``torch.cuda.synchronize()`` before each floor. NOTE: with one load in
+  flight, the full device sync waits for exactly the load the floor needs, so it is modelled as the
+  floor's wait plus the sync overhead. The circular prefetch of the first floor of the *next* call
+  is not modelled (no policy here, fxswap included, carries loads across calls).
+- ``comfyui-lowvram`` (ComfyUI's classic lowvram mode): weighted leaf modules sorted largest first are
+  loaded while they fit ``lowvram_model_memory`` (greedy: a module that does not fit is skipped, smaller
   ones after it may still fit); the rest are cast per forward. The cast stream first
   ``wait_stream``s the compute stream, so a cast copy starts only when compute reaches the layer
   (load at first use, depth 0), and compute waits for it on the GPU (no host sync). Pinned copies
@@ -49,6 +50,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fxswap.errors import PlanError
+from fxswap.ir import GraphIR
 from fxswap.passes.liveness import Liveness, analyse_liveness, unit_range
 from fxswap.passes.partition import UnitSpec, partition_layerwise
 from fxswap.passes.simulate import (
@@ -58,9 +61,6 @@ from fxswap.passes.simulate import (
     simulate_memory,
     simulate_time,
 )
-
-from fxswap.errors import PlanError
-from fxswap.ir import GraphIR
 
 __all__ = [
     "PEER_POLICIES",
@@ -347,7 +347,7 @@ def evaluate(
 
     Args:
         sched: the peer schedule.
-        costs: per-op compute times (:func:`fxswap.costmodel.graph_costs`).
+        costs: per-op compute times (:func:`fxswap.bench.costmodel.graph_costs`).
         pinned_h2d_gbps: host-to-device rate of the peer's (pinned) host copies.
         d2h_gbps: device-to-host rate, for peers that copy back.
         sync_overhead_ms: GPU idle time per host synchronisation.

@@ -6,21 +6,21 @@ memory-bound ops, host-to-device copy rates from pinned and pageable host memory
 device-to-host rate (only the WanVideoWrapper peer copies back), and the VRAM size.
 
 Every built-in figure cites its source in a comment. Units: 1 GB/s = 1e9 bytes per second,
-1 TFLOP/s = 1e12 FLOP per second, VRAM in bytes (cards are sold in GiB). Markers follow
-``../shared/reference``: **[src]** read in the cited source, **[calc]** computed from a sourced
-number, **[guess]** an assumption with no source saying so. Guessed figures are the weak spot of
+1 TFLOP/s = 1e12 FLOP per second, VRAM in bytes (cards are sold in GiB). Markers: **[src]** read in
+the cited source, **[calc]** computed from a sourced number, **[guess]** an assumption with no
+source saying so. Guessed figures are the weak spot of
 every prediction; ``fxswap calibrate`` replaces the copy rates and the achieved fraction with
 measurements and saves them as JSON (:func:`save_profile` / :func:`load_profile`).
 
-Anchors used below (all from ``../shared/reference/offload_anchors.md`` section 4 unless noted):
+Anchors used below (``docs/benchmarks.md``, "Card profiles", gives each with its context):
 
 - PCIe 4.0 x16 pinned H2D 23.9-26.4 GB/s (nvbandwidth on 8x RTX 4090, NVIDIA/nvbandwidth#15),
   25.7 GB/s pinned and 10.0 GB/s pageable H2D on a DGX A100-SXM4-80GB (gengwg/gpu
   ``nvda_gpu_benchmark.md``), D2H 25.8 / 26.3-27.1 GB/s.
 - PCIe 5.0 x16 pinned H2D 56.3 GB/s, D2H 57.3 GB/s (8x RTX 5090, tinygrad/open-gpu-kernel-modules#29).
-- WAN 14B forward at 480x832x81 = 1.678 PFLOP (``wan_architecture.md`` section 5: 40 x 41.96
-  TFLOP) took 3766.3 ms compiled without offload on an H100 and 11584 ms compiled with group
-  offloading on an RTX 4090 (diffusers PR #11605).
+- WAN 14B forward at 480x832x81 = 1.678 PFLOP (40 blocks x 41.96 TFLOP,
+  :func:`fxswap.bench.costmodel.wan_block_flops`) took 3766.3 ms compiled without offload on an
+  H100 and 11584 ms compiled with group offloading on an RTX 4090 (diffusers PR #11605).
 """
 
 from __future__ import annotations

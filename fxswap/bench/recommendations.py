@@ -245,8 +245,8 @@ def recommend(
     rates_text = "planner defaults (pass card= for a card's rates)"
     profile = None
     if card is not None:
-        from fxswap.costmodel import plan_rates
-        from fxswap.hardware import get_profile
+        from fxswap.bench.costmodel import plan_rates
+        from fxswap.bench.hardware import get_profile
 
         profile = get_profile(card)
         rates = plan_rates(profile)
