@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fxswap._version import __version__
 from fxswap.errors import (
     BudgetInfeasibleError,
     CaptureError,
@@ -30,8 +31,6 @@ from fxswap.errors import (
     SignatureError,
     TrainingModeError,
 )
-
-__version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {

@@ -264,11 +264,11 @@ def _capture_source() -> str:
 
 def cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the captured IR of ``model(*args, **kwargs)`` depends on, as plain JSON."""
-    import fxswap
+    from fxswap import _version
 
     return {
         "format": FORMAT,
-        "fxswap": fxswap.__version__,
+        "fxswap": _version.__version__,
         "torch": torch.__version__,
         "capture_source": _capture_source(),
         "model": _structure(model),

@@ -156,7 +156,7 @@ def test_run_bench_end_to_end_on_a_tiny_wan(tmp_path: Path, capsys: pytest.Captu
     assert {r.dtype for r in rows} == {"bf16", "fp8"} and {r.policy for r in rows} == set(ALL)
     assert chart.stat().st_size > 1000 and "within 3%" in out["md"].read_text()
     assert "within 3% of the physical bound" in capsys.readouterr().out
-    assert list((tmp_path / "c").glob("tiny-t2v-480p17-*.json"))  # graph cached on disk
+    assert len(list((tmp_path / "c").glob("*.json"))) == 1  # the graph cached on disk (fxswap.graph_cache)
 
 
 def test_run_bench_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:

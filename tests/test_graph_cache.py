@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import fxswap
+import fxswap._version
 from fxswap import graph_cache
 from fxswap.graph_cache import captured_ir, ir_from_json, ir_to_json
 from tests.models import MLP, Shared
@@ -83,7 +84,7 @@ def test_every_input_of_the_key_misses_when_it_changes(
     assert _misses(tmp_path, evaluating, (x,))  # a module attribute (training)
     monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
     assert _misses(tmp_path, base, (x,))
-    monkeypatch.setattr(fxswap, "__version__", "0.0.0-other")
+    monkeypatch.setattr(fxswap._version, "__version__", "0.0.0-other")
     assert _misses(tmp_path, base, (x,))
 
 
