@@ -58,7 +58,15 @@ def main() -> None:
         runs = []
         for _ in range(2):
             out = subprocess.run(
-                [sys.executable, "-c", CHILD, args.model, str(args.frames), str(args.size), str(args.budget_share)],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    args.model,
+                    str(args.frames),
+                    str(args.size),
+                    str(args.budget_share),
+                ],
                 env=env,
                 capture_output=True,
                 text=True,
