@@ -130,7 +130,7 @@ def lookup(uid: int) -> UnitHandle:
     """Return the handle of unit ``uid``; raise a KeyError stating the contract if it is unknown."""
     try:
         if uid < 0:
-            return _BOUND.table[uid]  # type: ignore[no-any-return]
+            return _BOUND.table[uid]
         return _UNITS[uid]
     except (KeyError, AttributeError, TypeError):
         where = (
