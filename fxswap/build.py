@@ -96,6 +96,8 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device to compile for: the given one checked (:class:`fxswap.DeviceError` naming it), or
+    the current CUDA device, else the CPU."""
     if device is None:
         return default_device()
     try:
@@ -121,6 +123,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """A call's input signature: its structure, each tensor's shape, dtype and device type, and every
+    other value (by hash, else by repr). One capture and plan per signature."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     key: list[Hashable] = [str(spec)]
     for leaf in leaves:
