@@ -7,7 +7,14 @@ from typing import Any
 import torch
 
 from fxswap.capture import Traced, trace
-from fxswap.options import OPTIONAL_OPTIONS, PlanOptions, make_options
+from fxswap.options import (
+    DEFAULT_BLOCK_SIZE_MB,
+    DEFAULT_MAX_VRAM_GB,
+    DEFAULT_MODE,
+    OPTIONAL_OPTIONS,
+    PlanOptions,
+    make_options,
+)
 from fxswap.swapplan import SwapPlan
 
 __all__ = ["OPTIONAL_OPTIONS", "make_options", "plan", "plan_traced"]
@@ -23,22 +30,26 @@ def plan_traced(traced: Traced, options: PlanOptions) -> SwapPlan:
 def plan(
     model: torch.nn.Module,
     *example_inputs: Any,
-    mode: str = "adaptive",
-    max_vram_gb: float = 16,
-    block_size_mb: float = 300,
+    mode: str = DEFAULT_MODE,
+    max_vram_gb: float = DEFAULT_MAX_VRAM_GB,
+    block_size_mb: float = DEFAULT_BLOCK_SIZE_MB,
     reserve_mb: float | None = None,
+    max_prefetch_depth: int | None = None,
     h2d_gbps: float | None = None,
     compute_tflops: float | None = None,
+    device_mem_gbps: float | None = None,
     warm_start: bool = True,
     **example_kwargs: Any,
 ) -> SwapPlan:
     """Capture ``model(*example_inputs, **example_kwargs)`` and plan it under ``max_vram_gb``.
 
+    The planner's options are those of :func:`fxswap.compile`, with the same defaults:
     ``max_vram_gb`` is GiB (2**30 bytes) and ``block_size_mb`` MiB; ``reserve_mb`` (workspace and
-    allocator slack counted at every op), ``h2d_gbps`` and ``compute_tflops`` default to
-    :class:`fxswap.PlanOptions`' documented values when None. The inputs may be ``meta`` tensors:
-    nothing runs. Keyword arguments other than these options are passed to the model, so a model
-    keyword named like an option (``mode``...) must be passed positionally.
+    allocator slack counted at every op), ``max_prefetch_depth``, ``h2d_gbps``, ``compute_tflops``
+    and ``device_mem_gbps`` default to :class:`fxswap.PlanOptions`' documented values when None.
+    The inputs may be ``meta`` tensors: nothing runs. Keyword arguments other than these options
+    are passed to the model, so a model keyword named like an option (``mode``...) must be passed
+    positionally.
 
     Raises:
         ValueError: an invalid option (named, with its value and the fix); checked before capture.
@@ -51,8 +62,10 @@ def plan(
         max_vram_gb=max_vram_gb,
         block_size_mb=block_size_mb,
         reserve_mb=reserve_mb,
+        max_prefetch_depth=max_prefetch_depth,
         h2d_gbps=h2d_gbps,
         compute_tflops=compute_tflops,
+        device_mem_gbps=device_mem_gbps,
         warm_start=warm_start,
     )
     return plan_traced(trace(model, *example_inputs, **example_kwargs), options)

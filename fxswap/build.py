@@ -16,9 +16,9 @@ copies. The capture runs on ``meta`` copies of the weights and inputs via
 ``torch.func.functional_call``; device constants the graph baked in (``device='meta'``) are retargeted.
 
 The rewritten graph is the same for the same model and plan, in every build and process: its units
-are numbered -1, -2, ... in plan order (build-local ids, resolved through the table
-:func:`fxswap.ops.bound_units` binds around each run), not by the process-wide registry. Inductor's
-FX graph cache then hits across processes.
+carry build-local ids (negative, from their position and shapes: :func:`graph_unit_id`), resolved
+through the table :func:`fxswap.ops.bound_units` binds around each run, not the process-wide
+registry's. Inductor's FX graph cache then hits across processes.
 
 Call time (binding arguments, guards, residents, out-of-memory recovery) is in
 :mod:`fxswap.compiled`.
@@ -27,6 +27,7 @@ Call time (binding arguments, guards, residents, out-of-memory recovery) is in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -58,6 +59,7 @@ __all__ = [
     "capture_call",
     "clear_capture_cache",
     "compile_inductor",
+    "graph_unit_id",
     "host_line",
     "input_buffer_names",
     "measured_ir",
@@ -94,6 +96,8 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device to compile for: the given one checked (:class:`fxswap.DeviceError` naming it), or
+    the current CUDA device, else the CPU."""
     if device is None:
         return default_device()
     try:
@@ -119,6 +123,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+    """A call's input signature: its structure, each tensor's shape, dtype and device type, and every
+    other value (by hash, else by repr). One capture and plan per signature."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     key: list[Hashable] = [str(spec)]
     for leaf in leaves:
@@ -314,7 +320,7 @@ class Entry:
     resident: frozenset[str]
     cap: Capture
     ir: GraphIR  # what the plan was made from (workspace included)
-    unit_ids: dict[str, int]  # unit name -> its id in the graph (build-local: -1, -2, ...)
+    unit_ids: dict[str, int]  # unit name -> its id in the graph (build-local, see graph_unit_id)
     units: dict[int, ops.UnitHandle]  # graph id -> the runtime's unit (bound around each run)
 
 
@@ -325,6 +331,19 @@ def host_line(runtime: SwapRuntime) -> str:
         f"  host copies: {len(st)} tensors, pinned {st.pinned_bytes / MiB:.2f} MiB, pageable "
         f"{st.pageable_bytes / MiB:.2f} MiB" + (f" (pinning failed: {st.pin_error})" if st.pin_error else "")
     )
+
+
+def graph_unit_id(position: int, meta: ops.UnitMeta) -> int:
+    """The build-local id of the swapped unit at ``position`` (plan order): negative, and a digest
+    of the position and the unit's shapes and dtypes.
+
+    NOTE: the shapes are folded in because Inductor's FX graph cache is keyed on the graph's code
+    and its inputs. Two models whose swapped weights differ only in shape (an MLP's hidden width)
+    can have the same code and inputs; with ids -1, -2, ... a cached program compiled for the other
+    shapes would be served. The same model and plan still give the same ids in every process.
+    """
+    text = repr((position, meta.shapes, [str(d) for d in meta.dtypes]))
+    return -1 - int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
 
 
 class Builder:
@@ -432,15 +451,18 @@ class Builder:
         from fxswap.progress import progress
 
         # A fresh registry prefix per build: a failed first run leaves its units behind under the
-        # old one. The graph never sees it: its ids are the build-local -1, -2, ... (module docstring).
+        # old one. The graph never sees it: its ids are build-local (graph_unit_id).
         prefix = f"s{next(self._builds)}/"
         swapping = [u for u in plan.units if not u.resident]
         registered = {
             u.name: self.runtime.add_unit(prefix + u.name, [(p, self.named[p]) for p in u.params])
             for u in progress(swapping, desc="fxswap: host copies (pinned on CUDA)", unit="unit")
         }
-        unit_ids = {u.name: -(i + 1) for i, u in enumerate(swapping)}
-        units = {unit_ids[name]: ops.lookup(uid) for name, uid in registered.items()}
+        handles = {name: ops.lookup(uid) for name, uid in registered.items()}
+        unit_ids = {u.name: graph_unit_id(k, handles[u.name].meta) for k, u in enumerate(swapping)}
+        units = {unit_ids[name]: h for name, h in handles.items()}
+        if len(units) != len(handles):  # 48-bit digests: never seen, but never silently shared
+            raise PlanError("two units of this plan got the same graph id; re-plan with another block size")
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         swapped = {p for u in swapping for p in u.params}
         self._share_host_copies(swapped)

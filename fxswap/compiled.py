@@ -138,13 +138,22 @@ class SwapModule:
         self.stats = {"captures": 0, "compiles": 0, "calls": 0, "empty_cache": 0}
         self._modules = tuple(model.modules())
         self._forward_sig = _plain_signature(model)
+        # A weak reference: the builder must not keep this object alive (a cycle would delay the
+        # finalizer that returns the device and pinned memory until the next garbage collection).
+        me = weakref.ref(self)
+
+        def activate(entry: Entry) -> None:
+            sm = me()
+            if sm is not None:
+                sm._activate(entry)
+
         self._builder = Builder(
             model,
             runtime,
             device,
             backend,
             None if self._forward_sig is None else list(self._forward_sig.parameters),
-            self._activate,
+            activate,
             self.stats,
         )
         self._named = self._builder.named

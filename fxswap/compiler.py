@@ -14,7 +14,9 @@ The names other modules imported from here before that split are re-exported bel
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,6 +77,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
     transfer_backend: TransferBackend | None = None,
     pin_share: float = 0.5,
     storage_dtype: torch.dtype | None = None,
+    **unknown: Any,
 ) -> SwapModule:
     """Compile ``model`` so that it runs within ``max_vram_gb`` with weights swapped from the host.
 
@@ -115,11 +118,20 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
             it). The model's own tensors keep their dtype, so with a narrower storage dtype the
             host holds the model's copy and the narrow one.
 
+        **unknown: refused with a TypeError that lists the options (a misspelt option must not pass
+            silently).
+
     Raises:
         TypeError / ValueError / DeviceError: a bad argument, named, before anything changes.
         TrainingModeError (when called): a module of the model has ``training=True``; fxswap is
             inference only (dropout would make results random). Call ``model.eval()`` first.
     """
+    if unknown:
+        known = [p for p in inspect.signature(compile).parameters if p not in ("model", "unknown")]
+        raise TypeError(
+            f"fxswap.compile got unknown option {sorted(unknown)[0]!r}. Fix: use only the options "
+            f"{', '.join(known)}"
+        )
     if isinstance(model, (list, tuple)):
         raise TypeError(
             f"`model` is a {type(model).__name__} of {len(model)} models; fxswap.compile takes one module. "

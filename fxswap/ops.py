@@ -30,9 +30,10 @@ Contract (why these ops survive Inductor; the reasoning and the pitfalls behind 
 - Unit ids are literal ints in the graph: a SymInt id would make the fake impls unhashable.
 - Ids come in two kinds. A positive id is the process-wide registry's (:func:`register_unit`), unique
   for the process. A negative id is a slot of the unit table the caller binds around the run
-  (:func:`bound_units`): ``fxswap.compile`` numbers a build's units -1, -2, ... in plan order, so
-  the same model and plan give the same graph code in every build and process (Inductor's FX graph
-  cache then hits), while two compiled models in one process still reach their own units.
+  (:func:`bound_units`): ``fxswap.compile`` derives a build's ids from each unit's position and
+  shapes (``fxswap.build.graph_unit_id``), so the same model and plan give the same graph code in
+  every build and process (Inductor's FX graph cache then hits), while two compiled models in one
+  process still reach their own units.
 
 The ops are defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``:
 custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~2.5 us
@@ -140,7 +141,7 @@ def lookup(uid: int) -> UnitHandle:
     """Return the handle of unit ``uid``; raise a KeyError stating the contract if it is unknown."""
     try:
         if uid < 0:
-            return _BOUND.table[uid]  # type: ignore[no-any-return]
+            return _BOUND.table[uid]
         return _UNITS[uid]
     except (KeyError, AttributeError, TypeError):
         where = (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +124,7 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def encode_plan(plan: Mapping[str, Any], units: list[Mapping[str, Any]]) -> str:
+def encode_plan(plan: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> str:
     """The JSON text of a plan given as field -> value (``fingerprint_parts`` as pairs) and its units.
 
     Fields are written in :data:`PLAN_FIELDS` order, then ``content_sha256``.

@@ -161,7 +161,7 @@ def _tensor_handle(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     # NOTE: never edit Dynamo's own graph: adding or removing its placeholders breaks Dynamo's
-    # bookkeeping (`_dynamo_source`, `grapharg`; torch_mechanics.md Q3.4). graph_copy shares the
+    # bookkeeping (`_dynamo_source`, `grapharg`; docs/ops_and_inductor.md, pitfalls). graph_copy shares the
     # node meta dicts shallowly, which is cheap (no FakeTensor deep copies).
     g = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
     g._codegen = gm.graph._codegen

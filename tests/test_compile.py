@@ -404,7 +404,7 @@ def test_swapped_weights_share_the_stores_host_copy(cases: dict[str, Case]) -> N
     name = "blocks.3.weight"
     param = dict(m.named_parameters())[name]
     sm.runtime.store._tensors[name] = param.detach().clone()  # what pinning does on CUDA
-    sm._share_host_copies({name})
+    sm._builder._share_host_copies({name})
     assert param.data_ptr() == sm.runtime.store[name].data_ptr()
     assert torch.equal(sm(*c.args), c.ref) and param.device.type == "cpu"
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from fxswap.errors import BudgetInfeasibleError, FxswapError
-from fxswap.options import make_options
+from fxswap.options import OPTIONAL_OPTIONS, make_options
 
 __all__ = ["CFG_MODES", "CfgPrices", "FxswapPipelineState", "disable", "enable", "state"]
 
@@ -581,7 +581,7 @@ class FxswapPipelineState:
         )
 
 
-_PLAN_OPTION_NAMES = ("reserve_mb", "h2d_gbps", "compute_tflops", "max_prefetch_depth", "device_mem_gbps")
+_PLAN_OPTION_NAMES = OPTIONAL_OPTIONS
 
 
 @contextmanager

@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxswap.fit import Built, fit
+from fxswap.options import DEFAULT_BLOCK_SIZE_MB, DEFAULT_MAX_VRAM_GB, DEFAULT_MODE, OPTIONAL_OPTIONS
 from fxswap.swapplan import SwapPlan
 
 __all__ = ["OPTIONS", "fxswap_backend", "plans"]
@@ -44,15 +45,15 @@ logger = logging.getLogger("fxswap.dynamo")
 
 # fxswap.compile's arguments that torch.compile's `options` may carry, and their defaults
 _COMPILE_OPTIONS: dict[str, Any] = {
-    "mode": "adaptive",
-    "max_vram_gb": 16,
-    "block_size_mb": 300,
+    "mode": DEFAULT_MODE,
+    "max_vram_gb": DEFAULT_MAX_VRAM_GB,
+    "block_size_mb": DEFAULT_BLOCK_SIZE_MB,
     "backend": "inductor",
     "device": None,
     "storage_dtype": None,
     "pin_share": 0.5,
 }
-_PLAN_OPTIONS = ("reserve_mb", "h2d_gbps", "compute_tflops", "max_prefetch_depth", "device_mem_gbps")
+_PLAN_OPTIONS = OPTIONAL_OPTIONS
 OPTIONS = (*_COMPILE_OPTIONS, *_PLAN_OPTIONS)
 
 _PLANS: collections.deque[SwapPlan] = collections.deque(maxlen=64)
