@@ -20,12 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The lower layers: plain data and the passes. Prefixes match by string, so a module split into
 #: ``fxswap/plan_*.py`` or a ``fxswap/plan/`` package is covered too.
-LOWER = ("fxswap.ir", "fxswap.errors", "fxswap.passes", "fxswap.swapplan", "fxswap.plan")
+LOWER = ("fxswap.ir", "fxswap.errors", "fxswap.options", "fxswap.passes", "fxswap.swapplan", "fxswap.plan")
 #: What the lower layers must never import: the runtime, the compiled module, the front doors and
 #: the tooling.
 UPPER = (
     "fxswap.runtime",
+    "fxswap.capture",
+    "fxswap.graph_cache",
+    "fxswap.build",
+    "fxswap.fit",
+    "fxswap.replay",
+    "fxswap.compiled",
     "fxswap.compiler",
+    "fxswap.experts",
     "fxswap.cli",
     "fxswap.bench",
     "fxswap.integrations",
