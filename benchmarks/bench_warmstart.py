@@ -28,7 +28,8 @@ import torch
 MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 FRAMES = (1, 17, 81)
 CARDS = ("rtx3090", "rtx4090", "rtx5090", "h100-pcie")
-BUDGETS_GB = (12, 16, 24)
+# per model: budgets below its weights (1.3B: 2.6 GiB of bf16 weights; 14B: 26.6 GiB)
+BUDGETS_GB = {"wan2.1-t2v-1.3b": (1.5, 2, 2.5), "wan2.1-t2v-14b": (12, 16, 24)}
 GiB = 2**30
 
 
@@ -57,7 +58,7 @@ def rows() -> list[dict[str, Any]]:
             ir = _ir(model, frames)
             for card in CARDS:
                 hw = get_profile(card)
-                for budget in BUDGETS_GB:
+                for budget in BUDGETS_GB[model]:
                     if budget * GiB > hw.vram_bytes:
                         continue
                     base = PlanOptions.from_user(mode="adaptive", max_vram_gb=budget, **plan_rates(hw))

@@ -26,6 +26,7 @@ Call time (binding arguments, guards, residents, out-of-memory recovery) is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -87,10 +88,21 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
     # after release k), which serialises transfer and compute. Fusion is unaffected.
     # CUDA graphs stay off whatever the global config says: a replay skips the Python load / wait
     # ops, so every replay would compute with the weights (and addresses) of the recorded call.
+    # NOTE: outside a tracing context (fxswap.compile; the torch.compile backend runs inside
+    # Dynamo's) Inductor bypasses its FX graph cache ("No shape env") and every process would
+    # compile the same graph again. A context with a static shape env lets the cache key the
+    # graph's code, which the rewrite keeps identical across builds and processes.
+    context: Any = contextlib.nullcontext()
+    if torch._guards.TracingContext.try_get() is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        context = torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
     with (
         stage("fxswap: compiling with Inductor"),
         torch._inductor.config.patch(_INDUCTOR_CONFIG),
         torch.no_grad(),
+        context,
     ):
         return compile_fx(gm, list(flat))  # type: ignore[return-value]
 

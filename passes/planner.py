@@ -14,12 +14,15 @@ three, and the cost model (:func:`fxswap.passes.simulate.simulate_time`) decides
 - partitions: layerwise and chunkwise have their one partition; adaptive tries the layerwise
   partition and chunkwise partitions at :func:`fxswap.passes.partition.adaptive_block_sizes`
   (64 MiB .. 2 GiB and the user's block size, identical partitions merged);
-- for each partition, both resident placements of :func:`fxswap.passes.schedule.fill_resident`
-  ("front", "spread") at depths 0, 1, ... up to ``max_prefetch_depth`` (default 16). Deepening stops
+- for each partition, the resident placements of :func:`fxswap.passes.schedule.fill_resident`
+  ("front", "spread", and "back" with a warm start) at depths 0, 1, ... up to
+  ``max_prefetch_depth`` (default 16). Deepening stops
   when the depth no longer fits (deeper never needs less memory), when a schedule has no stall
   left, or after ``DEPTH_PATIENCE`` depths without a faster one;
-- the least predicted step time wins, then more resident bytes, then fewer units, then the
-  earlier candidate (partition order, "front" before "spread", depths ascending): deterministic.
+- the least predicted step time wins (with ``warm_start``, the steady-state call of the cyclic
+  schedule, :mod:`fxswap.passes.warmstart`), then the faster first call, then more resident bytes,
+  then fewer units, then the earlier candidate (partition order, placements in the order above,
+  depths ascending): deterministic.
 
 NOTE (fixed modes): layerwise/chunkwise used to take the largest depth that fits and then fill
 resident units. At tight budgets that can leave nothing resident where depth 1 plus a resident
@@ -168,7 +171,9 @@ def _choose(
     parts: list[PreparedPartition], options: PlanOptions, costs: OpCosts, h2d: float, act: Sequence[int]
 ) -> tuple[PreparedPartition, Schedule, TimeReport, WarmStart | None]:
     budget = options.max_vram_bytes
-    Best = tuple[tuple[float, int, int, int], PreparedPartition, Schedule, TimeReport, WarmStart | None]
+    Best = tuple[
+        tuple[float, float, int, int, int], PreparedPartition, Schedule, TimeReport, WarmStart | None
+    ]
     best: Best | None = None
     index = 0
     for part in parts:
@@ -192,7 +197,10 @@ def _choose(
                 timing = report if warm is None else warm.report
                 # Rounded so that float noise between equal timings does not beat the tie-breaks.
                 step = round(timing.step_ms, 9)
-                key = (step, -sched.resident_bytes, len(sched.units), index)
+                # Equal steady steps: the faster first call (a cold schedule's first call is its
+                # steady one), then more resident bytes (fewer moved), fewer units, the earlier one.
+                first = round(report.step_ms, 9)
+                key = (step, first, -sched.resident_bytes, len(sched.units), index)
                 if best is None or key < best[0]:
                     best = (key, part, sched, report, warm)
                 if timing.stall_ms <= 0:
