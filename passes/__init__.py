@@ -2,7 +2,7 @@
 
 Stage order, as a graph goes through them::
 
-    capture -> analyse -> liveness -> partition -> schedule -> simulate -> validate -> rewrite
+    capture -> analyse -> liveness -> partition -> schedule -> simulate -> warmstart -> validate -> rewrite
 
 - capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
 - :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
@@ -12,11 +12,13 @@ Stage order, as a graph goes through them::
 - :mod:`~fxswap.passes.schedule`: which units stay resident, where each load is issued and waited for.
 - :mod:`~fxswap.passes.simulate`: the one memory simulator and the two-stream time model that pick
   among schedules.
+- :mod:`~fxswap.passes.warmstart`: the schedule as a cycle over a sampling loop: the next call's
+  first units loaded in this call's tail, within the budget, where that makes calls faster.
 - :mod:`~fxswap.passes.validate`: the chosen plan checked against the graph (no use before its
   wait or after its release, peak within the budget).
 - :mod:`~fxswap.passes.planner` runs liveness to validate for each candidate and returns the
   :class:`fxswap.swapplan.SwapPlan`.
-- :mod:`~fxswap.passes.rewrite`: the load / wait / release ops inserted into the FX graph at the
+- :mod:`~fxswap.passes.rewrite`: the load / wait / release (and carry) ops inserted into the FX graph at the
   plan's points.
 
 Each pass is a typed function with no global state. The planning passes work on plain data
