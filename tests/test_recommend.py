@@ -9,6 +9,7 @@ on a separately built meta model, not taken from the recommendation.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,7 +100,7 @@ def test_smallest_budget_is_the_planners_minimum(rec: Recommendation, meta_model
         assert mode in ("adaptive", "layerwise", "chunkwise")
 
 
-def test_captures_once_for_all_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_captures_once_for_all_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = []
     real = fxswap.capture.trace
 
@@ -108,9 +109,14 @@ def test_captures_once_for_all_settings(monkeypatch: pytest.MonkeyPatch) -> None
         return real(*a, **k)
 
     monkeypatch.setattr(fxswap.capture, "trace", counting)
+    monkeypatch.setenv("FXSWAP_CACHE_DIR", str(tmp_path))  # an empty graph cache
     r = recommend(VRAM_GB, **ARGS)
     assert len(calls) == 1
     assert r.plans_made > 10
+    again = recommend(VRAM_GB, **ARGS)  # the graph from the cache: no capture at all
+    assert len(calls) == 1 and again.settings == r.settings
+    recommend(VRAM_GB, cache=False, **ARGS)
+    assert len(calls) == 2
 
 
 def test_nothing_fits_says_so_with_the_minimum() -> None:
