@@ -55,7 +55,7 @@ def _non_negative_float(text: str) -> float:
     return _float(text, allow_zero=True)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxswap", description="Compile-time weight swapping for large diffusion transformers."
     )
@@ -140,20 +140,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_plan, cmd_parser=p)
 
-    # bench and calibrate define their own arguments next to their code; modules load lazily.
-    from fxswap.bench.calibrate import add_calibrate_arguments
-    from fxswap.bench.runner import add_bench_arguments
+    # bench and calibrate define their own arguments next to their code, in the tooling; they are
+    # imported only when the command line names them (or cannot be told apart: no command), which
+    # keeps `fxswap plan` from loading the bench.
+    tooling = command not in ("plan", "recommend")
 
     b = sub.add_parser(
         "bench",
         help="simulated step time / peak VRAM of fxswap's schedules against other offloaders' policies",
     )
-    add_bench_arguments(b)
+    if tooling:
+        from fxswap.bench.runner import add_bench_arguments
+
+        add_bench_arguments(b)
     b.set_defaults(handler=_cmd_bench, cmd_parser=b)
     c = sub.add_parser(
         "calibrate", help="measure this GPU (H2D bandwidth, per-block compute) and save a hardware profile"
     )
-    add_calibrate_arguments(c)
+    if tooling:
+        from fxswap.bench.calibrate import add_calibrate_arguments
+
+        add_calibrate_arguments(c)
     c.set_defaults(handler=_cmd_calibrate, cmd_parser=c)
 
     r = sub.add_parser(
@@ -270,7 +277,14 @@ def _cmd_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import gc
+
     import torch
+
+    # The objects of the imports (torch's ~1M) live as long as the process: moved out of the
+    # collector's generations, the full collections the graph and plan allocations trigger do not
+    # walk them again (a repeated `fxswap plan` spends its time in imports and planning).
+    gc.freeze()
 
     from fxswap.api import make_options
     from fxswap.errors import BudgetInfeasibleError, CaptureError
@@ -398,8 +412,9 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fxswap`` console script; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(given[0] if given else None)
+    args = parser.parse_args(given)
     # errors about a command's arguments print that command's usage line, not the top-level one
     result: int = args.handler(args.cmd_parser, args)
     return result

@@ -186,14 +186,21 @@ def _source_digest(files: set[str]) -> str:
 
 
 def _packages_source(packages: set[str]) -> str:
-    """Digest of every loaded module file of ``packages`` (a forward calls helpers from anywhere in
-    its package: the class's own file is not enough)."""
-    files = set()
-    for name, mod in list(sys.modules.items()):
-        if name.split(".", 1)[0] in packages:
-            f = getattr(mod, "__file__", None)
-            if f:
-                files.add(os.path.abspath(f))
+    """Digest of the source files of ``packages`` as they are on disk: every ``.py`` file of a
+    package's folder (a forward calls helpers from anywhere in its package), or the module's own
+    file. Independent of which modules happen to be imported when the key is made."""
+    files: set[str] = set()
+    for name in packages:
+        mod = sys.modules.get(name)
+        f = getattr(mod, "__file__", None)
+        if not f:
+            continue
+        if os.path.basename(f) != "__init__.py":
+            files.add(os.path.abspath(f))
+            continue
+        for root, dirs, names in os.walk(os.path.dirname(os.path.abspath(f)), followlinks=True):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            files.update(os.path.join(root, n) for n in names if n.endswith(".py"))
     return _source_digest(files)
 
 

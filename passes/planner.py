@@ -181,6 +181,9 @@ def _choose(
             fastest = math.inf
             stale = 0
             for depth in range(options.max_prefetch_depth + 1):
+                if placement == "back" and depth == 0:
+                    index += 1
+                    continue  # nothing to carry at depth 0, and cold it is never faster than "front"
                 sched = fill_resident(part, depth, budget, placement)
                 index += 1
                 if sched is None:
@@ -190,8 +193,9 @@ def _choose(
                 if options.warm_start and report.stall_ms > 0:
                     # Ranked by the steady-state call: a sampling loop runs the graph many times.
                     warm = plan_warm_start(
-                        act, sched.windows(), options.reserve_bytes, budget, depth, costs, h2d
-                    )
+                        act, sched.windows(), options.reserve_bytes, budget, depth, costs, h2d, report,
+                        sched.peak_bytes,
+                    )  # fmt: skip
                     if not warm.enabled:
                         warm = None
                 timing = report if warm is None else warm.report

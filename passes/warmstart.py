@@ -36,6 +36,7 @@ and issues them, is the steady state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -174,6 +175,8 @@ def plan_warm_start(
     depth: int,
     costs: OpCosts,
     h2d_gbps: float,
+    cold: TimeReport | None = None,
+    cold_peak: int | None = None,
 ) -> WarmStart:
     """Carry points for the head units of ``units`` under ``budget`` (see the module docstring).
 
@@ -184,44 +187,53 @@ def plan_warm_start(
         budget: the peak the steady state must stay within.
         depth: the schedule's prefetch depth (counted in units, resident ones included).
         costs, h2d_gbps: the time model's rates.
+        cold: the schedule's one-call :func:`~fxswap.passes.simulate.simulate_time` report, if the
+            caller has it (the planner does; computed otherwise).
+        cold_peak: the schedule's one-call peak, if the caller has it (likewise).
 
     Returns:
         The :class:`WarmStart`; ``enabled`` is False when nothing can be carried or carrying does not
         make a call faster.
     """
     n = len(act)
-    cold_report = simulate_time(costs, units, h2d_gbps)
+    cold_report = cold if cold is not None else simulate_time(costs, units, h2d_gbps)
     none: tuple[int | None, ...] = (None,) * len(units)
-    cold_tl = simulate_memory(act, units, reserve_bytes)
-    last_act = act[-1] if n else 0
     resident = sum(u.bytes for u in units if u.resident)
+    last_act = act[-1] if n else 0
+    head = [
+        k
+        for k, u in enumerate(units)
+        if k < depth and not u.resident and u.load_at == 0
+        and reserve_bytes + resident + last_act + u.bytes <= budget
+    ]  # fmt: skip
+    if n == 0 or not head:
+        # nothing could be carried: the one-call peak is the plan's (cheap exit, the planner asks
+        # for every candidate schedule)
+        peak = cold_peak if cold_peak is not None else simulate_memory(act, units, reserve_bytes).peak_bytes
+        return WarmStart(none, peak, 0, 0, cold_report, cold_report)
+    cold_tl = simulate_memory(act, units, reserve_bytes)
     off = WarmStart(none, cold_tl.peak_bytes, 0, 0, cold_report, cold_report)
-    if n == 0 or depth == 0:
-        return off
-    steady = [cold_tl.total(i) for i in range(n)]  # cold plus the carried tail so far
+    base = reserve_bytes + resident
+    steady = [base + sw + a for sw, a in zip(cold_tl.swapped, act, strict=True)]  # plus carried tails
     firsts = sorted({u.wait_at for u in units})
     big_k = len(units)
     carry: list[int | None] = list(none)
     carried_total = 0
 
     def suffix_max() -> list[int]:
-        out = [0] * (n + 1)  # out[n] = 0: a point at the end adds to the boundary only
-        for i in range(n - 1, -1, -1):
-            out[i] = max(out[i + 1], steady[i])
-        return out
+        # out[i] = max(steady[i:]); out[n] = 0: a point at the end adds to the boundary only
+        return [*reversed(list(itertools.accumulate(reversed(steady), max))), 0]
 
     after = suffix_max()
-    for k, u in enumerate(units):
-        if u.resident or u.load_at != 0 or k >= depth:
-            continue
+    for k in head:
+        u = units[k]
         cyclic = big_k + k - depth
         point = max(units[cyclic].wait_at if cyclic >= 0 else 0, u.release_after + 1)
-        if reserve_bytes + resident + last_act + carried_total + u.bytes > budget:
+        if base + last_act + carried_total + u.bytes > budget:
             continue  # not even at the end: the boundary would not fit
         for p in [q for q in firsts if q >= point] + [n]:
             if after[p] + u.bytes <= budget:
-                for i in range(p, n):
-                    steady[i] += u.bytes
+                steady[p:] = [v + u.bytes for v in steady[p:]]
                 after = suffix_max()
                 carry[k] = p
                 carried_total += u.bytes
@@ -231,5 +243,5 @@ def plan_warm_start(
     warm_report = simulate_steady(costs, units, carry, h2d_gbps)
     if round(warm_report.step_ms, 9) >= round(cold_report.step_ms, 9):
         return off
-    mem, boundary = steady_memory(act, units, reserve_bytes, carry)
-    return WarmStart(tuple(carry), max(*mem, boundary), boundary, carried_total, warm_report, cold_report)
+    boundary = base + last_act + carried_total
+    return WarmStart(tuple(carry), max(after[0], boundary), boundary, carried_total, warm_report, cold_report)

@@ -201,3 +201,25 @@ def test_json_codec_checks_each_field() -> None:
     del bad["buffers"][0]["end"]
     with pytest.raises(ValueError, match=r"buffers\[0\]: expected the fields"):
         ir_from_json(bad)
+
+
+def test_the_key_does_not_depend_on_what_else_is_imported() -> None:
+    # Two processes, one of which imports the planner and the compiler first: the same key (a key
+    # over the loaded modules' files missed the cache between `fxswap plan` runs).
+    import subprocess
+
+    code = (
+        "import sys, torch\n"
+        "if sys.argv[1] == 'more':\n"
+        "    import fxswap.passes.planner, fxswap.compiler, fxswap.bench.runner\n"
+        "from fxswap.graph_cache import cache_key, _digest\n"
+        "from tests.models import MLP\n"
+        "print(_digest(cache_key(MLP(2, 8), (torch.empty(1, 8, device='meta'),), {})))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", code, which], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for which in ("few", "more")
+    }
+    assert len(keys) == 1, keys
