@@ -264,7 +264,7 @@ class SwapState:
 
     def release(self) -> int:
         """Drop every device copy this model holds; return the bytes that were held."""
-        held = self.swap.runtime.resident_bytes
+        held = self.swap.runtime.resident_bytes + self.swap.runtime.carried_bytes
         self.swap.release()
         self.loaded = False
         with _ACTIVE_LOCK:

@@ -5,11 +5,13 @@ Registered through torch's ``torch_dynamo_backends`` entry point (see pyproject)
 arguments of :func:`fxswap.compile`: ``mode``, ``max_vram_gb``, ``block_size_mb``, ``backend``
 ("inductor" or "eager": what runs the rewritten graph), ``device``, ``storage_dtype``,
 ``pin_share`` and the planner's ``reserve_mb``, ``h2d_gbps``, ``compute_tflops``,
-``max_prefetch_depth``, ``device_mem_gbps``.
+``max_prefetch_depth``, ``device_mem_gbps`` and ``warm_start``, which is False here unless given
+(every call cold): Dynamo may run other graphs between two calls of one graph, and units carried
+across calls would sit beside them. Pass it True with ``fullgraph=True`` and one input shape.
 
 The graph Dynamo hands over is planned and rewritten by the same passes as ``fxswap.compile``
 (analyse -> plan -> insert_swaps -> Inductor or eager), so for the same model, input and options
-the plan and the output are the same (tested). The differences come from Dynamo owning the call:
+the plan and the output are the same with the same ``warm_start`` (tested). The differences come from Dynamo owning the call:
 
 - Dynamo traces on the real tensors, so the model and its inputs must be on one device for
   tracing: keep both on the CPU (the host) and pass ``options={"device": "cuda"}``; fxswap copies
@@ -107,6 +109,10 @@ def fxswap_backend(
 
     t0 = time.perf_counter()
     copts, popts = _split(options)
+    # Every call of this graph starts cold unless asked: Dynamo may run other graphs (graph breaks,
+    # other shapes) between two calls of this one, and units carried for it would sit in memory
+    # beside them, outside their budgets.
+    popts.setdefault("warm_start", False)
     if copts["backend"] not in BACKENDS:
         raise ValueError(
             f"torch.compile(backend='fxswap', options={{'backend': {copts['backend']!r}}}) is invalid: "
