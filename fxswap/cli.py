@@ -129,6 +129,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--h2d-gbps / --compute-tflops override its figures",
     )
     p.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="plan every call cold (by default the plan is a cycle: a call's tail loads the next call's "
+        "first units when that is predicted faster)",
+    )
+    p.add_argument(
         "--no-cache",
         action="store_true",
         help="capture the graph again instead of reading (or writing) the graph cache "
@@ -329,6 +335,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             h2d_gbps=rates.get("h2d_gbps"),
             compute_tflops=rates.get("compute_tflops"),
             device_mem_gbps=rates.get("device_mem_gbps"),
+            warm_start=not args.no_warm_start,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -207,16 +207,28 @@ class SwapModule:
 
     def release(self) -> None:
         """Drop every resident device copy and every unit prefetched for a next call (they are
-        made again by the next call)."""
+        made again by the next call). Safe while a call runs in another thread: that call keeps the
+        transfers it issued, and the next call drops what it carried."""
         self.runtime.drop_residents()
-        self.runtime.discard_pending()
         self._active = None
+        self._discard_when_idle()
 
-    def discard_prefetch(self) -> None:
+    def discard_prefetch(self) -> bool:
         """Free the units a warm start loaded for the next call (``plan.carried_bytes``), e.g. when
-        the sampling loop is over; the next call then starts cold. Resident weights stay."""
-        with self._call_lock:
+        the sampling loop is over or the weights are about to change; the next call then starts
+        cold. Resident weights stay. Returns False (and frees nothing) while a call is running."""
+        return self._discard_when_idle()
+
+    def _discard_when_idle(self) -> bool:
+        # A running call's queues pair its own loads with its waits: never empty them under it (from
+        # another thread, or from a hook inside the call, which must not wait for the call either).
+        if not self._call_lock.acquire(blocking=False):
+            return False
+        try:
             self.runtime.discard_pending()
+        finally:
+            self._call_lock.release()
+        return True
 
     def close(self) -> None:
         """Return every byte of device and pinned host memory this model holds and unregister its

@@ -107,7 +107,7 @@ def account(
             event_ops[("wait", uid)] = u.wait_at or 0
             event_ops[("release", uid)] = u.release_after or 0
             if u.carry_at is not None:
-                event_ops[("carry", uid)] = min(u.carry_at, n - 1)
+                event_ops[("carry", uid)] = u.carry_at  # always an op of the graph (warmstart)
     act = inductor_activations(result, n, event_ops, units_at)
     real_ir = _per_op(ir, [a + held for a in act])
     real_act = activation_profile(real_ir)
@@ -120,7 +120,7 @@ def account(
     real = dataclasses.replace(
         plan,
         peak_bytes=peak,
-        peak_op=(ir.ops[peak_op].name if peak_op < n else "output") if peak_op >= 0 else "",
+        peak_op=(ir.ops[peak_op].name if peak_op < n else "between calls") if peak_op >= 0 else "",
         activation_peak_bytes=max(tl.act, default=0),
         boundary_bytes=boundary,
     )

@@ -30,7 +30,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import inspect
 import json
+import logging
+import math
 import os
 import sys
 import time
@@ -54,6 +57,8 @@ __all__ = [
     "ir_from_json",
     "ir_to_json",
 ]
+
+logger = logging.getLogger("fxswap.graph_cache")
 
 # Bumped when the file layout or the meaning of an IR field changes.
 FORMAT = 1
@@ -118,7 +123,7 @@ def _value(kind: str, v: Any, where: str) -> Any:
             raise bad()
         return v
     if kind == _FLOAT:
-        if type(v) not in (int, float):
+        if type(v) not in (int, float) or not math.isfinite(v):
             raise bad()
         return float(v)
     if kind == _STR:
@@ -171,6 +176,12 @@ def _plain(v: Any) -> Any:
         return list(v)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return repr(v)
+    if isinstance(v, torch.Tensor):
+        # a plain tensor attribute (not a registered buffer) the forward may read as a constant
+        return ["tensor", list(v.shape), str(v.dtype)]
+    if callable(v) or hasattr(v, "__dict__"):
+        # an object or function the forward may call (an attention processor...): its kind at least
+        return f"<{type(v).__module__}.{type(v).__qualname__}>"
     return None
 
 
@@ -185,28 +196,48 @@ def _source_digest(files: set[str]) -> str:
     return h.hexdigest()
 
 
-def _packages_source(packages: set[str]) -> str:
-    """Digest of the source files of ``packages`` as they are on disk: every ``.py`` file of a
-    package's folder (a forward calls helpers from anywhere in its package), or the module's own
-    file. Independent of which modules happen to be imported when the key is made."""
+class _NoSource(Exception):
+    """A class of the model has no source file to key on (defined in a notebook cell, ``python -c``)."""
+
+
+def _packages_source(packages: set[str], classes: set[type]) -> str:
+    """Digest of the source files behind the model's classes as they are on disk: each class's own
+    file, and every ``.py`` file of the packages that define them (a forward calls helpers from
+    anywhere in its package). Independent of which modules happen to be imported.
+
+    Raises:
+        _NoSource: a class whose source file cannot be found: the key could not see its forward
+            change, so such a model is not cached.
+    """
     files: set[str] = set()
+    for cls in classes:
+        try:
+            f = inspect.getsourcefile(cls)
+        except (TypeError, OSError):
+            f = None
+        if not f or not os.path.exists(f):
+            raise _NoSource(f"{cls.__module__}.{cls.__qualname__}")
+        files.add(os.path.abspath(f))
     for name in packages:
         mod = sys.modules.get(name)
+        # a regular package's folder, or every folder of a namespace package (no __init__.py)
         f = getattr(mod, "__file__", None)
-        if not f:
-            continue
-        if os.path.basename(f) != "__init__.py":
-            files.add(os.path.abspath(f))
-            continue
-        for root, dirs, names in os.walk(os.path.dirname(os.path.abspath(f)), followlinks=True):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            files.update(os.path.join(root, n) for n in names if n.endswith(".py"))
+        roots = (
+            [os.path.dirname(os.path.abspath(f))]
+            if f and os.path.basename(f) == "__init__.py"
+            else [os.path.abspath(r) for r in getattr(mod, "__path__", [])]
+        )
+        for top in roots:
+            for root, dirs, names in os.walk(top, followlinks=True):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                files.update(os.path.join(root, n) for n in names if n.endswith(".py"))
     return _source_digest(files)
 
 
 def _structure(model: torch.nn.Module) -> dict[str, Any]:
     modules = []
     packages: set[str] = set()
+    classes: set[type] = set()
     for name, m in model.named_modules(remove_duplicate=False):
         cls = type(m)
         attrs = {}
@@ -217,10 +248,10 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
             if p is not None or v is None:
                 attrs[k] = p
         modules.append([name, f"{cls.__module__}.{cls.__qualname__}", m.extra_repr(), attrs])
-        packages.update(
-            k.__module__.split(".", 1)[0] for k in cls.__mro__ if not k.__module__.startswith("torch")
-        )
-    packages.discard("builtins")
+        own = [k for k in cls.__mro__ if not k.__module__.startswith(("torch", "builtins"))]
+        classes.update(own)
+        packages.update(k.__module__.split(".", 1)[0] for k in own)
+    packages.discard("__main__")
     tensors = [
         [kind, n, list(t.shape), str(t.dtype)]
         for kind, named in (
@@ -239,7 +270,12 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
         first = ids.setdefault(id(t), n)
         if first != n:
             ties.append([n, first])
-    return {"modules": modules, "tensors": tensors, "ties": ties, "model_source": _packages_source(packages)}
+    return {
+        "modules": modules,
+        "tensors": tensors,
+        "ties": ties,
+        "model_source": _packages_source(packages, classes),
+    }
 
 
 def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -277,6 +313,7 @@ def cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str
         "format": FORMAT,
         "fxswap": _version.__version__,
         "torch": torch.__version__,
+        "python": sys.version.split()[0],
         "capture_source": _capture_source(),
         "model": _structure(model),
         "inputs": _signature(args, kwargs),
@@ -368,11 +405,18 @@ def captured_ir(
     key: dict[str, Any] = {}
     if cache is not False:
         folder = cache_dir() if cache is True else Path(cache)
-        key = cache_key(model, args, kwargs)
-        path = folder / f"{_digest(key)[:32]}.json"
-        ir = _read(path, key)
-        if ir is not None:
-            return CachedGraph(ir, time.perf_counter() - start, True, path)
+        try:
+            key = cache_key(model, args, kwargs)
+        except _NoSource as e:
+            # the key could not see this class's forward change: capture, keep nothing
+            logger.info(
+                "fxswap: not caching the graph of %s: no source file for class %s", type(model).__name__, e
+            )
+        else:
+            path = folder / f"{_digest(key)[:32]}.json"
+            ir = _read(path, key)
+            if ir is not None:
+                return CachedGraph(ir, time.perf_counter() - start, True, path)
     ir = capture(model, *args, **kwargs).ir
     if path is not None:
         _write(path, key, ir)

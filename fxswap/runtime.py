@@ -287,9 +287,18 @@ class _CudaPending(PendingTransfer):
         super().__init__(tensors)
         self.event = event
         self.device = device
+        # the stream the destinations were allocated on (the caching allocator's owner of the blocks)
+        self.stream = torch.cuda.current_stream(device)
 
     def wait(self) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.event)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.event)
+        if current != self.stream:
+            # A transfer carried from the previous call is read here on another stream than the one
+            # it was allocated on: without this the allocator could hand the block out again on
+            # the old stream while this one still reads it.
+            for t in self.tensors:
+                t.record_stream(current)
 
     def wait_host(self) -> None:
         self.event.synchronize()

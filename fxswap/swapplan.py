@@ -115,8 +115,7 @@ class SwapUnit:
 
     A resident unit has ``load_at``/``wait_at``/``release_after`` and the node names None.
     ``carry_at`` (warm start): the op before which the load for the *next* call is issued, after
-    this call's release (``num_ops``: as the call ends, ``carry_node`` "output"); None when the unit
-    is not carried across calls.
+    this call's release; None when the unit is not carried across calls.
     """
 
     name: str

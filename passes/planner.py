@@ -270,7 +270,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
     names = [op.name for op in ir.ops]
 
     def node_at(i: int | None) -> str | None:
-        return None if i is None else names[i] if i < len(names) else "output"
+        return None if i is None else names[i]
 
     units = []
     for u, res, la, f, ll, ca in zip(
@@ -308,7 +308,8 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
         reserve_bytes=options.reserve_bytes,
         prefetch_depth=sched.depth,
         peak_bytes=peak_bytes,
-        peak_op=(names[peak_op] if peak_op < len(names) else "output") if peak_op >= 0 else "",
+        # len(names): the peak is between two calls (a warm start's carried units beside the outputs)
+        peak_op=(names[peak_op] if peak_op < len(names) else "between calls") if peak_op >= 0 else "",
         resident_bytes=resident,
         swapped_bytes=sum(u.bytes for u in units) - resident,
         weight_bytes=sum(u.bytes for u in units),

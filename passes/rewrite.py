@@ -189,7 +189,7 @@ def insert_swaps(
         gm: the Dynamo graph (parameters as placeholders); not modified.
         plan: a ``SwapPlan`` (or anything with ``units`` carrying ``name``, ``params``,
             ``resident``, ``load_node``, ``wait_node``, ``release_node``, ``carry_node``: FX node
-            names of ``gm``; ``carry_node`` may be ``"output"``, the end of the call, or None).
+            names of ``gm``; ``carry_node`` is None for a unit not carried across calls).
         placeholder_params: for each placeholder position of ``gm``, the weight's FQN, or None for
             a user input.
         unit_ids: the op id of every swapped unit (from ``SwapRuntime.add_unit``), baked into the

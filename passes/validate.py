@@ -6,7 +6,7 @@ Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index an
     resident unit:  load_at = wait_at = release_after = None (and no node names)
     swapped unit:   0 <= load_at <= wait_at,  release_after < len(ops)
                     for every op i reading one of its weights:  wait_at <= i <= release_after
-    carried unit:   loaded at op 0, release_after < carry_at <= len(ops) (len(ops): as the call ends)
+    carried unit:   loaded at op 0, release_after < carry_at < len(ops)
     simulated peak (fxswap.passes.simulate.simulate_memory; with carried units the steady-state call
     and the bytes between calls, fxswap.passes.warmstart.steady_memory) <= max_vram_bytes and
     == plan.peak_bytes
@@ -66,12 +66,12 @@ def _check_unit_fields(ir: GraphIR, u: SwapUnit) -> None:
         if u.carry_node is not None:
             raise PlanError(f"unit {u.name!r} has carry_node {u.carry_node!r} but no carry_at")
         return
-    if u.load_at != 0 or not u.release_after < u.carry_at <= n:
+    if u.load_at != 0 or not u.release_after < u.carry_at < n:
         raise PlanError(
             f"unit {u.name!r}: carry_at={u.carry_at} must follow its release after "
-            f"{_op(ir, u.release_after)} (at most {n}, the end of the call), for a unit loaded at op 0"
+            f"{_op(ir, u.release_after)} (and be an op of the graph), for a unit loaded at op 0"
         )
-    expected = ir.ops[u.carry_at].name if u.carry_at < n else "output"
+    expected = ir.ops[u.carry_at].name
     if u.carry_node != expected:
         raise PlanError(
             f"unit {u.name!r}: carry_node is {u.carry_node!r} but carry_at={u.carry_at} is {expected!r}"

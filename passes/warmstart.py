@@ -10,7 +10,7 @@ head unit ``k < d`` has its load issued where the cyclic rule puts it, before th
 Input: the chosen schedule as :class:`~fxswap.passes.simulate.UnitWindow` records (first-use
 order), the activation profile, the reserve, the budget, the op costs and the copy rate.
 Output: a :class:`WarmStart` record: per unit the op before which its next-call load is issued
-(``carry_at``; ``len(act)`` means after the last op, as the call returns), the steady-state peak
+(``carry_at``, an op index), the steady-state peak
 and the steady-state time of a call.
 
 Memory (steady state, any call after the first)::
@@ -25,9 +25,11 @@ flight for the next call beside everything the last op saw (the inputs the calle
 the outputs it receives). A carried unit's point never precedes its own release in the same call.
 
 Choice: the head units in first-use order, each at the cyclic point or, when the budget does not
-allow it there, at the next later first use that fits (the latest option is the end of the call);
-a unit that fits nowhere starts cold. The warm start is kept only when the time model predicts a
-faster steady-state call than the cold schedule; it never raises the peak above the budget.
+allow it there, at the next later first use that fits; a unit that fits nowhere starts cold. A
+carry is always issued before some op of the call, never as the call returns: Inductor's accounting
+(``fxswap.fit``) maps every fxswap op of the generated program to an op of the graph. The warm
+start is kept only when the time model predicts a faster steady-state call than the cold schedule;
+it never raises the peak above the budget.
 
 Time (:func:`simulate_steady`): three consecutive calls on the two-stream model of
 :func:`~fxswap.passes.simulate.simulate_time`; the middle call, which both receives carried loads
@@ -230,8 +232,8 @@ def plan_warm_start(
         cyclic = big_k + k - depth
         point = max(units[cyclic].wait_at if cyclic >= 0 else 0, u.release_after + 1)
         if base + last_act + carried_total + u.bytes > budget:
-            continue  # not even at the end: the boundary would not fit
-        for p in [q for q in firsts if q >= point] + [n]:
+            continue  # the bytes between two calls would not fit
+        for p in [q for q in firsts if point <= q < n]:
             if after[p] + u.bytes <= budget:
                 steady[p:] = [v + u.bytes for v in steady[p:]]
                 after = suffix_max()

@@ -344,3 +344,13 @@ def test_cli_plan_reads_the_graph_cache_and_plans_the_same(
     fresh = (tmp_path / "fresh.json").read_bytes()
     assert (tmp_path / "first.json").read_bytes() == fresh
     assert (tmp_path / "cached.json").read_bytes() == fresh
+
+
+def test_cli_no_warm_start_plans_every_call_cold(tmp_path: Path) -> None:
+    path = tmp_path / "cold.json"
+    assert main(["plan", *SMALL, "--max-vram-gb", "1", "--no-warm-start", "-o", str(path)]) == 0
+    plan = fxswap.load_plan(path)
+    assert plan.warm_start is False and plan.carried_bytes == 0
+    assert all(u.carry_at is None for u in plan.units)
+    assert main(["plan", *SMALL, "--max-vram-gb", "1", "-o", str(tmp_path / "default.json")]) == 0
+    assert fxswap.load_plan(tmp_path / "default.json").warm_start is True  # the option, as given

@@ -55,6 +55,7 @@ def test_mlp_equal_to_fxswap_compile(mode: str) -> None:
         "mode": mode,
         "backend": "eager",
         "reserve_mb": 0,
+        "warm_start": False,  # the backend's default; fxswap.compile is told the same
     }
     if mode == "chunkwise":
         opts["block_size_mb"] = 40 * KiB / 2**20
@@ -78,7 +79,13 @@ def test_mlp_equal_to_fxswap_compile(mode: str) -> None:
 def test_wan_equal_to_fxswap_compile_and_swaps_at_run_time() -> None:
     model, kw = _wan()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    opts = {"max_vram_gb": 0.6 * weights / 2**30, "mode": "layerwise", "backend": "eager", "reserve_mb": 0}
+    opts = {
+        "max_vram_gb": 0.6 * weights / 2**30,
+        "mode": "layerwise",
+        "backend": "eager",
+        "reserve_mb": 0,
+        "warm_start": False,
+    }
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="fxswap", options=opts, fullgraph=True)
     got = compiled(**kw)
@@ -99,7 +106,13 @@ def test_wan_equal_to_fxswap_compile_and_swaps_at_run_time() -> None:
 def test_inductor_equal_to_fxswap_compile_inductor() -> None:
     model = _mlp()
     x = torch.randn(4, 64)
-    opts = {"max_vram_gb": 40 * KiB / 2**30, "mode": "layerwise", "backend": "inductor", "reserve_mb": 0}
+    opts = {
+        "max_vram_gb": 40 * KiB / 2**30,
+        "mode": "layerwise",
+        "backend": "inductor",
+        "reserve_mb": 0,
+        "warm_start": False,
+    }
     torch._dynamo.reset()
     got = torch.compile(model, backend="fxswap", options=opts, fullgraph=True)(x)
     want = fxswap.compile(model, **opts)(x)

@@ -223,3 +223,27 @@ def test_the_key_does_not_depend_on_what_else_is_imported() -> None:
         for which in ("few", "more")
     }
     assert len(keys) == 1, keys
+
+
+def test_a_class_without_a_source_file_is_not_cached(tmp_path: Path) -> None:
+    # A model defined in `python -c` (or a notebook cell) has no file the key could hash: a changed
+    # forward would hit a stale graph, so such a graph is captured every time and never written.
+    import subprocess
+
+    code = (
+        "import sys, torch\n"
+        "from fxswap.graph_cache import captured_ir\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x)\n"
+        "x = torch.randn(2, 4)\n"
+        "print([captured_ir(Net(), (x,), cache=sys.argv[1]).hit for _ in range(2)])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[False, False]"
+    assert list(tmp_path.iterdir()) == []

@@ -177,3 +177,32 @@ def test_warm_start_off_gives_cold_plans() -> None:
         assert all(u.carry_at is None for u in plan.units)
         st = s.runtime.stats
         assert st["loads"] == st["waits"]
+
+
+def test_carried_transfers_are_waited_for() -> None:
+    # A transfer that lands late (NaN until then): a call reading a carried unit before its wait,
+    # in this call or across the boundary, would differ from the unswapped model.
+    from fxswap.runtime import LateCopyBackend
+
+    c = _case("mlp")
+    with torch.no_grad():
+        ref = c.model(**c.kwargs)
+    lo = _minimum(c, "layerwise", "eager")
+    late = LateCopyBackend(delay_s=0.002)
+    weights = sum(p.numel() * p.element_size() for p in c.model.parameters())
+    for budget in (lo + k * weights // 8 for k in range(9)):
+        s = fx_compile(
+            c.model,
+            mode="layerwise",
+            max_vram_gb=budget / GiB,
+            backend="eager",
+            transfer_backend=late,
+            **RATES,
+        )
+        with torch.no_grad():
+            outs = [s(**c.kwargs) for _ in range(CALLS)]
+        assert all(torch.equal(o, ref) for o in outs)
+        if s.plan is not None and s.plan.carried_bytes:
+            break
+    else:
+        raise AssertionError("no budget carried a unit: the late transfers checked nothing new")

@@ -324,13 +324,18 @@ class FxswapPipelineState:
     def _swap(self, name: str, module: torch.nn.Module) -> None:
         import fxswap
 
+        kwargs = dict(self.compile_kwargs)
+        if name not in TRANSFORMERS:
+            # An encoder runs once per phase, and each phase begins by releasing the others: units
+            # carried for a next call would be thrown away. Warm starts are for the sampling loop.
+            kwargs.setdefault("warm_start", False)
         self.swapped[name] = fxswap.compile(
             module,
             mode=self.mode,
             max_vram_gb=self.max_vram_gb,
             block_size_mb=self.block_size_mb,
             device=self.device,
-            **self.compile_kwargs,
+            **kwargs,
         )
         self._sigs[name] = inspect.signature(type(module).forward)
         module.__dict__["_fxswap_route"] = self

@@ -11,8 +11,8 @@ across calls would sit beside them. Pass it True with ``fullgraph=True`` and one
 
 The graph Dynamo hands over is planned and rewritten by the same passes as ``fxswap.compile``
 (analyse -> plan -> insert_swaps -> Inductor or eager), so for the same model, input and options
-(``warm_start`` included) the plan and the output are the same (tested). The differences come from
-Dynamo owning the call:
+the plan and the output are the same (tested with ``warm_start=False`` on both sides). The
+differences come from Dynamo owning the call:
 
 - Dynamo traces on the real tensors, so the model and its inputs must be on one device for
   tracing: keep both on the CPU (the host) and pass ``options={"device": "cuda"}``; fxswap copies
