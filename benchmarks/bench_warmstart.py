@@ -33,20 +33,9 @@ BUDGETS_GB = {"wan2.1-t2v-1.3b": (1.5, 2, 2.5), "wan2.1-t2v-14b": (12, 16, 24)}
 GiB = 2**30
 
 
-def _ir(model: str, frames: int) -> Any:
-    from fxswap.graph_cache import captured_ir
-    from fxswap.models import wan
-
-    config = wan.CONFIGS[model]
-    net = wan.build(config, device="meta", dtype=torch.bfloat16)
-    inputs = wan.example_inputs(
-        config, frames=frames, height=480, width=832, device="meta", dtype=torch.bfloat16
-    )
-    return captured_ir(net, (), inputs).ir
-
-
 def rows() -> list[dict[str, Any]]:
     from fxswap.bench.costmodel import plan_rates
+    from fxswap.bench.graphs import wan_ir
     from fxswap.bench.hardware import get_profile
     from fxswap.errors import BudgetInfeasibleError
     from fxswap.options import PlanOptions
@@ -55,7 +44,7 @@ def rows() -> list[dict[str, Any]]:
     out = []
     for model in MODELS:
         for frames in FRAMES:
-            ir = _ir(model, frames)
+            ir = wan_ir(model, 832, 480, frames)
             for card in CARDS:
                 hw = get_profile(card)
                 for budget in BUDGETS_GB[model]:

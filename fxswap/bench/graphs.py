@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fxswap.errors import FxswapError
 from fxswap.ir import GraphIR
 
-__all__ = ["CASES", "case_size", "fp8_ir", "load_wan_ir"]
+if TYPE_CHECKING:
+    from fxswap.models.wan_config import WanConfig
+
+__all__ = ["CASES", "case_size", "fp8_ir", "load_wan_ir", "wan_ir"]
 
 # case name -> (width, height, frames)
 CASES: dict[str, tuple[int, int, int]] = {
@@ -42,24 +46,37 @@ def case_size(model: str, case: str) -> tuple[int, int, int]:
     return w, h, f
 
 
-def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR:
-    """Capture the bf16 WAN graph of ``model`` at ``case`` on meta tensors, through the graph cache
-    (:mod:`fxswap.graph_cache`: ``cache_dir``, else its default location)."""
+def _config(model: str) -> WanConfig:
+    from fxswap.models import wan
+
+    if model.startswith("tiny-") and model.removeprefix("tiny-") in wan.MODEL_TYPES:
+        return wan.tiny_config(model.removeprefix("tiny-"))  # for tests: the full structure, tiny sizes
+    if model in wan.CONFIGS or model in wan.TURBOWAN_CONFIGS:
+        return wan.named_config(model)
+    known = ", ".join([*wan.CONFIGS, *wan.TURBOWAN_CONFIGS])
+    raise FxswapError(f"model={model!r} is unknown; use one of {known} (or tiny-t2v for a test model)")
+
+
+def _capture(config: WanConfig, width: int, height: int, frames: int, cache_dir: Path | None) -> GraphIR:
     import torch  # deferred: the rest of the bench is plain Python
 
     from fxswap.graph_cache import captured_ir
     from fxswap.models import wan
 
-    if model.startswith("tiny-") and model.removeprefix("tiny-") in wan.MODEL_TYPES:
-        config = wan.tiny_config(model.removeprefix("tiny-"))  # for tests: the full structure, tiny sizes
-    elif model in wan.CONFIGS or model in wan.TURBOWAN_CONFIGS:
-        config = wan.named_config(model)
-    else:
-        known = ", ".join([*wan.CONFIGS, *wan.TURBOWAN_CONFIGS])
-        raise FxswapError(f"model={model!r} is unknown; use one of {known} (or tiny-t2v for a test model)")
-    width, height, frames = case_size(model, case)
     net = wan.build(config, device="meta", dtype=torch.bfloat16)
     kwargs = wan.example_inputs(
         config, frames=frames, height=height, width=width, device="meta", dtype=torch.bfloat16
     )
     return captured_ir(net, (), kwargs, cache=cache_dir if cache_dir is not None else True).ir
+
+
+def load_wan_ir(model: str, case: str, cache_dir: Path | None = None) -> GraphIR:
+    """Capture the bf16 WAN graph of ``model`` at ``case`` on meta tensors, through the graph cache
+    (:mod:`fxswap.graph_cache`: ``cache_dir``, else its default location)."""
+    config = _config(model)
+    return _capture(config, *case_size(model, case), cache_dir)
+
+
+def wan_ir(model: str, width: int, height: int, frames: int, cache_dir: Path | None = None) -> GraphIR:
+    """:func:`load_wan_ir` at any video size rather than a named case."""
+    return _capture(_config(model), width, height, frames, cache_dir)
