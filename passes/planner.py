@@ -53,7 +53,7 @@ from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_ch
 from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
-from fxswap.passes.warmstart import WarmStart, plan_warm_start, steady_memory
+from fxswap.passes.warmstart import WarmStart, plan_warm_start
 from fxswap.swapplan import (
     SCHEMA_VERSION,
     PlanOptions,
@@ -219,14 +219,6 @@ def _choose(
     return best[1], best[2], best[3], best[4]
 
 
-def _steady_peak_op(act: Sequence[int], sched: Schedule, reserve: int, warm: WarmStart) -> int:
-    """Where a steady-state call peaks: an op index, or ``len(act)`` for the boundary."""
-
-    mem, boundary = steady_memory(act, sched.windows(), reserve, warm.carry_at)
-    top = max(mem, default=0)
-    return len(act) if boundary > top else mem.index(top)
-
-
 def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
     """Plan which units stay resident and when the others are loaded, waited for and released.
 
@@ -264,9 +256,8 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
     peak_bytes, peak_op, boundary = timeline.peak_bytes, timeline.peak_op, 0
     if warm is not None:
         report, carry_at, boundary = warm.report, warm.carry_at, warm.boundary_bytes
-        if warm.peak_bytes > peak_bytes:
-            peak_bytes = warm.peak_bytes
-            peak_op = _steady_peak_op(live.act, sched, options.reserve_bytes, warm)
+        if warm.peak_bytes > peak_bytes and warm.peak_op is not None:
+            peak_bytes, peak_op = warm.peak_bytes, warm.peak_op
     names = [op.name for op in ir.ops]
 
     def node_at(i: int | None) -> str | None:

@@ -57,6 +57,7 @@ class WarmStart:
     carried_bytes: int
     report: TimeReport  # the steady-state call
     cold: TimeReport  # the same schedule, every call cold
+    peak_op: int | None = None  # where peak_bytes is reached: an op, or len(act) between calls
 
     @property
     def enabled(self) -> bool:
@@ -246,4 +247,13 @@ def plan_warm_start(
     if round(warm_report.step_ms, 9) >= round(cold_report.step_ms, 9):
         return off
     boundary = base + last_act + carried_total
-    return WarmStart(tuple(carry), max(after[0], boundary), boundary, carried_total, warm_report, cold_report)
+    top = after[0]
+    return WarmStart(
+        tuple(carry),
+        max(top, boundary),
+        boundary,
+        carried_total,
+        warm_report,
+        cold_report,
+        n if boundary > top else steady.index(top),
+    )

@@ -143,6 +143,13 @@ def test_steady_state_memory_matches_brute_force_and_fits(case: Case) -> None:
     assert ws.peak_bytes == peak
     assert ws.boundary_bytes == boundary
     assert peak <= case.budget
+    # where: the first op reaching the peak, or len(act) when only the boundary does
+    cold_ops = brute_cold(case)
+    per_op = [
+        m + sum(u.bytes for u, c in zip(case.units, ws.carry_at, strict=True) if c is not None and c <= i)
+        for i, m in enumerate(cold_ops)
+    ]
+    assert ws.peak_op == (len(per_op) if boundary > max(per_op) else per_op.index(max(per_op)))
     for u, c in zip(case.units, ws.carry_at, strict=True):
         if c is not None:
             # only the head units, carried after their own release in the same call
