@@ -60,12 +60,13 @@ __all__ = [
 
 logger = logging.getLogger("fxswap.graph_cache")
 
-# Bumped when the file layout or the meaning of an IR field changes.
-FORMAT = 1
+# Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined).
+FORMAT = 2
 
 # Field -> JSON type for each IR record, checked on load: a file from another version, or edited
 # by hand, fails with the field named instead of building a record with a wrong type.
 _INT, _FLOAT, _STR, _STRS, _INTS = "int", "float", "str", "list[str]", "list[int]"
+_PAIRS = "list[[int, int]]"
 _FIELDS: dict[type, dict[str, str]] = {
     OpInfo: {
         "name": _STR,
@@ -77,7 +78,14 @@ _FIELDS: dict[type, dict[str, str]] = {
         "mem_bytes": _INT,
         "workspace_bytes": _INT,
     },
-    WeightInfo: {"name": _STR, "shape": _INTS, "dtype": _STR, "nbytes": _INT, "module": _STR},
+    WeightInfo: {
+        "name": _STR,
+        "shape": _INTS,
+        "dtype": _STR,
+        "nbytes": _INT,
+        "module": _STR,
+        "joined": _PAIRS,
+    },
     BufferInfo: {"name": _STR, "nbytes": _INT, "start": _INT, "end": _INT},
     InputInfo: {"name": _STR, "shape": _INTS, "dtype": _STR},
 }
@@ -107,11 +115,15 @@ def ir_to_json(ir: GraphIR) -> dict[str, Any]:
     """Plain JSON of a GraphIR (tuples become lists)."""
     return {
         section: [
-            {name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(rec).items()}
+            {name: _json_value(v) for name, v in dataclasses.asdict(rec).items()}
             for rec in getattr(ir, section)
         ]
         for section in _SECTIONS
     }
+
+
+def _json_value(v: Any) -> Any:
+    return [_json_value(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def _value(kind: str, v: Any, where: str) -> Any:
@@ -130,6 +142,12 @@ def _value(kind: str, v: Any, where: str) -> Any:
         if type(v) is not str:
             raise bad()
         return v
+    if kind == _PAIRS:
+        if type(v) is not list or any(
+            type(p) is not list or len(p) != 2 or any(type(x) is not int for x in p) for p in v
+        ):
+            raise bad()
+        return tuple((p[0], p[1]) for p in v)
     elem = int if kind == _INTS else str
     if type(v) is not list or any(type(x) is not elem for x in v):
         raise bad()

@@ -24,6 +24,10 @@ class WeightInfo:
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
     nbytes: int
     module: str  # owning module path, e.g. "blocks.3.self_attn.q"; "" for the root module
+    # Op ranges (a, b), merged and sorted, over which one graph value aliasing this weight (a
+    # view made by op a, or the weight handed to the graph's output) is read up to op b. A second
+    # load of the weight cannot start inside one: op b reads op a's view of the *first* copy.
+    joined: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from fxswap.errors import PlanError
 __all__ = [
     "PLAN_FIELDS",
     "SCHEMA_VERSION",
+    "SPAN_FIELDS",
     "UNIT_FIELDS",
     "canonical_sha256",
     "decode_plan",
@@ -31,8 +32,8 @@ __all__ = [
 ]
 
 # 2: warm start (units' carry_at/carry_node; the plan's warm_start, carried, boundary and first
-# call figures).
-SCHEMA_VERSION = 2
+# call figures). 3: reloads (units' spans).
+SCHEMA_VERSION = 3
 
 # A field's JSON kind: the checker of a JSON value, and the type named in the error.
 _Kind = tuple[Callable[[object], bool], str]
@@ -61,6 +62,28 @@ OPT_STR: _Kind = (lambda v: v is None or isinstance(v, str), "str | None")
 PARTS: _Kind = (lambda v: True, "fingerprint parts")
 UNITS: _Kind = (lambda v: True, "units")
 
+#: WeightSpan's fields in declaration order, and their JSON kinds.
+SPAN_FIELDS: dict[str, _Kind] = {
+    "weight": STR,
+    "bytes": INT,
+    "first_use": INT,
+    "last_use": INT,
+    "first_node": STR,
+    "last_node": STR,
+}
+
+
+def _is_spans(v: object) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(sp, dict)
+        and set(sp) == set(SPAN_FIELDS)
+        and all(ok(sp[k]) for k, (ok, _) in SPAN_FIELDS.items())
+        for sp in v
+    )
+
+
+SPANS: _Kind = (_is_spans, "tuple[WeightSpan, ...]")
+
 #: SwapUnit's fields in declaration order, and their JSON kinds (tests check it against the record).
 UNIT_FIELDS: dict[str, _Kind] = {
     "name": STR,
@@ -78,6 +101,7 @@ UNIT_FIELDS: dict[str, _Kind] = {
     "release_node": OPT_STR,
     "carry_at": OPT_INT,
     "carry_node": OPT_STR,
+    "spans": SPANS,
 }
 
 #: SwapPlan's fields in declaration order, and their JSON kinds (tests check it against the record).
@@ -121,7 +145,11 @@ def canonical_sha256(obj: object) -> str:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def encode_plan(plan: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> str:
@@ -149,6 +177,8 @@ def _check(name: str, kind: _Kind, value: object, where: str) -> object:
         return float(value)  # type: ignore[arg-type]
     if kind is STRS:
         return tuple(value)  # type: ignore[arg-type]
+    if kind is SPANS:
+        return tuple(dict(sp) for sp in value)  # type: ignore[attr-defined]
     return value
 
 

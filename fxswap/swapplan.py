@@ -21,7 +21,7 @@ with :class:`fxswap.errors.PlanFingerprintMismatch` naming them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -51,9 +51,11 @@ __all__ = [
     "format_bytes",
     "SwapPlan",
     "SwapUnit",
+    "WeightSpan",
     "combine_fingerprint",
     "fingerprint_parts",
     "load_plan",
+    "reloaded_bytes",
 ]
 
 FINGERPRINT_FIELDS = ("graph", "params", "inputs", "options")
@@ -88,6 +90,8 @@ def fingerprint_parts(ir: GraphIR, options: PlanOptions) -> dict[str, str]:
             for o in ir.ops
         ],
         [[b.name, b.nbytes, b.start, b.end] for b in ir.buffers],
+        # where a weight may be loaded a second time (passes.occurrence)
+        [[w.name, [list(r) for r in w.joined]] for w in ir.weights if w.joined],
     ]
     params = [[w.name, list(w.shape), w.dtype, w.nbytes] for w in ir.weights]
     inputs = [[i.name, list(i.shape), i.dtype] for i in ir.inputs]
@@ -107,6 +111,35 @@ _WHAT = {
     "inputs": "inputs (shapes or dtypes)",
     "options": "planner options (mode, budget, block size, reserve, depth or rates)",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class WeightSpan:
+    """The reads of one weight a unit serves, when that weight is loaded by several units.
+
+    A weight read in separate places may be loaded once per place (``fxswap.passes.occurrence``):
+    each unit holding it serves the reads from op ``first_use`` to op ``last_use`` (FX names
+    ``first_node`` and ``last_node``) and no others.
+    """
+
+    weight: str
+    bytes: int  # the weight's size
+    first_use: int
+    last_use: int
+    first_node: str
+    last_node: str
+
+
+def reloaded_bytes(units: Iterable[SwapUnit]) -> int:
+    """Bytes that units hold beyond the weights themselves: each weight loaded by ``n`` units
+    counts ``n - 1`` times its size (see :class:`WeightSpan`)."""
+    holders: dict[str, set[str]] = {}
+    size: dict[str, int] = {}
+    for u in units:
+        for sp in u.spans:
+            holders.setdefault(sp.weight, set()).add(u.name)
+            size[sp.weight] = sp.bytes
+    return sum((len(h) - 1) * size[w] for w, h in holders.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +166,9 @@ class SwapUnit:
     release_node: str | None
     carry_at: int | None = None
     carry_node: str | None = None
+    # Weights this unit shares with other units, each loaded once per unit, and which of their
+    # reads this unit serves. Empty for a unit whose weights are all its own (the usual case).
+    spans: tuple[WeightSpan, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +218,13 @@ class SwapPlan:
     def to_json(self) -> str:
         """JSON text of the plan with a ``content_sha256`` checksum over everything else."""
         plan = {f.name: getattr(self, f.name) for f in fields(self)}
-        units = [{g.name: getattr(u, g.name) for g in fields(u)} for u in self.units]
+        units = [
+            {
+                **{g.name: getattr(u, g.name) for g in fields(u)},
+                "spans": [{h.name: getattr(sp, h.name) for h in fields(sp)} for sp in u.spans],
+            }
+            for u in self.units
+        ]
         return encode_plan(plan, units)
 
     @classmethod
@@ -194,15 +236,21 @@ class SwapPlan:
                 a checksum that does not match (the file was edited), or inconsistent sums.
         """
         kw, units = decode_plan(text, fingerprint_fields=FINGERPRINT_FIELDS)
-        plan = cls(**kw, units=tuple(SwapUnit(**u) for u in units))
+        plan = cls(
+            **kw,
+            units=tuple(
+                SwapUnit(**{**u, "spans": tuple(WeightSpan(**sp) for sp in u["spans"])}) for u in units
+            ),
+        )
         plan._check_sums()
         return plan
 
     def _check_sums(self) -> None:
+        extra = reloaded_bytes(self.units)  # a weight loaded by several units is one weight
         checks = (
             ("resident_bytes", self.resident_bytes, sum(u.bytes for u in self.units if u.resident)),
-            ("swapped_bytes", self.swapped_bytes, sum(u.bytes for u in self.units if not u.resident)),
-            ("weight_bytes", self.weight_bytes, sum(u.bytes for u in self.units)),
+            ("swapped_bytes", self.swapped_bytes, sum(u.bytes for u in self.units if not u.resident) - extra),
+            ("weight_bytes", self.weight_bytes, sum(u.bytes for u in self.units) - extra),
             ("carried_bytes", self.carried_bytes, sum(u.bytes for u in self.units if u.carry_at is not None)),
             ("fingerprint", self.fingerprint, combine_fingerprint(self.parts)),
         )

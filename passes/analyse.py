@@ -16,7 +16,7 @@ import dataclasses
 import math
 import operator
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ __all__ = [
     "PlaceholderRole",
     "fp8_linear_storage",
     "graph_ir",
+    "merge_ranges",
     "module_path",
     "placeholder_roles",
     "target_name",
@@ -268,6 +269,21 @@ def _is_inplace(node: fx.Node, target: str) -> bool:
     return bool(node.kwargs.get("inplace")) or "out" in node.kwargs
 
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Overlapping or touching op ranges merged, sorted; ranges of one op are dropped.
+
+    >>> merge_ranges([(5, 9), (0, 2), (2, 4), (7, 7)])
+    ((0, 4), (5, 9))
+    """
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[0] < r[1]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
 def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
     """Describe ``gm`` as plain data.
 
@@ -324,6 +340,18 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
     buffer_end = [max(last_op, 0)] * len(buffer_start)
     weight_first_use: dict[str, int] = {}
     ops: list[OpInfo] = []
+    op_index = {n: i for i, n in enumerate(ops_nodes)}
+    joined: dict[str, list[tuple[int, int]]] = {}
+
+    def join_views(arg: fx.Node, tensors: Sequence[torch.Tensor], end: int) -> None:
+        # A value made by an op that aliases a weight and is read at op ``end``: the two ops must
+        # see the same loaded copy of that weight (see WeightInfo.joined).
+        if arg.op == "placeholder":
+            return
+        for t in tensors:
+            w = weight_of.get(_storage_key(t))
+            if w is not None and op_index.get(arg, end) < end:
+                joined.setdefault(w, []).append((op_index[arg], end))
 
     for i, node in enumerate(ops_nodes):
         outs = _node_tensors(node)
@@ -334,8 +362,11 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
             if node.target is operator.getitem and isinstance(arg.meta.get("example_value"), (tuple, list)):
                 # getitem reads one element of a tuple: the element it returns, not the others
                 read_tensors.extend(outs)
+                join_views(arg, outs, i)
             else:
-                read_tensors.extend(_node_tensors(arg))
+                arg_tensors = _node_tensors(arg)
+                read_tensors.extend(arg_tensors)
+                join_views(arg, arg_tensors, i)
 
         weights: list[str] = []
         read_bytes = 0
@@ -401,6 +432,10 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
                 b = buffer_of.get(_storage_key(t))
                 if b is not None:
                     buffer_end[b] = max(buffer_end[b], last_op)
+                w = weight_of.get(_storage_key(t))
+                if w is not None and w in weight_first_use:
+                    # a weight (or a view of it) the caller receives: one copy from its first read on
+                    joined.setdefault(w, []).append((weight_first_use[w], max(last_op, 0)))
 
     ordered = sorted(weight_tensor, key=lambda w: weight_first_use.get(w, len(ops_nodes)))
     weights_info = tuple(
@@ -410,6 +445,7 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
             dtype=_dtype_name(weight_tensor[w].dtype),
             nbytes=_tensor_bytes(weight_tensor[w]),
             module=w.rsplit(".", 1)[0] if "." in w else "",
+            joined=merge_ranges(joined.get(w, ())),
         )
         for w in ordered
     )

@@ -7,9 +7,9 @@ here imports torch. Op indices are positions in ``GraphIR.ops`` (execution order
     weights:  W_e -> first 0, last 0;  W_q -> first 1, last 3
     buffers:  x [0..2], y [1..3]  ->  act = [|x|, |x|+|y|, |x|+|y|, |y|]
 
-NOTE: a weight read twice far apart (tied or shared weights) is treated as live from its first to its
-last use. Splitting it into two loads would save memory in between but costs a second transfer and
-a second unit identity for the same tensor; that refinement is left to a later pass.
+NOTE: a weight read twice far apart (tied or shared weights) is live here from its first to its last
+use. Loading it once per place instead is the occurrence pass's job (:mod:`fxswap.passes.occurrence`):
+it hands the planner a graph in which each place reads a weight of its own.
 """
 
 from __future__ import annotations
@@ -121,13 +121,22 @@ def analyse_liveness(ir: GraphIR) -> Liveness:
     )
 
 
-def unit_range(params: Sequence[str], live: Liveness) -> tuple[int, int]:
-    """First and last op index at which any weight of a unit is read.
+def unit_range(
+    params: Sequence[str], live: Liveness, spans: Sequence[tuple[str, int, int]] = ()
+) -> tuple[int, int]:
+    """First and last op index at which a unit's weights are read.
+
+    ``spans``: ``(weight, first, last)`` for weights the unit shares with other units (each loads
+    its own copy, :mod:`fxswap.passes.occurrence`); only those reads count for such a weight.
 
     A unit whose weights no op reads gets ``(0, 0)``: it is never needed, so it is scheduled at the
     first op, where it costs the least time, and the validator has nothing to check for it.
     """
-    firsts = [live.first_use[p] for p in params if p in live.first_use]
+    shared = {w for w, _, _ in spans}
+    firsts = [live.first_use[p] for p in params if p in live.first_use and p not in shared]
+    lasts = [live.last_use[p] for p in params if p in live.last_use and p not in shared]
+    firsts += [f for _, f, _ in spans]
+    lasts += [e for _, _, e in spans]
     if not firsts:
         return 0, 0
-    return min(firsts), max(live.last_use[p] for p in params if p in live.last_use)
+    return min(firsts), max(lasts)

@@ -19,6 +19,11 @@ three, and the cost model (:func:`fxswap.passes.simulate.simulate_time`) decides
   ``max_prefetch_depth`` (default 16). Deepening stops
   when the depth no longer fits (deeper never needs less memory), when a schedule has no stall
   left, or after ``DEPTH_PATIENCE`` depths without a faster one;
+- reloads (:mod:`fxswap.passes.occurrence`): where a weight is read in separate places, the same
+  partitions of the *split* graph (one weight per place) are candidates too, their units holding
+  a reloaded weight never resident. They are tried last, and only when the best plan without them
+  still stalls on copies, or when nothing else fits the budget: a second load of a weight is worth
+  its transfer only if it lowers the peak or the step time;
 - the least predicted step time wins (with ``warm_start``, the steady-state call of the cyclic
   schedule, :mod:`fxswap.passes.warmstart`), then the faster first call, then more resident bytes,
   then fewer units, then the earlier candidate (partition order, placements in the order above,
@@ -42,6 +47,7 @@ Below it :class:`fxswap.errors.BudgetInfeasibleError` says the minimum and what 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -49,6 +55,7 @@ from collections.abc import Sequence
 from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.ir import GraphIR
 from fxswap.passes.liveness import Liveness, analyse_liveness
+from fxswap.passes.occurrence import find_occurrences, real_units, split_graph
 from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_chunkwise, partition_layerwise
 from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
@@ -59,9 +66,11 @@ from fxswap.swapplan import (
     PlanOptions,
     SwapPlan,
     SwapUnit,
+    WeightSpan,
     combine_fingerprint,
     fingerprint_parts,
     format_bytes,
+    reloaded_bytes,
 )
 
 __all__ = ["build_plan", "candidate_partitions", "mode_min_vram_bytes"]
@@ -104,15 +113,36 @@ def candidate_partitions(
     return unique
 
 
-def _prepare(live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
+RELOADS = ", reloads"  # label suffix of a partition of the split graph
+
+
+def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
+    """The mode's partitions of the graph, then those of its split graph that reload a weight."""
     parts = candidate_partitions(mode, live.order, dict(live.nbytes), options.block_size_bytes)
-    return [prepare_partition(label, units, live, options.reserve_bytes) for label, units in parts]
+    out = [prepare_partition(label, units, live, options.reserve_bytes) for label, units in parts]
+    occurrences = find_occurrences(ir)
+    if not occurrences:
+        return out
+    split = analyse_liveness(split_graph(ir, occurrences))
+    for label, units in candidate_partitions(mode, split.order, dict(split.nbytes), options.block_size_bytes):
+        real, _, reloaded = real_units(units, occurrences, live.nbytes)
+        if not reloaded:
+            continue  # every weight's places fell in one unit: nothing is loaded twice
+        pinned = {o.name for o in occurrences if o.weight in reloaded}
+        # Two places of one weight in one unit share its one copy: size the units as loaded.
+        units = tuple(dataclasses.replace(u, bytes=r.bytes) for u, r in zip(units, real, strict=True))
+        out.append(
+            prepare_partition(
+                label + RELOADS, units, split, options.reserve_bytes, pinned=pinned, occurrences=occurrences
+            )
+        )
+    return out
 
 
 def mode_min_vram_bytes(ir: GraphIR, options: PlanOptions, mode: str | None = None) -> int:
     """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph."""
     live = analyse_liveness(ir)
-    return min(p.min_budget() for p in _prepare(live, options, mode or options.mode))
+    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode))
 
 
 def _raise_if_infeasible(
@@ -135,11 +165,11 @@ def _raise_if_infeasible(
     if options.mode == "chunkwise" and biggest is not None and not biggest.oversized:
         fixes.append("lower block_size_mb (smaller chunks lower the minimum)")
     if options.mode != "adaptive":
-        other = min(p.min_budget() for p in _prepare(live, options, "adaptive"))
+        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive"))
         if other < best:
             fixes.append(f"use mode='adaptive' (minimum {other / GiB:.2f} GiB)")
         if options.mode == "chunkwise":
-            lw = _prepare(live, options, "layerwise")[0].min_budget()
+            lw = min(p.min_budget() for p in _prepare(ir, live, options, "layerwise"))
             if lw < best:
                 fixes.append(f"use mode='layerwise' (minimum {lw / GiB:.2f} GiB)")
     if options.reserve_bytes:
@@ -177,6 +207,10 @@ def _choose(
     best: Best | None = None
     index = 0
     for part in parts:
+        if part.occurrences and best is not None and (best[4].report if best[4] else best[3]).stall_ms <= 0:
+            # No copy stalls without reloads: loading a weight twice could only move more bytes.
+            # (The split graph's partitions come last in ``parts``.)
+            break
         for placement in PLACEMENTS if options.warm_start else COLD_PLACEMENTS:
             fastest = math.inf
             stale = 0
@@ -240,7 +274,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
             f"the graph has {len(ir.weights)} weights but no ops; capture produced an empty graph"
         )
     live = analyse_liveness(ir)
-    parts = _prepare(live, options, options.mode)
+    parts = _prepare(ir, live, options, options.mode)
     _raise_if_infeasible(ir, live, options, parts)
     min_vram = min(p.min_budget() for p in parts)
     costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
@@ -263,9 +297,13 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
     def node_at(i: int | None) -> str | None:
         return None if i is None else names[i]
 
+    specs: Sequence[UnitSpec] = sched.units
+    shares: Sequence[Sequence[tuple[str, int, int]]] = [()] * len(specs)
+    if part.occurrences:
+        specs, shares, _ = real_units(sched.units, part.occurrences, live.nbytes)
     units = []
-    for u, res, la, f, ll, ca in zip(
-        sched.units, sched.resident, sched.load_at, sched.first_use, sched.last_use, carry_at, strict=True
+    for u, share, res, la, f, ll, ca in zip(
+        specs, shares, sched.resident, sched.load_at, sched.first_use, sched.last_use, carry_at, strict=True
     ):
         units.append(
             SwapUnit(
@@ -284,6 +322,7 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
                 release_node=None if res else names[ll],
                 carry_at=ca,
                 carry_node=node_at(ca),
+                spans=tuple(WeightSpan(w, live.nbytes[w], a, b, names[a], names[b]) for w, a, b in share),
             )
         )
     fparts = fingerprint_parts(ir, options)
@@ -302,8 +341,8 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
         # len(names): the peak is between two calls (a warm start's carried units beside the outputs)
         peak_op=(names[peak_op] if peak_op < len(names) else "between calls") if peak_op >= 0 else "",
         resident_bytes=resident,
-        swapped_bytes=sum(u.bytes for u in units) - resident,
-        weight_bytes=sum(u.bytes for u in units),
+        swapped_bytes=sum(u.bytes for u in units) - resident - reloaded_bytes(units),
+        weight_bytes=sum(u.bytes for u in units) - reloaded_bytes(units),
         activation_peak_bytes=max(live.act, default=0),
         min_vram_bytes=min_vram,
         moved_bytes_per_call=report.moved_bytes,

@@ -189,7 +189,9 @@ def insert_swaps(
         gm: the Dynamo graph (parameters as placeholders); not modified.
         plan: a ``SwapPlan`` (or anything with ``units`` carrying ``name``, ``params``,
             ``resident``, ``load_node``, ``wait_node``, ``release_node``, ``carry_node``: FX node
-            names of ``gm``; ``carry_node`` is None for a unit not carried across calls).
+            names of ``gm``; ``carry_node`` is None for a unit not carried across calls; and
+            ``spans``, for a weight several units load, the nodes from which to which each unit's
+            copy serves its readers).
         placeholder_params: for each placeholder position of ``gm``, the weight's FQN, or None for
             a user input.
         unit_ids: the op id of every swapped unit (from ``SwapRuntime.add_unit``), baked into the
@@ -229,6 +231,14 @@ def insert_swaps(
     pos = {n: i for i, n in enumerate(graph.nodes)}
     # A swapped weight's placeholder is about to disappear: never anchor a load on it.
     swapped_phs = {ph for u in swapped for fqn in u.params for ph in ph_of.get(fqn, ())}
+    # A weight loaded by several units (reloads): which of its readers each unit's copy serves,
+    # as node positions (the plan's spans); every other weight goes to its one unit whole.
+    serves: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for u in swapped:
+        for sp in getattr(u, "spans", ()):
+            first = node(sp.first_node, u.name, f"span start of `{sp.weight}`")
+            last = node(sp.last_node, u.name, f"span end of `{sp.weight}`")
+            serves.setdefault((u.name, sp.weight), []).append((pos[first], pos[last]))
     carries: list[tuple[Any, int, fx.Node, dict[str, Any]]] = []
     for u in swapped:
         if u.name not in unit_ids:
@@ -258,9 +268,19 @@ def insert_swaps(
                 g.meta["example_value"] = ph_of[fqn][0].meta.get("example_value")
                 items.append(g)
         for fqn, g in zip(u.params, items, strict=True):
+            ranges = serves.get((u.name, fqn))
             for ph in ph_of[fqn]:
-                ph.replace_all_uses_with(g)
-                graph.erase_node(ph)
+                if ranges is None:
+                    ph.replace_all_uses_with(g)
+                    graph.erase_node(ph)
+                    continue
+
+                def mine(user: fx.Node, ranges: list[tuple[int, int]] = ranges) -> bool:
+                    return any(a <= pos[user] <= b for a, b in ranges)
+
+                ph.replace_all_uses_with(g, delete_user_cb=mine)
+                if not ph.users:
+                    graph.erase_node(ph)
         after = _tensor_handle(graph, n_rel)
         with graph.inserting_after(after):
             rel = graph.create_node(
@@ -285,6 +305,13 @@ def insert_swaps(
             )
         c.meta["fxswap"] = {**tag, "kind": "carry"}
 
+    alive = set(graph.nodes)
+    left = [ph for ph in swapped_phs if ph in alive and ph.users]
+    if left:
+        raise PlanError(
+            f"node `{next(iter(left[0].users)).name}` reads `{left[0].name}`, a weight loaded once per "
+            "place, outside every unit's span of it; was the plan made for this graph?"
+        )
     try:
         graph.lint()
     except RuntimeError as e:

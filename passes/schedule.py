@@ -22,10 +22,11 @@ matters more than the last few percent of resident bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from fxswap.passes.liveness import Liveness, unit_range
+from fxswap.passes.occurrence import Occurrence
 from fxswap.passes.partition import UnitSpec
 from fxswap.passes.simulate import SegmentModel, UnitWindow, load_points
 
@@ -67,6 +68,10 @@ class PreparedPartition:
     first_use: tuple[int, ...]
     last_use: tuple[int, ...]
     model: SegmentModel
+    # Units that may never be resident: they hold one of several loads of a weight
+    # (fxswap.passes.occurrence); and the occurrences the partition's graph was split by.
+    swap_only: tuple[bool, ...] = ()
+    occurrences: tuple[Occurrence, ...] = ()
 
     def min_budget(self) -> int:
         """The smallest budget any schedule of this partition fits: all swapped, depth 0."""
@@ -75,15 +80,32 @@ class PreparedPartition:
 
 
 def prepare_partition(
-    label: str, units: Sequence[UnitSpec], live: Liveness, reserve: int
+    label: str,
+    units: Sequence[UnitSpec],
+    live: Liveness,
+    reserve: int,
+    *,
+    pinned: Collection[str] = (),
+    occurrences: Sequence[Occurrence] = (),
 ) -> PreparedPartition:
-    """Sort units by first use (ties: partition order) and build their segment model."""
+    """Sort units by first use (ties: partition order) and build their segment model.
+
+    ``pinned``: weights that keep a unit swapped (the split graph's reloaded occurrences);
+    ``occurrences``: what the graph of ``live`` was split by, for the planner to map units back.
+    """
     ranges = [unit_range(u.params, live) for u in units]
     order = sorted(range(len(units)), key=lambda k: (ranges[k][0], k))
     first = tuple(ranges[k][0] for k in order)
     last = tuple(ranges[k][1] for k in order)
+    sorted_units = tuple(units[k] for k in order)
     return PreparedPartition(
-        label, tuple(units[k] for k in order), first, last, SegmentModel(live.act, first, last, reserve)
+        label,
+        sorted_units,
+        first,
+        last,
+        SegmentModel(live.act, first, last, reserve),
+        tuple(any(p in pinned for p in u.params) for u in sorted_units),
+        tuple(occurrences),
     )
 
 
@@ -131,7 +153,8 @@ def fill_resident(
       (:mod:`fxswap.passes.warmstart`) the first units load while the resident tail of the
       previous call computes: the rotation of "front" that hides the call boundary.
 
-    Every way the result is maximal: no swapped unit could be made resident as well.
+    Every way the result is maximal: no swapped unit could be made resident as well, except the
+    units of ``part.swap_only``, which are never resident.
 
     Returns:
         The schedule, or None when even the all-swapped schedule at this depth exceeds the budget.
@@ -154,7 +177,10 @@ def fill_resident(
     added = 0
     top = max(lower)
     ntop = lower.count(top)
+    swap_only = part.swap_only or (False,) * n
     for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], tie[k])):
+        if swap_only[k]:
+            continue
         a, b = spans[k]
         size = sizes[k]
         inside = lower[a : b + 1].count(top)

@@ -2,7 +2,10 @@
 
 Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index and name) and unit::
 
-    units partition GraphIR.weights exactly (each weight in one unit, sizes add up)
+    units partition GraphIR.weights exactly (each weight in one unit, sizes add up), except that a
+        weight loaded once per place is in several swapped units, each with a span of its reads:
+        the spans start and end at reads, cover every read once and never part a view from the
+        read of it (WeightInfo.joined)
     resident unit:  load_at = wait_at = release_after = None (and no node names)
     swapped unit:   0 <= load_at <= wait_at,  release_after < len(ops)
                     for every op i reading one of its weights:  wait_at <= i <= release_after
@@ -78,6 +81,98 @@ def _check_unit_fields(ir: GraphIR, u: SwapUnit) -> None:
         )
 
 
+def _check_spans(ir: GraphIR, u: SwapUnit, nbytes: dict[str, int]) -> None:
+    n = len(ir.ops)
+    for sp in u.spans:
+        if sp.weight not in u.params:
+            raise PlanError(f"unit {u.name!r} has a span of {sp.weight!r}, which it does not hold")
+        if sp.bytes != nbytes[sp.weight]:
+            raise PlanError(
+                f"unit {u.name!r}: its span of {sp.weight!r} says {sp.bytes} bytes, the weight has "
+                f"{nbytes[sp.weight]}"
+            )
+        if not 0 <= sp.first_use <= sp.last_use < n:
+            raise PlanError(
+                f"unit {u.name!r}: span of {sp.weight!r} from op {sp.first_use} to op {sp.last_use} is not "
+                f"an op range of the graph (0..{n - 1})"
+            )
+        for label, at, node in (("first", sp.first_use, sp.first_node), ("last", sp.last_use, sp.last_node)):
+            if node != ir.ops[at].name:
+                raise PlanError(
+                    f"unit {u.name!r}: span of {sp.weight!r} names {label} node {node!r} but {_op(ir, at)} "
+                    "is at that index"
+                )
+    if u.spans and u.resident:
+        raise PlanError(
+            f"unit {u.name!r} is resident but shares {u.spans[0].weight!r} with other units; a weight "
+            "loaded once per place is never resident"
+        )
+
+
+def _reader_units(ir: GraphIR, plan: SwapPlan) -> dict[str, list[tuple[int, int, SwapUnit]]]:
+    """For every weight, ``(first, last, unit)`` of the units serving its reads, in op order: one
+    entry covering every op for a weight held by one unit, one per span for a shared weight."""
+    nbytes = {w.name: w.nbytes for w in ir.weights}
+    holders: dict[str, list[SwapUnit]] = {}
+    for u in plan.units:
+        if len(set(u.params)) != len(u.params):
+            raise PlanError(f"unit {u.name!r} lists a weight twice")
+        for p in u.params:
+            if p not in nbytes:
+                raise PlanError(f"unit {u.name!r} holds {p!r}, which the graph does not have")
+            holders.setdefault(p, []).append(u)
+        if u.bytes != sum(nbytes[p] for p in u.params):
+            raise PlanError(
+                f"unit {u.name!r} says {u.bytes} bytes but its weights add up to a different size"
+            )
+        _check_unit_fields(ir, u)
+        _check_spans(ir, u, nbytes)
+    missing = [w for w in nbytes if w not in holders]
+    if missing:
+        raise PlanError(f"weight {missing[0]!r} is in no unit ({len(missing)} weights missing)")
+    reads: dict[str, list[int]] = {}
+    for i, op in enumerate(ir.ops):
+        for w in op.weights:
+            reads.setdefault(w, []).append(i)
+    joined = {w.name: w.joined for w in ir.weights}
+    out: dict[str, list[tuple[int, int, SwapUnit]]] = {}
+    for w, us in holders.items():
+        spans = sorted(
+            ((sp.first_use, sp.last_use, u) for u in us for sp in u.spans if sp.weight == w),
+            key=lambda t: (t[0], t[1]),
+        )
+        if not spans:
+            if len(us) > 1:
+                raise PlanError(f"weight {w!r} is in two units: {us[0].name!r} and {us[1].name!r}")
+            out[w] = [(0, len(ir.ops), us[0])]
+            continue
+        bare = [u.name for u in us if not any(sp.weight == w for sp in u.spans)]
+        if bare:
+            raise PlanError(
+                f"weight {w!r} is shared by units with spans but unit {bare[0]!r} has none for it"
+            )
+        at = reads.get(w, [])
+        for (a, b, u), nxt in zip(spans, [*spans[1:], None], strict=True):
+            if a not in at or b not in at:
+                raise PlanError(
+                    f"unit {u.name!r}: span of {w!r} from {_op(ir, a)} to {_op(ir, b)} must start and end "
+                    f"at reads of it"
+                )
+            if nxt is not None and nxt[0] <= b:
+                raise PlanError(
+                    f"units {u.name!r} and {nxt[2].name!r} both serve reads of {w!r} at {_op(ir, nxt[0])}"
+                )
+        for a, b in joined.get(w, ()):
+            home = [k for k, (f, e, _) in enumerate(spans) if f <= a <= e]
+            if home and not spans[home[0]][0] <= b <= spans[home[0]][1]:
+                raise PlanError(
+                    f"{_op(ir, b)} reads a view of {w!r} made at {_op(ir, a)}, but another unit than "
+                    f"{spans[home[0]][2].name!r} serves it: both reads need the same loaded copy"
+                )
+        out[w] = spans
+    return out
+
+
 def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
     """Check ``plan`` against ``ir``; return the simulated memory timeline.
 
@@ -91,26 +186,10 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
     Raises:
         PlanError: the first violation found, naming the op and the unit.
     """
-    nbytes = {w.name: w.nbytes for w in ir.weights}
-    owner: dict[str, SwapUnit] = {}
-    for u in plan.units:
-        for p in u.params:
-            if p not in nbytes:
-                raise PlanError(f"unit {u.name!r} holds {p!r}, which the graph does not have")
-            if p in owner:
-                raise PlanError(f"weight {p!r} is in two units: {owner[p].name!r} and {u.name!r}")
-            owner[p] = u
-        if u.bytes != sum(nbytes[p] for p in u.params):
-            raise PlanError(
-                f"unit {u.name!r} says {u.bytes} bytes but its weights add up to a different size"
-            )
-        _check_unit_fields(ir, u)
-    missing = [w for w in nbytes if w not in owner]
-    if missing:
-        raise PlanError(f"weight {missing[0]!r} is in no unit ({len(missing)} weights missing)")
+    served = _reader_units(ir, plan)
     live = analyse_liveness(ir)
     for u in plan.units:
-        first, last = unit_range(u.params, live)
+        first, last = unit_range(u.params, live, [(sp.weight, sp.first_use, sp.last_use) for sp in u.spans])
         if (u.first_use, u.last_use) != (first, last):
             raise PlanError(
                 f"unit {u.name!r} says it is used from op {u.first_use} to op {u.last_use}, but the graph "
@@ -118,9 +197,12 @@ def validate_plan(ir: GraphIR, plan: SwapPlan) -> MemoryTimeline:
             )
     for i, op in enumerate(ir.ops):
         for w in op.weights:
-            unit = owner.get(w)
-            if unit is None:
+            if w not in served:
                 raise PlanError(f"{_op(ir, i)} reads {w!r}, which is in no unit")
+            owners = [u for a, b, u in served[w] if a <= i <= b]
+            if not owners:
+                raise PlanError(f"{_op(ir, i)} reads {w!r}, but no unit's span of it covers that op")
+            unit = owners[0]
             if unit.resident:
                 continue
             assert unit.wait_at is not None and unit.release_after is not None  # checked above

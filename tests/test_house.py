@@ -14,8 +14,8 @@ import torch
 import fxswap
 from fxswap import errors
 from fxswap.options import OPTIONAL_OPTIONS, PlanOptions
-from fxswap.plan_json import PLAN_FIELDS, UNIT_FIELDS
-from fxswap.swapplan import SwapPlan, SwapUnit
+from fxswap.plan_json import PLAN_FIELDS, SPAN_FIELDS, UNIT_FIELDS
+from fxswap.swapplan import SwapPlan, SwapUnit, WeightSpan
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANNER_OPTIONS = ("mode", "max_vram_gb", "block_size_mb", *OPTIONAL_OPTIONS)
@@ -84,8 +84,9 @@ def test_every_exception_lives_in_errors_and_is_exported() -> None:
 def test_codec_field_table_follows_the_records() -> None:
     assert list(PLAN_FIELDS) == [f.name for f in dataclasses.fields(SwapPlan)]
     assert list(UNIT_FIELDS) == [f.name for f in dataclasses.fields(SwapUnit)]
+    assert list(SPAN_FIELDS) == [f.name for f in dataclasses.fields(WeightSpan)]
     # each table kind's label is the field's annotation (what an error names)
-    for table, record in ((PLAN_FIELDS, SwapPlan), (UNIT_FIELDS, SwapUnit)):
+    for table, record in ((PLAN_FIELDS, SwapPlan), (UNIT_FIELDS, SwapUnit), (SPAN_FIELDS, WeightSpan)):
         for f in dataclasses.fields(record):
             label = table[f.name][1]
             if label not in ("fingerprint parts", "units"):
