@@ -77,20 +77,29 @@ def _package_roots() -> list[str]:
     return roots
 
 
-def source_digest(roots: list[str] | None = None) -> str:
+# A module file that is not source (a compiled-only install): its change would not show in the digest.
+_COMPILED = (".pyc", ".pyo", ".so", ".pyd")
+
+
+def source_digest(roots: list[str] | None = None) -> str | None:
     """SHA-256 of every ``.py`` file under ``roots`` (default: fxswap's and fxswap.passes' folders),
-    each named by its path below its root, each file once however many roots reach it."""
+    each named by its path below its root, each file once however many roots reach it; None when a
+    root holds a module without its source, or no source at all (then nothing is cached)."""
     seen: set[str] = set()
     files: list[tuple[str, str]] = []
     for i, top in enumerate(_package_roots() if roots is None else roots):
         for root, dirs, names in os.walk(top, followlinks=True):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for n in names:
+                if n.endswith(_COMPILED):
+                    return None
                 path = os.path.join(root, n)
                 real = os.path.realpath(path)
                 if n.endswith(".py") and real not in seen:
                     seen.add(real)
                     files.append((f"{i}/{os.path.relpath(path, top)}", path))
+    if not files:
+        return None
     h = hashlib.sha256()
     for name, path in sorted(files):
         h.update(name.encode() + b"\0")
@@ -104,16 +113,17 @@ def front_key(
     config: WanConfig, *, batch: int, frames: int, height: int, width: int, dtype: str
 ) -> dict[str, Any] | None:
     """The key of ``fxswap plan``'s graph for ``config`` at this input, or None when torch's version
-    cannot be read without importing it (then the command takes the torch path)."""
+    or fxswap's source cannot be read without importing them (then the command takes the torch path)."""
     torch = torch_build()
-    if torch is None:
+    source = source_digest()
+    if torch is None or source is None:
         return None
     return {
         "format": FORMAT,
         "graph_format": GRAPH_FORMAT,
         "python": sys.version.split()[0],
         "torch": torch,
-        "source": source_digest(),
+        "source": source,
         "config": json.loads(json.dumps(dataclasses.asdict(config))),
         "inputs": {
             "batch": batch,

@@ -243,3 +243,17 @@ def test_an_unwritable_cache_plans_all_the_same(tmp_path: Path, monkeypatch: pyt
         assert main(["plan", *SMALL, "--max-vram-gb", "1", "-o", str(tmp_path / "p.json")]) == 0
     assert main(["plan", *SMALL, "--max-vram-gb", "1", "--no-cache", "-o", str(tmp_path / "q.json")]) == 0
     assert (tmp_path / "p.json").read_bytes() == (tmp_path / "q.json").read_bytes()
+
+
+def test_a_compiled_only_module_turns_the_front_cache_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "src"
+    shutil.copytree(
+        ROOT / "fxswap", copy / "fxswap", symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    monkeypatch.setattr(cli_cache, "_package_roots", lambda: [str(copy / "fxswap")])
+    assert cli_cache.front_key(BASE, **INPUT) is not None  # type: ignore[arg-type]
+    (copy / "fxswap" / "models" / "extra.pyc").write_bytes(b"")  # a module whose change no digest sees
+    assert cli_cache.front_key(BASE, **INPUT) is None  # type: ignore[arg-type]
+    assert cli_cache.source_digest([str(tmp_path / "empty")]) is None
