@@ -11,7 +11,12 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fxswap.ir import GraphIR
+    from fxswap.models.wan_config import WanConfig
 
 __all__ = ["main"]
 
@@ -282,30 +287,82 @@ def _cmd_calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return run_calibrate(args)
 
 
-def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _Graph:
+    """The graph ``fxswap plan`` plans: fp8's re-sized weights applied, and where it came from."""
+
+    ir: GraphIR
+    seconds: float  # the cache read on a hit, the lookup and capture on a miss
+    hit: bool
+
+
+def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph | None:
+    """The torch path of ``fxswap plan``: build ``config`` on meta tensors and capture it (or read it
+    from the graph cache). None, with the error printed, when it does not capture."""
     import gc
 
     import torch
 
-    # The objects of the imports (torch's ~1M) live as long as the process: moved out of the
-    # collector's generations, the full collections the graph and plan allocations trigger do not
-    # walk them again (a repeated `fxswap plan` spends its time in imports and planning).
+    # torch's ~1M objects live as long as the process: out of the collector's generations, the
+    # full collections that the capture's allocations trigger do not walk them again.
     gc.freeze()
 
-    from fxswap.api import make_options
-    from fxswap.errors import BudgetInfeasibleError, CaptureError
+    from fxswap.errors import CaptureError
     from fxswap.graph_cache import captured_ir
     from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
+
+    # fp8: the graph is captured in bf16 (activations and compute stay bf16) and the Linear weights'
+    # storage is then re-sized to 1 byte per element; see fxswap.passes.analyse.fp8_linear_storage.
+    build_dtype = {
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "fp8": torch.bfloat16,
+    }
+    dtype = build_dtype[args.dtype]
+    width, height = args.resolution
+    model = wan.build(config, device="meta", dtype=dtype)
+    inputs = wan.example_inputs(
+        model.config,
+        batch=args.batch,
+        frames=args.frames,
+        height=height,
+        width=width,
+        device="meta",
+        dtype=dtype,
+    )
+    try:
+        graph = captured_ir(model, (), inputs, cache=not args.no_cache)
+    except CaptureError as e:
+        print(f"fxswap plan: error: {e}", file=sys.stderr)
+        return None
+    ir = graph.ir
+    if args.dtype == "fp8":
+        linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        ir = fp8_linear_storage(ir, linears)
+    return _Graph(ir, graph.seconds, graph.hit)
+
+
+def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import dataclasses
+    import gc
+
+    # Nothing here imports torch until the graph is known to be missing from the cache: a repeated
+    # `fxswap plan --model NAME` reads its graph through fxswap.cli_cache (a key computed from the
+    # config, the arguments and the source on disk) and plans it in pure Python.
+    from fxswap.errors import BudgetInfeasibleError
+    from fxswap.models import wan_config
+    from fxswap.options import make_options
     from fxswap.passes.planner import build_plan
 
-    named = {**wan.CONFIGS, **wan.TURBOWAN_CONFIGS}
+    named = {**wan_config.CONFIGS, **wan_config.TURBOWAN_CONFIGS}
     if args.model not in named:
         parser.error(f"argument --model: unknown model {args.model!r}; known: {', '.join(sorted(named))}")
     config = named[args.model]
     width, height = args.resolution
     try:
-        latent = wan.latent_shape(config, args.frames, height, width)
+        latent = wan_config.latent_shape(config, args.frames, height, width)
     except ValueError as e:
         parser.error(f"argument --resolution/--frames: {e}")
     if args.layers is not None and args.layers > config.num_layers:
@@ -339,36 +396,33 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
+    if args.layers is not None:
+        config = dataclasses.replace(config, num_layers=args.layers)
 
-    # fp8: the graph is captured in bf16 (activations and compute stay bf16) and the Linear weights'
-    # storage is then re-sized to 1 byte per element; see fxswap.passes.analyse.fp8_linear_storage.
-    build_dtype = {
-        "bf16": torch.bfloat16,
-        "fp16": torch.float16,
-        "fp32": torch.float32,
-        "fp8": torch.bfloat16,
-    }
-    dtype = build_dtype[args.dtype]
-    overrides: dict[str, Any] = {} if args.layers is None else {"num_layers": args.layers}
-    model = wan.build(config, device="meta", dtype=dtype, **overrides)
-    inputs = wan.example_inputs(
-        model.config,
-        batch=args.batch,
-        frames=args.frames,
-        height=height,
-        width=width,
-        device="meta",
-        dtype=dtype,
-    )
-    try:
-        graph = captured_ir(model, (), inputs, cache=not args.no_cache)
-    except CaptureError as e:
-        print(f"fxswap plan: error: {e}", file=sys.stderr)
-        return 1
+    graph = None
+    front = None
+    if not args.no_cache:
+        from fxswap import cli_cache
+
+        start = time.perf_counter()
+        front = cli_cache.front_key(
+            config, batch=args.batch, frames=args.frames, height=height, width=width, dtype=args.dtype
+        )
+        cached = None if front is None else cli_cache.read(front)
+        if cached is not None:
+            graph = _Graph(cached, time.perf_counter() - start, True)
+    if graph is None:
+        captured = _capture_plan_graph(config, args)
+        if captured is None:
+            return 1
+        graph = captured
+        if front is not None:
+            cli_cache.write(front, graph.ir)
+    # The objects made so far (torch's ~1M on the torch path, the IR's records) live as long as the
+    # process: moved out of the collector's generations, the full collections the planner's
+    # allocations trigger do not walk them again.
+    gc.freeze()
     ir = graph.ir
-    if args.dtype == "fp8":
-        linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        ir = fp8_linear_storage(ir, linears)
 
     start = time.perf_counter()
     try:
@@ -383,9 +437,9 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_INFEASIBLE
     plan_seconds = time.perf_counter() - start
 
-    layers = "" if args.layers is None else f", first {args.layers} of {config.num_layers} blocks"
+    layers = "" if args.layers is None else f", first {args.layers} of {named[args.model].num_layers} blocks"
     print(
-        f"model {args.model} ({model.config.num_layers} blocks{layers}), {width}x{height}, "
+        f"model {args.model} ({config.num_layers} blocks{layers}), {width}x{height}, "
         f"{args.frames} frames, batch {args.batch}, latent {tuple(latent)}, weights {args.dtype}, "
         + (
             f"graph from the cache {graph.seconds:.2f} s"

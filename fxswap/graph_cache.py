@@ -41,10 +41,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch.utils import _pytree as pytree
+from typing import TYPE_CHECKING, Any
 
 from fxswap.ir import BufferInfo, GraphIR, InputInfo, OpInfo, WeightInfo
 
@@ -56,9 +53,17 @@ __all__ = [
     "captured_ir",
     "ir_from_json",
     "ir_to_json",
+    "read_entry",
+    "write_entry",
 ]
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger("fxswap.graph_cache")
+
+# torch is imported by the functions that compute the key, not by this module: the JSON codec and
+# the file reading and writing serve `fxswap plan`'s torch-free cached path (fxswap.cli_cache).
 
 # Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined).
 FORMAT = 2
@@ -184,6 +189,8 @@ def ir_from_json(data: Any) -> GraphIR:
 
 def _plain(v: Any) -> Any:
     """A JSON-able stand-in for a module attribute, or None when it says nothing about the graph."""
+    import torch
+
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, enum.Enum):
@@ -297,6 +304,9 @@ def _structure(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    import torch
+    from torch.utils import _pytree as pytree
+
     leaves, spec = pytree.tree_flatten((args, dict(kwargs)))
     out: list[Any] = []
     cards: set[str] = set()
@@ -325,6 +335,8 @@ def _capture_source() -> str:
 
 def cache_key(model: torch.nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the captured IR of ``model(*args, **kwargs)`` depends on, as plain JSON."""
+    import torch
+
     from fxswap import _version
 
     return {
@@ -366,26 +378,28 @@ def _digest(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _read(path: Path, key: dict[str, Any]) -> GraphIR | None:
+def read_entry(path: Path, key: dict[str, Any], fallback: str = "capturing again") -> GraphIR | None:
+    """The IR in the cache file ``path`` if it was written for ``key``; None when there is no such
+    file, or (with a warning ending in ``fallback``: what the caller does instead) when it does not
+    parse or holds another key."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        warnings.warn(
-            f"fxswap: ignoring the unreadable cached graph {path} ({e}); capturing again", stacklevel=3
-        )
+        warnings.warn(f"fxswap: ignoring the unreadable cached graph {path} ({e}); {fallback}", stacklevel=3)
         return None
     try:
         if not isinstance(data, dict) or data.get("key") != key:
             raise ValueError("its key differs from this model, input signature or version")
         return ir_from_json(data.get("ir"))
     except ValueError as e:
-        warnings.warn(f"fxswap: refusing the cached graph {path} ({e}); capturing again", stacklevel=3)
+        warnings.warn(f"fxswap: refusing the cached graph {path} ({e}); {fallback}", stacklevel=3)
         return None
 
 
-def _write(path: Path, key: dict[str, Any], ir: GraphIR) -> None:
+def write_entry(path: Path, key: dict[str, Any], ir: GraphIR) -> None:
+    """Store ``ir`` under ``key`` in ``path``, atomically; a warning, not an error, when it cannot."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -432,10 +446,10 @@ def captured_ir(
             )
         else:
             path = folder / f"{_digest(key)[:32]}.json"
-            ir = _read(path, key)
+            ir = read_entry(path, key)
             if ir is not None:
                 return CachedGraph(ir, time.perf_counter() - start, True, path)
     ir = capture(model, *args, **kwargs).ir
     if path is not None:
-        _write(path, key, ir)
+        write_entry(path, key, ir)
     return CachedGraph(ir, time.perf_counter() - start, False, path)

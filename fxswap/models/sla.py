@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# re-exported: wan_config validates configs with these without importing torch
+from fxswap.models.sla_config import BLOCK_K, BLOCK_Q, check_topk
+
 __all__ = [
     "BLOCK_K",
     "BLOCK_Q",
@@ -51,10 +54,6 @@ __all__ = [
     "sparse_linear",
     "sparse_linear_reference",
 ]
-
-#: TurboDiffusion's block sizes (``SLA(head_dim, topk, BLKQ=128, BLKK=64)`` in ``modify_model.py``).
-BLOCK_Q = 128
-BLOCK_K = 64
 
 #: Environment switch: ``FXSWAP_SLA_KERNEL=reference`` makes CUDA tensors use the PyTorch reference
 #: instead of the Triton kernel (for A/B checks; the default is the kernel when Triton imports).
@@ -81,14 +80,6 @@ def _kept(num_blocks: Any, topk: float) -> Any:
     # integer ops only, so it stays symbolic when Dynamo traces with a dynamic sequence length.
     frac = Fraction(topk).limit_denominator(10**6)
     return max(1, min(num_blocks, num_blocks * frac.numerator // frac.denominator))
-
-
-def check_topk(topk: float) -> None:
-    if isinstance(topk, bool) or not isinstance(topk, (int, float)) or not 0.0 < topk <= 1.0:
-        raise ValueError(
-            f"sla_topk={topk!r} must be a number in (0, 1]: the fraction of key blocks each query block "
-            f"attends to exactly (TurboDiffusion uses 0.1 to 0.2; 1.0 is dense attention)"
-        )
 
 
 def _check_block(name: str, value: int) -> None:

@@ -41,17 +41,14 @@ from torch import Tensor, nn
 
 from fxswap.models import sla as _sla
 from fxswap.models import wan_checkpoint
+from fxswap.models.attention import ATTENTION_TYPES, AttentionFn, attention, get_attention
 from fxswap.models.wan_config import (
-    ATTENTION_TYPES,
     CLIP_TOKENS,
     CONFIGS,
     MODEL_TYPES,
     ROPE_THETA,
     TURBOWAN_CONFIGS,
-    AttentionFn,
     WanConfig,
-    attention,
-    get_attention,
     latent_shape,
     named_config,
     resolve_config,

@@ -1010,10 +1010,10 @@ def resolve_load_args(
     cfg = info.config
     if cfg is None:
         raise CheckpointError(f"{info.path}: the config could not be detected: {info.config_error}")
-    if attention_type is not None and attention_type not in wan_config.ATTENTION_TYPES:
+    if attention_type is not None and attention_type not in wan_config.ATTENTION_NAMES:
         raise CheckpointError(
             f"load: attention_type={attention_type!r} is not available; use one of "
-            f"{sorted(wan_config.ATTENTION_TYPES)} or None (picked from the checkpoint's keys)"
+            f"{sorted(wan_config.ATTENTION_NAMES)} or None (picked from the checkpoint's keys)"
         )
     has_sla = info.needs_attention_type == "sla"
     if has_sla and attention_type not in (None, "sla"):

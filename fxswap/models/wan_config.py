@@ -1,33 +1,31 @@
-"""What a WAN 2.1 / 2.2 transformer is: its config, the released configs, attention backends by name.
+"""What a WAN 2.1 / 2.2 transformer is: its config, the released configs, the attention types' names.
 
 The model (:mod:`fxswap.models.wan`) and the checkpoint loader (:mod:`fxswap.models.wan_checkpoint`)
 both build on this module and import nothing of each other's, except that ``wan.load`` builds the
-model the loader fills. Everything here is public through :mod:`fxswap.models.wan` as well.
+model the loader fills. Everything here is public through :mod:`fxswap.models.wan` as well, where
+the attention backends themselves are (:mod:`fxswap.models.attention`). Imports no torch
+(``tests/test_cli_cache.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any
 
-import torch.nn.functional as F
-from torch import Tensor
+from fxswap.models import sla_config as _sla
 
-from fxswap.models import sla as _sla
+# This module imports no torch: `fxswap plan` reads configs and checks its arguments with it before
+# deciding whether it needs torch at all (its graph cache). The attention backends, which are torch
+# functions, live in fxswap.models.attention (public through fxswap.models.wan).
 
 __all__ = [
-    "ATTENTION_TYPES",
+    "ATTENTION_NAMES",
     "CLIP_TOKENS",
     "CONFIGS",
     "MODEL_TYPES",
     "ROPE_THETA",
     "TURBOWAN_CONFIGS",
-    "AttentionFn",
     "WanConfig",
-    "attention",
-    "get_attention",
     "latent_shape",
     "named_config",
     "resolve_config",
@@ -44,40 +42,9 @@ ROPE_THETA = 10000.0
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-def _sla_untrained(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return _sla.sla_attention(q, k, v)
-
-
-#: Attention implementations by ``WanConfig.attention_type``. Each takes q, k, v as ``[B, H, L, d]``
-#: (same dtype) and returns ``[B, H, Lq, d]`` with the default ``1/sqrt(d)`` scale and no mask.
-#: ``"sla"`` here is sparse-linear attention with the default ``sla_topk`` and a zero ``proj_l``; a
-#: model built with ``attention_type="sla"`` instead gives every self-attention its own
-#: :class:`fxswap.models.sla.SparseLinearAttention` (learned ``proj_l``, the config's ``sla_topk``)
-#: and keeps SDPA for cross-attention, as TurboDiffusion does.
-#: Read-only: a new backend is added here in code, not registered at runtime.
-ATTENTION_TYPES: Mapping[str, AttentionFn] = MappingProxyType({"sdpa": _sdpa, "sla": _sla_untrained})
-
-
-def get_attention(attention_type: str) -> AttentionFn:
-    """Return the attention function for ``attention_type`` or raise a ValueError naming the choices."""
-    try:
-        return ATTENTION_TYPES[attention_type]
-    except KeyError:
-        raise ValueError(
-            f"attention_type={attention_type!r} is not supported; choose one of {sorted(ATTENTION_TYPES)}"
-        ) from None
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, attention_type: str = "sdpa") -> Tensor:
-    """Multi-head attention on ``[B, H, L, d]`` tensors through the backend named by ``attention_type``."""
-    return get_attention(attention_type)(q, k, v)
+#: The names of the attention backends of :data:`fxswap.models.attention.ATTENTION_TYPES` (which
+#: checks on import that the two agree): ``"sdpa"`` and sparse-linear attention ``"sla"``.
+ATTENTION_NAMES = ("sdpa", "sla")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,7 +144,11 @@ class WanConfig:
                 )
             if not isinstance(self.image_dim, int) or self.image_dim <= 0:
                 raise ValueError(f"WanConfig.image_dim={self.image_dim!r} must be a positive int or None")
-        get_attention(self.attention_type)
+        if self.attention_type not in ATTENTION_NAMES:
+            raise ValueError(
+                f"attention_type={self.attention_type!r} is not supported; choose one of "
+                f"{sorted(ATTENTION_NAMES)}"
+            )
         _sla.check_topk(self.sla_topk)
         for field in ("sla_block_q", "sla_block_k"):
             value = getattr(self, field)
