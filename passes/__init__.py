@@ -2,12 +2,15 @@
 
 Stage order, as a graph goes through them::
 
-    capture -> analyse -> liveness -> partition -> schedule -> simulate -> warmstart -> validate -> rewrite
+    capture -> analyse -> liveness -> occurrence -> partition -> schedule -> simulate -> warmstart
+            -> validate -> rewrite
 
 - capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
 - :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
   their bytes, activation buffers with their live ranges, FLOPs), called by capture.
 - :mod:`~fxswap.passes.liveness`: first and last use of every weight, activation bytes per op.
+- :mod:`~fxswap.passes.occurrence`: a weight read in separate places seen as one weight per place,
+  so that the planner may load it once per place (reloads).
 - :mod:`~fxswap.passes.partition`: weights grouped into swap units (one block, or runs up to a size).
 - :mod:`~fxswap.passes.schedule`: which units stay resident, where each load is issued and waited for.
 - :mod:`~fxswap.passes.simulate`: the one memory simulator and the two-stream time model that pick
