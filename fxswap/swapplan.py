@@ -332,6 +332,15 @@ class SwapPlan:
                 f"({size(self.carried_bytes)}, held between calls); first call "
                 f"{self.predicted_first_step_ms:.1f} ms, then {self.predicted_step_ms:.1f} ms"
             )
+        reloaded: dict[str, list[str]] = {}
+        for u in self.units:
+            for sp in u.spans:
+                reloaded.setdefault(sp.weight, []).append(u.name)
+        for w, holders in reloaded.items():
+            lines.append(
+                f"  reloaded: {w} is read in {len(holders)} places and loaded once per place "
+                f"(units {', '.join(holders)})"
+            )
         # Adaptive picks its own unit size, so the limit a tensor exceeded is the chosen partition's,
         # not the user's block_size_mb.
         limit = (

@@ -111,6 +111,7 @@ def test_a_reload_lowers_the_minimum_to_what_the_graph_needs_without_it() -> Non
     assert plan.weight_bytes == 800 * MiB  # E counted once
     assert plan.moved_bytes_per_call >= 800 * MiB  # E moved twice
     assert plan.peak_bytes <= 450 * MiB
+    assert "reloaded: E is read in 2 places and loaded once per place" in plan.summary()
     validate_plan(g, plan)
 
 
