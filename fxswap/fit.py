@@ -10,8 +10,10 @@ plans to try and what the plan finally promises. The memory model behind it is i
 2. Else re-plan on the activations the replay showed (merged with every earlier round's, so each
    round is at least as cautious as the last), at most :data:`ROUNDS` times.
 3. Else (or when the FX model finds the budget infeasible) take the FX model's least-memory
-   schedule and measure it: if it fits, it is the plan; if not, its measured peak is the smallest
-   budget fxswap can deliver under Inductor, and :class:`fxswap.errors.BudgetInfeasibleError` says so.
+   schedule and measure it, then try steps 1-2 at one byte under each measured peak while they
+   succeed (at most :data:`DESCENT` times): the least peak found is the smallest budget fxswap
+   can deliver under Inductor. If it fits the budget it is the plan; if not,
+   :class:`fxswap.errors.BudgetInfeasibleError` says that minimum.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from fxswap.ir import BufferInfo, GraphIR
 from fxswap.ops import UnitHandle, bound_units
 from fxswap.swapplan import PlanOptions, SwapPlan
 
-__all__ = ["ROUNDS", "Built", "account", "fit"]
+__all__ = ["DESCENT", "ROUNDS", "Built", "account", "fit"]
 
 GiB = 2**30
 # Re-plans on Inductor's measured activations before falling back to the least-memory schedule.
 ROUNDS = 3
+# Budgets tried below the least-memory schedule's measured peak (see fit), each up to ROUNDS builds.
+DESCENT = 2
 
 H = TypeVar("H")
 
@@ -135,6 +139,30 @@ def _merge(a: GraphIR, b: GraphIR) -> GraphIR:
     return _per_op(a, [max(x, y) for x, y in zip(activation_profile(a), activation_profile(b), strict=True)])
 
 
+def _rounds(
+    ir: GraphIR,
+    opts: PlanOptions,
+    build: Callable[[SwapPlan], Built[H]],
+    input_buffers: Collection[str],
+    device: torch.device,
+) -> tuple[Built[H], SwapPlan] | None:
+    """Steps 1 and 2: plan, build, replay and re-plan on what the replay showed; None if no round fits."""
+    from fxswap.passes.planner import build_plan
+
+    model_ir = ir
+    for _ in range(ROUNDS):
+        try:
+            plan = build_plan(model_ir, opts)
+        except BudgetInfeasibleError:
+            return None
+        built = build(plan)
+        real, real_ir = account(plan, ir, built, input_buffers, device)
+        if real.peak_bytes <= opts.max_vram_bytes:
+            return built, real
+        model_ir = _merge(model_ir, real_ir)
+    return None
+
+
 def fit(
     ir: GraphIR,
     opts: PlanOptions,
@@ -154,28 +182,34 @@ def fit(
     from fxswap.passes.planner import build_plan, mode_min_vram_bytes
 
     budget = opts.max_vram_bytes
-    model_ir = ir
-    for _ in range(ROUNDS):
-        try:
-            plan = build_plan(model_ir, opts)
-        except BudgetInfeasibleError:
-            break
-        built = build(plan)
-        real, real_ir = account(plan, ir, built, input_buffers, device)
-        if real.peak_bytes <= budget:
-            return built, real
-        model_ir = _merge(model_ir, real_ir)
+    found = _rounds(ir, opts, build, input_buffers, device)
+    if found is not None:
+        return found
     floor = mode_min_vram_bytes(ir, opts)
     low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor))
     built = build(low)
     real, _ = account(low, ir, built, input_buffers, device)
+    # The FX model's least-memory schedule need not be the least-memory program: fusion frees other
+    # intermediates, so a plan made for a budget just under that program's peak can peak lower
+    # (observed with reloads, whose plans differ most between the two models). Descend while the
+    # rounds meet such a budget, so that the minimum reported is one the rounds cannot beat: asked
+    # for one byte less, fit takes this same path and refuses it with the same figure.
+    for _ in range(DESCENT):
+        if real.peak_bytes <= budget or real.peak_bytes - 1 < floor:
+            break
+        lower = _rounds(
+            ir, dataclasses.replace(opts, max_vram_bytes=real.peak_bytes - 1), build, input_buffers, device
+        )
+        if lower is None:
+            break
+        built, real = lower
     real_min = real.peak_bytes
     if real_min <= budget:
         return built, dataclasses.replace(real, max_vram_bytes=budget, min_vram_bytes=real_min)
     raise BudgetInfeasibleError(
         f"max_vram_bytes={budget} ({budget / GiB:.2f} GiB) is below the smallest budget that works "
         f"for mode {opts.mode!r} under Inductor with this input: {real_min / GiB:.4f} GiB ({real_min} "
-        f"bytes), the measured peak of Inductor's program for the least-memory schedule (the FX "
+        f"bytes), the measured peak of Inductor's program for the least-memory schedule found (the FX "
         f"model alone would say {floor} bytes). Fix: raise max_vram_gb to at least "
         f"{real_min / GiB:.4f}, or use backend='eager' (minimum {floor} bytes), or a smaller input.",
         min_vram_bytes=real_min,

@@ -11,7 +11,8 @@ For every model, backend, mode and budget from the reported minimum to all-resid
 
 - measured <= plan.peak_bytes <= max_vram_bytes (the promise);
 - measured >= 0.75 * plan.peak_bytes (the plan is not padded: the minimum it reports is honest);
-- one byte below the reported minimum, the budget is refused.
+- one byte below the reported minimum, the budget is refused (eager); under Inductor, whose minimum
+  is the least program peak fxswap's search found, it is refused or met as measured.
 
 The Inductor matrix compiles each model several times; the default suite runs it on two models,
 ``-m slow`` on all of them.
@@ -188,8 +189,20 @@ def check_budgets(c: Case, mode: str, backend: str) -> list[tuple[int, int, int]
         assert got <= plan.peak_bytes <= budget, (budget, plan.peak_bytes, got)
         assert got >= 0.75 * plan.peak_bytes, (budget, plan.peak_bytes, got)
         rows.append((budget, plan.peak_bytes, got))
-    with pytest.raises(BudgetInfeasibleError):
-        compiled(c, mode, lo - 1, backend)(*c.args, **c.kwargs)
+    below = compiled(c, mode, lo - 1, backend)
+    if backend == "eager":
+        with pytest.raises(BudgetInfeasibleError):
+            below(*c.args, **c.kwargs)
+        return rows
+    # Under Inductor the minimum is the least program peak fxswap's search found (fxswap.fit), not
+    # an exhaustive one: one byte below it is refused, or, where the search from that budget finds
+    # a lower plan, that plan keeps its promise as measured.
+    try:
+        got = measured_peak(below, c)
+    except BudgetInfeasibleError:
+        return rows
+    assert below.plan is not None
+    assert got <= below.plan.peak_bytes <= lo - 1, (lo, below.plan.peak_bytes, got)
     return rows
 
 
