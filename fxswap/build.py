@@ -404,6 +404,7 @@ class Builder:
         """Capture, plan and rewrite for one signature (``root``: the call in canonical form);
         under Inductor also compile, against what Inductor really generates (``fxswap.fit``)."""
         from fxswap.passes.planner import build_plan
+        from fxswap.passes.validate import validate_plan
         from fxswap.progress import plan_line
 
         t0 = time.perf_counter()
@@ -414,6 +415,10 @@ class Builder:
         opts = options
         if given_plan is not None:
             given_plan.check_compatible(fingerprint_parts(cap.ir, options))
+            # A matching fingerprint says the plan was made for this graph, not that it is sound:
+            # a plan edited in memory and saved again has a valid checksum. Its windows and spans
+            # decide which copy each reader holds, so they are checked before the rewrite.
+            validate_plan(cap.ir, given_plan, memory=False)
             plan = given_plan
             if plan.reserve_bytes < staging:
                 raise PlanError(

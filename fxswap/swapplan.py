@@ -332,14 +332,17 @@ class SwapPlan:
                 f"({size(self.carried_bytes)}, held between calls); first call "
                 f"{self.predicted_first_step_ms:.1f} ms, then {self.predicted_step_ms:.1f} ms"
             )
-        reloaded: dict[str, list[str]] = {}
+        places: dict[str, int] = {}
+        holders: dict[str, list[str]] = {}
         for u in self.units:
             for sp in u.spans:
-                reloaded.setdefault(sp.weight, []).append(u.name)
-        for w, holders in reloaded.items():
+                places[sp.weight] = places.get(sp.weight, 0) + 1
+                if u.name not in holders.setdefault(sp.weight, []):
+                    holders[sp.weight].append(u.name)
+        for w, units in holders.items():
             lines.append(
-                f"  reloaded: {w} is read in {len(holders)} places and loaded once per place "
-                f"(units {', '.join(holders)})"
+                f"  reloaded: {w} is read in {places[w]} places and loaded by {len(units)} units "
+                f"({', '.join(units)})"
             )
         # Adaptive picks its own unit size, so the limit a tensor exceeded is the chosen partition's,
         # not the user's block_size_mb.

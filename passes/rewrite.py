@@ -239,6 +239,15 @@ def insert_swaps(
             first = node(sp.first_node, u.name, f"span start of `{sp.weight}`")
             last = node(sp.last_node, u.name, f"span end of `{sp.weight}`")
             serves.setdefault((u.name, sp.weight), []).append((pos[first], pos[last]))
+    claimed: dict[str, list[tuple[int, int, str]]] = {}
+    for (unit, w), ranges in serves.items():
+        claimed.setdefault(w, []).extend((a, b, unit) for a, b in ranges)
+    for w, claims in claimed.items():
+        claims.sort()
+        for (_, b, u1), (a, _, u2) in zip(claims, claims[1:], strict=False):
+            if a <= b:
+                raise PlanError(f"units `{u1}` and `{u2}` both claim readers of `{w}`; re-create the plan")
+    erased: set[fx.Node] = set()
     carries: list[tuple[Any, int, fx.Node, dict[str, Any]]] = []
     for u in swapped:
         if u.name not in unit_ids:
@@ -268,19 +277,21 @@ def insert_swaps(
                 g.meta["example_value"] = ph_of[fqn][0].meta.get("example_value")
                 items.append(g)
         for fqn, g in zip(u.params, items, strict=True):
-            ranges = serves.get((u.name, fqn))
+            own = serves.get((u.name, fqn))
             for ph in ph_of[fqn]:
-                if ranges is None:
+                if ph in erased:
+                    continue  # every reader already went to an earlier unit's copy
+                if own is None:
                     ph.replace_all_uses_with(g)
-                    graph.erase_node(ph)
-                    continue
+                elif ph.users:
 
-                def mine(user: fx.Node, ranges: list[tuple[int, int]] = ranges) -> bool:
-                    return any(a <= pos[user] <= b for a, b in ranges)
+                    def mine(user: fx.Node, own: list[tuple[int, int]] = own) -> bool:
+                        return any(a <= pos[user] <= b for a, b in own)
 
-                ph.replace_all_uses_with(g, delete_user_cb=mine)
+                    ph.replace_all_uses_with(g, delete_user_cb=mine)
                 if not ph.users:
                     graph.erase_node(ph)
+                    erased.add(ph)
         after = _tensor_handle(graph, n_rel)
         with graph.inserting_after(after):
             rel = graph.create_node(
@@ -305,8 +316,7 @@ def insert_swaps(
             )
         c.meta["fxswap"] = {**tag, "kind": "carry"}
 
-    alive = set(graph.nodes)
-    left = [ph for ph in swapped_phs if ph in alive and ph.users]
+    left = [ph for ph in swapped_phs if ph not in erased and ph.users]
     if left:
         raise PlanError(
             f"node `{next(iter(left[0].users)).name}` reads `{left[0].name}`, a weight loaded once per "

@@ -6,8 +6,9 @@
 - :func:`transformer_graph`: a WAN-14B-sized graph (40 blocks, ~7,000 ops, ~1,100 weights, bf16
   sizes of a 5120-wide DiT at 480p/81 frames) for the planner timing check.
 - :func:`graphs`: a hypothesis strategy of random graphs: chains and DAGs with skip connections,
-  weights read twice far apart, random weight and activation sizes (MiB granularity so that the
-  adaptive chunk sizes of 64 MiB .. 2 GiB cut them in different ways), zero-sized weights.
+  weights read twice far apart (sometimes joined by a view), random weight and activation sizes
+  (MiB granularity so that the adaptive chunk sizes of 64 MiB .. 2 GiB cut them in different
+  ways), zero-sized weights.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def build_graph(
     inputs: Sequence[tuple[str, tuple[int, ...], str]] = (("x", (1, 16), "bfloat16"),),
     input_bytes: int = 0,
     dtype: str = "bfloat16",
+    joined: dict[str, tuple[tuple[int, int], ...]] | None = None,
 ) -> GraphIR:
     """Assemble a GraphIR; ``weights`` may be in any order (the IR lists them by first use)."""
     n = len(ops)
@@ -54,7 +56,14 @@ def build_graph(
     declared = [name for name, _ in weights]
     ordered = sorted(declared, key=lambda w: (first.get(w, n), declared.index(w)))
     winfos = tuple(
-        WeightInfo(name=w, shape=(sizes[w],), dtype=dtype, nbytes=sizes[w], module=w.rpartition(".")[0])
+        WeightInfo(
+            name=w,
+            shape=(sizes[w],),
+            dtype=dtype,
+            nbytes=sizes[w],
+            module=w.rpartition(".")[0],
+            joined=(joined or {}).get(w, ()),
+        )
         for w in ordered
     )
     opinfos = []
@@ -218,9 +227,15 @@ def graphs(draw: st.DrawFn, max_weights: int = 8, max_extra_ops: int = 6) -> Gra
         ops.append(OpSpec(tuple(names[i : i + k]), draw(act), flops=float(draw(st.integers(0, 10**13)))))
         i += k
         extra()
+    joined: dict[str, tuple[tuple[int, int], ...]] = {}
     if names and draw(st.booleans()):
-        # a shared (tied) weight read again near the end
-        ops.append(OpSpec((draw(st.sampled_from(names)),), draw(act)))
+        # a shared (tied) weight read again near the end, sometimes through a view made at its
+        # first read (one copy must then serve both: no reload between them)
+        tied = draw(st.sampled_from(names))
+        ops.append(OpSpec((tied,), draw(act)))
+        reads = [i for i, o in enumerate(ops) if tied in o.weights]
+        if len(reads) > 1 and draw(st.integers(0, 3)) == 0:
+            joined[tied] = ((reads[0], reads[-1]),)
     if not ops:
         ops.append(OpSpec((), draw(act)))
     n = len(ops)
@@ -230,4 +245,4 @@ def graphs(draw: st.DrawFn, max_weights: int = 8, max_extra_ops: int = 6) -> Gra
         lo, hi = min(a, b), max(a, b)
         ops[lo] = OpSpec(ops[lo].weights, ops[lo].out_bytes, end=hi, flops=ops[lo].flops)
     shape = (1, draw(st.integers(1, 4)))
-    return build_graph(weights, ops, inputs=(("x", shape, "bfloat16"),), input_bytes=draw(act))
+    return build_graph(weights, ops, inputs=(("x", shape, "bfloat16"),), input_bytes=draw(act), joined=joined)

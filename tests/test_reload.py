@@ -7,6 +7,7 @@ plain ``torch.compile`` and the allocator (:mod:`fxswap.oracle`), never from the
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_a_reload_lowers_the_minimum_to_what_the_graph_needs_without_it() -> Non
     assert plan.weight_bytes == 800 * MiB  # E counted once
     assert plan.moved_bytes_per_call >= 800 * MiB  # E moved twice
     assert plan.peak_bytes <= 450 * MiB
-    assert "reloaded: E is read in 2 places and loaded once per place" in plan.summary()
+    assert "reloaded: E is read in 2 places and loaded by 2 units (emb, out)" in plan.summary()
     validate_plan(g, plan)
 
 
@@ -227,6 +228,64 @@ def test_inductor_reload_equals_plain_torch_compile() -> None:
         )
         got = s(ids)
         again = s(ids)
+        s.release()
+        with measure("cpu") as meas:
+            last = s(ids)
     plan = s.plan
     assert plan is not None and sum(bool(u.spans) for u in plan.units) == 2
-    assert torch.equal(got, want) and torch.equal(again, want)
+    assert torch.equal(got, want) and torch.equal(again, want) and torch.equal(last, want)
+    # the program Inductor generated for the reload plan, measured by the allocator
+    peak = meas.peak_bytes + live_bytes([ids])
+    assert peak <= plan.peak_bytes <= e + block // 2, (peak, plan.peak_bytes)
+
+
+def test_a_given_plan_whose_spans_overlap_is_refused(tmp_path: Path) -> None:
+    """A plan edited in memory and saved again has a valid checksum and fingerprint; compile must
+    still refuse spans that would let the first copy serve the head (found in review: the
+    allocator measured twice the plan's peak when it ran)."""
+    m, ids, e, block = _tied()
+    s = fx_compile(
+        m,
+        mode="layerwise",
+        max_vram_gb=(e + block // 2) / GiB,
+        backend="eager",
+        reserve_mb=0,
+        warm_start=False,
+    )
+    with torch.no_grad():
+        s(ids)
+    good = s.plan
+    assert good is not None
+    first, last = [u for u in good.units if u.spans]
+    wide = dataclasses.replace(
+        first.spans[0], last_use=last.spans[0].last_use, last_node=last.spans[0].last_node
+    )
+    bad = dataclasses.replace(
+        good,
+        units=tuple(dataclasses.replace(u, spans=(wide,)) if u.name == first.name else u for u in good.units),
+    )
+    path = tmp_path / "plan.json"
+    path.write_text(bad.to_json())
+    m2, ids2, _, _ = _tied()
+    t = fx_compile(m2, plan=str(path), backend="eager", reserve_mb=0, warm_start=False)
+    with pytest.raises(PlanError, match="both serve reads of 'emb.weight'"), torch.no_grad():
+        t(ids2)
+    # the plan as made still compiles and runs
+    path.write_text(good.to_json())
+    u = fx_compile(m2, plan=str(path), backend="eager", reserve_mb=0, warm_start=False)
+    with torch.no_grad():
+        assert torch.equal(u(ids2), m2(ids2))
+
+
+def test_summary_counts_loading_units_not_places() -> None:
+    """One unit may hold two places of a reloaded weight (one copy serves both)."""
+    reads = [("emb", ("E",))] + [(f"blocks.{i}", (f"blocks.{i}.w",)) for i in range(3)]
+    reads += [("mid", ("E",)), ("out", ("E",))]
+    g = graph(
+        reads, {"E": 100 * MiB, "blocks.0.w": 200 * MiB, "blocks.1.w": 400 * MiB, "blocks.2.w": 50 * MiB}
+    )
+    plan = build_plan(g, opts(mode="adaptive", budget=403 * MiB, warm_start=True, h2d_gbps=0.5))
+    holders = [u.name for u in plan.units if any(sp.weight == "E" for sp in u.spans)]
+    assert len(holders) == 2 and any(len(u.spans) == 2 for u in plan.units)  # the case at hand
+    line = next(ln for ln in plan.summary().splitlines() if "reloaded: E" in ln)
+    assert f"read in 3 places and loaded by 2 units ({holders[0]}, {holders[1]})" in line, line
