@@ -92,19 +92,28 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
     # Dynamo's) Inductor bypasses its FX graph cache ("No shape env") and every process would
     # compile the same graph again. A context with a static shape env lets the cache key the
     # graph's code, which the rewrite keeps identical across builds and processes.
+    # NOTE: with a shape env in the context, AOTAutograd fakifies real example inputs with
+    # symbolic (duck-sized) dims and Inductor generates shape-generic code, which also failed to
+    # lower a convolution of WAN i2v at one frame (`12 - s49`). So the inputs are handed over as
+    # fake tensors of that mode with static shapes, which AOTAutograd takes as they are.
     context: Any = contextlib.nullcontext()
+    example: list[Any] = list(flat)
     if torch._guards.TracingContext.try_get() is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        context = torch._guards.tracing(torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv())))
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+        context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+        example = [
+            fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in flat
+        ]
     with (
         stage("fxswap: compiling with Inductor"),
         torch._inductor.config.patch(_INDUCTOR_CONFIG),
         torch.no_grad(),
         context,
     ):
-        return compile_fx(gm, list(flat))  # type: ignore[return-value]
+        return compile_fx(gm, example)  # type: ignore[return-value]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
