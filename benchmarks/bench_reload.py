@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,15 +186,9 @@ def main() -> None:
     )
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "kind": "prediction",
-            "command": "python benchmarks/bench_reload.py --out benchmarks/results",
-            "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
-        }
-        (out / "bench_reload.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
-        (out / "bench_reload.md").write_text(text)
+        from fxswap.bench.report import write_prediction
+
+        write_prediction(args.out, "bench_reload", text, table)
 
 
 if __name__ == "__main__":

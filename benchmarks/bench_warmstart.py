@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import time
-from pathlib import Path
 from typing import Any
-
-import torch
 
 MODELS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b")
 FRAMES = (1, 17, 81)
@@ -103,15 +98,9 @@ def main() -> None:
     )
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "kind": "prediction",
-            "command": "python benchmarks/bench_warmstart.py --out benchmarks/results",
-            "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
-        }
-        (out / "bench_warmstart.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1) + "\n")
-        (out / "bench_warmstart.md").write_text(text)
+        from fxswap.bench.report import write_prediction
+
+        write_prediction(args.out, "bench_warmstart", text, table)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+import platform
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "write_csv",
     "write_json",
     "write_markdown",
+    "write_prediction",
 ]
 
 GiB = 2**30
@@ -283,3 +285,19 @@ def write_markdown(rows: Sequence[BenchRow], path: str | Path, header: str = "")
         + format_table(rows, markdown=True)
     )
     Path(path).write_text(text + "\n")
+
+
+def write_prediction(out: str | Path, name: str, text: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A cost-model prediction of ``benchmarks/<name>.py``: ``<name>.md`` holds ``text`` and
+    ``<name>.json`` the rows, labelled as a prediction with the command and machine that made them."""
+    import torch
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "kind": "prediction",
+        "command": f"python benchmarks/{name}.py --out benchmarks/results",
+        "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
+    }
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1) + "\n")
+    (folder / f"{name}.md").write_text(text)
