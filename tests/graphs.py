@@ -35,6 +35,7 @@ class OpSpec:
     flops: float = 0.0
     mem_bytes: int = 0
     target: str = "aten.op"
+    module: str | None = None  # None: the module of the first weight read ("" when none)
 
 
 def build_graph(
@@ -72,7 +73,9 @@ def build_graph(
         buffers.append(BufferInfo("x", input_bytes, 0, min(1, n - 1)))
     for i, op in enumerate(ops):
         name = f"op{i}"
-        module = op.weights[0].rpartition(".")[0] if op.weights else ""
+        module = (
+            op.module if op.module is not None else op.weights[0].rpartition(".")[0] if op.weights else ""
+        )
         opinfos.append(OpInfo(name, op.target, module, op.weights, op.out_bytes, op.flops, op.mem_bytes))
         if op.out_bytes:
             end = min(n - 1, i + 1) if op.end is None else min(n - 1, max(i, op.end))

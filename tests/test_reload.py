@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from fxswap.compiler import compile as fx_compile
 from fxswap.errors import BudgetInfeasibleError, PlanError
-from fxswap.ir import GraphIR, InputInfo, OpInfo, WeightInfo
+from fxswap.ir import GraphIR
 from fxswap.oracle import live_bytes, measure
 from fxswap.passes.occurrence import find_occurrences, split_graph
 from fxswap.passes.planner import build_plan, mode_min_vram_bytes
 from fxswap.passes.validate import validate_plan
 from fxswap.swapplan import PlanOptions, SwapPlan
+from tests.graphs import OpSpec, build_graph
 
 MiB = 2**20
 GiB = 2**30
@@ -33,12 +34,8 @@ def graph(
     joined: dict[str, tuple[tuple[int, int], ...]] | None = None,
 ) -> GraphIR:
     """Ops given as (module, weights read); no activations, so peaks are weight bytes alone."""
-    ops = tuple(OpInfo(f"op{i}", "aten.op", m, ws, 0, 1e9, 0) for i, (m, ws) in enumerate(reads))
-    weights = tuple(
-        WeightInfo(n, (s,), "bfloat16", s, n.rpartition(".")[0], (joined or {}).get(n, ()))
-        for n, s in sizes.items()
-    )
-    return GraphIR(ops=ops, weights=weights, buffers=(), inputs=(InputInfo("x", (1,), "bfloat16"),))
+    ops = [OpSpec(ws, flops=1e9, module=m) for m, ws in reads]
+    return build_graph(list(sizes.items()), ops, joined=joined)
 
 
 def tied_graph(e: int = 400 * MiB, b: int = 100 * MiB) -> GraphIR:
