@@ -7,13 +7,15 @@ Per input signature (shapes, dtypes, devices and non-tensor values of the call's
       -> GraphIR -> plan (or the given plan, checked against the graph)
       -> SwapRuntime.add_unit(...) per swapped unit (host copies)
       -> passes.rewrite.insert_swaps (on a copy of the graph)
-      -> eager: run the rewritten FX graph | inductor: compile_fx(rewritten graph)
+      -> eager: run the rewritten FX graph | inductor: each distinct region compiled once
+         (fxswap.regional: the prologue, the repeated blocks, the epilogue)
 
 NOTE (why the capture runs on meta): Dynamo would pass the model's own parameters as graph inputs,
 so the model would have to live on the device for tracing and guards. fxswap keeps the model
 untouched on the host; the graph's inputs are the user's tensors plus the runtime's resident device
-copies. The capture runs on ``meta`` copies of the weights and inputs via
-``torch.func.functional_call``; device constants the graph baked in (``device='meta'``) are retargeted.
+copies. The capture runs on ``meta`` copies of the weights and inputs, swapped into the module for
+the duration of the trace (torch's ``_reparametrize_module``, what ``functional_call`` uses); device
+constants the graph baked in (``device='meta'``) are retargeted.
 
 The rewritten graph is the same for the same model and plan, in every build and process: its units
 carry build-local ids (negative, from their position and shapes: :func:`graph_unit_id`), resolved
@@ -26,9 +28,7 @@ Call time (binding arguments, guards, residents, out-of-memory recovery) is in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import itertools
 import logging
 import time
@@ -48,6 +48,7 @@ from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.options import MiB, PlanOptions
 from fxswap.passes.analyse import graph_ir, placeholder_roles
+from fxswap.regional import compile_inductor, compile_regional
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.swapplan import SwapPlan, fingerprint_parts
 from fxswap.workspace import probe_workspace, with_workspace
@@ -72,48 +73,6 @@ __all__ = [
 logger = logging.getLogger("fxswap.compiler")
 
 BACKENDS = ("inductor", "eager")
-# fxswap's scoped Inductor settings (names checked on torch 2.11 to 2.14; see compile_inductor).
-_INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_locality": False, "triton.cudagraphs": False}
-
-
-def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., Any]:
-    """Inductor on a rewritten graph, with the settings the fxswap ops need (one place for both
-    ``fxswap.compile`` and the ``torch.compile`` backend)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    from fxswap.progress import stage
-
-    # NOTE: reorder_for_locality=False keeps Inductor's schedule in FX order for the fxswap ops.
-    # With it on, Inductor sank each load past the matmul it should overlap (observed: load k+1
-    # after release k), which serialises transfer and compute. Fusion is unaffected.
-    # CUDA graphs stay off whatever the global config says: a replay skips the Python load / wait
-    # ops, so every replay would compute with the weights (and addresses) of the recorded call.
-    # NOTE: outside a tracing context (fxswap.compile; the torch.compile backend runs inside
-    # Dynamo's) Inductor bypasses its FX graph cache ("No shape env") and every process would
-    # compile the same graph again. A context with a static shape env lets the cache key the
-    # graph's code, which the rewrite keeps identical across builds and processes.
-    # NOTE: with a shape env in the context, AOTAutograd fakifies real example inputs with
-    # symbolic (duck-sized) dims and Inductor generates shape-generic code, which also failed to
-    # lower a convolution of WAN i2v at one frame (`12 - s49`). So the inputs are handed over as
-    # fake tensors of that mode with static shapes, which AOTAutograd takes as they are.
-    context: Any = contextlib.nullcontext()
-    example: list[Any] = list(flat)
-    if torch._guards.TracingContext.try_get() is None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
-        context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
-        example = [
-            fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in flat
-        ]
-    with (
-        stage("fxswap: compiling with Inductor"),
-        torch._inductor.config.patch(_INDUCTOR_CONFIG),
-        torch.no_grad(),
-        context,
-    ):
-        return compile_fx(gm, example)  # type: ignore[return-value]
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
@@ -160,8 +119,8 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
     return tuple(key)
 
 
-def _entry(model: torch.nn.Module, state: dict[str, torch.Tensor], args: Any, kwargs: Any) -> Any:
-    return torch.func.functional_call(model, state, tuple(args), dict(kwargs), strict=False)
+def _entry(model: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+    return model(*args, **kwargs)
 
 
 def _to_meta(x: Any) -> Any:
@@ -272,9 +231,13 @@ def _trace_on_meta(
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     meta_state = {k: _to_meta(v) for k, v in named.items()}
     meta_args, meta_kwargs = pytree.tree_map(_to_meta, (args, kwargs))
-    graph = dynamo_graph(
-        _entry, (model, meta_state, meta_args, meta_kwargs), model, "fxswap.compile", run=True
-    )
+    # NOTE: the meta weights are swapped into the module here, outside the compiled function.
+    # Called through torch.func.functional_call inside it, Dynamo traced the swap of every tensor
+    # (1,100 for a 40-block WAN): a third of the capture's time, for nothing in the graph.
+    with torch.nn.utils.stateless._reparametrize_module(model, meta_state, tie_weights=True):
+        graph = dynamo_graph(
+            _entry, (model, meta_args, meta_kwargs), model, "fxswap.compile", run=True, blocks=True
+        )
     gm, flat = graph.gm, graph.inputs
     fqn_of = {id(t): k for k, t in meta_state.items()}
     # Where each user-input tensor sits in (args, kwargs): Dynamo's flat inputs are those objects.
@@ -363,8 +326,9 @@ def graph_unit_id(position: int, meta: ops.UnitMeta) -> int:
     can have the same code and inputs; with ids -1, -2, ... a cached program compiled for the other
     shapes would be served. The same model and plan still give the same ids in every process.
     """
-    text = repr((position, meta.shapes, [str(d) for d in meta.dtypes]))
-    return -1 - int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
+    from fxswap.passes.regions import unit_id
+
+    return unit_id(position, meta.shapes, meta.dtypes)
 
 
 class Builder:
@@ -414,13 +378,15 @@ class Builder:
         under Inductor also compile, against what Inductor really generates (``fxswap.fit``)."""
         from fxswap.passes.planner import build_plan
         from fxswap.passes.validate import validate_plan
-        from fxswap.progress import plan_line
+        from fxswap.progress import phase, plan_line
 
         t0 = time.perf_counter()
-        cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names)
+        with phase("capture"):
+            cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names)
         self.stats["captures"] += int(fresh)
         staging = self.runtime.staging_bytes(list(self.named.values()))
-        ir = measured_ir(cap, self.device)
+        with phase("plan"):
+            ir = measured_ir(cap, self.device)
         opts = options
         if given_plan is not None:
             given_plan.check_compatible(fingerprint_parts(cap.ir, options))
@@ -442,7 +408,9 @@ class Builder:
             if staging:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
             if self.backend == "inductor":
-                entry = self._fit_inductor(cap, ir, opts, root)
+                # fxswap.fit plans and compiles in rounds: one phase for both
+                with phase("compile"):
+                    entry = self._fit_inductor(cap, ir, opts, root)
                 elapsed = time.perf_counter() - t0
                 logger.info(
                     "fxswap: %s planned and compiled in %.2f s: %s",
@@ -451,10 +419,12 @@ class Builder:
                     plan_line(entry.plan) + "; " + host_line(self.runtime),
                 )
                 return entry
-            plan = build_plan(ir, opts)
+            with phase("plan"):
+                plan = build_plan(ir, opts)
         entry = self.make_entry(cap, plan, ir)
         if self.backend == "inductor":
-            entry = self._measured(entry, root)
+            with phase("compile"):
+                entry = self._measured(entry, root)
             if entry.plan.peak_bytes > plan.max_vram_bytes:
                 raise PlanError(
                     f"`plan`: Inductor's program for it peaks at {entry.plan.peak_bytes} bytes, above the "
@@ -513,8 +483,8 @@ class Builder:
         self.stats["compiles"] += 1
         if self.backend == "eager":
             return entry.gm.forward
-        with ops.bound_units(entry.units):  # the fake impls read the units' shapes
-            return compile_inductor(entry.gm, flat)
+        # Region by region: each distinct block program is compiled once (fxswap.regional).
+        return compile_regional(entry.gm, flat, entry.units, self.device)
 
     def _built(self, entry: Entry, root: dict[str, Any]) -> Built[Entry]:
         """Compile ``entry`` with Inductor: what :mod:`fxswap.fit` replays."""

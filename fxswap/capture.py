@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import time
 import traceback
 import types
@@ -29,10 +30,13 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fxswap import block_capture
 from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import graph_ir, module_path, placeholder_roles
 from fxswap.workspace import probe_workspace, rules_for, with_workspace
+
+logger = logging.getLogger("fxswap.capture")
 
 __all__ = ["DynamoGraph", "Traced", "dynamo_graph", "input_names", "one_graph", "trace"]
 
@@ -183,7 +187,13 @@ class DynamoGraph:
 
 
 def dynamo_graph(
-    fn: Callable[..., Any], args: tuple[Any, ...], model: torch.nn.Module, caller: str, *, run: bool = False
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    model: torch.nn.Module,
+    caller: str,
+    *,
+    run: bool = False,
+    blocks: bool = False,
 ) -> DynamoGraph:
     """Capture ``fn(*args)`` as one Dynamo graph (``fullgraph=True``, ``dynamic=False``, no grad).
 
@@ -197,10 +207,24 @@ def dynamo_graph(
         caller: the public function to name in errors, e.g. "fxswap.trace".
         run: run the graph on ``args`` (e.g. meta tensors) to get ``result`` and ``outputs``;
             False stops before the graph would run (no compute, no activation memory).
+        blocks: ``fn`` is called as ``fn(model, args, kwargs)``; trace each repeated block of the
+            model once and inline it (:mod:`fxswap.block_capture`), falling back to tracing the
+            whole call where that does not apply. The graph is the same either way.
 
     Raises:
         CaptureError: the call does not compile to exactly one graph (the break and its line named).
     """
+    if blocks and block_capture.enabled():
+        try:
+            return block_capture.capture_with_blocks(
+                lambda f, a, m: dynamo_graph(f, a, m, caller, run=run if m is model else True),
+                fn,
+                args[0],
+                args[1],
+                args[2],
+            )
+        except Exception as exc:  # the whole-model capture below is the reference; it reports errors
+            logger.debug("fxswap: block capture of %s not used: %s", type(model).__name__, exc)
     captured: list[tuple[fx.GraphModule, list[Any]]] = []
     outputs: list[Any] = []
 
@@ -247,7 +271,9 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     try:
         for p, _ in grad_state:
             p.requires_grad_(False)
-        graph = dynamo_graph(_entry, (model, example_inputs, example_kwargs), model, "fxswap.trace")
+        graph = dynamo_graph(
+            _entry, (model, example_inputs, example_kwargs), model, "fxswap.trace", blocks=True
+        )
     finally:
         for p, req in grad_state:
             p.requires_grad_(req)

@@ -350,8 +350,11 @@ class SwapModule:
         orig_kwargs: dict[str, Any],
         root: dict[str, Any],
     ) -> tuple[Entry, Any]:
+        from fxswap.progress import phase
+
         try:
-            return entry, self._run(entry, args, kwargs)
+            with phase("first call"):
+                return entry, self._run(entry, args, kwargs)
         except torch.OutOfMemoryError as e:
             if isinstance(e, FxswapError):
                 raise

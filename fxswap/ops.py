@@ -63,6 +63,7 @@ __all__ = [
     "register_unit",
     "token_for",
     "release",
+    "swap_table",
     "unregister_unit",
     "wait",
 ]
@@ -135,6 +136,14 @@ def bound_units(table: Mapping[int, UnitHandle]) -> Iterator[None]:
         yield
     finally:
         _BOUND.table = before
+
+
+def swap_table(table: Mapping[int, UnitHandle] | None) -> Mapping[int, UnitHandle] | None:
+    """Bind ``table`` on this thread and return the table bound before (``bound_units`` without a
+    context manager, for the regional program's per-region switch on the hot path)."""
+    before: Mapping[int, UnitHandle] | None = getattr(_BOUND, "table", None)
+    _BOUND.table = table
+    return before
 
 
 def lookup(uid: int) -> UnitHandle:

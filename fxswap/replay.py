@@ -225,7 +225,8 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
     """Replay ``compiled`` (what ``compile_fx`` returned) on fakes of ``inputs``.
 
     Args:
-        compiled: the callable ``torch._inductor.compile_fx.compile_fx`` returned.
+        compiled: the callable ``torch._inductor.compile_fx.compile_fx`` returned, or a
+            :class:`fxswap.regional.RegionalProgram` (each region's wrapper replayed in turn).
         inputs: the flat graph inputs of a call (tensors on ``device``, or fake/meta tensors).
         device: the device the program runs on (op workspace is measured there).
 
@@ -237,10 +238,53 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    call, glb = _call_of(compiled)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     probe = _workspace_prober(device)
     tracker = _Tracker(device, probe)
+    with fake_mode:
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    for x in fakes:
+        if isinstance(x, torch.Tensor):
+            tracker.known(x)
+    try:
+        with fake_mode, tracker, torch.no_grad():
+            steps = getattr(compiled, "steps", None)
+            if steps is None:
+                out = _replayable(compiled, device)(list(fakes))
+            else:
+                out = _replay_regions(compiled, list(fakes), tracker, device)
+            del out
+    except ReplayError:
+        raise
+    except Exception as e:  # the generated code met something the replay does not model
+        raise ReplayError(f"replaying Inductor's generated code failed: {type(e).__name__}: {e}") from e
+    return ReplayResult(tuple(tracker.levels), tuple(tracker.events))
+
+
+def _replay_regions(program: Any, fakes: list[Any], tracker: _Tracker, device: torch.device) -> Any:
+    """A :class:`fxswap.regional.RegionalProgram` replayed: its own slot handling, each region's
+    generated wrapper replayed, and each fxswap event named by the rewritten graph's unit id (a
+    region's ids are its own)."""
+    replayed: dict[int, Callable[[list[Any]], Any]] = {}
+
+    def call(step: Any, args: list[Any]) -> Any:
+        fn = replayed.get(id(step.compiled))
+        if fn is None:
+            fn = replayed[id(step.compiled)] = _replayable(step.compiled, device)
+        first = len(tracker.events)
+        out = fn(args)
+        tracker.events[first:] = [
+            FxswapEvent(e.kind, step.units.get(e.uid, e.uid), e.index) for e in tracker.events[first:]
+        ]
+        return out
+
+    return program.run(fakes, call=call)
+
+
+def _replayable(compiled: Any, device: torch.device) -> Callable[[list[Any]], Any]:
+    """Inductor's generated ``call(args)`` of ``compiled``, its kernels no-ops and its allocations
+    served by the fake mode (see the module docstring)."""
+    call, glb = _call_of(compiled)
 
     def empty_strided(size: Any, stride: Any, dtype: Any = None, *a: Any, **k: Any) -> torch.Tensor:
         return torch.empty_strided(size, stride, dtype=dtype, device=device)
@@ -264,21 +308,9 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
     fn = getattr(call, "__func__", call)
     replayed = types.FunctionType(fn.__code__, patched, fn.__name__, fn.__defaults__, fn.__closure__)
     owner = getattr(call, "__self__", None)
-    with fake_mode:
-        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    for x in fakes:
-        if isinstance(x, torch.Tensor):
-            tracker.known(x)
-    try:
-        with fake_mode, tracker, torch.no_grad():
-            args = list(fakes)
-            out = replayed(owner, args) if owner is not None else replayed(args)
-            del out
-    except ReplayError:
-        raise
-    except Exception as e:  # the generated code met something the replay does not model
-        raise ReplayError(f"replaying Inductor's generated code failed: {type(e).__name__}: {e}") from e
-    return ReplayResult(tuple(tracker.levels), tuple(tracker.events))
+    if owner is not None:
+        return lambda args: replayed(owner, args)
+    return replayed
 
 
 def inductor_activations(

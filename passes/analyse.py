@@ -29,6 +29,7 @@ __all__ = [
     "PlaceholderRole",
     "fp8_linear_storage",
     "graph_ir",
+    "innermost_module",
     "merge_ranges",
     "module_path",
     "placeholder_roles",
@@ -135,8 +136,9 @@ def module_path(source: str) -> str:
     """Turn a Dynamo source string into a module FQN relative to the traced root.
 
     ``L['self'].blocks.0.attn``, ``L['self']._modules['blocks']._modules['0']._modules['attn']``,
-    ``getattr(L['self'].blocks, '0').attn`` and ``L['self'].blocks[0].attn`` all give
-    ``blocks.0.attn``; the root itself gives ``""``.
+    ``getattr(L['self'].blocks, '0').attn``, ``L['self'].blocks[0].attn`` and
+    ``L['self'].__dict__['_modules']['blocks']...`` all give ``blocks.0.attn``; the root itself
+    gives ``""``.
     """
     s = source
     while True:
@@ -145,12 +147,17 @@ def module_path(source: str) -> str:
             break
         s = new
     s = _ROOT.sub("", s, count=1)
-    s = s.replace("._modules", "").replace("._parameters", "").replace("._buffers", "")
     s = _SUBSCRIPT.sub(r".\1", s)
-    return s.strip(".")
+    # A module called with its weights swapped in (fxswap.compile's capture) is reached through
+    # ``__dict__['_modules']``: those are containers, not modules of the path.
+    return ".".join(p for p in s.split(".") if p and p not in _CONTAINERS)
 
 
-def _innermost_module(node: fx.Node) -> str:
+_CONTAINERS = frozenset({"__dict__", "_modules", "_parameters", "_buffers"})
+
+
+def innermost_module(node: fx.Node) -> str:
+    """The path of the innermost module a node ran in (``nn_module_stack``), e.g. ``blocks.3.ffn``."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
@@ -416,7 +423,7 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
             OpInfo(
                 name=node.name,
                 target=target,
-                module=_innermost_module(node),
+                module=innermost_module(node),
                 weights=tuple(weights),
                 out_bytes=out_bytes,
                 flops=_flops(node, target, outs),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -210,11 +211,49 @@ class Server:
 
     def run(self, prompt: dict[str, Any]) -> dict[str, Any]:
         """Post ``prompt``, wait for it, return its history entry (fails with ComfyUI's error)."""
-        import requests
-
         code, body = self.post(prompt)
         assert code == 200, f"prompt refused ({code}): {json.dumps(body, indent=1)[:3000]}"
-        pid = body["prompt_id"]
+        return self.wait(body["prompt_id"])
+
+    def run_watching(self, prompt: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``run``, also returning the websocket messages (JSON ones, in order) the server sent the
+        prompt's client: what ComfyUI's frontend draws the progress bars from."""
+        import asyncio
+
+        import aiohttp
+
+        client = uuid.uuid4().hex
+
+        async def watch() -> tuple[str, list[dict[str, Any]]]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(f"ws://{HOST}:{self.port}/ws?clientId={client}") as ws,
+            ):
+                payload = {"prompt": prompt, "client_id": client}
+                async with session.post(f"{self.url}/prompt", json=payload) as r:
+                    body = await r.json()
+                    assert r.status == 200, f"prompt refused ({r.status}): {json.dumps(body)[:3000]}"
+                pid = str(body["prompt_id"])
+                messages: list[dict[str, Any]] = []
+                deadline = time.monotonic() + PROMPT_TIMEOUT_S
+                while True:
+                    msg = await ws.receive(timeout=max(deadline - time.monotonic(), 0.1))
+                    if msg.type != aiohttp.WSMsgType.TEXT:  # binary previews; a close ends the prompt
+                        assert msg.type == aiohttp.WSMsgType.BINARY, (msg, self.log()[-3000:])
+                        continue
+                    m = json.loads(msg.data)
+                    messages.append(m)
+                    if m["type"] in ("execution_success", "execution_error", "execution_interrupted") and (
+                        m["data"].get("prompt_id") == pid
+                    ):
+                        return pid, messages
+
+        pid, messages = asyncio.run(watch())
+        return self.wait(pid), messages
+
+    def wait(self, pid: str) -> dict[str, Any]:
+        import requests
+
         deadline = time.monotonic() + PROMPT_TIMEOUT_S
         while time.monotonic() < deadline:
             hist = requests.get(f"{self.url}/history/{pid}", timeout=10).json()
@@ -551,6 +590,93 @@ def test_example_workflow_matches_the_servers_nodes(server: Server) -> None:
                          reserve_mb=w["reserve_mb"])  # fmt: skip
 
 
+def _node_bar(messages: list[dict[str, Any]], node: str) -> list[tuple[int, int]]:
+    """(value, max) of every legacy ``progress`` message for ``node``, in order."""
+    return [
+        (int(m["data"]["value"]), int(m["data"]["max"]))
+        for m in messages
+        if m["type"] == "progress" and m["data"]["node"] == node
+    ]
+
+
+def _check_build_bar(messages: list[dict[str, Any]], swap_node: str, sampler_node: str, steps: int) -> None:
+    """The node that made the MODEL shows the build on its own bar during the sampler's first step:
+    each bar fxswap reports runs 0..max step by step, the last one ends full, and ComfyUI's per-node
+    state says finished; then the sampler's own bar counts its steps."""
+    bar = _node_bar(messages, swap_node)
+    assert bar, f"no progress message for node {swap_node}: {[m['type'] for m in messages]}"
+    assert all(0 <= v <= mx for v, mx in bar), bar
+    assert bar[-1][0] == bar[-1][1], bar
+    runs: list[list[tuple[int, int]]] = []
+    for v, mx in bar:
+        if v == 0 or not runs or runs[-1][-1][1] != mx:
+            runs.append([])
+        runs[-1].append((v, mx))
+    counted = [r for r in runs if r[0][1] > 1]
+    # a bar of more than one step: fxswap's own counts (host copies, blocks compiled) drove it, not
+    # only the phases' "busy" 0 of 1 (<= 100 steps here, so the one-update-per-percent rule skips none)
+    assert counted, bar
+    for r in counted:
+        assert [v for v, _ in r] == list(range(r[0][1] + 1)), r
+    # all of it before the sampler's first step finished: it is the first call's build
+    sampler = _node_bar(messages, sampler_node)
+    assert sampler and sampler[-1] == (steps, steps), sampler
+    index = [i for i, m in enumerate(messages) if m["type"] == "progress"]
+    first_step = next(
+        i for i in index if messages[i]["data"]["node"] == sampler_node and messages[i]["data"]["value"] >= 1
+    )
+    assert max(i for i in index if messages[i]["data"]["node"] == swap_node) < first_step
+    states = [
+        m["data"]["nodes"][swap_node]["state"]
+        for m in messages
+        if m["type"] == "progress_state" and swap_node in m["data"]["nodes"]
+    ]
+    assert states and states[-1] == "finished", states
+
+
+def _check_phase_lines(log: str, phases: tuple[str, ...]) -> None:
+    """Each phase logged when it starts and again when it ends, the phases first starting in the
+    order given (a phase may hold another, and one may run more than once: a plan search compiles
+    in rounds)."""
+    found = re.findall(r"fxswap: (capture|plan|compile|first call) (\.\.\.|done in \d+\.\d\d s)", log)
+    starts = [name for name, what in found if what == "..."]
+    assert list(dict.fromkeys(starts)) == list(phases), found
+    for name in phases:
+        mine = [what for n, what in found if n == name]
+        assert mine[0::2] == ["..."] * len(mine[0::2]), (name, found)
+        assert len(mine) % 2 == 0 and all(w.startswith("done in") for w in mine[1::2]), (name, found)
+
+
+def _first_call_only(prompt: dict[str, Any]) -> dict[str, Any]:
+    # the Plan node captures and plans too (its preview): without it, the sampler's call is the only one
+    prompt.pop("11")
+    return prompt
+
+
+def test_block_swap_first_call_drives_its_progress_bar(server: Server) -> None:
+    """ComfyUI's progress bar on the Block Swap node (node 6) while the KSampler (node 8) makes the
+    first call, as the frontend receives it over the websocket; and the log line for that call."""
+    # a budget no other test uses: ComfyUI must not reuse a cached Block Swap (and its compiled model)
+    _, messages = server.run_watching(_t2v(_fx(max_vram_gb=0.0042), prefix="fx_progress"))
+    _check_build_bar(messages, "6", "8", steps=3)
+    # cond and uncond batched: one first call, for batch 2
+    assert re.search(
+        r"fxswap: \S+: first call for input \(2, 16, 2, 8, 8\) done in \d+\.\d\d s", server.log()
+    )
+
+
+def test_block_swap_logs_each_build_phase(server: Server) -> None:
+    """One line when each phase of the first call starts and one when it ends, in order, in
+    ComfyUI's log (eager: nothing to compile, so no compile phase is required here)."""
+    since = len(server.log())
+    server.run(_first_call_only(_t2v(_fx(max_vram_gb=0.0043), prefix="fx_phases")))
+    log = server.log()[since:]
+    # eager: there may be no compile phase; every other line is required
+    _check_phase_lines(
+        re.sub(r"fxswap: compile (\.\.\.|done in [\d.]+ s)", "", log), ("capture", "plan", "first call")
+    )
+
+
 @pytest.mark.slow  # Inductor compiles for ~2.5 min on 2 cores; .ci/run runs it (no -m filter there)
 def test_block_swap_inductor_backend(server: Server) -> None:
     """The default backend: the swapped graph compiled by Inductor, inside ComfyUI's sampler.
@@ -558,7 +684,13 @@ def test_block_swap_inductor_backend(server: Server) -> None:
     Inductor fuses and reorders float32 arithmetic, so it agrees with ComfyUI's eager model to
     rounding (same bound as the WAN loader, 1e-5 x max|latent|), not bitwise."""
     base = server.latent(server.run(_t2v(None, prefix="base_inductor")), "9")
-    entry = server.run(_t2v(_fx(max_vram_gb=0.004, backend="inductor"), prefix="fx_inductor"))
+    since = len(server.log())
+    entry, messages = server.run_watching(
+        _first_call_only(_t2v(_fx(max_vram_gb=0.004, backend="inductor"), prefix="fx_inductor"))
+    )
+    # the compile shows on the Block Swap node's bar, and each phase is logged, compile included
+    _check_build_bar(messages, "6", "8", steps=3)
+    _check_phase_lines(server.log()[since:], ("capture", "plan", "compile", "first call"))
     out = server.latent(entry, "9")
     diff = (out - base).abs().max().item()
     print(f"inductor backend vs ComfyUI: max abs diff {diff:.3g}")

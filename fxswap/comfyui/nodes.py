@@ -12,6 +12,10 @@
   units, predicted peak and step time, the smallest budget that works.
 - **fxswap Monitor** (``FxswapMonitor``): after a sampler, the VRAM monitor's per-step rows.
 
+The first sampler call for new input shapes captures, plans and compiles; ComfyUI's progress bar on
+the Block Swap / WAN Loader node shows it (blocks compiled of blocks to compile) and the log gets a
+line per phase (capture, plan, compile, first call).
+
 Every widget value is checked by fxswap itself (``VALIDATE_INPUTS``), so a bad value comes back as a
 ComfyUI validation error carrying fxswap's message: the argument, the value and the fix.
 """
@@ -35,12 +39,14 @@ from fxswap.comfyui.swap import (
     COMFY_PREFIX,
     ComfyIntegrationError,
     FxswapModelPatcher,
+    NodeProgress,
     SwapState,
     make_patcher,
     own_base_model,
 )
 from fxswap.errors import BudgetInfeasibleError, FxswapError
 from fxswap.models import wan
+from fxswap.progress import listen
 
 __all__ = [
     "NODE_CLASS_MAPPINGS",
@@ -57,6 +63,9 @@ MODES = ["adaptive", "layerwise", "chunkwise"]
 BACKENDS = ["inductor", "eager"]
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CATEGORY = "fxswap"
+# The node's own id, so that the build in the sampler's first call shows on this node's bar. It also
+# keys ComfyUI's cache of the node's output by id, as for every node that asks for it.
+_HIDDEN: dict[str, Any] = {"unique_id": "UNIQUE_ID"}
 
 _BUDGET_INPUTS: dict[str, Any] = {
     # min 0 / no max: out-of-range values reach fxswap's check, whose message says what to pass.
@@ -231,7 +240,11 @@ class FxswapBlockSwap:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
-        return {"required": {"model": ("MODEL",), **_BUDGET_INPUTS}, "optional": dict(_OPTIONAL_INPUTS)}
+        return {
+            "required": {"model": ("MODEL",), **_BUDGET_INPUTS},
+            "optional": dict(_OPTIONAL_INPUTS),
+            "hidden": dict(_HIDDEN),
+        }
 
     @classmethod
     def VALIDATE_INPUTS(  # noqa: N802
@@ -254,6 +267,7 @@ class FxswapBlockSwap:
         empty_cache_freq: int = 0,
         reserve_mb: float = 256.0,
         backend: str = "inductor",
+        unique_id: str | None = None,
     ) -> tuple[Any]:
         if isinstance(model, FxswapModelPatcher):
             raise ComfyIntegrationError(
@@ -301,6 +315,7 @@ class FxswapBlockSwap:
             adapt=_comfy_adapter,
             lora=lora,
             key_prefix=COMFY_PREFIX,
+            node_id=unique_id,
         )
         patched = make_patcher(
             own_base_model(base, model.offload_device),
@@ -378,6 +393,7 @@ class FxswapWanLoader:
                 **_BUDGET_INPUTS,
             },
             "optional": {"dtype": (list(DTYPES), {"default": "default"}), **_OPTIONAL_INPUTS},
+            "hidden": dict(_HIDDEN),
         }
 
     @classmethod
@@ -421,13 +437,18 @@ class FxswapWanLoader:
         empty_cache_freq: int = 0,
         reserve_mb: float = 256.0,
         backend: str = "inductor",
+        unique_id: str | None = None,
     ) -> tuple[Any]:
         path = _checkpoint_path(model_name)
         load_kwargs: dict[str, Any] = {"attention_type": attention_type, "dtype": DTYPES[dtype]}
         if attention_type == "sla" and "sla_topk" in inspect.signature(wan.load).parameters:
             # only SLA reads it: wan.load refuses a top-k for dense attention rather than ignore it
             load_kwargs["sla_topk"] = sla_topk
-        module = wan.load(path, **load_kwargs)
+        loading = NodeProgress(None)  # this node runs: its own bar counts the tensors loaded
+        with listen(loading):
+            module = wan.load(path, **load_kwargs)
+        if loading.interrupted:
+            raise mm.InterruptProcessingException()
         module.eval()
         cfg = module.config
         compute = module.compute_dtype
@@ -459,6 +480,7 @@ class FxswapWanLoader:
             adapt=_wan_adapter(cfg),
             lora={},
             key_prefix=COMFY_PREFIX,
+            node_id=unique_id,
         )
         base.device = offload_device
         patcher = make_patcher(base, state, load_device=load_device, offload_device=offload_device)

@@ -12,6 +12,10 @@ How a sampler reaches fxswap (nothing of ComfyUI is monkey-patched for sampling)
                                        -> fxswap SwapModule: the captured graph with load/wait/release
     unload / detach / partially_unload: fxswap drops its device copies (host copies stay)
 
+The first call for new input shapes captures, plans and compiles (minutes under Inductor, inside the
+sampler's first step). Meanwhile fxswap's progress events drive ComfyUI's progress bar on the node
+that made the MODEL (Block Swap / WAN Loader), and each phase is logged (``fxswap.progress``).
+
 The BaseModel is a shallow copy of the incoming one (same diffusion-model module, same weights):
 object patches and ``memory_required`` apply to fxswap's model only, so the MODEL that ComfyUI's
 loader cached (and any other branch of the workflow using it) is untouched.
@@ -29,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import logging
 import threading
+import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +47,7 @@ import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 import torch
 from torch import Tensor
 
@@ -48,10 +55,11 @@ import fxswap
 from fxswap.api import make_options
 from fxswap.compiler import SwapModule
 from fxswap.errors import BudgetInfeasibleError, ComfyIntegrationError
+from fxswap.progress import ProgressEvent, listen
 from fxswap.runtime import PendingTransfer, SwapRuntime, TransferBackend, default_backend
 from fxswap.swapplan import PlanOptions, SwapPlan
 
-__all__ = ["FxswapModelPatcher", "SwapState", "free_memory_is_budget", "lora_reserve_bytes"]
+__all__ = ["FxswapModelPatcher", "NodeProgress", "SwapState", "free_memory_is_budget", "lora_reserve_bytes"]
 
 logger = logging.getLogger("fxswap.comfyui")
 
@@ -170,6 +178,66 @@ class _LoraRuntime(SwapRuntime):
         return merged
 
 
+# --------------------------------------------------------------------------------------- progress
+class NodeProgress:
+    """fxswap's progress events during a first call -> ComfyUI's progress bar on one node.
+
+    ``node_id``: the node that made the MODEL (its bar shows the build although the sampler is the
+    node running); None: the running node. The bar appears with the first phase (0 of 1, the node is
+    busy), then follows every bar fxswap reports with a total (blocks compiled of blocks to compile,
+    host copies), and is marked finished when the call returns.
+    """
+
+    def __init__(self, node_id: str | None) -> None:
+        self.node_id = node_id
+        self.bar: Any = None
+        self.phases: list[tuple[str, float]] = []
+        self.interrupted = False
+        self._shown: tuple[str, int] | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.kind == "phase_end" and event.seconds is not None:
+            self.phases.append((event.name, event.seconds))
+        elif event.kind == "phase_start" and self.bar is None:
+            self._show(event.name, 0, 1)
+        elif event.kind == "step" and event.total:
+            self._show(event.name, event.done, event.total)
+
+    def _show(self, name: str, done: int, total: int) -> None:
+        # One update per percent: every update is a websocket message to each client, and a bar
+        # may count thousands of tensors.
+        key = (name, 100 * done // total)
+        if key == self._shown:
+            return
+        self._shown = key
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        try:
+            self.bar.update_absolute(done, total)
+        except mm.InterruptProcessingException:
+            # ComfyUI's hook raises the user's Cancel here and clears the flag. A build stopped
+            # half-way would be thrown away, so it runs to the end and the caller raises then.
+            self.interrupted = True
+
+    def finish(self) -> None:
+        """The node's bar is done: without this the node would stay 'running' while the sampler
+        runs, because ComfyUI finishes a node's progress only when that node itself executed."""
+        if self.bar is None or self.node_id is None:
+            return
+        if self.bar.current < self.bar.total:  # phases but no bar (nothing swapped or compiled)
+            self._show("finished", self.bar.total, self.bar.total)
+        try:
+            # By name: older ComfyUIs have no per-node progress registry (comfy_execution.progress),
+            # and pyproject's list of untyped ComfyUI modules for mypy does not name it.
+            state = importlib.import_module("comfy_execution.progress").get_progress_state()
+            state.finish_progress(self.node_id)
+        except Exception:
+            logger.debug("fxswap: could not mark node %s's progress finished", self.node_id, exc_info=True)
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases) or "no phases reported"
+
+
 # ------------------------------------------------------------------------------------------ state
 CallAdapter = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 
@@ -189,6 +257,7 @@ class SwapState:
     adapt: CallAdapter
     lora_ids: dict[str, tuple[int, ...]]
     loaded: bool = False
+    node_id: str | None = None  # the ComfyUI node that made this model: its bar shows the build
     monitor_rows: list[Any] = dataclasses.field(default_factory=list)
     _split: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
     _seen: set[tuple[Any, ...]] = dataclasses.field(default_factory=set)
@@ -218,6 +287,7 @@ class SwapState:
         adapt: CallAdapter,
         lora: dict[str, list[Any]],
         key_prefix: str,
+        node_id: str | None = None,
     ) -> SwapState:
         named = dict(module.named_parameters())
         unknown = sorted(set(lora) - set(named))
@@ -244,7 +314,7 @@ class SwapState:
             strict=False,
             runtime=runtime,
         )
-        return cls(name, module, swap, options, device, adapt, cls.lora_fingerprint(lora))
+        return cls(name, module, swap, options, device, adapt, cls.lora_fingerprint(lora), node_id=node_id)
 
     # -- device memory
     def activate(self) -> None:
@@ -286,10 +356,16 @@ class SwapState:
             # Only a call with new input shapes captures (and so asks get_free_memory); later calls
             # run the compiled graph and leave ComfyUI's function alone for its other threads.
             sig = _shapes(args, kwargs)
+            first = sig not in self._seen
             try:
-                with free_memory_is_budget(self.budget_bytes) if sig not in self._seen else _nothing():
+                with (
+                    free_memory_is_budget(self.budget_bytes) if first else _nothing(),
+                    self._watch(tuple(x.shape)) if first else _nothing() as watch,
+                ):
                     out: Tensor = self.swap(*args, **kwargs)
                 self._seen.add(sig)
+                if watch is not None and watch.interrupted:
+                    raise mm.InterruptProcessingException()
                 return out
             except BudgetInfeasibleError as e:
                 if x.shape[0] < 2:
@@ -308,6 +384,24 @@ class SwapState:
             self._run(*_batch_slice(args, kwargs, s, x.shape[0])) for s in (slice(0, half), slice(half, None))
         ]
         return torch.cat(outs, dim=0)
+
+    @contextlib.contextmanager
+    def _watch(self, shape: tuple[int, ...]) -> Iterator[NodeProgress]:
+        """The first call for new inputs, shown on the node's progress bar and logged."""
+        watch = NodeProgress(self.node_id)
+        t0 = time.perf_counter()
+        try:
+            with listen(watch):
+                yield watch
+        finally:
+            watch.finish()
+        logger.info(
+            "fxswap: %s: first call for input %s done in %.2f s (%s)",
+            self.name,
+            shape,
+            time.perf_counter() - t0,
+            watch.summary(),
+        )
 
     # -- planning without running
     def preview(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> SwapPlan:

@@ -99,12 +99,13 @@ def fxswap_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, **_: Any
 ) -> Callable[..., Any]:
     """The ``fxswap`` backend for ``torch.compile`` (see the module docstring for ``options``)."""
-    from fxswap.build import BACKENDS, compile_inductor, resolve_device, retarget
+    from fxswap.build import BACKENDS, resolve_device, retarget
     from fxswap.options import make_options
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
     from fxswap.progress import plan_line
+    from fxswap.regional import compile_regional
     from fxswap.runtime import SwapRuntime
     from fxswap.workspace import probe_workspace, with_workspace
 
@@ -176,7 +177,7 @@ def fxswap_backend(
         flat = _inputs(kept, example_inputs)
         if copts["backend"] == "eager":
             return Built(kept, new.forward, flat, unit_ids)
-        return Built(kept, compile_inductor(new, flat), flat, unit_ids)
+        return Built(kept, compile_regional(new, flat, {}, device), flat, unit_ids)
 
     def _inputs(kept: list[tuple[int, str | None]], args: Sequence[Any]) -> list[Any]:
         flat = []

@@ -1,0 +1,266 @@
+"""Regions pass: cut a rewritten graph into stretches that compile once and run many times.
+
+A video transformer is a prologue, N structurally identical blocks and an epilogue. Compiled as
+one graph, Inductor's time grows with N; compiled block by block, each distinct block program is
+compiled once and its code is called for every block that prints the same (what users know as
+regional compilation). This pass finds the stretches and gives each one a canonical form, so that
+equal stretches are recognised by their text.
+
+Before (a rewritten graph; ``blocks.1`` swapped, ids build-local)::
+
+    a  = linear(x, w0)                                   # module blocks.0
+    l1 = torch.ops.fxswap.load.default(-7, a)            # load of blocks.1, before op b
+    b  = relu(a)                                         # module blocks.0
+    ws = torch.ops.fxswap.wait.default(-7, l1)           # wait of blocks.1, before op c
+    g  = ws[0]
+    c  = linear(b, g)                                    # module blocks.1
+    r  = torch.ops.fxswap.release.default(-7, ws, c)     # release of blocks.1, after op c
+
+After ``split_regions``: two regions, ``blocks.0`` (``a, l1, b``; outputs ``b`` and ``l1``) and
+``blocks.1`` (``ws, g, c, r``; inputs ``b`` and ``l1``), each a GraphModule whose nodes, inputs
+and unit ids are renamed canonically (``v0, v1, ...``; unit ids numbered by first appearance
+inside the region, with their shapes folded in as :func:`unit_id` does). Two blocks with the
+same ops, shapes and swap pattern print the same ``code``.
+
+Where a node goes:
+
+- a compute node goes to the block of its module (:func:`fxswap.passes.partition.block_key`
+  of the innermost module of ``nn_module_stack``) when that path has a numbered component
+  (``blocks.3``, ``layers.0``, ``0``); otherwise to the region between blocks (label ``""``). A
+  run of unlabelled nodes between two nodes of one block belongs to that block.
+- a ``load`` or ``wait`` (and the wait's items) goes where the next compute node goes: it sits
+  before the op the plan names. A ``release`` or ``carry`` goes where the previous compute node
+  went: it sits after its op. The swap ops are therefore exactly where the plan put them, inside
+  the region that runs their op.
+
+Every value a region reads from an earlier region (or a graph input, or a constant attribute) is
+an input of its module; every value a later region or the graph's output reads is an output.
+Nothing here knows about WAN: the repetition comes from the module tree the capture recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from fxswap import ops
+from fxswap.passes.analyse import innermost_module
+from fxswap.passes.partition import block_key
+
+__all__ = ["Region", "RegionSplit", "region_labels", "split_regions", "unit_id"]
+
+_BEFORE_OP = frozenset({ops.load, ops.wait})  # inserted before their op
+_AFTER_OP = frozenset({ops.release, ops.carry})  # inserted after their op
+
+
+def unit_id(position: int, shapes: Sequence[Sequence[int]], dtypes: Sequence[torch.dtype]) -> int:
+    """A unit id for a graph's code: negative, a digest of the position and the unit's shapes and
+    dtypes (Inductor's FX graph cache keys on the code, so shapes must show in it; see
+    ``docs/ops_and_inductor.md``)."""
+    text = repr((position, tuple(tuple(s) for s in shapes), [str(d) for d in dtypes]))
+    return -1 - int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big")
+
+
+@dataclass(frozen=True)
+class Region:
+    """One stretch of the graph, as a module that runs on its own.
+
+    ``gm`` takes ``inputs`` (names of nodes of the original graph: placeholders, get_attr nodes
+    or outputs of earlier regions) and returns a tuple of ``outputs`` (names of its own nodes that
+    later regions or the graph's output read). ``units`` maps each unit id used in ``gm`` to the id
+    it stands for in the original graph. ``code`` is ``gm``'s canonical text.
+    """
+
+    label: str
+    gm: fx.GraphModule
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    units: dict[int, int]
+    code: str
+
+
+@dataclass(frozen=True)
+class RegionSplit:
+    """The regions in execution order, and what the graph returns: per output leaf, the name of
+    the node it is (``None`` for a constant, then in ``constants``)."""
+
+    regions: tuple[Region, ...]
+    placeholders: tuple[str, ...]
+    outputs: tuple[str | None, ...]
+    constants: tuple[Any, ...]
+    output_is_tuple: bool
+
+
+def _numbered(label: str) -> bool:
+    return any(part.isdigit() for part in label.split("."))
+
+
+def _compute_label(node: fx.Node) -> str | None:
+    module = innermost_module(node)
+    if not module:
+        return None
+    key = block_key(module)
+    return key if _numbered(key) else ""
+
+
+def _wait_of(node: fx.Node) -> fx.Node | None:
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        src = node.args[0]
+        if src.target is ops.wait:
+            return src
+    return None
+
+
+def region_labels(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """The region label of every node that runs (not placeholders, get_attr or output): a block
+    path such as ``"blocks.3"``, or ``""`` between blocks. See the module docstring."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    swap = [n.target in ops.FXSWAP_OPS or _wait_of(n) is not None for n in nodes]
+    raw: list[str | None] = [None if s else _compute_label(n) for n, s in zip(nodes, swap, strict=True)]
+    # Unlabelled compute nodes (no module recorded) between two nodes of one block join it; at
+    # the edges or between different blocks they run between blocks.
+    compute = [i for i, s in enumerate(swap) if not s]
+    known = [i for i in compute if raw[i] is not None]
+    label: list[str | None] = list(raw)
+    k = 0
+    for i in compute:
+        if raw[i] is not None:
+            continue
+        while k < len(known) and known[k] < i:
+            k += 1
+        before = raw[known[k - 1]] if k > 0 else None
+        after = raw[known[k]] if k < len(known) else None
+        label[i] = before if before is not None and before == after else ""
+    # The swap ops: before their op (load, wait, the wait's items) or after it (release, carry).
+    nxt: str | None = None
+    for i in range(len(nodes) - 1, -1, -1):
+        if not swap[i]:
+            nxt = label[i]
+        elif nodes[i].target not in _AFTER_OP:
+            label[i] = nxt
+    prev: str | None = None
+    for i in range(len(nodes)):
+        if not swap[i]:
+            prev = label[i]
+        elif nodes[i].target in _AFTER_OP or label[i] is None:
+            label[i] = prev if prev is not None else (label[i] or "")
+    for i in range(len(nodes)):
+        if label[i] is None:
+            label[i] = ""
+    # A wait's items stay with their wait (the list it returns never crosses a region).
+    out = {n: str(lab) for n, lab in zip(nodes, label, strict=True)}
+    for n in nodes:
+        w = _wait_of(n)
+        if w is not None:
+            out[n] = out[w]
+    return out
+
+
+def split_regions(
+    gm: fx.GraphModule,
+    unit_meta: Callable[[int], tuple[Sequence[Sequence[int]], Sequence[torch.dtype]]],
+    *,
+    labels: dict[fx.Node, str] | None = None,
+) -> RegionSplit:
+    """Cut ``gm`` into regions (see the module docstring).
+
+    Args:
+        gm: a graph the rewrite produced (or any FX graph; without fxswap ops nothing changes).
+        unit_meta: shapes and dtypes of the unit behind an id of ``gm``.
+        labels: region labels per node (default :func:`region_labels`).
+
+    Returns:
+        The regions in order; running them one after the other on the graph's placeholders
+        computes what ``gm`` computes.
+    """
+    labels = region_labels(gm) if labels is None else labels
+    runs: list[tuple[str, list[fx.Node]]] = []
+    for n in gm.graph.nodes:
+        if n not in labels:
+            continue
+        lab = labels[n]
+        # A wait and its items form one piece; a label change inside it cannot happen (same label).
+        if runs and runs[-1][0] == lab:
+            runs[-1][1].append(n)
+        else:
+            runs.append((lab, [n]))
+    region_of: dict[fx.Node, int] = {n: r for r, (_, ns) in enumerate(runs) for n in ns}
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # Which regions read each value (the output counts as a reader after every region).
+    late = len(runs)
+    readers: dict[fx.Node, set[int]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            for a in n.all_input_nodes:
+                readers.setdefault(a, set()).add(late)
+        elif n in region_of:
+            for a in n.all_input_nodes:
+                readers.setdefault(a, set()).add(region_of[n])
+    regions: list[Region] = []
+    for r, (lab, nodes) in enumerate(runs):
+        regions.append(_region(gm, lab, nodes, r, region_of, readers, unit_meta))
+    result = output_node.args[0]
+    leaves = list(result) if isinstance(result, (tuple, list)) else [result]
+    return RegionSplit(
+        regions=tuple(regions),
+        placeholders=tuple(n.name for n in gm.graph.nodes if n.op == "placeholder"),
+        outputs=tuple(a.name if isinstance(a, fx.Node) else None for a in leaves),
+        constants=tuple(None if isinstance(a, fx.Node) else a for a in leaves),
+        output_is_tuple=isinstance(result, (tuple, list)),
+    )
+
+
+def _region(
+    owner: fx.GraphModule,
+    label: str,
+    nodes: list[fx.Node],
+    r: int,
+    region_of: dict[fx.Node, int],
+    readers: dict[fx.Node, set[int]],
+    unit_meta: Callable[[int], tuple[Sequence[Sequence[int]], Sequence[torch.dtype]]],
+) -> Region:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[str] = []
+    local: dict[int, int] = {}  # original id -> id in this region
+    counter = iter(range(1 << 30))
+
+    def value(a: fx.Node) -> fx.Node:
+        if a not in env:
+            ph = graph.placeholder(f"in{len(inputs)}")
+            ph.meta = dict(a.meta)
+            env[a] = ph
+            inputs.append(a.name)
+        return env[a]
+
+    for n in nodes:
+        args = fx.node.map_arg(n.args, value)
+        kwargs = fx.node.map_arg(n.kwargs, value)
+        if n.target in ops.FXSWAP_OPS:
+            uid = int(n.args[0])  # type: ignore[arg-type]
+            if uid not in local:
+                shapes, dtypes = unit_meta(uid)
+                local[uid] = unit_id(len(local), shapes, dtypes)
+            args = (local[uid], *args[1:])
+        new = graph.create_node(n.op, n.target, args, kwargs, name=f"v{next(counter)}")
+        new.meta = dict(n.meta)
+        env[n] = new
+    outputs = [n for n in nodes if any(q > r for q in readers.get(n, ()))]
+    graph.output(tuple(env[n] for n in outputs))
+    # The original module as root: a call_module target is copied over (Dynamo inlines modules, so
+    # its graphs have none, but any FX graph may).
+    gm = fx.GraphModule(owner, graph)
+    return Region(
+        label=label,
+        gm=gm,
+        inputs=tuple(inputs),
+        outputs=tuple(n.name for n in outputs),
+        units={v: k for k, v in local.items()},
+        code=gm.code,
+    )
