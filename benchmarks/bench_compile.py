@@ -9,7 +9,11 @@ full compile, as a user's first run does:
 - ``regional``: ``block.compile(fullgraph=True)`` for each block in ``model.blocks``: what WAN users
   run in ComfyUI and WanVideoWrapper, and PyTorch's recipe for repeated blocks;
 - ``fxswap``: ``fxswap.compile(model, mode="adaptive", max_vram_gb=<share> x the weights,
-  reserve_mb=0, backend="inductor")``.
+  reserve_mb=0, backend="inductor")``; in the same child, its steady call is then timed against
+  the same plan compiled as one graph (calls interleaved: the run-time cost of block-by-block
+  programs);
+- ``fxswap-onegraph``: the same, as fxswap compiled before it went block by block
+  (``FXSWAP_REGIONS=0 FXSWAP_BLOCK_CAPTURE=0``: the whole model traced, one Inductor graph).
 
 In each child, under ``torch.no_grad()``: the eager model's outputs at both resolutions are computed
 first (they are the references for ``max abs diff``; the compiled variants take their first call
@@ -65,7 +69,10 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("diffusers40", "wan2.1-t2v-1.3b")
-VARIANTS = ("eager", "whole", "regional", "fxswap")
+VARIANTS = ("eager", "whole", "regional", "fxswap", "fxswap-onegraph")
+# fxswap as it was before it compiled block by block: the whole model traced by Dynamo and the
+# rewritten graph compiled as one Inductor graph (the switches fxswap keeps for comparisons).
+ONEGRAPH_ENV = {"FXSWAP_REGIONS": "0", "FXSWAP_BLOCK_CAPTURE": "0"}
 # Variants whose later-process first call is measured: the two whose per-block reuse the issue compares.
 SECOND_PROCESS = ("regional", "fxswap")
 RESULT_MARK = "BENCH_COMPILE_RESULT "
@@ -176,7 +183,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             for block in model.blocks:
                 block.compile(fullgraph=True)
             fn = model
-        elif variant == "fxswap":
+        elif variant in ("fxswap", "fxswap-onegraph"):
             import fxswap
 
             fn = fxswap.compile(
@@ -208,7 +215,9 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     if refs is not None:
         result["max_abs_diff"] = _max_abs_diff(out1, refs[0])
         result["max_abs_diff_res2"] = _max_abs_diff(out2, refs[1])
-    if variant == "fxswap":
+    if variant == "fxswap" and spec.get("steady_baseline", True):
+        result.update(_steady_against_onegraph(fn, model, inputs1, steady_n))
+    if variant in ("fxswap", "fxswap-onegraph"):
         # One plan per input signature, in call order: the budget is only kept by swapping if some
         # units are not resident.
         result["plans"] = [
@@ -233,6 +242,39 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _steady_against_onegraph(fn: Any, model: Any, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    """The steady call of fxswap's regional program against the same plan compiled as one graph,
+    in this process, calls interleaved (the runtime cost of running the blocks one by one)."""
+    import torch
+
+    import fxswap
+
+    os.environ.update(ONEGRAPH_ENV)
+    try:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            base = fxswap.compile(model, plan=fn.plans[0], backend="inductor")
+            ref = base(**inputs)
+            compile_s = time.perf_counter() - t0
+            out = fn(**inputs)  # back to the first signature (its carried units are dropped)
+            regional, onegraph = [], []
+            for _ in range(max(n, 5)):
+                regional.append(_timed(lambda: fn(**inputs))[0])
+                onegraph.append(_timed(lambda: base(**inputs))[0])
+    finally:
+        for k in ONEGRAPH_ENV:
+            os.environ.pop(k, None)
+    a, b = statistics.median(regional), statistics.median(onegraph)
+    return {
+        "onegraph_same_plan_first_call_s": round(compile_s, 4),
+        "onegraph_steady_call_s": round(b, 5),
+        "steady_regional_calls_s": [round(t, 5) for t in regional],
+        "steady_onegraph_calls_s": [round(t, 5) for t in onegraph],
+        "steady_ratio_vs_onegraph": round(a / b, 4),
+        "max_abs_diff_vs_onegraph": _max_abs_diff(out, ref),
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # Parent: one child per variant, then the table
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +287,8 @@ def _spawn(spec: dict[str, Any], cache: str, timeout_s: float) -> dict[str, Any]
         FXSWAP_CACHE_DIR=os.path.join(cache, "fxswap"),
         PYTHONUNBUFFERED="1",
     )
+    if spec["variant"] == "fxswap-onegraph":
+        env.update(ONEGRAPH_ENV)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     start = time.perf_counter()
     try:
@@ -363,6 +407,15 @@ def markdown(results: dict[str, Any]) -> str:
                 "-" if diff is None else f"{diff:.3g}",
             ]
             parts.append("| " + " | ".join(cells) + " |")
+        fx = entry["variants"].get("fxswap", {})
+        if "steady_ratio_vs_onegraph" in fx:
+            parts.append(
+                f"\nfxswap's steady call against the same plan compiled as one graph, in the same process, "
+                f"calls interleaved: {fx['steady_ratio_vs_onegraph']:.3f} x "
+                f"({statistics.median(fx['steady_regional_calls_s']):.4f} s "
+                f"against {fx['onegraph_steady_call_s']:.4f} s); outputs differ by at most "
+                f"{fx['max_abs_diff_vs_onegraph']:.3g}."
+            )
         parts.append("")
     return "\n".join(parts)
 

@@ -227,6 +227,12 @@ def _stubbed(blocks: dict[str, torch.nn.Module]) -> Iterator[dict[int, _Call]]:
                 _CALLS.pop(cid, None)
 
 
+def _like(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device)
+    return v
+
+
 def _meta_like(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device="meta")
@@ -353,15 +359,18 @@ def _trace_block(
     spec: Any,
     values: list[Any],
 ) -> _Traced:
-    meta_leaves = [_meta_like(v) for v in values]
+    # Inputs like the call's on the call's device (an op's output strides can depend on the
+    # device, e.g. attention's, and with them whether a later reshape is a view); the block keeps
+    # its own weights (meta for fxswap.compile's capture). The block graph runs on fake tensors.
+    meta_leaves = [_like(v) for v in values]
     args, kwargs = pytree.tree_unflatten(meta_leaves, spec)
+    g = capture(entry, (block, tuple(args), dict(kwargs)), block)
     named = dict(block.named_parameters(remove_duplicate=False)) | dict(
         block.named_buffers(remove_duplicate=False)
     )
-    state = {n: _meta_like(t) for n, t in named.items()}
-    with torch.nn.utils.stateless._reparametrize_module(block, state):
-        g = capture(entry, (block, tuple(args), dict(kwargs)), block)
-    weight_ids = {id(t): n for n, t in state.items()}
+    weight_ids: dict[int, str] = {}
+    for n, t in named.items():
+        weight_ids.setdefault(id(t), n)
     leaf_ids = {id(t): i for i, t in enumerate(meta_leaves) if isinstance(t, torch.Tensor)}
     weight_of: dict[int, str] = {}
     leaf_of: dict[int, int] = {}

@@ -192,7 +192,7 @@ def dynamo_graph(
     model: torch.nn.Module,
     caller: str,
     *,
-    run: bool = False,
+    run: bool | str = False,
     blocks: bool = False,
 ) -> DynamoGraph:
     """Capture ``fn(*args)`` as one Dynamo graph (``fullgraph=True``, ``dynamic=False``, no grad).
@@ -206,7 +206,8 @@ def dynamo_graph(
         model: the module being captured (named in errors).
         caller: the public function to name in errors, e.g. "fxswap.trace".
         run: run the graph on ``args`` (e.g. meta tensors) to get ``result`` and ``outputs``;
-            False stops before the graph would run (no compute, no activation memory).
+            False stops before the graph would run (no compute, no activation memory); "fake"
+            runs it on fake tensors (the outputs' structure, no compute).
         blocks: ``fn`` is called as ``fn(model, args, kwargs)``; trace each repeated block of the
             model once and inline it (:mod:`fxswap.block_capture`), falling back to tracing the
             whole call where that does not apply. The graph is the same either way.
@@ -217,7 +218,7 @@ def dynamo_graph(
     if blocks and block_capture.enabled():
         try:
             return block_capture.capture_with_blocks(
-                lambda f, a, m: dynamo_graph(f, a, m, caller, run=run if m is model else True),
+                lambda f, a, m: dynamo_graph(f, a, m, caller, run=run if m is model else "fake"),
                 fn,
                 args[0],
                 args[1],
@@ -235,7 +236,13 @@ def dynamo_graph(
             raise _CaptureDone
 
         def run_graph(*a: Any) -> Any:
-            out = gm(*a)
+            if run == "fake":
+                from torch._subclasses.fake_tensor import FakeTensorMode
+
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    out = gm(*a)
+            else:
+                out = gm(*a)
             outputs.extend(out)
             return out
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "clear_programs",
     "compile_inductor",
     "compile_regional",
+    "regions_enabled",
 ]
 
 logger = logging.getLogger("fxswap.compiler")
@@ -95,6 +97,15 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
         context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
     with torch._inductor.config.patch(INDUCTOR_CONFIG), torch.no_grad(), context:
         return compile_fx(gm, example)  # type: ignore[return-value]
+
+
+_NOT_RUN = ("placeholder", "get_attr", "output")
+
+
+def regions_enabled() -> bool:
+    """Whether graphs are compiled region by region (``FXSWAP_REGIONS=0``: as one region, the whole
+    graph in one Inductor compile, as fxswap did before; kept for comparisons)."""
+    return os.environ.get("FXSWAP_REGIONS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _static_fake_mode() -> Any:
@@ -214,7 +225,8 @@ def compile_regional(
         m = handle(uid).meta
         return m.shapes, m.dtypes
 
-    split = split_regions(gm, meta_of)
+    labels = None if regions_enabled() else {n: "" for n in gm.graph.nodes if n.op not in _NOT_RUN}
+    split = split_regions(gm, meta_of, labels=labels)
     slot: dict[str, int] = {name: i for i, name in enumerate(split.placeholders)}
     if len(flat) != len(slot):
         raise ValueError(f"compile_regional: {len(flat)} inputs for a graph of {len(slot)} placeholders")

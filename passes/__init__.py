@@ -3,7 +3,7 @@
 Stage order, as a graph goes through them::
 
     capture -> analyse -> liveness -> occurrence -> partition -> schedule -> simulate -> warmstart
-            -> validate -> rewrite
+            -> validate -> rewrite -> regions
 
 - capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
 - :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
@@ -23,6 +23,8 @@ Stage order, as a graph goes through them::
   :class:`fxswap.swapplan.SwapPlan`.
 - :mod:`~fxswap.passes.rewrite`: the load / wait / release (and carry) ops inserted into the FX graph at the
   plan's points.
+- :mod:`~fxswap.passes.regions`: the rewritten graph cut into regions (prologue, each repeated block,
+  epilogue) in canonical form, so that ``fxswap.regional`` compiles each distinct block program once.
 
 Each pass is a typed function with no global state. The planning passes work on plain data
 (:class:`fxswap.ir.GraphIR`) and never import ``torch.fx``; analyse and rewrite take an FX graph.

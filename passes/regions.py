@@ -117,6 +117,14 @@ def _wait_of(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _items(wait: fx.Node) -> list[fx.Node]:
+    """The getitem nodes of a wait, one per weight of its unit, in order."""
+    items = {u.args[1]: u for u in wait.users if _wait_of(u) is wait}
+    if sorted(items) != list(range(len(items))) or len(items) != len(wait.meta.get("example_value") or items):
+        raise ValueError(f"wait `{wait.name}` is released in another region but not every weight has an item")
+    return [items[i] for i in range(len(items))]
+
+
 def region_labels(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """The region label of every node that runs (not placeholders, get_attr or output): a block
     path such as ``"blocks.3"``, or ``""`` between blocks. See the module docstring."""
@@ -192,6 +200,13 @@ def split_regions(
             runs.append((lab, [n]))
     region_of: dict[fx.Node, int] = {n: r for r, (_, ns) in enumerate(runs) for n in ns}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # A release in another region than its wait (a unit used across blocks) takes the wait's
+    # items, not its list: only tensors cross regions.
+    lists = {
+        n: _items(n.args[1])
+        for n in region_of
+        if n.target is ops.release and isinstance(n.args[1], fx.Node) and region_of[n.args[1]] != region_of[n]
+    }
     # Which regions read each value (the output counts as a reader after every region).
     late = len(runs)
     readers: dict[fx.Node, set[int]] = {}
@@ -200,11 +215,12 @@ def split_regions(
             for a in n.all_input_nodes:
                 readers.setdefault(a, set()).add(late)
         elif n in region_of:
-            for a in n.all_input_nodes:
+            reads = [a for a in n.all_input_nodes if n not in lists or a is not n.args[1]]
+            for a in [*reads, *lists.get(n, [])]:
                 readers.setdefault(a, set()).add(region_of[n])
     regions: list[Region] = []
     for r, (lab, nodes) in enumerate(runs):
-        regions.append(_region(gm, lab, nodes, r, region_of, readers, unit_meta))
+        regions.append(_region(gm, lab, nodes, r, region_of, readers, unit_meta, lists))
     result = output_node.args[0]
     leaves = list(result) if isinstance(result, (tuple, list)) else [result]
     return RegionSplit(
@@ -224,6 +240,7 @@ def _region(
     region_of: dict[fx.Node, int],
     readers: dict[fx.Node, set[int]],
     unit_meta: Callable[[int], tuple[Sequence[Sequence[int]], Sequence[torch.dtype]]],
+    lists: dict[fx.Node, list[fx.Node]],
 ) -> Region:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -240,7 +257,7 @@ def _region(
         return env[a]
 
     for n in nodes:
-        args = fx.node.map_arg(n.args, value)
+        args = fx.node.map_arg((*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args, value)
         kwargs = fx.node.map_arg(n.kwargs, value)
         if n.target in ops.FXSWAP_OPS:
             uid = int(n.args[0])  # type: ignore[arg-type]
