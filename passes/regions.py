@@ -34,7 +34,9 @@ Where a node goes:
   the region that runs their op.
 
 Every value a region reads from an earlier region (or a graph input, or a constant attribute) is
-an input of its module; every value a later region or the graph's output reads is an output.
+an input of its module; every value a later region or the graph's output reads is an output, and
+so is every release and carry token (0 bytes; whether a later load is anchored on one must not
+make two blocks alike print different code).
 Nothing here knows about WAN: the repetition comes from the module tree the capture recorded.
 """
 
@@ -268,7 +270,9 @@ def _region(
         new = graph.create_node(n.op, n.target, args, kwargs, name=f"v{next(counter)}")
         new.meta = dict(n.meta)
         env[n] = new
-    outputs = [n for n in nodes if any(q > r for q in readers.get(n, ()))]
+    # Release and carry tokens (0 bytes) are always outputs: whether the next region anchors a load
+    # on them must not make two blocks alike print different code.
+    outputs = [n for n in nodes if any(q > r for q in readers.get(n, ())) or n.target in _AFTER_OP]
     graph.output(tuple(env[n] for n in outputs))
     # The original module as root: a call_module target is copied over (Dynamo inlines modules, so
     # its graphs have none, but any FX graph may).
