@@ -292,6 +292,11 @@ def capture_with_blocks(
     Raises:
         _Unsupported: this model's blocks cannot be captured this way (capture the whole model).
     """
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        # they would run around the opaque call and again inside the block's own trace
+        raise _Unsupported("global module hooks are registered")
     blocks = repeated_blocks(model)
     if not blocks:
         raise _Unsupported("no repeated blocks")

@@ -9,6 +9,7 @@ positions, which the compiled regions must keep).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -218,3 +219,20 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
     program = ind._current.fn if ind._current is not None else None
     assert program is not None and len(program.steps) >= 8  # prologue, six blocks, epilogue
     assert program.programs < len(program.steps)  # blocks alike share their program
+    # In the code Inductor generated for each block: the swap ops in the order of the block's FX
+    # code; layerwise (a unit is a whole block), the wait before every matmul of the block and the
+    # release after them.
+    swap = re.compile(r"torch\.ops\.fxswap\.(\w+)\.default\((-?\d+)")
+    swapped_blocks = 0
+    for step in program.steps:
+        source = step.compiled.source_code
+        body = source[source.index("def call(") :]
+        assert [m.groups() for m in swap.finditer(body)] == [m.groups() for m in swap.finditer(step.key[0])]
+        kinds = [m.group(1) for m in swap.finditer(body)]
+        if mode == "layerwise" and "wait" in kinds and "release" in kinds:
+            swapped_blocks += 1
+            mm = [i for i, line in enumerate(body.splitlines()) if "extern_kernels." in line]
+            wait = next(i for i, line in enumerate(body.splitlines()) if "fxswap.wait" in line)
+            release = next(i for i, line in enumerate(body.splitlines()) if "fxswap.release" in line)
+            assert mm and wait < mm[0] and mm[-1] < release, (wait, mm, release)
+    assert swapped_blocks >= 1 or mode != "layerwise"
