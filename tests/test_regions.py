@@ -153,7 +153,9 @@ def test_six_blocks_compile_their_block_once() -> None:
     before = dict(counters["inductor"])
     with fresh_cache():
         out = sm(x)
-    compiled = {k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+    compiled = {
+        k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")
+    }
     assert sm.plan is not None and all(u.resident for u in sm.plan.units)
     # Inductor compiled three graphs (its own counters, an empty cache): the prologue, the block,
     # the epilogue. The six blocks share one program.
@@ -194,7 +196,9 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
     model = SixBlocks().eval()
     x = torch.randn(8, 32)
     budget = 0.6 * _weights(model) / 2**30
-    eager = fxswap.compile(model, mode=mode, max_vram_gb=budget, backend="eager", block_size_mb=0.01, **COMMON)
+    eager = fxswap.compile(
+        model, mode=mode, max_vram_gb=budget, backend="eager", block_size_mb=0.01, **COMMON
+    )
     with torch.no_grad():
         want = eager(x)
     plan = eager.plan
