@@ -266,6 +266,33 @@ def generated_sequence(sources: Sequence[str]) -> list[tuple[str, int]]:
     return seq
 
 
+def program_sequence(program: Any) -> list[tuple[str, int]] | None:
+    """(kind, unit id) of every fxswap op in the generated code of a regional program
+    (``fxswap.regional``), in the order its regions run, each region's ids named by the rewritten
+    graph's; None for a program compiled as one graph."""
+    steps = getattr(program, "steps", None)
+    if steps is None:
+        return None
+    seq: list[tuple[str, int]] = []
+    for st in steps:
+        src = _source_of(st.compiled)
+        body = src[src.index("def call(") :] if "def call(" in src else src
+        seq.extend(
+            (m.group(1), int(st.units.get(int(m.group(2)), int(m.group(2))))) for m in _OP_RE.finditer(body)
+        )
+    return seq
+
+
+def _source_of(compiled: Any) -> str:
+    src = getattr(compiled, "source_code", None)
+    if isinstance(src, str) and src:
+        return src
+    call = getattr(compiled, "current_callable", None)
+    fn = getattr(call, "__func__", call)
+    path = getattr(getattr(fn, "__code__", None), "co_filename", None)
+    return Path(path).read_text() if path and os.path.exists(path) else ""
+
+
 def order_report(fx_seq: list[tuple[str, int]], gen_seq: list[tuple[str, int]]) -> dict[str, Any]:
     def per_unit_ok(seq: list[tuple[str, int]]) -> bool:
         pos: dict[tuple[str, int], int] = {}
@@ -674,12 +701,16 @@ class GpuCheck:
                     # count is the oracle for fxswap's (later runtimes reuse pinned tensors)
                     res["pinned_allocator_active_delta_bytes"] = pinned1 - pinned0
                 if backend == "inductor" and sm.graph_module is not None:
-                    sources = _inductor_sources(n_modules)
-                    res["generated_code_order"] = order_report(
-                        fx_sequence(sm.graph_module), generated_sequence(sources)
-                    )
+                    program = sm._current.fn if sm._current is not None else None
+                    regional = program_sequence(program)
+                    if regional is not None:  # region by region, in the order the regions run
+                        gen_seq, found = regional, bool(regional) or not fx_sequence(sm.graph_module)
+                    else:
+                        sources = _inductor_sources(n_modules)
+                        gen_seq, found = generated_sequence(sources), bool(sources)
+                    res["generated_code_order"] = order_report(fx_sequence(sm.graph_module), gen_seq)
                     # no new module: served from an in-process cache, nothing to compare
-                    res["generated_code_order"]["generated_code_found"] = bool(sources)
+                    res["generated_code_order"]["generated_code_found"] = found
                 if (
                     backend == "eager"
                     and label == "min"
