@@ -98,7 +98,6 @@ _HOOKS = (
     "_forward_pre_hooks",
     "_backward_hooks",
     "_backward_pre_hooks",
-    "_state_dict_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_pre_hooks_with_kwargs",
 )
@@ -108,7 +107,7 @@ def _fingerprint(block: torch.nn.Module) -> tuple[Any, ...] | None:
     """What the forward can see of ``block`` (None: it has hooks, or a forward of its own)."""
     parts: list[Any] = []
     for path, m in block.named_modules(remove_duplicate=False):
-        if any(getattr(m, h, None) for h in _HOOKS if h != "_state_dict_hooks") or "forward" in vars(m):
+        if any(getattr(m, h, None) for h in _HOOKS) or "forward" in vars(m):
             return None
         tensors = tuple(
             (n, tuple(t.shape), t.dtype)
@@ -121,22 +120,30 @@ def _fingerprint(block: torch.nn.Module) -> tuple[Any, ...] | None:
 def repeated_blocks(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The model's repeated blocks by path: numbered children of one parent that are alike (see the
     module docstring) with at least one other. Outermost first; nested blocks are not listed."""
-    found: dict[str, torch.nn.Module] = {}
+    return {path: block for path, (block, _) in _repeated(model).items()}
+
+
+def _repeated(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:
+    """:func:`repeated_blocks` with each block's group: blocks alike share one (their fingerprint
+    is computed once here, not again per call)."""
+    found: dict[str, tuple[torch.nn.Module, int]] = {}
+    groups: dict[Any, int] = {}
     for path, parent in model.named_modules():
         if any(path == p or path.startswith(p + ".") for p in found):
             continue
         children = [(n, c) for n, c in parent.named_children() if n.isdigit()]
         if len(children) < 2:
             continue
-        groups: dict[Any, list[tuple[str, torch.nn.Module]]] = {}
+        alike: dict[Any, list[tuple[str, torch.nn.Module]]] = {}
         for n, c in children:
             fp = _fingerprint(c)
             if fp is not None:
-                groups.setdefault(fp, []).append((n, c))
-        for members in groups.values():
+                alike.setdefault(fp, []).append((n, c))
+        for fp, members in alike.items():
             if len(members) >= 2:
+                group = groups.setdefault(fp, len(groups))
                 for n, c in members:
-                    found[f"{path}.{n}" if path else n] = c
+                    found[f"{path}.{n}" if path else n] = (c, group)
     return found
 
 
@@ -156,12 +163,14 @@ _CALLS_LOCK = threading.Lock()
 _CALL_IDS = itertools.count(1)
 
 
-def _signature(args: Any, kwargs: Any) -> Any:
-    leaves, spec = pytree.tree_flatten((args, kwargs))
+def _signature(leaves: Sequence[Any], spec: Any, *, devices: bool = True) -> Any:
+    """A block call's inputs as a key (``pytree.tree_flatten((args, kwargs))``'s leaves and spec):
+    equal keys, equal traces for blocks alike. ``devices=False`` leaves the tensors' device out."""
     key: list[Any] = [str(spec)]
     for v in leaves:
         if isinstance(v, torch.Tensor):
-            key.append(("T", tuple(v.shape), tuple(v.stride()), v.dtype, v.device.type))
+            layout = (tuple(v.shape), tuple(v.stride()), v.dtype)
+            key.append(("T", *layout, v.device.type) if devices else ("T", *layout))
         else:
             key.append(("V", _plain(v)))
     return tuple(key)
@@ -174,7 +183,7 @@ def _block_call(call_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     from torch._guards import detect_fake_mode
 
     call = _CALLS[call_id]
-    sig = (call.group, _signature(args, kwargs))
+    sig = (call.group, _signature(*pytree.tree_flatten((args, kwargs))))
     cached = call.outputs.get(sig)
     fake_mode = detect_fake_mode((args, kwargs))
     if cached is None:
@@ -202,14 +211,12 @@ def _block_call(call_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 
 @contextmanager
-def _stubbed(blocks: dict[str, torch.nn.Module]) -> Iterator[dict[int, _Call]]:
+def _stubbed(blocks: dict[str, tuple[torch.nn.Module, int]]) -> Iterator[dict[int, _Call]]:
     mine: dict[int, _Call] = {}
-    groups: dict[Any, int] = {}
     shared: dict[Any, Any] = {}
     with _CALLS_LOCK:
-        for path, block in blocks.items():
+        for path, (block, group) in blocks.items():
             cid = next(_CALL_IDS)
-            group = groups.setdefault(_fingerprint(block), len(groups))
             mine[cid] = _CALLS[cid] = _Call(path, block, group, shared)
     try:
         for cid, call in mine.items():
@@ -239,32 +246,21 @@ def _meta_like(v: Any) -> Any:
     return v
 
 
-def _fresh_examples(values: Sequence[Any], storages: dict[int, Any]) -> list[Any]:
-    """Meta tensors like ``values`` on storages of their own (views of one storage share one)."""
-    out = []
-    for t in values:
-        if not isinstance(t, torch.Tensor):
-            out.append(t)
-            continue
-        key = int(t.untyped_storage()._cdata)
-        if key not in storages:
-            nbytes = t.untyped_storage().nbytes()
-            storages[key] = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
-        n = torch.empty(0, dtype=t.dtype, device="meta")
-        n.set_(storages[key], t.storage_offset(), t.shape, t.stride())
-        out.append(n)
-    return out
-
-
-def _remapped(values: Sequence[Any], remap: dict[int, Any]) -> list[Any]:
+def _rebased(values: Sequence[Any], storages: dict[int, Any], fresh: bool) -> list[Any]:
+    """``values`` as meta tensors on the storages ``storages`` maps their storages to (views of one
+    storage stay views of one). A storage not in the map gets a new one of its size (``fresh``), or
+    its tensors are kept as they are."""
     out = []
     for t in values:
         key = int(t.untyped_storage()._cdata) if isinstance(t, torch.Tensor) else None
-        if key is None or key not in remap:
+        if key is not None and key not in storages and fresh:
+            nbytes = t.untyped_storage().nbytes()
+            storages[key] = torch.empty(nbytes, dtype=torch.uint8, device="meta").untyped_storage()
+        if key is None or key not in storages:
             out.append(t)
             continue
         n = torch.empty(0, dtype=t.dtype, device="meta")
-        n.set_(remap[key], t.storage_offset(), t.shape, t.stride())
+        n.set_(storages[key], t.storage_offset(), t.shape, t.stride())
         out.append(n)
     return out
 
@@ -297,7 +293,7 @@ def capture_with_blocks(
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         # they would run around the opaque call and again inside the block's own trace
         raise _Unsupported("global module hooks are registered")
-    blocks = repeated_blocks(model)
+    blocks = _repeated(model)
     if not blocks:
         raise _Unsupported("no repeated blocks")
     with _stubbed(blocks) as calls:
@@ -316,7 +312,9 @@ def capture_with_blocks(
         call = calls[int(node.args[0])]
         leaves, spec = pytree.tree_flatten((node.args[1], node.args[2]))
         values = [_example(a) if isinstance(a, fx.Node) else a for a in leaves]
-        sig = (_fingerprint(call.module), str(spec), tuple(_sig_leaf(v) for v in values))
+        # Without devices: the example values of inlined blocks are meta stand-ins (fresh storages
+        # for the analysis), while the call's device is one for the whole capture.
+        sig = (call.group, _signature(values, spec, devices=False))
         if sig not in traced:
             traced[sig] = _trace_block(capture, entry, call.module, spec, values)
         placeholders = _inline(gm, node, call, leaves, traced[sig], inputs, ph_of, placeholders, remap)
@@ -326,7 +324,7 @@ def capture_with_blocks(
             val = _example(n)
             if val is not None:
                 flat, vspec = pytree.tree_flatten(val)
-                n.meta["example_value"] = pytree.tree_unflatten(_remapped(flat, remap), vspec)
+                n.meta["example_value"] = pytree.tree_unflatten(_rebased(flat, remap, fresh=False), vspec)
     gm.graph.lint()
     gm.recompile()
     logger.info(
@@ -340,12 +338,6 @@ def capture_with_blocks(
 
 def _example(n: fx.Node) -> Any:
     return n.meta.get("example_value", n.meta.get("val"))
-
-
-def _sig_leaf(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return ("T", tuple(v.shape), tuple(v.stride()), v.dtype)
-    return ("V", _plain(v))
 
 
 @dataclass
@@ -455,7 +447,7 @@ def _inline(
             val = meta.get("example_value")
             if val is not None:
                 flat, vspec = pytree.tree_flatten(val)
-                meta["example_value"] = pytree.tree_unflatten(_fresh_examples(flat, storages), vspec)
+                meta["example_value"] = pytree.tree_unflatten(_rebased(flat, storages, fresh=True), vspec)
             meta.pop("val", None)
             stack = meta.get("nn_module_stack")
             if stack:
