@@ -210,7 +210,12 @@ def test_inductor_matches_torch_compile_slow(cases: dict[str, Case], name: str) 
     assert sm.plan is not None and sm.graph_module is not None
     n_swapped = sum(not u.resident for u in sm.plan.units)
     assert n_swapped > 0
-    body = code[-1][code[-1].index("def call(") :]  # the program kept (fxswap.fit may try several)
+    # The program kept (fxswap.fit may try several), region by region as it runs: a block program
+    # shared by several blocks counts once per block.
+    program = sm._current.fn if sm._current is not None else None
+    assert program is not None
+    sources = [getattr(step.compiled, "source_code", "") for step in program.steps]
+    body = "".join(src[src.index("def call(") :] for src in sources if "def call(" in src)
     for op in ("load", "wait", "release"):
         assert body.count(f"= torch.ops.fxswap.{op}.default(") == n_swapped, op  # none DCE'd
 
