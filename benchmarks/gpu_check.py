@@ -284,6 +284,10 @@ def program_sequence(program: Any) -> list[tuple[str, int]] | None:
 
 
 def _source_of(compiled: Any) -> str:
+    import torch.fx
+
+    if isinstance(compiled, torch.fx.GraphModule):  # glue between regions: FX's own Python
+        return str(compiled.code)
     src = getattr(compiled, "source_code", None)
     if isinstance(src, str) and src:
         return src

@@ -48,7 +48,7 @@ from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.options import MiB, PlanOptions
 from fxswap.passes.analyse import graph_ir, placeholder_roles
-from fxswap.regional import compile_inductor, compile_regional
+from fxswap.regional import compile_inductor, compile_regional, regions_enabled
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.swapplan import SwapPlan, fingerprint_parts
 from fxswap.workspace import probe_workspace, with_workspace
@@ -506,6 +506,7 @@ class Builder:
             lambda p: self._built(self.make_entry(cap, p, ir), root),
             input_buffer_names(cap),
             self.device,
+            align_blocks=regions_enabled(),
         )
         return dataclasses.replace(built.handle, plan=plan, fn=built.fn)
 

@@ -148,6 +148,7 @@ def _rounds(
     build: Callable[[SwapPlan], Built[H]],
     input_buffers: Collection[str],
     device: torch.device,
+    align_blocks: bool,
 ) -> tuple[Built[H], SwapPlan] | None:
     """Steps 1 and 2: plan, build, replay and re-plan on what the replay showed; None if no round fits."""
     from fxswap.passes.planner import build_plan
@@ -155,7 +156,7 @@ def _rounds(
     model_ir = ir
     for _ in range(ROUNDS):
         try:
-            plan = build_plan(model_ir, opts)
+            plan = build_plan(model_ir, opts, align_blocks=align_blocks)
         except BudgetInfeasibleError:
             return None
         built = build(plan)
@@ -172,8 +173,13 @@ def fit(
     build: Callable[[SwapPlan], Built[H]],
     input_buffers: Collection[str],
     device: torch.device,
+    *,
+    align_blocks: bool = False,
 ) -> tuple[Built[H], SwapPlan]:
     """Plan ``ir`` under ``opts`` so that Inductor's real program fits (see the module docstring).
+
+    ``align_blocks``: plan whole-block units' swap ops at their blocks' edges
+    (:func:`fxswap.passes.planner.build_plan`), for a program compiled block by block.
 
     Returns:
         The build that fits and its plan, accounted by :func:`account`.
@@ -185,11 +191,11 @@ def fit(
     from fxswap.passes.planner import build_plan, mode_min_vram_bytes
 
     budget = opts.max_vram_bytes
-    found = _rounds(ir, opts, build, input_buffers, device)
+    found = _rounds(ir, opts, build, input_buffers, device, align_blocks)
     if found is not None:
         return found
-    floor = mode_min_vram_bytes(ir, opts)
-    low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor))
+    floor = mode_min_vram_bytes(ir, opts, align_blocks=align_blocks)
+    low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor), align_blocks=align_blocks)
     built = build(low)
     real, _ = account(low, ir, built, input_buffers, device)
     # The FX model's least-memory schedule need not be the least-memory program: fusion frees other
@@ -201,7 +207,12 @@ def fit(
         if real.peak_bytes <= budget or real.peak_bytes - 1 < floor:
             break
         lower = _rounds(
-            ir, dataclasses.replace(opts, max_vram_bytes=real.peak_bytes - 1), build, input_buffers, device
+            ir,
+            dataclasses.replace(opts, max_vram_bytes=real.peak_bytes - 1),
+            build,
+            input_buffers,
+            device,
+            align_blocks,
         )
         if lower is None:
             break

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,12 @@ class Step:
     table: Mapping[int, ops.UnitHandle]  # the region's unit ids -> this occurrence's units
     units: Mapping[int, int]  # the region's unit ids -> the ids of the rewritten graph
     key: tuple[Any, ...]
+    region: Any = None  # the fxswap.passes.regions.Region it runs (its canonical code, for checks)
+
+    @property
+    def glue(self) -> bool:
+        """Swap ops only, run as FX's Python (``compiled`` is the region's GraphModule)."""
+        return isinstance(self.compiled, fx.GraphModule)
 
 
 class RegionalProgram:
@@ -153,8 +160,8 @@ class RegionalProgram:
 
     @property
     def programs(self) -> int:
-        """Distinct compiled programs this graph runs."""
-        return len({id(s.compiled) for s in self.steps})
+        """Distinct compiled programs this graph runs (glue steps are not compiled)."""
+        return len({id(s.compiled) for s in self.steps if not s.glue})
 
     def __call__(self, *flat: Any) -> list[Any]:
         return self.run(list(flat))
@@ -263,36 +270,59 @@ def compile_regional(
 
     keys = []
     for region, ins, _outs, _table in plans:
-        keys.append((region.code, tuple(_layout(example[s], device) for s in ins)))
+        keys.append((region.signature, tuple(_layout(example[s], device) for s in ins)))
     with _PROGRAMS_LOCK:
-        todo = {k: (region, ins, table) for k, (region, ins, _, table) in zip(keys, plans, strict=True)}
+        todo = {
+            k: (region, ins, table)
+            for k, (region, ins, _, table) in zip(keys, plans, strict=True)
+            if not region.glue
+        }
         todo = {k: v for k, v in todo.items() if k not in _PROGRAMS}
     compiled_now: dict[tuple[Any, ...], Any] = {}
     for k in progress(list(todo), desc="fxswap: compiling blocks", unit="block", total=len(todo)):
         region, ins, table = todo[k]
+        t0 = time.perf_counter()
         compiled_now[k] = _compile_region(region.gm, [example[s] for s in ins], table, device)
+        logger.debug(
+            "fxswap: compiled region %r (%d nodes) in %.2f s",
+            region.label,
+            len(region.gm.graph.nodes),
+            time.perf_counter() - t0,
+        )
     with _PROGRAMS_LOCK:
         for k, fn in compiled_now.items():
             _PROGRAMS[k] = fn
-        programs = {k: _PROGRAMS[k] for k in keys}
-        for k in keys:
+        programs = {k: _PROGRAMS[k] for k, p in zip(keys, plans, strict=True) if not p[0].glue}
+        for k in programs:
             _PROGRAMS.move_to_end(k)
         while len(_PROGRAMS) > _PROGRAMS_MAX:
             _PROGRAMS.popitem(last=False)
     if todo:
         logger.info(
             "fxswap: %d regions, %d distinct programs, %d compiled now",
-            len(plans),
-            len(set(keys)),
+            sum(not p[0].glue for p in plans),
+            len(programs),
             len(todo),
         )
     steps = []
+    glue: dict[str, fx.GraphModule] = {}
     for r, ((region, ins, outs, table), k) in enumerate(zip(plans, keys, strict=True)):
-        fn = programs[k]
         drop = tuple(s for s in dict.fromkeys(ins) if last_reader[s] == r and s not in keep)
-        steps.append(
-            Step(region.label, fn, _boxed(fn), tuple(ins), drop, tuple(outs), table, region.units, k)
-        )
+        if region.glue:
+            # Swap ops only, between two regions' compute: run as FX's Python, nothing to compile;
+            # glue alike (canonical code) shares one module.
+            gm = glue.get(region.signature)
+            if gm is None:
+                gm = glue[region.signature] = region.gm
+            step = Step(
+                region.label, gm, _glue_call(gm), tuple(ins), drop, tuple(outs), table, region.units, k, region
+            )
+        else:
+            fn = programs[k]
+            step = Step(
+                region.label, fn, _boxed(fn), tuple(ins), drop, tuple(outs), table, region.units, k, region
+            )
+        steps.append(step)
     return RegionalProgram(
         steps,
         len(slot),
@@ -330,6 +360,19 @@ def _compile_region(
             fakes.append(v)
     with ops.bound_units(table):  # the fake waits read the units' shapes
         return compile_inductor(gm, fakes)
+
+
+def _glue_call(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
+    forward = gm.forward  # skips nn.Module.__call__: no hooks on a glue module, 40+ calls per step
+
+    def call(args: list[Any]) -> Any:
+        # Emptied like Inductor's boxed wrapper, so that a weight released here dies as this step
+        # returns, before the next region runs.
+        params = list(args)
+        args.clear()
+        return forward(*params)
+
+    return call
 
 
 def _boxed(fn: Any) -> Callable[[list[Any]], Any]:

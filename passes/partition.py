@@ -46,6 +46,7 @@ __all__ = [
     "UnitSpec",
     "adaptive_block_sizes",
     "block_key",
+    "block_labels",
     "partition_chunkwise",
     "partition_layerwise",
 ]
@@ -75,6 +76,39 @@ def block_key(name: str) -> str:
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return parts[0]
+
+
+def block_labels(modules: Sequence[str | None]) -> list[str]:
+    """The repeated block each op runs in, from the innermost module of each op in execution order
+    (``""`` or None: no module recorded): the op's :func:`block_key` when it has a numbered
+    component (``"blocks.3"``), else ``""`` (between blocks). An op with no module between two ops
+    of one block belongs to that block; at the edges, or between two blocks, to ``""``.
+
+    What the regions pass cuts compiled regions by, and what the planner aligns whole-block units
+    to, so that both see the same edges.
+
+    >>> block_labels(["embed", "blocks.0.attn", None, "blocks.0.ffn", None, "blocks.1.attn", "head"])
+    ['', 'blocks.0', 'blocks.0', 'blocks.0', '', 'blocks.1', '']
+    """
+    raw: list[str | None] = []
+    for m in modules:
+        if not m:
+            raw.append(None)
+            continue
+        key = block_key(m)
+        raw.append(key if any(part.isdigit() for part in key.split(".")) else "")
+    out = [lab if lab is not None else "" for lab in raw]
+    known = [i for i, lab in enumerate(raw) if lab is not None]
+    k = 0
+    for i, lab in enumerate(raw):
+        if lab is not None:
+            continue
+        while k < len(known) and known[k] < i:
+            k += 1
+        before = raw[known[k - 1]] if k > 0 else None
+        after = raw[known[k]] if k < len(known) else None
+        out[i] = before if before is not None and before == after else ""
+    return out
 
 
 def _child_key(name: str, prefix: str) -> str:

@@ -56,7 +56,13 @@ from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.ir import GraphIR
 from fxswap.passes.liveness import Liveness, analyse_liveness
 from fxswap.passes.occurrence import find_occurrences, real_units, split_graph
-from fxswap.passes.partition import UnitSpec, adaptive_block_sizes, partition_chunkwise, partition_layerwise
+from fxswap.passes.partition import (
+    UnitSpec,
+    adaptive_block_sizes,
+    block_labels,
+    partition_chunkwise,
+    partition_layerwise,
+)
 from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
 from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
 from fxswap.passes.validate import validate_plan
@@ -116,10 +122,15 @@ def candidate_partitions(
 RELOADS = ", reloads"  # label suffix of a partition of the split graph
 
 
-def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> list[PreparedPartition]:
+def _prepare(
+    ir: GraphIR, live: Liveness, options: PlanOptions, mode: str, align_blocks: bool = False
+) -> list[PreparedPartition]:
     """The mode's partitions of the graph, then those of its split graph that reload a weight."""
     parts = candidate_partitions(mode, live.order, dict(live.nbytes), options.block_size_bytes)
-    out = [prepare_partition(label, units, live, options.reserve_bytes) for label, units in parts]
+    blocks = block_labels([op.module for op in ir.ops]) if align_blocks else None
+    out = [
+        prepare_partition(label, units, live, options.reserve_bytes, blocks=blocks) for label, units in parts
+    ]
     occurrences = find_occurrences(ir)
     if not occurrences:
         return out
@@ -133,20 +144,29 @@ def _prepare(ir: GraphIR, live: Liveness, options: PlanOptions, mode: str) -> li
         units = tuple(dataclasses.replace(u, bytes=r.bytes) for u, r in zip(units, real, strict=True))
         out.append(
             prepare_partition(
-                label + RELOADS, units, split, options.reserve_bytes, pinned=pinned, occurrences=occurrences
+                label + RELOADS,
+                units,
+                split,
+                options.reserve_bytes,
+                pinned=pinned,
+                occurrences=occurrences,
+                blocks=blocks,
             )
         )
     return out
 
 
-def mode_min_vram_bytes(ir: GraphIR, options: PlanOptions, mode: str | None = None) -> int:
-    """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph."""
+def mode_min_vram_bytes(
+    ir: GraphIR, options: PlanOptions, mode: str | None = None, *, align_blocks: bool = False
+) -> int:
+    """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph
+    (``align_blocks``: as :func:`build_plan` with it)."""
     live = analyse_liveness(ir)
-    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode))
+    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode, align_blocks))
 
 
 def _raise_if_infeasible(
-    ir: GraphIR, live: Liveness, options: PlanOptions, parts: list[PreparedPartition]
+    ir: GraphIR, live: Liveness, options: PlanOptions, parts: list[PreparedPartition], align_blocks: bool
 ) -> None:
     mins = [p.min_budget() for p in parts]
     best = min(mins)
@@ -165,11 +185,11 @@ def _raise_if_infeasible(
     if options.mode == "chunkwise" and biggest is not None and not biggest.oversized:
         fixes.append("lower block_size_mb (smaller chunks lower the minimum)")
     if options.mode != "adaptive":
-        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive"))
+        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive", align_blocks))
         if other < best:
             fixes.append(f"use mode='adaptive' (minimum {other / GiB:.2f} GiB)")
         if options.mode == "chunkwise":
-            lw = min(p.min_budget() for p in _prepare(ir, live, options, "layerwise"))
+            lw = min(p.min_budget() for p in _prepare(ir, live, options, "layerwise", align_blocks))
             if lw < best:
                 fixes.append(f"use mode='layerwise' (minimum {lw / GiB:.2f} GiB)")
     if options.reserve_bytes:
@@ -253,12 +273,17 @@ def _choose(
     return best[1], best[2], best[3], best[4]
 
 
-def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
+def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False) -> SwapPlan:
     """Plan which units stay resident and when the others are loaded, waited for and released.
 
     Args:
         ir: the captured graph (plain data).
         options: mode, budget, block size, reserve, prefetch depth and cost-model rates.
+        align_blocks: a unit read alone in its repeated blocks is waited for at its first block's
+            first op and released after its last block's last op (the loads anchored on it with
+            it), so that compiled block programs hold no swap op and blocks alike share one
+            program (:func:`fxswap.passes.schedule.prepare_partition`). The windows are planned as
+            widened; ``fxswap.compile`` asks for it under Inductor.
 
     Returns:
         A validated :class:`fxswap.swapplan.SwapPlan` whose simulated peak is within the budget.
@@ -274,8 +299,8 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
             f"the graph has {len(ir.weights)} weights but no ops; capture produced an empty graph"
         )
     live = analyse_liveness(ir)
-    parts = _prepare(ir, live, options, options.mode)
-    _raise_if_infeasible(ir, live, options, parts)
+    parts = _prepare(ir, live, options, options.mode, align_blocks)
+    _raise_if_infeasible(ir, live, options, parts, align_blocks)
     min_vram = min(p.min_budget() for p in parts)
     costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
     part, sched, report, warm = _choose(parts, options, costs, options.h2d_gbps, live.act)
@@ -302,8 +327,18 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
     if part.occurrences:
         specs, shares, _ = real_units(sched.units, part.occurrences, live.nbytes)
     units = []
-    for u, share, res, la, f, ll, ca in zip(
-        specs, shares, sched.resident, sched.load_at, sched.first_use, sched.last_use, carry_at, strict=True
+    reads_first, reads_last = part.reads()
+    for u, share, res, la, f, ll, ca, rf, rl in zip(
+        specs,
+        shares,
+        sched.resident,
+        sched.load_at,
+        sched.first_use,
+        sched.last_use,
+        carry_at,
+        reads_first,
+        reads_last,
+        strict=True,
     ):
         units.append(
             SwapUnit(
@@ -312,8 +347,8 @@ def build_plan(ir: GraphIR, options: PlanOptions) -> SwapPlan:
                 bytes=u.bytes,
                 resident=res,
                 oversized=u.oversized,
-                first_use=f,
-                last_use=ll,
+                first_use=rf,
+                last_use=rl,
                 load_at=None if res else la,
                 wait_at=None if res else f,
                 release_after=None if res else ll,

@@ -20,7 +20,7 @@ After ``split_regions``: two regions, ``blocks.0`` (``a, l1, b``; outputs ``b`` 
 ``blocks.1`` (``ws, g, c, r``; inputs ``b`` and ``l1``), each a GraphModule whose nodes, inputs
 and unit ids are renamed canonically (``v0, v1, ...``; unit ids numbered by first appearance
 inside the region, with their shapes folded in as :func:`unit_id` does). Two blocks with the
-same ops, shapes and swap pattern print the same ``code``.
+same ops, shapes and swap pattern print the same ``code`` (and ``signature``).
 
 Where a node goes:
 
@@ -42,6 +42,7 @@ Nothing here knows about WAN: the repetition comes from the module tree the capt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 from collections.abc import Callable, Sequence
@@ -53,7 +54,7 @@ from torch import fx
 
 from fxswap import ops
 from fxswap.passes.analyse import innermost_module
-from fxswap.passes.partition import block_key
+from fxswap.passes.partition import block_labels
 
 __all__ = ["Region", "RegionSplit", "region_labels", "split_regions", "unit_id"]
 
@@ -76,15 +77,34 @@ class Region:
     ``gm`` takes ``inputs`` (names of nodes of the original graph: placeholders, get_attr nodes
     or outputs of earlier regions) and returns a tuple of ``outputs`` (names of its own nodes that
     later regions or the graph's output read). ``units`` maps each unit id used in ``gm`` to the id
-    it stands for in the original graph. ``code`` is ``gm``'s canonical text.
+    it stands for in the original graph. ``code`` is ``gm``'s canonical text; ``signature`` says
+    the same, node by node (op, canonical name, target, arguments), at a fraction of the cost of
+    generating the code: regions alike have equal signatures. ``glue``: only swap ops (the ones
+    before a region's first compute op or after its last), nothing to compile.
+
+    ``gm`` is built when first asked for: a GraphModule compiles its Python code, and of forty
+    regions alike only one is ever compiled or run as such.
     """
 
     label: str
-    gm: fx.GraphModule
+    graph: fx.Graph
+    owner: fx.GraphModule
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     units: dict[int, int]
-    code: str
+    signature: str
+    glue: bool = False
+
+    @functools.cached_property
+    def code(self) -> str:
+        """``gm``'s canonical Python (what Inductor compiles, printed)."""
+        return self.graph.python_code(root_module="self").src
+
+    @functools.cached_property
+    def gm(self) -> fx.GraphModule:
+        # The original module as root: a call_module target is copied over (Dynamo inlines
+        # modules, so its graphs have none, but any FX graph may).
+        return fx.GraphModule(self.owner, self.graph)
 
 
 @dataclass(frozen=True)
@@ -97,18 +117,6 @@ class RegionSplit:
     outputs: tuple[str | None, ...]
     constants: tuple[Any, ...]
     output_is_tuple: bool
-
-
-def _numbered(label: str) -> bool:
-    return any(part.isdigit() for part in label.split("."))
-
-
-def _compute_label(node: fx.Node) -> str | None:
-    module = innermost_module(node)
-    if not module:
-        return None
-    key = block_key(module)
-    return key if _numbered(key) else ""
 
 
 def _wait_of(node: fx.Node) -> fx.Node | None:
@@ -133,21 +141,10 @@ def region_labels(gm: fx.GraphModule) -> dict[fx.Node, str]:
     path such as ``"blocks.3"``, or ``""`` between blocks. See the module docstring."""
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     swap = [n.target in ops.FXSWAP_OPS or _wait_of(n) is not None for n in nodes]
-    raw: list[str | None] = [None if s else _compute_label(n) for n, s in zip(nodes, swap, strict=True)]
-    # Unlabelled compute nodes (no module recorded) between two nodes of one block join it; at
-    # the edges or between different blocks they run between blocks.
     compute = [i for i, s in enumerate(swap) if not s]
-    known = [i for i in compute if raw[i] is not None]
-    label: list[str | None] = list(raw)
-    k = 0
-    for i in compute:
-        if raw[i] is not None:
-            continue
-        while k < len(known) and known[k] < i:
-            k += 1
-        before = raw[known[k - 1]] if k > 0 else None
-        after = raw[known[k]] if k < len(known) else None
-        label[i] = before if before is not None and before == after else ""
+    label: list[str | None] = [None] * len(nodes)
+    for i, lab in zip(compute, block_labels([innermost_module(nodes[i]) for i in compute]), strict=True):
+        label[i] = lab
     # The swap ops: before their op (load, wait, the wait's items) or after it (release, carry).
     nxt: str | None = None
     for i in range(len(nodes) - 1, -1, -1):
@@ -201,7 +198,8 @@ def split_regions(
             runs[-1][1].append(n)
         else:
             runs.append((lab, [n]))
-    region_of: dict[fx.Node, int] = {n: r for r, (_, ns) in enumerate(runs) for n in ns}
+    pieces = _cut_glue(runs)
+    region_of: dict[fx.Node, int] = {n: r for r, (_, ns, _) in enumerate(pieces) for n in ns}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     # A release in another region than its wait (a unit used across blocks) takes the wait's
     # items, not its list: only tensors cross regions.
@@ -211,7 +209,7 @@ def split_regions(
         if n.target is ops.release and isinstance(n.args[1], fx.Node) and region_of[n.args[1]] != region_of[n]
     }
     # Which regions read each value (the output counts as a reader after every region).
-    late = len(runs)
+    late = len(pieces)
     readers: dict[fx.Node, set[int]] = {}
     for n in gm.graph.nodes:
         if n.op == "output":
@@ -222,8 +220,8 @@ def split_regions(
             for a in [*reads, *lists.get(n, [])]:
                 readers.setdefault(a, set()).add(region_of[n])
     regions: list[Region] = []
-    for r, (lab, nodes) in enumerate(runs):
-        regions.append(_region(gm, lab, nodes, r, region_of, readers, unit_meta, lists))
+    for r, (lab, nodes, glue) in enumerate(pieces):
+        regions.append(_region(gm, lab, nodes, r, region_of, readers, unit_meta, lists, glue))
     result = output_node.args[0]
     leaves = list(result) if isinstance(result, (tuple, list)) else [result]
     return RegionSplit(
@@ -235,6 +233,47 @@ def split_regions(
     )
 
 
+def _is_swap(n: fx.Node) -> bool:
+    return n.target in ops.FXSWAP_OPS or _wait_of(n) is not None
+
+
+def _cut_glue(runs: list[tuple[str, list[fx.Node]]]) -> list[tuple[str, list[fx.Node], bool]]:
+    """Each run cut into its leading swap ops (loads, waits and the waits' items), its compute, and
+    its trailing swap ops (releases, carries); swap ops between two runs' compute merge into one
+    glue piece. Order is unchanged: the glue runs exactly where its ops stood."""
+    pieces: list[tuple[str, list[fx.Node], bool]] = []
+
+    def add(label: str, nodes: list[fx.Node], glue: bool) -> None:
+        if not nodes:
+            return
+        if glue and pieces and pieces[-1][2]:
+            pieces[-1][1].extend(nodes)
+        else:
+            pieces.append((label, list(nodes), glue))
+
+    for label, nodes in runs:
+        i = 0
+        while i < len(nodes) and _is_swap(nodes[i]) and nodes[i].target not in _AFTER_OP:
+            i += 1
+        j = len(nodes)
+        while j > i and nodes[j - 1].target in _AFTER_OP:
+            j -= 1
+        head, core, tail = nodes[:i], nodes[i:j], nodes[j:]
+        # A wait's items go with it, wherever the rewrite put them (an item only reads its wait).
+        waits = {n for n in head if n.target is ops.wait}
+        items = [n for n in core if _wait_of(n) in waits]
+        if items:
+            head = head + items
+            core = [n for n in core if _wait_of(n) not in waits]
+        if not any(not _is_swap(n) for n in core):
+            add(label, head + core + tail, True)
+            continue
+        add(label, head, True)
+        add(label, core, False)
+        add(label, tail, True)
+    return pieces
+
+
 def _region(
     owner: fx.GraphModule,
     label: str,
@@ -244,6 +283,7 @@ def _region(
     readers: dict[fx.Node, set[int]],
     unit_meta: Callable[[int], tuple[Sequence[Sequence[int]], Sequence[torch.dtype]]],
     lists: dict[fx.Node, list[fx.Node]],
+    glue: bool,
 ) -> Region:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -275,14 +315,15 @@ def _region(
     # on them must not make two blocks alike print different code.
     outputs = [n for n in nodes if any(q > r for q in readers.get(n, ())) or n.target in _AFTER_OP]
     graph.output(tuple(env[n] for n in outputs))
-    # The original module as root: a call_module target is copied over (Dynamo inlines modules, so
-    # its graphs have none, but any FX graph may).
-    gm = fx.GraphModule(owner, graph)
     return Region(
         label=label,
-        gm=gm,
+        graph=graph,
+        owner=owner,
         inputs=tuple(inputs),
         outputs=tuple(n.name for n in outputs),
         units={v: k for k, v in local.items()},
-        code=gm.code,
+        signature="\n".join(
+            f"{n.op} {n.name} {n.target!r} {n.args!r} {n.kwargs!r}" for n in graph.nodes
+        ),
+        glue=glue,
     )

@@ -30,7 +30,15 @@ from fxswap.passes.occurrence import Occurrence
 from fxswap.passes.partition import UnitSpec
 from fxswap.passes.simulate import SegmentModel, UnitWindow, load_points
 
-__all__ = ["PLACEMENTS", "PreparedPartition", "Schedule", "fill_resident", "prepare_partition", "spread_rank"]
+__all__ = [
+    "PLACEMENTS",
+    "PreparedPartition",
+    "Schedule",
+    "block_windows",
+    "fill_resident",
+    "prepare_partition",
+    "spread_rank",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,16 @@ class PreparedPartition:
     # (fxswap.passes.occurrence); and the occurrences the partition's graph was split by.
     swap_only: tuple[bool, ...] = ()
     occurrences: tuple[Occurrence, ...] = ()
+    # The ops that really read each unit, where ``first_use``/``last_use`` were widened to its
+    # blocks' edges (see prepare_partition's ``blocks``); empty: the same as first_use/last_use.
+    read_first: tuple[int, ...] = ()
+    read_last: tuple[int, ...] = ()
+
+    def reads(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """First and last op that reads each unit (what the plan's first_use/last_use record)."""
+        if self.read_first:
+            return self.read_first, self.read_last
+        return self.first_use, self.last_use
 
     def min_budget(self) -> int:
         """The smallest budget any schedule of this partition fits: all swapped, depth 0."""
@@ -87,17 +105,33 @@ def prepare_partition(
     *,
     pinned: Collection[str] = (),
     occurrences: Sequence[Occurrence] = (),
+    blocks: Sequence[str] | None = None,
 ) -> PreparedPartition:
     """Sort units by first use (ties: partition order) and build their segment model.
 
     ``pinned``: weights that keep a unit swapped (the split graph's reloaded occurrences);
     ``occurrences``: what the graph of ``live`` was split by, for the planner to map units back.
+    ``blocks``: the repeated block of every op (:func:`fxswap.passes.partition.block_labels`).
+    Given, a unit that alone is read in the blocks it is read in is waited for before the first op
+    of its first block and released after the last op of its last (loads anchored on it move to
+    that first op too): the swap ops then sit between blocks, outside the compiled block programs,
+    and blocks alike share one program whether swapped or resident (:mod:`fxswap.passes.regions`).
+    The memory model sees the widened windows, so the plan pays for them.
     """
     ranges = [unit_range(u.params, live) for u in units]
     order = sorted(range(len(units)), key=lambda k: (ranges[k][0], k))
     first = tuple(ranges[k][0] for k in order)
     last = tuple(ranges[k][1] for k in order)
     sorted_units = tuple(units[k] for k in order)
+    read_first: tuple[int, ...] = ()
+    read_last: tuple[int, ...] = ()
+    if blocks is not None and len(blocks) == len(live.act):
+        used = [any(p in live.first_use for p in u.params) for u in sorted_units]
+        wide = block_windows(blocks, first, last, used)
+        if wide != list(zip(first, last, strict=True)):
+            read_first, read_last = first, last
+            first = tuple(a for a, _ in wide)
+            last = tuple(b for _, b in wide)
     return PreparedPartition(
         label,
         sorted_units,
@@ -106,7 +140,57 @@ def prepare_partition(
         SegmentModel(live.act, first, last, reserve),
         tuple(any(p in pinned for p in u.params) for u in sorted_units),
         tuple(occurrences),
+        read_first,
+        read_last,
     )
+
+
+def block_windows(
+    blocks: Sequence[str], first: Sequence[int], last: Sequence[int], used: Sequence[bool]
+) -> list[tuple[int, int]]:
+    """Each unit's window ``(first, last)`` widened to the edges of the blocks it is read in, where
+    no other unit is read anywhere in those blocks; other windows unchanged.
+
+    ``blocks``: block label per op (``""`` between blocks); ``first``/``last``: the ops that read
+    each unit first and last; ``used``: whether any op reads the unit at all.
+
+    >>> block_windows(["", "b.0", "b.0", "b.0", "b.1", "b.1"], [0, 2, 4], [0, 2, 5], [True] * 3)
+    [(0, 0), (1, 3), (4, 5)]
+    """
+    n = len(blocks)
+    start = list(range(n))
+    end = list(range(n))
+    for i in range(1, n):
+        if blocks[i] and blocks[i] == blocks[i - 1]:
+            start[i] = start[i - 1]
+    for i in range(n - 2, -1, -1):
+        if blocks[i] and blocks[i] == blocks[i + 1]:
+            end[i] = end[i + 1]
+    # How many units' windows cover each op, as prefix sums of "covered" and "covered twice".
+    diff = [0] * (n + 1)
+    for f, ll, u in zip(first, last, used, strict=True):
+        if u:
+            diff[f] += 1
+            diff[ll + 1] -= 1
+    once = [0] * (n + 1)
+    twice = [0] * (n + 1)
+    cover = 0
+    for i in range(n):
+        cover += diff[i]
+        once[i + 1] = once[i] + (cover > 0)
+        twice[i + 1] = twice[i] + (cover > 1)
+    out = []
+    for f, ll, u in zip(first, last, used, strict=True):
+        if not u or not blocks[f] or not blocks[ll]:
+            out.append((f, ll))
+            continue
+        a, b = start[f], end[ll]
+        # Alone: no other window in [a, f) or (ll, b], none overlapping its own.
+        alone = (
+            once[f] - once[a] == 0 and once[b + 1] - once[ll + 1] == 0 and twice[ll + 1] - twice[f] == 0
+        )
+        out.append((a, b) if alone else (f, ll))
+    return out
 
 
 # "back" only pays with a warm start (the planner tries it then): see fill_resident.

@@ -223,20 +223,69 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
     program = ind._current.fn if ind._current is not None else None
     assert program is not None and len(program.steps) >= 8  # prologue, six blocks, epilogue
     assert program.programs < len(program.steps)  # blocks alike share their program
-    # In the code Inductor generated for each block: the swap ops in the order of the block's FX
-    # code; layerwise (a unit is a whole block), the wait before every matmul of the block and the
-    # release after them.
+    # In the code each step runs (Inductor's generated code, or FX's for the swap ops between two
+    # regions' compute): the swap ops in the order of the region's canonical FX code. Layerwise (a
+    # unit is a whole block), the wait runs before the block's matmuls and the release after them.
     swap = re.compile(r"torch\.ops\.fxswap\.(\w+)\.default\((-?\d+)")
     swapped_blocks = 0
-    for step in program.steps:
-        source = step.compiled.source_code
-        body = source[source.index("def call(") :]
-        assert [m.groups() for m in swap.finditer(body)] == [m.groups() for m in swap.finditer(step.key[0])]
+    for i, step in enumerate(program.steps):
+        if step.glue:
+            body = step.compiled.code
+        else:
+            source = step.compiled.source_code
+            body = source[source.index("def call(") :]
+        assert [m.groups() for m in swap.finditer(body)] == [m.groups() for m in swap.finditer(step.region.code)]
         kinds = [m.group(1) for m in swap.finditer(body)]
-        if mode == "layerwise" and "wait" in kinds and "release" in kinds:
+        if mode == "layerwise" and not step.glue and "release" in kinds:
+            # this plan (the eager one) releases after the block's last matmul, before its
+            # residual add: inside the block's program; the wait is in the glue before it
             swapped_blocks += 1
-            mm = [i for i, line in enumerate(body.splitlines()) if "extern_kernels." in line]
-            wait = next(i for i, line in enumerate(body.splitlines()) if "fxswap.wait" in line)
-            release = next(i for i, line in enumerate(body.splitlines()) if "fxswap.release" in line)
-            assert mm and wait < mm[0] and mm[-1] < release, (wait, mm, release)
+            lines = body.splitlines()
+            mm = [j for j, line in enumerate(lines) if "extern_kernels." in line]
+            release = next(j for j, line in enumerate(lines) if "fxswap.release" in line)
+            assert mm and mm[-1] < release, (mm, release)
+            before = program.steps[i - 1]
+            assert before.glue and "fxswap.wait" in before.compiled.code
     assert swapped_blocks >= 1 or mode != "layerwise"
+
+
+def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> None:
+    """Planned for Inductor, a unit that is a whole block is waited for before the block's first op
+    and released after its last: the swap ops run between the compiled blocks, so swapped and
+    resident blocks alike run one program, and Inductor compiles three graphs in all."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from fxswap.regional import clear_programs
+
+    torch.manual_seed(0)
+    model = SixBlocks().eval()
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        ref = torch.compile(model)(x)
+    clear_programs()
+    sm = fxswap.compile(
+        model, mode="layerwise", max_vram_gb=0.6 * _weights(model) / 2**30, backend="inductor", **COMMON
+    )
+    before = dict(counters["inductor"])
+    order = _Order()
+    with fresh_cache(), torch.no_grad():
+        sm(x)  # build
+        with order:
+            out = sm(x)
+    compiled = {k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert sm.plan is not None
+    swapped = [u.name for u in sm.plan.units if not u.resident and u.name.startswith("blocks.")]
+    assert len(swapped) >= 2
+    # Inductor's own counter, empty cache: prologue, one block, epilogue.
+    assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 3, compiled
+    # Worked out from the model: matmul 0 is `inp`, block j's are 1 + 2j (`up`) and 2 + 2j (`down`).
+    events = order.events
+    for name in swapped:
+        j = int(name.split(".")[1])
+        matmuls_before = events[: events.index(f"wait {name}")].count("matmul")
+        assert matmuls_before == 1 + 2 * j, (name, matmuls_before)
+        matmuls_before = events[: events.index(f"release {name}")].count("matmul")
+        assert matmuls_before == 3 + 2 * j, (name, matmuls_before)
+
