@@ -311,11 +311,20 @@ def compile_regional(
         if region.glue:
             # Swap ops only, between two regions' compute: run as FX's Python, nothing to compile;
             # glue alike (canonical code) shares one module.
-            gm = glue.get(region.signature)
-            if gm is None:
-                gm = glue[region.signature] = region.gm
+            if region.signature not in glue:
+                glue[region.signature] = region.gm
+            gm = glue[region.signature]
             step = Step(
-                region.label, gm, _glue_call(gm), tuple(ins), drop, tuple(outs), table, region.units, k, region
+                region.label,
+                gm,
+                _glue_call(gm),
+                tuple(ins),
+                drop,
+                tuple(outs),
+                table,
+                region.units,
+                k,
+                region,
             )
         else:
             fn = programs[k]

@@ -322,8 +322,6 @@ def _region(
         inputs=tuple(inputs),
         outputs=tuple(n.name for n in outputs),
         units={v: k for k, v in local.items()},
-        signature="\n".join(
-            f"{n.op} {n.name} {n.target!r} {n.args!r} {n.kwargs!r}" for n in graph.nodes
-        ),
+        signature="\n".join(f"{n.op} {n.name} {n.target!r} {n.args!r} {n.kwargs!r}" for n in graph.nodes),
         glue=glue,
     )

@@ -186,9 +186,7 @@ def block_windows(
             continue
         a, b = start[f], end[ll]
         # Alone: no other window in [a, f) or (ll, b], none overlapping its own.
-        alone = (
-            once[f] - once[a] == 0 and once[b + 1] - once[ll + 1] == 0 and twice[ll + 1] - twice[f] == 0
-        )
+        alone = once[f] - once[a] == 0 and once[b + 1] - once[ll + 1] == 0 and twice[ll + 1] - twice[f] == 0
         out.append((a, b) if alone else (f, ll))
     return out
 

@@ -234,7 +234,9 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
         else:
             source = step.compiled.source_code
             body = source[source.index("def call(") :]
-        assert [m.groups() for m in swap.finditer(body)] == [m.groups() for m in swap.finditer(step.region.code)]
+        assert [m.groups() for m in swap.finditer(body)] == [
+            m.groups() for m in swap.finditer(step.region.code)
+        ]
         kinds = [m.group(1) for m in swap.finditer(body)]
         if mode == "layerwise" and not step.glue and "release" in kinds:
             # this plan (the eager one) releases after the block's last matmul, before its
@@ -273,7 +275,9 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
         sm(x)  # build
         with order:
             out = sm(x)
-    compiled = {k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+    compiled = {
+        k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")
+    }
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     assert sm.plan is not None
     swapped = [u.name for u in sm.plan.units if not u.resident and u.name.startswith("blocks.")]
@@ -288,4 +292,3 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
         assert matmuls_before == 1 + 2 * j, (name, matmuls_before)
         matmuls_before = events[: events.index(f"release {name}")].count("matmul")
         assert matmuls_before == 3 + 2 * j, (name, matmuls_before)
-

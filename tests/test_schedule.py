@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
+from fxswap.ir import GraphIR
 from fxswap.passes.planner import build_plan
-from fxswap.passes.schedule import spread_rank
+from fxswap.passes.schedule import block_windows, spread_rank
 from fxswap.swapplan import PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph
 
@@ -48,3 +50,89 @@ def test_greedy_keeps_largest_units_resident_first() -> None:
     g = build_graph(sizes, [OpSpec(("a.w",)), OpSpec(("b.w",)), OpSpec(("c.w",))])
     plan = build_plan(g, opts("layerwise", 500 * MiB, max_prefetch_depth=0))
     assert {u.name: u.resident for u in plan.units} == {"a": False, "b": True, "c": False}
+
+
+# ------------------------------------------------------------------------------- align_blocks
+def _blocks_graph() -> tuple[GraphIR, list[str]]:
+    """embed, three blocks of five ops (norm, up, act, down, residual add), head; modules by hand.
+
+    Op indices: embed 0; block b: norm 1+5b, up 2+5b, act 3+5b (no module), down 4+5b, add 5+5b;
+    head 16.
+    """
+    weights = [("embed.w", 8 * MiB), ("head.w", 8 * MiB)]
+    ops = [OpSpec(("embed.w",), MiB, module="embed")]
+    for b in range(3):
+        weights += [(f"blocks.{b}.up.w", 16 * MiB), (f"blocks.{b}.down.w", 16 * MiB)]
+        ops += [
+            OpSpec((), MiB, module=f"blocks.{b}.norm"),
+            OpSpec((f"blocks.{b}.up.w",), 2 * MiB, module=f"blocks.{b}.up"),
+            OpSpec((), 2 * MiB, module=""),
+            OpSpec((f"blocks.{b}.down.w",), MiB, module=f"blocks.{b}.down"),
+            OpSpec((), MiB, module=f"blocks.{b}"),
+        ]
+    ops.append(OpSpec(("head.w",), MiB, module="head"))
+    ir = build_graph(weights, ops, input_bytes=MiB)
+    return ir, [op.name for op in ir.ops]
+
+
+def _brute_peak(ir: GraphIR, plan: Any) -> int:
+    """The plan's memory at every op, summed from scratch: reserve, resident units, swapped units
+    from their load to their release, and every activation buffer over its live range."""
+    peak = 0
+    for i in range(len(ir.ops)):
+        total = plan.reserve_bytes
+        for u in plan.units:
+            if u.resident or (u.load_at <= i <= u.release_after):
+                total += u.bytes
+        total += sum(b.nbytes for b in ir.buffers if b.start <= i <= b.end)
+        peak = max(peak, total)
+    return peak
+
+
+def test_align_blocks_waits_and_releases_at_the_edges_of_a_whole_block_unit() -> None:
+    ir, names = _blocks_graph()
+    opts = PlanOptions(mode="layerwise", max_vram_bytes=90 * MiB, reserve_bytes=0, warm_start=False)
+    exact = build_plan(ir, opts)
+    aligned = build_plan(ir, opts, align_blocks=True)
+    swapped = [u for u in aligned.units if not u.resident and u.name.startswith("blocks.")]
+    assert swapped, "the budget must swap at least one block"
+    for u in swapped:
+        b = int(u.name.split(".")[1])
+        # the reads are unchanged (up at 2+5b, down at 4+5b) ...
+        assert (u.first_use, u.last_use) == (2 + 5 * b, 4 + 5 * b)
+        # ... the wait and the release move to the block's first op (norm) and last op (add)
+        assert (u.wait_node, u.release_node) == (names[1 + 5 * b], names[5 + 5 * b])
+        # and a load is issued at op 0 or at the first op of a block, never inside one
+        assert u.load_at in (0, 1, 6, 11)
+    for u in exact.units:
+        if not u.resident and u.name.startswith("blocks."):
+            b = int(u.name.split(".")[1])
+            assert (u.wait_node, u.release_node) == (names[2 + 5 * b], names[4 + 5 * b])
+    # the plan pays for the wider windows: its peak is the one summed here, within the budget
+    assert _brute_peak(ir, aligned) == aligned.peak_bytes <= opts.max_vram_bytes
+
+
+def test_align_blocks_leaves_units_that_share_a_block_where_they_are() -> None:
+    # Chunkwise at 16 MiB cuts each block into its two weights: neither is alone in its block.
+    ir, names = _blocks_graph()
+    opts = PlanOptions(
+        mode="chunkwise",
+        max_vram_bytes=70 * MiB,
+        block_size_bytes=16 * MiB,
+        reserve_bytes=0,
+        warm_start=False,
+    )
+    aligned = build_plan(ir, opts, align_blocks=True)
+    exact = build_plan(ir, opts)
+    assert any(not u.resident for u in aligned.units)
+    assert [(u.name, u.wait_node, u.release_node, u.load_node) for u in aligned.units] == [
+        (u.name, u.wait_node, u.release_node, u.load_node) for u in exact.units
+    ]
+
+
+def test_block_windows_by_hand() -> None:
+    blocks = ["", "b.0", "b.0", "b.0", "b.1", "b.1", "b.2", "b.2", ""]
+    # unit A reads op 2 only (alone in b.0), B reads 4..7 (alone in b.1 and b.2), C reads op 8
+    assert block_windows(blocks, [2, 4, 8], [2, 7, 8], [True] * 3) == [(1, 3), (4, 7), (8, 8)]
+    # two units in b.0: neither widens; an unused unit (0, 0) is ignored
+    assert block_windows(blocks, [0, 1, 3], [0, 2, 3], [False, True, True]) == [(0, 0), (1, 2), (3, 3)]

@@ -105,7 +105,7 @@ def fxswap_backend(
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
     from fxswap.progress import plan_line
-    from fxswap.regional import compile_regional
+    from fxswap.regional import compile_regional, regions_enabled
     from fxswap.runtime import SwapRuntime
     from fxswap.workspace import probe_workspace, with_workspace
 
@@ -195,7 +195,7 @@ def fxswap_backend(
     else:
         # Planned against the program Inductor generates (fxswap.fit), as fxswap.compile does.
         inputs_held = {node.name for node, r in zip(placeholders, roles, strict=True) if r.weight is None}
-        built, plan = fit(ir, plan_options, build, inputs_held, device)
+        built, plan = fit(ir, plan_options, build, inputs_held, device, align_blocks=regions_enabled())
     kept, fn = built.handle, built.fn
     _PLANS.append(plan)
     logger.info(
