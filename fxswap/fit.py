@@ -19,6 +19,7 @@ plans to try and what the plan finally promises. The memory model behind it is i
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -40,6 +41,8 @@ GiB = 2**30
 ROUNDS = 4
 # Budgets tried below the least-memory schedule's measured peak (see fit), each up to ROUNDS builds.
 DESCENT = 2
+
+logger = logging.getLogger("fxswap.fit")
 
 H = TypeVar("H")
 
@@ -163,6 +166,12 @@ def _rounds(
         real, real_ir = account(plan, ir, built, input_buffers, device)
         if real.peak_bytes <= opts.max_vram_bytes:
             return built, real
+        logger.debug(
+            "fxswap.fit: the program of a plan for %d bytes peaks at %d (planned %d); planning again",
+            opts.max_vram_bytes,
+            real.peak_bytes,
+            plan.peak_bytes,
+        )
         model_ir = _merge(model_ir, real_ir)
     return None
 

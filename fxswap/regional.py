@@ -43,6 +43,7 @@ __all__ = [
     "clear_programs",
     "compile_inductor",
     "compile_regional",
+    "edges_compiled",
     "regions_enabled",
 ]
 
@@ -103,6 +104,13 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
 _NOT_RUN = ("placeholder", "get_attr", "output")
 
 
+def edges_compiled() -> bool:
+    """Whether the stretches outside the repeated blocks (prologue, epilogue) are compiled too
+    (``FXSWAP_COMPILE_EDGES=1``); by default they run as FX's Python, as regional compilation
+    leaves them."""
+    return os.environ.get("FXSWAP_COMPILE_EDGES", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def regions_enabled() -> bool:
     """Whether graphs are compiled region by region (``FXSWAP_REGIONS=0``: as one region, the whole
     graph in one Inductor compile, as fxswap did before; kept for comparisons)."""
@@ -133,7 +141,8 @@ class Step:
 
     @property
     def glue(self) -> bool:
-        """Swap ops only, run as FX's Python (``compiled`` is the region's GraphModule)."""
+        """Run as FX's Python, not compiled (``compiled`` is the region's GraphModule): swap ops
+        only, or a stretch outside the blocks."""
         return isinstance(self.compiled, fx.GraphModule)
 
 
@@ -234,6 +243,11 @@ def compile_regional(
 
     labels = None if regions_enabled() else {n: "" for n in gm.graph.nodes if n.op not in _NOT_RUN}
     split = split_regions(gm, meta_of, labels=labels)
+    # Run as FX's Python, not compiled: glue always; the stretches outside the repeated blocks
+    # (prologue, epilogue) too when there are blocks, as regional compilation leaves them (see
+    # docs/first_call.md: they cost as much to compile as a block and a few percent of a call).
+    eager_edges = not edges_compiled() and any(r.label for r in split.regions)
+    interpreted = [r.glue or (eager_edges and not r.label) for r in split.regions]
     slot: dict[str, int] = {name: i for i, name in enumerate(split.placeholders)}
     if len(flat) != len(slot):
         raise ValueError(f"compile_regional: {len(flat)} inputs for a graph of {len(slot)} placeholders")
@@ -274,8 +288,8 @@ def compile_regional(
     with _PROGRAMS_LOCK:
         todo = {
             k: (region, ins, table)
-            for k, (region, ins, _, table) in zip(keys, plans, strict=True)
-            if not region.glue
+            for k, (region, ins, _, table), fx_run in zip(keys, plans, interpreted, strict=True)
+            if not fx_run
         }
         todo = {k: v for k, v in todo.items() if k not in _PROGRAMS}
     compiled_now: dict[tuple[Any, ...], Any] = {}
@@ -292,7 +306,7 @@ def compile_regional(
     with _PROGRAMS_LOCK:
         for k, fn in compiled_now.items():
             _PROGRAMS[k] = fn
-        programs = {k: _PROGRAMS[k] for k, p in zip(keys, plans, strict=True) if not p[0].glue}
+        programs = {k: _PROGRAMS[k] for k, fx_run in zip(keys, interpreted, strict=True) if not fx_run}
         for k in programs:
             _PROGRAMS.move_to_end(k)
         while len(_PROGRAMS) > _PROGRAMS_MAX:
@@ -300,7 +314,7 @@ def compile_regional(
     if todo:
         logger.info(
             "fxswap: %d regions, %d distinct programs, %d compiled now",
-            sum(not p[0].glue for p in plans),
+            interpreted.count(False),
             len(programs),
             len(todo),
         )
@@ -308,9 +322,9 @@ def compile_regional(
     glue: dict[str, fx.GraphModule] = {}
     for r, ((region, ins, outs, table), k) in enumerate(zip(plans, keys, strict=True)):
         drop = tuple(s for s in dict.fromkeys(ins) if last_reader[s] == r and s not in keep)
-        if region.glue:
-            # Swap ops only, between two regions' compute: run as FX's Python, nothing to compile;
-            # glue alike (canonical code) shares one module.
+        if interpreted[r]:
+            # Glue (swap ops only) or a stretch outside the blocks: FX's Python, nothing to
+            # compile; regions alike (canonical code) share one module.
             if region.signature not in glue:
                 glue[region.signature] = region.gm
             gm = glue[region.signature]
