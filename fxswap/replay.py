@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxswap.errors import ReplayError
-from fxswap.oracle import Segments, measure_segments, profiler_active
+from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 
@@ -199,7 +199,7 @@ def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
 def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    if device.type == "cpu" and profiler_active():
+    if device.type == "cpu" and profiler_running():
         return 0  # profilers do not nest; fxswap.workspace warns once for the capture
 
     with unset_fake_temporarily():
@@ -211,14 +211,14 @@ def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int
             return v
 
         r_args, r_kwargs = pytree.tree_map(real, (args, kwargs))
-        seg: Segments
-        with torch.no_grad(), measure_segments(device) as seg, seg.segment("op"):
+        probe: PieceProbe
+        with torch.no_grad(), pieces(device) as probe, probe.piece("op"):
             out = func(*r_args, **r_kwargs)
             out_bytes = sum(
                 t.untyped_storage().nbytes() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
             )
             del out
-        return max(0, seg.peaks["op"] - int(out_bytes))
+        return max(0, probe.peak.get("op", 0) - int(out_bytes))
 
 
 def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> ReplayResult:

@@ -5,8 +5,8 @@ peak is the peak of what really runs, not only of the tensors the graph names. T
 
 - :func:`probe_workspace` **measures** them on the device the model will run on: every distinct
   op of the graph (target, argument shapes, strides and dtypes, constants) runs once on zero-filled
-  tensors under :func:`fxswap.oracle.measure`; its workspace is the measured peak minus the bytes of
-  the outputs the graph keeps. ``fxswap.compile`` does this once per captured signature (a few ms
+  tensors under :func:`fxswap.alloc_probe.pieces` (the planner's own probe, not the test oracle);
+  its workspace is the measured peak minus the bytes of the outputs the graph keeps. ``fxswap.compile`` does this once per captured signature (a few ms
   per distinct op; a WAN block repeats the same ops, so a 40-block model probes about as many ops
   as one block). Examples measured on this project's CPU machine (torch 2.13): CPU
   flash attention's per-thread blocks and log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN
@@ -44,7 +44,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from fxswap.ir import GraphIR
-from fxswap.oracle import Segments, measure_segments, profiler_active
+from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
 from fxswap.passes.analyse import target_name
 
 __all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
@@ -128,9 +128,9 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     """
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"`device`={device}: workspace can be probed on 'cpu' or 'cuda' devices only")
-    if device.type == "cpu" and profiler_active():
+    if device.type == "cpu" and profiler_running():
         # The CPU probe reads a profiler of its own, and profilers do not nest (the caller is
-        # profiling this very call, e.g. with fxswap.oracle.measure): fall back to the rules.
+        # profiling this very call, e.g. with the test oracle): fall back to the rules.
         logger.warning(
             "fxswap: a torch profiler is running, so op workspace is not measured for this capture; "
             "the documented rules are used instead (run the first call outside the profiler to measure)"
@@ -166,11 +166,11 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
         todo.setdefault(key, (node, args, kwargs))
         probed.append((node, key, new_bytes))
     keys = list(todo)
-    with torch.no_grad(), measure_segments(device) as seg:
+    with torch.no_grad(), pieces(device) as probe:
         for k, key in enumerate(keys):
             node, args, kwargs = todo[key]
-            _run(seg, str(k), node, modules, args, kwargs, device)
-    peak = {key: seg.peaks[str(k)] for k, key in enumerate(keys)}
+            _run(probe, str(k), node, modules, args, kwargs, device)
+    peak = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
     out: dict[str, int] = {}
     for node, key, new_bytes in probed:
         ws = peak[key] - new_bytes
@@ -180,7 +180,7 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
 
 
 def _run(
-    seg: Segments,
+    probe: PieceProbe,
     label: str,
     node: fx.Node,
     modules: Mapping[str, torch.nn.Module],
@@ -197,7 +197,7 @@ def _run(
     else:
         fn = modules[str(node.target)]
     try:
-        with seg.segment(label):
+        with probe.piece(label):
             result = fn(*real_args, **real_kwargs)
             del result
     except Exception as e:
