@@ -101,7 +101,9 @@ def pieces(device: torch.device | str) -> Iterator[PieceProbe]:
         yield probe
         return
     if dev.type != "cpu":
-        raise ValueError(f"`device`={device!r}: the allocator probe reads the 'cpu' and 'cuda' allocators only")
+        raise ValueError(
+            f"`device`={device!r}: the allocator probe reads the 'cpu' and 'cuda' allocators only"
+        )
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -42,8 +42,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxswap.errors import ReplayError
 from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
+from fxswap.errors import ReplayError
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 

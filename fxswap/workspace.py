@@ -6,11 +6,12 @@ peak is the peak of what really runs, not only of the tensors the graph names. T
 - :func:`probe_workspace` **measures** them on the device the model will run on: every distinct
   op of the graph (target, argument shapes, strides and dtypes, constants) runs once on zero-filled
   tensors under :func:`fxswap.alloc_probe.pieces` (the planner's own probe, not the test oracle);
-  its workspace is the measured peak minus the bytes of the outputs the graph keeps. ``fxswap.compile`` does this once per captured signature (a few ms
-  per distinct op; a WAN block repeats the same ops, so a 40-block model probes about as many ops
-  as one block). Examples measured on this project's CPU machine (torch 2.13): CPU
-  flash attention's per-thread blocks and log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN
-  convolutions' reordered input and weight; the 0-dim tensors of Python-scalar arithmetic.
+  its workspace is the measured peak minus the bytes of the outputs the graph keeps.
+  ``fxswap.compile`` does this once per captured signature (a few ms per distinct op; a WAN block
+  repeats the same ops, so a 40-block model probes about as many ops as one block). Examples
+  measured on this project's CPU machine (torch 2.13): CPU flash attention's per-thread blocks and
+  log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN convolutions' reordered input and weight;
+  the 0-dim tensors of Python-scalar arithmetic.
 - :func:`rule_workspace` **predicts** them where nothing can run (planning on ``meta`` tensors,
   ``fxswap plan``), for a CUDA device. The rules (each the size of a documented temporary):
 
@@ -43,8 +44,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from fxswap.ir import GraphIR
 from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
+from fxswap.ir import GraphIR
 from fxswap.passes.analyse import target_name
 
 __all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
