@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
 from fxswap.errors import ReplayError
+from fxswap.passes.device_rules import CPU_RULES, DeviceRules
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 
@@ -86,10 +87,13 @@ class _Noop:
 class _Tracker(TorchDispatchMode):
     """Sees every tensor the replay creates; counts storages in and out by reference lifetime."""
 
-    def __init__(self, device: torch.device, workspace: Callable[[Any, Any, Any], int]) -> None:
+    def __init__(
+        self, device: torch.device, workspace: Callable[[Any, Any, Any], int], rules: DeviceRules = CPU_RULES
+    ) -> None:
         super().__init__()
         self.device = device
         self.workspace = workspace
+        self.rules = rules
         self.level = 0
         self.levels: list[int] = [0]
         self.refs: dict[int, int] = {}  # storage key -> live tensor objects on it
@@ -104,7 +108,8 @@ class _Tracker(TorchDispatchMode):
         key = int(t.untyped_storage()._cdata)
         if key not in self.refs:
             self.refs[key] = 0
-            self.sizes[key] = int(t.untyped_storage().nbytes())
+            # as the device's allocator counts the storage (rounded on CUDA: passes.device_rules)
+            self.sizes[key] = self.rules.alloc_bytes(int(t.untyped_storage().nbytes()))
             self._move(self.sizes[key])
         self.refs[key] += 1
         weakref.finalize(t, self._drop, key)
@@ -134,9 +139,9 @@ class _Tracker(TorchDispatchMode):
             # a destination); the fake wait creates them instead, so move them to the load here.
             # A carry allocates the next call's copy, which outlives this call (its wait is there).
             if kind in ("load", "carry"):
-                self._move(_unit_bytes(uid))
+                self._move(_unit_bytes(uid, self.rules))
             elif kind == "wait":
-                self._move(-_unit_bytes(uid))
+                self._move(-_unit_bytes(uid, self.rules))
             out = func(*args, **kwargs)
             self.events.append(FxswapEvent(kind, uid, len(self.levels) - 1))
             ws = 0
@@ -154,12 +159,14 @@ class _Tracker(TorchDispatchMode):
         return out
 
 
-def _unit_bytes(uid: int) -> int:
+def _unit_bytes(uid: int, rules: DeviceRules = CPU_RULES) -> int:
     from fxswap import ops
 
     meta = ops.lookup(uid).meta
+    # one device tensor per weight (SwapRuntime), each its own allocation
     return sum(
-        math.prod(shape) * dtype.itemsize for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
+        rules.alloc_bytes(math.prod(shape) * dtype.itemsize)
+        for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
     )
 
 
@@ -174,7 +181,7 @@ def _call_of(compiled: Any) -> tuple[Any, dict[str, Any]]:
     return call, fn.__globals__
 
 
-def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
+def _workspace_prober(device: torch.device, rules: DeviceRules) -> Callable[[Any, Any, Any], int]:
     """An ATen-call workspace measurer with a per-signature cache (zeros on ``device``)."""
     cache: dict[Any, int] = {}
 
@@ -190,13 +197,13 @@ def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
     def probe(func: Any, args: Any, kwargs: Any) -> int:
         key = key_of(func, args, kwargs)
         if key not in cache:
-            cache[key] = _measure_one(func, args, kwargs, device)
+            cache[key] = _measure_one(func, args, kwargs, device, rules)
         return cache[key]
 
     return probe
 
 
-def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
+def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device, rules: DeviceRules) -> int:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     if device.type == "cpu" and profiler_running():
@@ -215,13 +222,17 @@ def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int
         with torch.no_grad(), pieces(device) as probe, probe.piece("op"):
             out = func(*r_args, **r_kwargs)
             out_bytes = sum(
-                t.untyped_storage().nbytes() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                rules.alloc_bytes(t.untyped_storage().nbytes())
+                for t in pytree.tree_leaves(out)
+                if isinstance(t, torch.Tensor)
             )
             del out
         return max(0, probe.peak.get("op", 0) - int(out_bytes))
 
 
-def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> ReplayResult:
+def replay(
+    compiled: Any, inputs: Sequence[Any], device: torch.device, rules: DeviceRules | None = None
+) -> ReplayResult:
     """Replay ``compiled`` (what ``compile_fx`` returned) on fakes of ``inputs``.
 
     Args:
@@ -229,6 +240,8 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
             :class:`fxswap.regional.RegionalProgram` (each region's wrapper replayed in turn).
         inputs: the flat graph inputs of a call (tensors on ``device``, or fake/meta tensors).
         device: the device the program runs on (op workspace is measured there).
+        rules: how the device's allocator counts each storage (default: ``device``'s own,
+            :func:`fxswap.workspace.device_rules_for`; the CPU's are the identity).
 
     Returns:
         The :class:`ReplayResult`: bytes allocated during the call above its inputs, per event.
@@ -239,8 +252,12 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    probe = _workspace_prober(device)
-    tracker = _Tracker(device, probe)
+    if rules is None:
+        from fxswap.workspace import device_rules_for
+
+        rules = device_rules_for(device)
+    probe = _workspace_prober(device, rules)
+    tracker = _Tracker(device, probe, rules)
     with fake_mode:
         fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     for x in fakes:
