@@ -48,10 +48,10 @@ SM89 = cuda_rules((8, 9))
         (512, 512, "round_size: already a multiple of 512"),
         (513, 1024, "round_size: 512 * ceil(513 / 512)"),
         (1 * MiB, 1 * MiB, "get_pool: 1 MiB is still small (size <= kSmallSize); 2 MiB segment, split"),
-        (1 * MiB + 1, 1 * MiB + 512, "large pool, < 10 MiB: split off a 20 MiB segment (19 MiB left > 1 MiB)"),
+        (1 * MiB + 1, 1 * MiB + 512, "large, < 10 MiB: split off a 20 MiB segment (19 MiB left)"),
         (9 * MiB + 1, 9 * MiB + 512, "large, < kMinLargeAlloc: 20 MiB segment, 11 MiB left: split"),
         (10 * MiB, 10 * MiB, "get_allocation_size: 10 MiB segment, 0 left: the block is the request"),
-        (11 * MiB, 12 * MiB, "12 MiB segment, exactly 1 MiB left: not > kSmallSize, not split: counts 12 MiB"),
+        (11 * MiB, 12 * MiB, "12 MiB segment, 1 MiB left (not > kSmallSize): unsplit, 12 MiB"),
         (11 * MiB - 512, 11 * MiB - 512, "12 MiB segment, 1 MiB + 512 left (> 1 MiB): split"),
         # WAN 14B's ffn.0 weight, 13824 x 5120 bf16 = 141,557,760 bytes = 135 MiB: a 136 MiB
         # segment leaves exactly 1 MiB, so the whole 136 MiB block is counted
