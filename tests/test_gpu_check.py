@@ -40,8 +40,8 @@ MEASURED = {"first_call_s", "step_s", "step_s_all", "baseline_allocated_bytes", 
             "alloc_retries", "exact_every_step", "exact_per_call", "max_abs_diff", "wall_s",
             "fragmentation_at_peak", "inactive_split_peak_bytes", "memory"}  # fmt: skip
 MEMORY = {"plan_peak_bytes", "max_memory_allocated_above_entry", "max_memory_reserved_above_entry",
-          "plan_terms", "fragmentation_at_peak_bytes", "inactive_split_peak_bytes", "allocated_minus_plan_peak",
-          "reserved_minus_plan_peak"}  # fmt: skip
+          "plan_terms", "fragmentation_at_peak_bytes", "inactive_split_peak_bytes",
+          "allocated_minus_plan_peak", "reserved_minus_plan_peak"}  # fmt: skip
 TERMS = {"peak_op", "weights_rounding_bytes", "activation_rounding_at_peak_bytes",
          "kept_library_workspace_bytes", "op_workspace_at_peak_bytes"}  # fmt: skip
 FXSWAP = MEASURED | {"budget_bytes", "plan_peak_bytes", "plan_resident_bytes", "plan_partition",
