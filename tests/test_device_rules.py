@@ -197,3 +197,36 @@ def test_meta_capture_uses_the_backend_rule(dtype: str, expected: int) -> None:
     traced = fxswap.trace(model, torch.empty(2, 4, 24, 16, device="meta", dtype=dt))
     ws = {o.target.rsplit(".", 1)[-1]: o.workspace_bytes for o in traced.ir.ops}
     assert ws["scaled_dot_product_attention"] == expected
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_plans_with_the_target_rules(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """fxswap.compile applies the device's rules where it plans (and, under Inductor, where it
+    replays the generated program). Here the CPU stands in for an sm_89 card: every resident weight
+    is rounded as the caching allocator rounds it and cuBLAS's kept workspace is held at every op,
+    so the peak grows by at least the kept 8,519,680 + 1 MiB bytes plus the weights' rounding:
+    4 x (64*64*4 = 16,384: exact; bias 256 -> 512)."""
+    import torch
+    from models import MLP
+
+    import fxswap
+    import fxswap.build
+    import fxswap.workspace
+
+    torch.manual_seed(0)
+    model = MLP(n=4, d=64).eval().requires_grad_(False)
+    x = torch.randn(4, 64)
+    opts = dict(mode="layerwise", max_vram_gb=1, reserve_mb=0, backend=backend, device="cpu")
+    plain = fxswap.compile(model, **opts)
+    ref = plain(x)
+    cpu_plan = plain.plan
+    plain.close()
+    monkeypatch.setattr(fxswap.build, "device_rules_for", lambda d: SM89)
+    monkeypatch.setattr(fxswap.workspace, "device_rules_for", lambda d: SM89)
+    ruled = fxswap.compile(model, **opts)
+    assert torch.equal(ruled(x), ref)
+    p = ruled.plan
+    ruled.close()
+    assert cpu_plan is not None and p is not None
+    assert p.weight_bytes - cpu_plan.weight_bytes == 4 * (512 - 256)
+    assert p.peak_bytes - cpu_plan.peak_bytes >= 8_519_680 + MiB + 4 * (512 - 256)
