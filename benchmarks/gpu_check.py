@@ -40,6 +40,11 @@ difference). fxswap variants add the plan (``plan_peak_bytes``, ``predicted_step
 the pinned allocator's own statistics, and for Inductor the order of load / wait / release in the
 generated code against the rewritten FX graph (which is the plan).
 
+``allocator_rules`` (CUDA only), before the cases: the rules the plans use against the allocator
+itself: requests of hand-picked sizes each from a fresh segment (``memory_allocated`` delta against
+``DeviceRules.alloc_bytes``), cuBLAS's and cuBLASLt's kept workspace on a new stream, and the
+flash-attention workspace at a WAN-like shape (1 x 40 heads x 4096 x 128, bf16).
+
 Per variant ``memory`` (the row that settles the default reserve, ``docs/memory_model.md``):
 ``plan_peak_bytes``; ``max_memory_allocated_above_entry`` / ``max_memory_reserved_above_entry`` (the
 timed calls' peaks above the level before the warm-up); ``plan_terms``, what the plan added to the
@@ -269,6 +274,72 @@ def loop_time(fn: Callable[[], torch.Tensor], dev: Device, ref: torch.Tensor | N
 
 # ------------------------------------------------------------------------------ generated-code order
 _OP_RE = re.compile(r"torch\.ops\.fxswap\.(load|wait|release)\.default\(\s*(-?\d+)\b")
+
+
+# Requests whose counts the allocator rules predict differently (docs/memory_model.md): under 512,
+# just over a multiple of 512, the small pool's top, just into the large pool, the 10 MiB edge, a
+# segment left with exactly 1 MiB (unsplit), one left with more (split), and WAN 14B's ffn weight.
+RULE_SIZES = (1, 513, 2**20, 2**20 + 1, 10 * 2**20, 11 * 2**20, 11 * 2**20 - 512, 13824 * 5120 * 2)
+
+
+def check_allocator_rules(device: torch.device) -> dict[str, Any]:
+    """The device rules the plans use (``passes.device_rules``) against the allocator itself: each
+    request in :data:`RULE_SIZES` allocated from a fresh segment (``memory_allocated`` before and
+    after), cuBLAS's and cuBLASLt's kept workspace on a new stream (a new (handle, stream) key
+    allocates a new one), and the flash-attention workspace at a WAN-like shape (peak above the
+    level before, less the output)."""
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device: the CPU's rules are the identity"}
+    import torch.nn.functional as F
+
+    from fxswap.passes.device_rules import sdpa_backend, sdpa_workspace_bytes
+    from fxswap.workspace import device_rules_for
+
+    rules = device_rules_for(device)
+    out: dict[str, Any] = {"capability": list(rules.capability or ()), "rounding": []}
+
+    def allocated() -> int:
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+
+    for n in RULE_SIZES:
+        torch.cuda.empty_cache()  # the request gets a fresh segment, as the rules assume
+        before = allocated()
+        t = torch.empty(n, dtype=torch.uint8, device=device)
+        got = allocated() - before
+        del t
+        out["rounding"].append({"request": n, "allocated": got, "rules": rules.alloc_bytes(n)})
+    out["rounding_all_equal"] = all(r["allocated"] == r["rules"] for r in out["rounding"])
+
+    a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream), torch.no_grad():
+        before = allocated()
+        c = torch.mm(a, a)  # the cuBLAS path: its workspace for this (handle, stream)
+        mid = allocated()
+        d = F.linear(a, a, a[0])  # addmm with a bias: the cuBLASLt path
+        after = allocated()
+    out["cublas_kept"] = {"measured": mid - before - rules.alloc_bytes(c.nbytes),
+                          "rules": rules.alloc_bytes(rules.cublas_bytes)}  # fmt: skip
+    out["cublaslt_kept"] = {"measured": after - mid - rules.alloc_bytes(d.nbytes),
+                            "rules": rules.alloc_bytes(rules.cublaslt_bytes)}  # fmt: skip
+    del c, d
+
+    b, h, n, dim = 1, 40, 4096, 128
+    q = torch.zeros(b, h, n, dim, device=device, dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = allocated()
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention(q, q, q)
+    peak = int(torch.cuda.max_memory_allocated(device)) - base - rules.alloc_bytes(o.nbytes)
+    backend = sdpa_backend(rules.capability, "bfloat16", dim, dim, has_mask=False)
+    ws = sdpa_workspace_bytes(backend, batch=b, heads=h, lq=n, lk=n, head_dim=dim, head_dim_v=dim, itemsize=2)
+    out["sdpa"] = {"shape": [b, h, n, dim], "predicted_backend": backend, "measured_workspace": peak,
+                   "rules": rules.alloc_bytes(ws)}  # fmt: skip
+    del q, o
+    torch.cuda.empty_cache()
+    return out
 
 
 def plan_terms(sm: Any) -> dict[str, Any]:
@@ -509,6 +580,7 @@ class GpuCheck:
             "mode": args.mode,
             "time_limit_s": args.time_limit,
             "calibration": None,
+            "allocator_rules": None,
             "cases": {},
             "skipped": [],
             "errors": [],
@@ -985,6 +1057,12 @@ class GpuCheck:
 
     def run(self) -> None:
         self.calibrate()
+        try:
+            self.report["allocator_rules"] = check_allocator_rules(self.device)
+        except Exception as e:  # noqa: BLE001 (a failed check must not lose the cases)
+            self.report["allocator_rules"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        self.log(f"allocator rules: {json.dumps(self.report['allocator_rules'])[:600]}")
+        self.sink()
         order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
         for backend, model in order:
             if backend == "inductor" and self.args.dry_run and not self.args.dry_run_inductor:

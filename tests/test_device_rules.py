@@ -230,3 +230,24 @@ def test_compile_plans_with_the_target_rules(monkeypatch: pytest.MonkeyPatch, ba
     assert cpu_plan is not None and p is not None
     assert p.weight_bytes - cpu_plan.weight_bytes == 4 * (512 - 256)
     assert p.peak_bytes - cpu_plan.peak_bytes >= 8_519_680 + MiB + 4 * (512 - 256)
+
+
+@pytest.mark.gpu
+def test_the_rules_match_the_cuda_allocator() -> None:
+    """On a CUDA device: each request from a fresh segment counts what the rules say, as the
+    allocator itself reports it (memory_allocated before and after)."""
+    import torch
+
+    from fxswap.workspace import device_rules_for
+
+    dev = torch.device("cuda")
+    rules = device_rules_for(dev)
+    assert rules.target == "cuda" and rules.rounding
+    for n in (1, 513, MiB, MiB + 1, 10 * MiB, 11 * MiB, 11 * MiB - 512, 13824 * 5120 * 2):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+        t = torch.empty(n, dtype=torch.uint8, device=dev)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated(dev) - before == rules.alloc_bytes(n), n
+        del t

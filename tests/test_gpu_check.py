@@ -31,7 +31,8 @@ def _gpu_check() -> ModuleType:
 
 # The schema the device run is read with (written here, not taken from the script).
 TOP = {"schema_version", "command", "dry_run", "device", "torch", "python", "dtype", "steps", "mode",
-       "time_limit_s", "calibration", "cases", "skipped", "errors", "finished", "elapsed_s"}  # fmt: skip
+       "time_limit_s", "calibration", "allocator_rules", "cases", "skipped", "errors", "finished",
+       "elapsed_s"}  # fmt: skip
 CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "input_bytes", "min_vram_bytes",
         "budgets", "step_vs_resident",
         "budgets_gib", "variants"}  # fmt: skip
@@ -71,6 +72,7 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
     assert json.loads((out / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
     assert set(report) == TOP
     assert report["finished"] and not report["errors"], report["errors"]
+    assert "skipped" in report["allocator_rules"]  # no CUDA allocator on the CPU
     cal = report["calibration"]
     assert cal["measured"]["pinned_h2d_gbps"] > 0 and cal["measured"]["matmul_tflops"] > 0
     assert cal["profile"]["name"].startswith("cpu-memcpy-")  # labelled: not a GPU figure
