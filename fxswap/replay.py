@@ -146,7 +146,9 @@ class _Tracker(TorchDispatchMode):
             self.events.append(FxswapEvent(kind, uid, len(self.levels) - 1))
             ws = 0
         else:
-            skip = "out" in kwargs or func._schema.name in _VIEW_OR_FREE
+            # An extern call with out= (Inductor's `extern_kernels.mm(..., out=buf)`) writes into a
+            # buffer the wrapper allocated; its own scratch is still measured (_measure_one).
+            skip = func._schema.name in _VIEW_OR_FREE
             ws = 0 if skip else self.workspace(func, args, kwargs)
             out = func(*args, **kwargs)
         for t in pytree.tree_leaves(out):
@@ -218,14 +220,20 @@ def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device, rules:
             return v
 
         r_args, r_kwargs = pytree.tree_map(real, (args, kwargs))
+        # storages that exist before the op (its inputs, an out= buffer): not new when returned
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((r_args, r_kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         probe: PieceProbe
         with torch.no_grad(), pieces(device) as probe, probe.piece("op"):
             out = func(*r_args, **r_kwargs)
-            out_bytes = sum(
-                rules.alloc_bytes(t.untyped_storage().nbytes())
-                for t in pytree.tree_leaves(out)
-                if isinstance(t, torch.Tensor)
-            )
+            new: dict[int, int] = {}
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    new[t.untyped_storage().data_ptr()] = rules.alloc_bytes(t.untyped_storage().nbytes())
+            out_bytes = sum(new.values())
             del out
         return max(0, probe.peak.get("op", 0) - int(out_bytes))
 

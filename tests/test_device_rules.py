@@ -251,3 +251,23 @@ def test_the_rules_match_the_cuda_allocator() -> None:
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated(dev) - before == rules.alloc_bytes(n), n
         del t
+
+
+def test_replay_measures_the_scratch_of_an_out_call() -> None:
+    """An extern call that writes into an out= buffer allocated before it: its own scratch (here
+    1,000 float32 = 4,000 bytes, freed before it returns) is its workspace; the out= buffer, which
+    it returns, is not new memory."""
+    import torch
+
+    from fxswap.passes.device_rules import CPU_RULES
+    from fxswap.replay import _measure_one
+
+    def op(a: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        scratch = torch.empty(1000, dtype=torch.float32)
+        out.copy_(a + scratch[: a.numel()].view_as(a).zero_())
+        del scratch
+        return out
+
+    a, buf = torch.zeros(4, 4), torch.zeros(4, 4)
+    # a + scratch allocates its 64-byte result too, freed before the op returns
+    assert _measure_one(op, (a,), {"out": buf}, torch.device("cpu"), CPU_RULES) == 4000 + 64
