@@ -47,6 +47,31 @@ def _peak_by_hand(ctx: GraphContext, units: tuple) -> int:  # type: ignore[type-
     return best
 
 
+def _wvw_by_hand(ctx: GraphContext, budget: int, prefetch: int) -> tuple[int, int]:
+    """WanVideoWrapper's rule as its docs state it, written out here: swap the last N blocks, N the
+    smallest that fits; a swapped block b is loaded at the first op of block b - prefetch (block 0
+    and prefetch 0 at its own first op), waited for at its first op, released after its last.
+    Returns (N, that schedule's peak by :func:`_peak_by_hand`)."""
+    from fxswap.passes.simulate import UnitWindow
+
+    blocks = [k for k, is_block in enumerate(ctx.is_block) if is_block]
+    peak = 0
+    for n in range(len(blocks) + 1):
+        swapped = set(blocks[len(blocks) - n :])
+        units = []
+        for k, u in enumerate(ctx.layer_units):
+            first, last = ctx.layer_range[k]
+            if k not in swapped:
+                units.append(UnitWindow(u.bytes, True))
+                continue
+            src = blocks[max(0, blocks.index(k) - prefetch)]
+            units.append(UnitWindow(u.bytes, False, ctx.layer_range[src][0], first, last))
+        peak = _peak_by_hand(ctx, tuple(units))
+        if peak <= budget:
+            return n, peak
+    return len(blocks), peak
+
+
 def _block_names(ctx: GraphContext, sched_units: tuple, resident: bool) -> list[str]:  # type: ignore[type-arg]
     return [
         ctx.layer_units[k].name
@@ -72,6 +97,7 @@ def test_wvw_swaps_the_last_n_blocks_smallest_n_that_fits(prefetch: int) -> None
         swapped = _block_names(ctx, s.units, resident=False)
         assert swapped == [f"blocks.{i}" for i in range(6 - n, 6)]
         assert s.peak_bytes == _peak_by_hand(ctx, s.units)
+        assert (n, s.peak_bytes) == _wvw_by_hand(ctx, budget, prefetch)
         if s.feasible:
             assert s.peak_bytes <= budget
             if n > 0:  # one fewer swapped block does not fit
