@@ -40,6 +40,19 @@ difference). fxswap variants add the plan (``plan_peak_bytes``, ``predicted_step
 the pinned allocator's own statistics, and for Inductor the order of load / wait / release in the
 generated code against the rewritten FX graph (which is the plan).
 
+``allocator_rules`` (CUDA only), before the cases: the rules the plans use against the allocator
+itself: requests of hand-picked sizes each from a fresh segment (``memory_allocated`` delta against
+``DeviceRules.alloc_bytes``), cuBLAS's and cuBLASLt's kept workspace on a new stream, and the
+flash-attention workspace at a WAN-like shape (1 x 40 heads x 4096 x 128, bf16).
+
+Per variant ``memory`` (the row that settles the default reserve, ``docs/memory_model.md``):
+``plan_peak_bytes``; ``max_memory_allocated_above_entry`` / ``max_memory_reserved_above_entry`` (the
+timed calls' peaks above the level before the warm-up); ``plan_terms``, what the plan added to the
+graph's plain tensor bytes for this device (``fxswap.passes.device_rules``: the allocator's rounding of
+the weights and of what is live at the plan's peak op, cuBLAS / cuBLASLt's kept workspace, the op
+workspace measured at that op); ``fragmentation_at_peak_bytes`` = reserved - allocated at the peaks,
+and the allocator's own ``inactive_split_peak_bytes``. Resident rows have no plan (None).
+
 Per case ``overlap``: copy time = moved bytes / measured pinned rate; ``hidden_share_vs_resident`` =
 1 - (fxswap step - resident step) / copy time; ``hidden_share_vs_depth0`` = (depth-0 step - fxswap step)
 / copy time. One step of ``fxswap_eager@min`` of the first copy-bound case runs under the profiler:
@@ -158,6 +171,13 @@ class Device:
             torch.cuda.max_memory_reserved(self.device)
         )
 
+    def inactive_split_peak(self) -> int | None:
+        """The allocator's own fragmentation figure: the most bytes of free blocks inside split
+        segments (``inactive_split_bytes``) since the last peak reset."""
+        if not self.cuda:
+            return None
+        return int(torch.cuda.memory_stats(self.device).get("inactive_split_bytes.all.peak", 0))
+
     def pinned_allocated(self) -> int | None:
         if not self.cuda or not hasattr(torch.cuda, "host_memory_stats"):
             return None
@@ -206,6 +226,7 @@ def measure(
             checks.append(equal)
             diffs.append(diff)
     alloc, res = dev.peaks()
+    inactive_split = dev.inactive_split_peak()
     end = dev.snapshot()
     known = [d for d in diffs if d is not None]
     result = {
@@ -219,6 +240,11 @@ def measure(
         "peak_allocated": _minus(alloc, base["allocated"]),
         "peak_reserved": _minus(res, base["reserved"]),
         "alloc_retries": _minus(end["retries"], base["retries"]),
+        # reserved but not allocated at the timed calls' peak: segments' unused tails and cached free
+        # blocks, i.e. fragmentation (the allocator's reserved does not shrink inside a call unless
+        # empty_cache runs); and the allocator's own figure of free bytes inside split segments
+        "fragmentation_at_peak": _minus(_minus(res, base["reserved"]), _minus(alloc, base["allocated"])),
+        "inactive_split_peak_bytes": inactive_split,
         "exact_every_step": None if ref is None else all(bool(c) for c in checks),
         "exact_per_call": checks,
         "max_abs_diff": max(known) if known else None,
@@ -248,6 +274,114 @@ def loop_time(fn: Callable[[], torch.Tensor], dev: Device, ref: torch.Tensor | N
 
 # ------------------------------------------------------------------------------ generated-code order
 _OP_RE = re.compile(r"torch\.ops\.fxswap\.(load|wait|release)\.default\(\s*(-?\d+)\b")
+
+
+# Requests whose counts the allocator rules predict differently (docs/memory_model.md): under 512,
+# just over a multiple of 512, the small pool's top, just into the large pool, the 10 MiB edge, a
+# segment left with exactly 1 MiB (unsplit), one left with more (split), and WAN 14B's ffn weight.
+RULE_SIZES = (1, 513, 2**20, 2**20 + 1, 10 * 2**20, 11 * 2**20, 11 * 2**20 - 512, 13824 * 5120 * 2)
+
+
+def check_allocator_rules(device: torch.device) -> dict[str, Any]:
+    """The device rules the plans use (``passes.device_rules``) against the allocator itself: each
+    request in :data:`RULE_SIZES` allocated from a fresh segment (``memory_allocated`` before and
+    after), cuBLAS's and cuBLASLt's kept workspace on a new stream (a new (handle, stream) key
+    allocates a new one), and the flash-attention workspace at a WAN-like shape (peak above the
+    level before, less the output)."""
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device: the CPU's rules are the identity"}
+    import torch.nn.functional as F
+
+    from fxswap.passes.device_rules import sdpa_backend, sdpa_workspace_bytes
+    from fxswap.workspace import device_rules_for
+
+    rules = device_rules_for(device)
+    out: dict[str, Any] = {"capability": list(rules.capability or ()), "rounding": []}
+
+    def allocated() -> int:
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+
+    for n in RULE_SIZES:
+        torch.cuda.empty_cache()  # the request gets a fresh segment, as the rules assume
+        before = allocated()
+        t = torch.empty(n, dtype=torch.uint8, device=device)
+        got = allocated() - before
+        del t
+        out["rounding"].append({"request": n, "allocated": got, "rules": rules.alloc_bytes(n)})
+    out["rounding_all_equal"] = all(r["allocated"] == r["rules"] for r in out["rounding"])
+
+    a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(stream), torch.no_grad():
+        before = allocated()
+        c = torch.mm(a, a)  # the cuBLAS path: its workspace for this (handle, stream)
+        mid = allocated()
+        d = F.linear(a, a, a[0])  # addmm with a bias: the cuBLASLt path
+        after = allocated()
+    out["cublas_kept"] = {"measured": mid - before - rules.alloc_bytes(c.nbytes),
+                          "rules": rules.alloc_bytes(rules.cublas_bytes)}  # fmt: skip
+    out["cublaslt_kept"] = {"measured": after - mid - rules.alloc_bytes(d.nbytes),
+                            "rules": rules.alloc_bytes(rules.cublaslt_bytes)}  # fmt: skip
+    del c, d
+
+    b, h, n, dim = 1, 40, 4096, 128
+    q = torch.zeros(b, h, n, dim, device=device, dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = allocated()
+    with torch.no_grad():
+        o = F.scaled_dot_product_attention(q, q, q)
+    peak = int(torch.cuda.max_memory_allocated(device)) - base - rules.alloc_bytes(o.nbytes)
+    backend = sdpa_backend(rules.capability, "bfloat16", dim, dim, has_mask=False)
+    ws = sdpa_workspace_bytes(backend, batch=b, heads=h, lq=n, lk=n, head_dim=dim, head_dim_v=dim, itemsize=2)
+    out["sdpa"] = {"shape": [b, h, n, dim], "predicted_backend": backend, "measured_workspace": peak,
+                   "rules": rules.alloc_bytes(ws)}  # fmt: skip
+    del q, o
+    torch.cuda.empty_cache()
+    return out
+
+
+def plan_terms(sm: Any) -> dict[str, Any]:
+    """What the plan added to the captured graph's plain tensor bytes for the device
+    (``fxswap.passes.device_rules``): the allocator's rounding of the weights and of what is live at
+    the plan's peak op, the library workspace kept (cuBLAS / cuBLASLt), and the op workspace
+    measured at that op. The CPU's rules add nothing but the workspace."""
+    from fxswap.passes.device_rules import rule_terms
+    from fxswap.workspace import with_workspace
+
+    entry = getattr(sm, "_current", None)
+    if entry is None:
+        return {"error": "no built entry"}
+    raw = with_workspace(entry.cap.ir, entry.cap.workspace or {})
+    ruled = entry.ir
+    names = [o.name for o in ruled.ops]
+    at = names.index(entry.plan.peak_op) if entry.plan.peak_op in names else 0
+    t = rule_terms(raw, ruled, at)
+    return {
+        "peak_op": entry.plan.peak_op,
+        "weights_rounding_bytes": t.weights_rounding,
+        "activation_rounding_at_peak_bytes": t.activation_rounding,
+        "kept_library_workspace_bytes": t.kept,
+        "op_workspace_at_peak_bytes": int(ruled.ops[at].workspace_bytes) if ruled.ops else 0,
+    }
+
+
+def memory_row(res: dict[str, Any], plan_peak: int | None, terms: dict[str, Any] | None) -> dict[str, Any]:
+    """The row the first GPU run settles the default reserve with: the plan's peak beside the
+    allocator's max_memory_allocated / max_memory_reserved above the entry level, what the plan
+    added for the device, and the fragmentation at the peak."""
+    alloc, reserved = res.get("peak_allocated"), res.get("peak_reserved")
+    return {
+        "plan_peak_bytes": plan_peak,
+        "max_memory_allocated_above_entry": alloc,
+        "max_memory_reserved_above_entry": reserved,
+        "plan_terms": terms,
+        "fragmentation_at_peak_bytes": res.get("fragmentation_at_peak"),
+        "inactive_split_peak_bytes": res.get("inactive_split_peak_bytes"),
+        "allocated_minus_plan_peak": None if alloc is None or plan_peak is None else alloc - plan_peak,
+        "reserved_minus_plan_peak": None if reserved is None or plan_peak is None else reserved - plan_peak,
+    }
 
 
 def fx_sequence(gm: torch.fx.GraphModule) -> list[tuple[str, int]]:
@@ -450,6 +584,7 @@ class GpuCheck:
             "mode": args.mode,
             "time_limit_s": args.time_limit,
             "calibration": None,
+            "allocator_rules": None,
             "cases": {},
             "skipped": [],
             "errors": [],
@@ -603,6 +738,15 @@ class GpuCheck:
         if "step_s" in res:
             self.log(f"     {name}: step {res['step_s'] * 1e3:.1f} ms, exact {res.get('exact_every_step')}, "
                      f"peak {res.get('peak_allocated')}")  # fmt: skip
+            mem = res.get("memory") or {}
+            terms = mem.get("plan_terms") or {}
+            self.log(f"     {name}: plan peak {mem.get('plan_peak_bytes')}, allocated "
+                     f"{mem.get('max_memory_allocated_above_entry')}, reserved "
+                     f"{mem.get('max_memory_reserved_above_entry')}, fragmentation "
+                     f"{mem.get('fragmentation_at_peak_bytes')}, rounding "
+                     f"{terms.get('weights_rounding_bytes')}+"
+                     f"{terms.get('activation_rounding_at_peak_bytes')}, "
+                     f"kept workspace {terms.get('kept_library_workspace_bytes')}")  # fmt: skip
         self.sink()
         self.dev.free()
 
@@ -623,6 +767,7 @@ class GpuCheck:
                 # eager and compiled resident outputs against each other (not expected bitwise)
                 other = st["refs"].get("inductor" if backend == "eager" else "eager")
                 res["equal_to_other_resident"], res["max_abs_diff_vs_other_resident"] = compare(out, other)
+                res["memory"] = memory_row(res, None, None)
             finally:
                 model.to("cpu")
                 if backend == "inductor":
@@ -699,6 +844,7 @@ class GpuCheck:
                     pinned_payload_bytes=int(sm.runtime.store.pinned_payload_bytes),
                     pageable_bytes=int(sm.runtime.store.pageable_bytes),
                 )
+                res["memory"] = memory_row(res, int(p.peak_bytes), plan_terms(sm))
                 pinned1 = self.dev.pinned_allocated()
                 if first_compile and pinned0 is not None and pinned1 is not None:
                     # the first runtime of this model pins everything it stores: the allocator's own
@@ -915,6 +1061,12 @@ class GpuCheck:
 
     def run(self) -> None:
         self.calibrate()
+        try:
+            self.report["allocator_rules"] = check_allocator_rules(self.device)
+        except Exception as e:  # noqa: BLE001 (a failed check must not lose the cases)
+            self.report["allocator_rules"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        self.log(f"allocator rules: {json.dumps(self.report['allocator_rules'])[:600]}")
+        self.sink()
         order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
         for backend, model in order:
             if backend == "inductor" and self.args.dry_run and not self.args.dry_run_inductor:

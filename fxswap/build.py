@@ -48,10 +48,11 @@ from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.options import MiB, PlanOptions
 from fxswap.passes.analyse import graph_ir, placeholder_roles
+from fxswap.passes.device_rules import apply_rules
 from fxswap.regional import compile_inductor, compile_regional, regions_enabled
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.swapplan import SwapPlan, fingerprint_parts
-from fxswap.workspace import probe_workspace, with_workspace
+from fxswap.workspace import device_rules_for, probe_workspace, with_workspace
 
 __all__ = [
     "BACKENDS",
@@ -163,10 +164,12 @@ class Capture:
 
 
 def measured_ir(cap: Capture, device: torch.device) -> GraphIR:
-    """The capture's IR with each op's workspace measured on ``device`` (probed once per capture)."""
+    """The capture's IR with each op's workspace measured on ``device`` (probed once per capture),
+    and sized as ``device``'s allocator and libraries hold it (``passes.device_rules``; the CPU's
+    rules change nothing)."""
     if cap.workspace is None:
         cap.workspace = probe_workspace(cap.gm, device)
-    return with_workspace(cap.ir, cap.workspace)
+    return apply_rules(with_workspace(cap.ir, cap.workspace), device_rules_for(device))
 
 
 def input_buffer_names(cap: Capture) -> set[str]:
@@ -389,7 +392,8 @@ class Builder:
             ir = measured_ir(cap, self.device)
         opts = options
         if given_plan is not None:
-            given_plan.check_compatible(fingerprint_parts(cap.ir, options))
+            # the IR as the device holds it: a plan made by `fxswap plan` for this device matches
+            given_plan.check_compatible(fingerprint_parts(ir, options))
             # A matching fingerprint says the plan was made for this graph, not that it is sound:
             # a plan edited in memory and saved again has a valid checksum. Its windows and spans
             # decide which copy each reader holds, so they are checked before the rewrite.

@@ -34,7 +34,8 @@ from fxswap import block_capture
 from fxswap.errors import CaptureError
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import graph_ir, module_path, placeholder_roles
-from fxswap.workspace import probe_workspace, rules_for, with_workspace
+from fxswap.passes.device_rules import apply_rules
+from fxswap.workspace import device_rules_for, probe_workspace, rules_for, with_workspace
 
 logger = logging.getLogger("fxswap.capture")
 
@@ -302,12 +303,15 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     roles = placeholder_roles(gm, flat_inputs, fqn, user_names, unknown)
 
     # Op workspace: measured where the inputs live (as fxswap.compile does on its device), or, for
-    # meta inputs where nothing can run, from the documented CUDA rules (fxswap.workspace).
+    # meta inputs where nothing can run, from the documented CUDA rules (fxswap.workspace). On a
+    # real device the IR is also sized by that device's rules (passes.device_rules), as
+    # fxswap.compile sizes it, so that a plan made here is the plan compile makes and accepts.
     devices = {
         t.device for t in pytree.tree_leaves((example_inputs, example_kwargs)) if isinstance(t, torch.Tensor)
     }
     if len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda"):
-        ir = with_workspace(graph_ir(gm, roles), probe_workspace(gm, next(iter(devices))))
+        dev = next(iter(devices))
+        ir = apply_rules(with_workspace(graph_ir(gm, roles), probe_workspace(gm, dev)), device_rules_for(dev))
     else:
         ir = with_workspace(graph_ir(gm, roles), rules_for(gm))
     return Traced(

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fxswap.ir import GraphIR
     from fxswap.models.wan_config import WanConfig
+    from fxswap.passes.device_rules import DeviceRules
+    from fxswap.swapplan import SwapPlan
 
 __all__ = ["main"]
 
@@ -132,6 +134,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         help="price the plan with a hardware profile: a card name (rtx3090, rtx4080, rtx4090, rtx5090, "
         "a100-40gb, a100-80gb, h100-pcie, h100-sxm, generic-20gb) or a file written by `fxswap calibrate`; "
         "--h2d-gbps / --compute-tflops override its figures",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="the device the plan is for: cuda (default) sizes every allocation as PyTorch's CUDA caching "
+        "allocator does and counts cuBLAS's kept workspace, for the --card's compute capability (sm_89 "
+        "without one) and this shell's CUBLAS_WORKSPACE_CONFIG; cpu counts plain tensor bytes",
     )
     p.add_argument(
         "--no-warm-start",
@@ -344,6 +354,46 @@ def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph |
     return _Graph(ir, graph.seconds, graph.hit)
 
 
+def _plan_rules(args: argparse.Namespace) -> DeviceRules:
+    """The target's allocator and library rules for `fxswap plan` (``passes.device_rules``)."""
+    import os
+
+    from fxswap.passes.device_rules import CARD_CAPABILITY, CPU_RULES, DEFAULT_CAPABILITY, cuda_rules
+
+    if args.device == "cpu":
+        return CPU_RULES
+    capability = DEFAULT_CAPABILITY
+    if args.card is not None:
+        from fxswap.bench.hardware import get_profile
+
+        capability = CARD_CAPABILITY.get(get_profile(args.card).name, DEFAULT_CAPABILITY)
+    env = os.environ.get
+    return cuda_rules(
+        capability,
+        cublas_config=env("CUBLAS_WORKSPACE_CONFIG"),
+        cublaslt_size=env("CUBLASLT_WORKSPACE_SIZE"),
+        cublaslt_unified=env("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
+        alloc_conf=env("PYTORCH_CUDA_ALLOC_CONF") or env("PYTORCH_ALLOC_CONF"),
+    )
+
+
+def _rules_line(rules: DeviceRules, raw: GraphIR, ir: GraphIR, plan: SwapPlan) -> str:
+    from fxswap.passes.device_rules import rule_terms
+
+    if rules.target == "cpu":
+        return "device cpu: plain tensor bytes (no allocator rounding, no library workspace)"
+    at = next((i for i, o in enumerate(ir.ops) if o.name == plan.peak_op), 0)
+    t = rule_terms(raw, ir, at)
+    mib = 2**20
+    cap = rules.capability or (0, 0)
+    return (
+        f"device cuda (sm_{cap[0]}{cap[1]}): CUDA caching allocator rounding "
+        f"+{t.weights_rounding / mib:.2f} MiB on weights, +{t.activation_rounding / mib:.2f} MiB on "
+        "activations at the peak op; cuBLAS/cuBLASLt "
+        f"workspace kept {t.kept / mib:.2f} MiB (docs/memory_model.md)"
+    )
+
+
 def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import dataclasses
     import gc
@@ -422,7 +472,10 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # process: moved out of the collector's generations, the full collections the planner's
     # allocations trigger do not walk them again.
     gc.freeze()
-    ir = graph.ir
+    rules = _plan_rules(args)
+    from fxswap.passes.device_rules import apply_rules
+
+    ir = apply_rules(graph.ir, rules)
 
     start = time.perf_counter()
     try:
@@ -459,6 +512,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"{args.model} has two experts: planned the {args.expert}-noise expert only. Both share one "
             "architecture, so this plan fits either; holding both under one budget is the runtime's concern"
         )
+    print(_rules_line(rules, graph.ir, ir, plan))
     print(plan.summary())
     if args.output:
         plan.save(args.output)

@@ -404,10 +404,10 @@ class SwapModule:
         self._release_after_oom()
         free = self.runtime.free_bytes()
         margin = max(self.oom_margin_min_bytes, int(free * self.oom_margin_share))
-        from fxswap.oracle import live_bytes
+        from fxswap.alloc_probe import held_bytes
 
         on_device = pytree.tree_leaves(root)
-        held = live_bytes([t for t in on_device if isinstance(t, torch.Tensor) and t.device == self.device])
+        held = held_bytes([t for t in on_device if isinstance(t, torch.Tensor) and t.device == self.device])
         fits = max(0, free - margin + held)
         old = entry.plan.max_vram_bytes if entry is not None else self.options.max_vram_bytes
         needed = entry.plan.peak_bytes if entry is not None else old

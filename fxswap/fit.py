@@ -29,6 +29,7 @@ import torch
 from fxswap.errors import BudgetInfeasibleError
 from fxswap.ir import BufferInfo, GraphIR
 from fxswap.ops import UnitHandle, bound_units
+from fxswap.passes.device_rules import KEPT_WORKSPACE
 from fxswap.swapplan import PlanOptions, SwapPlan
 
 __all__ = ["DESCENT", "ROUNDS", "Built", "account", "fit"]
@@ -95,7 +96,9 @@ def account(
     with bound_units(built.units):
         result = replay(built.fn, list(built.flat), device)
     windows = unit_windows(plan.units)
-    held = sum(b.nbytes for b in ir.buffers if b.name in input_buffers)
+    # The caller's inputs and the library workspace kept across calls (passes.device_rules) are held
+    # for the whole call; the replay sees neither (they exist before it starts).
+    held = sum(b.nbytes for b in ir.buffers if b.name in input_buffers or b.name == KEPT_WORKSPACE)
     n = len(ir.ops)
     carry_at = [u.carry_at for u in plan.units]
     # Swapped bytes the plan holds at each op, the units a warm start carries for the next call

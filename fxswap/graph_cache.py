@@ -322,12 +322,12 @@ def _signature(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, An
 
 def _capture_source() -> str:
     # The modules whose code decides what a capture produces (graph, op sizes, workspace).
+    import fxswap.alloc_probe
     import fxswap.capture
-    import fxswap.oracle
     import fxswap.passes.analyse
     import fxswap.workspace
 
-    mods = (fxswap.capture, fxswap.oracle, fxswap.passes.analyse, fxswap.workspace)
+    mods = (fxswap.capture, fxswap.alloc_probe, fxswap.passes.analyse, fxswap.workspace)
     return _source_digest(
         {os.path.abspath(m.__file__) for m in mods if m.__file__} | {os.path.abspath(__file__)}
     )

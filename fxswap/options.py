@@ -39,7 +39,9 @@ MiB = 2**20
 DEFAULT_MODE = "adaptive"
 DEFAULT_MAX_VRAM_GB = 16
 DEFAULT_BLOCK_SIZE_MB = 300
-# Counted at every op for what cannot be modelled (allocator rounding, library workspace kept).
+# Counted at every op for what cannot be modelled: the CUDA allocator's fragmentation (its rounding
+# and the libraries' kept workspace are planned, passes.device_rules). Kept at 256 MiB until the GPU
+# check measures fragmentation on WAN; the reasoning is in docs/memory_model.md.
 DEFAULT_RESERVE_MB = 256
 # With swapped units spread among resident ones, hiding a slow copy takes a depth of several
 # units; the planner's search stops early, so a high cap costs little.
@@ -80,9 +82,9 @@ class PlanOptions:
             generated code itself (``fxswap.replay``).
         block_size_bytes: the largest chunk in chunkwise mode; one of the sizes adaptive tries.
         reserve_bytes: counted at every op inside the budget for what cannot be modelled: the
-            CUDA caching allocator's rounding and fragmentation, and library workspace allocated
-            once and kept (cuBLAS's per-stream workspace). Activations and op scratch are planned,
-            not reserved. 256 MiB by default; 0 is exact on the CPU.
+            CUDA caching allocator's fragmentation. Activations, op scratch, the allocator's
+            rounding and cuBLAS's kept workspace are planned, not reserved
+            (``passes.device_rules``). 256 MiB by default; 0 is exact on the CPU.
         max_prefetch_depth: the most units ahead a load may be issued (0 = just before use); the
             planner searches depths 0..this by its cost model (:mod:`fxswap.passes.planner`).
         h2d_gbps, compute_tflops, device_mem_gbps: the cost model's rates (see module constants).

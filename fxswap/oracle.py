@@ -19,8 +19,10 @@ activations, op workspace, Inductor's buffers, fxswap's unit copies, the caller'
 Bytes live before the call (resident weights, the caller's inputs) are not in ``peak_bytes``: the
 caller adds them, measured on its own tensors (see :func:`live_bytes`).
 
-NOTE: nothing here imports the planner, the runtime or the compiled module; the tests and
-benchmarks compare their figures with it, so it must share no code with what it checks.
+NOTE: nothing here imports any other fxswap module, and no fxswap module outside the benchmark
+tooling imports this one (the planner probes op workspace with :mod:`fxswap.alloc_probe`, its own
+implementation); the tests and benchmarks compare fxswap's figures with this module, so it must share
+no code with what it checks. ``tests/test_independence.py`` walks the import graph to keep it so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Measurement", "Segments", "live_bytes", "measure", "measure_segments", "profiler_active"]
+__all__ = ["Measurement", "live_bytes", "measure", "profiler_active", "snapshot"]
 
 
 def profiler_active() -> bool:
@@ -126,93 +128,6 @@ def measure(device: torch.device | str = "cpu") -> Iterator[Measurement]:
     m.peak_bytes = m.reserved_bytes = peak
     m.end_bytes = running
     m.allocations = sum(1 for _t, b in m.events if b > 0)
-
-
-class Segments:
-    """Peaks of many short segments of work measured in one session (see :func:`measure_segments`).
-
-    ``peaks[label]`` is the most bytes allocated above the segment's entry level while it ran.
-    """
-
-    _PREFIX = "fxswap.oracle.segment:"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peaks: dict[str, int] = {}
-        self._labels: list[str] = []
-
-    @contextmanager
-    def segment(self, label: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            try:
-                yield
-            finally:
-                torch.cuda.synchronize(self.device)
-                self.peaks[label] = torch.cuda.max_memory_allocated(self.device) - base
-            return
-        self._labels.append(label)
-        with torch.profiler.record_function(self._PREFIX + label):
-            yield
-
-    def _collect_cpu(self, prof: Any) -> None:
-        from torch._C._profiler import _EventType
-
-        def allocations(node: Any, out: list[tuple[int, int]]) -> None:
-            if node.tag == _EventType.Allocation:
-                f = node.extra_fields
-                if f.device.type == "cpu" and f.alloc_size:
-                    out.append((int(node.start_time_ns), int(f.alloc_size)))
-            for c in node.children:
-                allocations(c, out)
-
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            node = stack.pop()
-            name = getattr(node, "name", "")
-            if node.tag == _EventType.TorchOp and name.startswith(self._PREFIX):
-                events: list[tuple[int, int]] = []
-                for c in node.children:
-                    allocations(c, events)
-                events.sort(key=lambda tb: tb[0])
-                running = peak = 0
-                for _t, b in events:
-                    running += b
-                    peak = max(peak, running)
-                self.peaks[name[len(self._PREFIX) :]] = peak
-                continue
-            stack.extend(node.children)
-        for label in self._labels:
-            self.peaks.setdefault(label, 0)
-
-
-@contextmanager
-def measure_segments(device: torch.device | str = "cpu") -> Iterator[Segments]:
-    """Measure many short pieces of work in one session (one profiler start on the CPU, ~30 ms)::
-
-        with measure_segments("cpu") as seg:
-            for k, op in enumerate(ops):
-                with seg.segment(str(k)):
-                    op()
-        seg.peaks["0"]
-
-    On the CPU only allocations made on the segment's own thread are seen (the profiler files
-    them under the segment's record); ops that allocate on worker threads are under-counted.
-    """
-    dev = torch.device(device)
-    seg = Segments(dev)
-    if dev.type == "cuda":
-        yield seg
-        return
-    if dev.type != "cpu":
-        raise ValueError(f"`device`={device!r}: the memory oracle reads the 'cpu' and 'cuda' allocators only")
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        yield seg
-    seg._collect_cpu(prof)
 
 
 def snapshot(device: torch.device | str = "cuda") -> dict[str, Any]:

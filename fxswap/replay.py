@@ -42,8 +42,9 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
 from fxswap.errors import ReplayError
-from fxswap.oracle import Segments, measure_segments, profiler_active
+from fxswap.passes.device_rules import CPU_RULES, DeviceRules
 
 __all__ = ["FxswapEvent", "ReplayError", "ReplayResult", "inductor_activations", "replay"]
 
@@ -86,10 +87,13 @@ class _Noop:
 class _Tracker(TorchDispatchMode):
     """Sees every tensor the replay creates; counts storages in and out by reference lifetime."""
 
-    def __init__(self, device: torch.device, workspace: Callable[[Any, Any, Any], int]) -> None:
+    def __init__(
+        self, device: torch.device, workspace: Callable[[Any, Any, Any], int], rules: DeviceRules = CPU_RULES
+    ) -> None:
         super().__init__()
         self.device = device
         self.workspace = workspace
+        self.rules = rules
         self.level = 0
         self.levels: list[int] = [0]
         self.refs: dict[int, int] = {}  # storage key -> live tensor objects on it
@@ -104,7 +108,8 @@ class _Tracker(TorchDispatchMode):
         key = int(t.untyped_storage()._cdata)
         if key not in self.refs:
             self.refs[key] = 0
-            self.sizes[key] = int(t.untyped_storage().nbytes())
+            # as the device's allocator counts the storage (rounded on CUDA: passes.device_rules)
+            self.sizes[key] = self.rules.alloc_bytes(int(t.untyped_storage().nbytes()))
             self._move(self.sizes[key])
         self.refs[key] += 1
         weakref.finalize(t, self._drop, key)
@@ -134,16 +139,20 @@ class _Tracker(TorchDispatchMode):
             # a destination); the fake wait creates them instead, so move them to the load here.
             # A carry allocates the next call's copy, which outlives this call (its wait is there).
             if kind in ("load", "carry"):
-                self._move(_unit_bytes(uid))
+                self._move(_unit_bytes(uid, self.rules))
             elif kind == "wait":
-                self._move(-_unit_bytes(uid))
+                self._move(-_unit_bytes(uid, self.rules))
             out = func(*args, **kwargs)
             self.events.append(FxswapEvent(kind, uid, len(self.levels) - 1))
             ws = 0
         else:
-            skip = "out" in kwargs or func._schema.name in _VIEW_OR_FREE
+            # An extern call with out= (Inductor's `extern_kernels.mm(..., out=buf)`) writes into a
+            # buffer the wrapper allocated; its own scratch is still measured (_measure_one).
+            skip = func._schema.name in _VIEW_OR_FREE
             ws = 0 if skip else self.workspace(func, args, kwargs)
-            out = func(*args, **kwargs)
+            # An out= call allocates nothing but its scratch (measured above): its fake kernel is
+            # skipped, a fake matmul per matmul, most of a block program's replay time otherwise.
+            out = kwargs["out"] if "out" in kwargs else func(*args, **kwargs)
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._note(t)
@@ -154,34 +163,14 @@ class _Tracker(TorchDispatchMode):
         return out
 
 
-class _Externs:
-    """Inductor's ``extern_kernels`` for the replay: a call with ``out=`` writes into a buffer the
-    wrapper allocated before, so it allocates nothing the tracker would count (and its workspace is
-    not measured, as for any ``out=`` call) and is skipped; the rest run through the fake mode.
-    Skipping saves a fake matmul per matmul: most of a block program's replay time."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        fn = getattr(self._inner, name)
-        if not callable(fn):
-            return fn
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if "out" in kwargs:
-                return kwargs["out"]
-            return fn(*args, **kwargs)
-
-        return call
-
-
-def _unit_bytes(uid: int) -> int:
+def _unit_bytes(uid: int, rules: DeviceRules = CPU_RULES) -> int:
     from fxswap import ops
 
     meta = ops.lookup(uid).meta
+    # one device tensor per weight (SwapRuntime), each its own allocation
     return sum(
-        math.prod(shape) * dtype.itemsize for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
+        rules.alloc_bytes(math.prod(shape) * dtype.itemsize)
+        for shape, dtype in zip(meta.shapes, meta.dtypes, strict=True)
     )
 
 
@@ -196,7 +185,7 @@ def _call_of(compiled: Any) -> tuple[Any, dict[str, Any]]:
     return call, fn.__globals__
 
 
-def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
+def _workspace_prober(device: torch.device, rules: DeviceRules) -> Callable[[Any, Any, Any], int]:
     """An ATen-call workspace measurer with a per-signature cache (zeros on ``device``)."""
     cache: dict[Any, int] = {}
 
@@ -212,16 +201,16 @@ def _workspace_prober(device: torch.device) -> Callable[[Any, Any, Any], int]:
     def probe(func: Any, args: Any, kwargs: Any) -> int:
         key = key_of(func, args, kwargs)
         if key not in cache:
-            cache[key] = _measure_one(func, args, kwargs, device)
+            cache[key] = _measure_one(func, args, kwargs, device, rules)
         return cache[key]
 
     return probe
 
 
-def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int:
+def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device, rules: DeviceRules) -> int:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    if device.type == "cpu" and profiler_active():
+    if device.type == "cpu" and profiler_running():
         return 0  # profilers do not nest; fxswap.workspace warns once for the capture
 
     with unset_fake_temporarily():
@@ -233,17 +222,27 @@ def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device) -> int
             return v
 
         r_args, r_kwargs = pytree.tree_map(real, (args, kwargs))
-        seg: Segments
-        with torch.no_grad(), measure_segments(device) as seg, seg.segment("op"):
+        # storages that exist before the op (its inputs, an out= buffer): not new when returned
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in pytree.tree_leaves((r_args, r_kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        probe: PieceProbe
+        with torch.no_grad(), pieces(device) as probe, probe.piece("op"):
             out = func(*r_args, **r_kwargs)
-            out_bytes = sum(
-                t.untyped_storage().nbytes() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
-            )
+            new: dict[int, int] = {}
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    new[t.untyped_storage().data_ptr()] = rules.alloc_bytes(t.untyped_storage().nbytes())
+            out_bytes = sum(new.values())
             del out
-        return max(0, seg.peaks["op"] - int(out_bytes))
+        return max(0, probe.peak.get("op", 0) - int(out_bytes))
 
 
-def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> ReplayResult:
+def replay(
+    compiled: Any, inputs: Sequence[Any], device: torch.device, rules: DeviceRules | None = None
+) -> ReplayResult:
     """Replay ``compiled`` (what ``compile_fx`` returned) on fakes of ``inputs``.
 
     Args:
@@ -251,6 +250,8 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
             :class:`fxswap.regional.RegionalProgram` (each region's wrapper replayed in turn).
         inputs: the flat graph inputs of a call (tensors on ``device``, or fake/meta tensors).
         device: the device the program runs on (op workspace is measured there).
+        rules: how the device's allocator counts each storage (default: ``device``'s own,
+            :func:`fxswap.workspace.device_rules_for`; the CPU's are the identity).
 
     Returns:
         The :class:`ReplayResult`: bytes allocated during the call above its inputs, per event.
@@ -261,8 +262,12 @@ def replay(compiled: Any, inputs: Sequence[Any], device: torch.device) -> Replay
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    probe = _workspace_prober(device)
-    tracker = _Tracker(device, probe)
+    if rules is None:
+        from fxswap.workspace import device_rules_for
+
+        rules = device_rules_for(device)
+    probe = _workspace_prober(device, rules)
+    tracker = _Tracker(device, probe, rules)
     with fake_mode:
         fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     for x in fakes:
@@ -330,8 +335,6 @@ def _replayable(compiled: Any, device: torch.device) -> Callable[[list[Any]], An
             patched[name] = empty_strided
         elif _KERNEL.match(name):
             patched[name] = _Noop()
-    if "extern_kernels" in patched:
-        patched["extern_kernels"] = _Externs(patched["extern_kernels"])
     patched["reinterpret_tensor"] = reinterpret
     patched["alloc_from_pool"] = alloc_from_pool
     patched["assert_size_stride"] = _Noop()

@@ -5,25 +5,32 @@ peak is the peak of what really runs, not only of the tensors the graph names. T
 
 - :func:`probe_workspace` **measures** them on the device the model will run on: every distinct
   op of the graph (target, argument shapes, strides and dtypes, constants) runs once on zero-filled
-  tensors under :func:`fxswap.oracle.measure`; its workspace is the measured peak minus the bytes of
-  the outputs the graph keeps. ``fxswap.compile`` does this once per captured signature (a few ms
-  per distinct op; a WAN block repeats the same ops, so a 40-block model probes about as many ops
-  as one block). Examples measured on this project's CPU machine (torch 2.13): CPU
-  flash attention's per-thread blocks and log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN
-  convolutions' reordered input and weight; the 0-dim tensors of Python-scalar arithmetic.
+  tensors under :func:`fxswap.alloc_probe.pieces` (the planner's own probe, not the test oracle);
+  its workspace is the measured peak minus the bytes of the outputs the graph keeps.
+  ``fxswap.compile`` does this once per captured signature (a few ms per distinct op; a WAN block
+  repeats the same ops, so a 40-block model probes about as many ops as one block). Examples
+  measured on this project's CPU machine (torch 2.13): CPU flash attention's per-thread blocks and
+  log-sum-exp; ``layer_norm``'s mean and rstd; oneDNN convolutions' reordered input and weight;
+  the 0-dim tensors of Python-scalar arithmetic.
 - :func:`rule_workspace` **predicts** them where nothing can run (planning on ``meta`` tensors,
   ``fxswap plan``), for a CUDA device. The rules (each the size of a documented temporary):
 
   ====================================  ===================================================
   op                                    workspace
   ====================================  ===================================================
-  ``scaled_dot_product_attention``      log-sum-exp, fp32: batch * heads * Lq * 4 bytes
-                                        (flash and memory-efficient kernels return it; the
-                                        functional API drops it when the op returns)
+  ``scaled_dot_product_attention``      that of the backend CUDA would pick at these shapes
+                                        (``passes.device_rules.sdpa_backend`` and
+                                        ``sdpa_workspace_bytes``: flash's fp32 log-sum-exp,
+                                        memory-efficient's output accumulator, math's
+                                        attention matrices)
   ``layer_norm`` / ``group_norm``       mean and rstd, fp32: 2 * rows * 4 bytes
-  everything else                       0 (cuBLAS / cuDNN workspace is allocated once per
-                                        stream and stays: the plan's reserve covers it)
+  everything else                       0 (cuBLAS's workspace is allocated once per stream
+                                        and kept: ``passes.device_rules`` plans it as a
+                                        buffer over the whole call)
   ====================================  ===================================================
+
+:func:`device_rules_for` reads the target's allocator and library rules
+(:class:`fxswap.passes.device_rules.DeviceRules`) from the device and the environment.
 
 NOTE: probing runs the op on zeros, not on the call's values. Ops whose allocations depend on the
 values (``nonzero``, ``unique``) cannot be in a graph fxswap captures (``fullgraph=True`` with
@@ -43,11 +50,13 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
 from fxswap.ir import GraphIR
-from fxswap.oracle import Segments, measure_segments, profiler_active
 from fxswap.passes.analyse import target_name
+from fxswap.passes.device_rules import CPU_RULES, DEFAULT_CAPABILITY, DeviceRules, cuda_rules, sdpa_backend
+from fxswap.passes.device_rules import sdpa_workspace_bytes as _sdpa_bytes
 
-__all__ = ["probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
+__all__ = ["device_rules_for", "probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
 
 logger = logging.getLogger("fxswap.workspace")
 
@@ -64,26 +73,70 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
-def _new_storage_bytes(node: fx.Node, seen: set[int]) -> int:
-    # Bytes of output storages that no earlier node produced (views of an input are not new).
+def device_rules_for(device: torch.device | str) -> DeviceRules:
+    """The allocator and library rules of ``device``: the CPU's are the identity; a CUDA device's
+    are made for its compute capability and this process's environment (``CUBLAS_WORKSPACE_CONFIG``,
+    ``CUBLASLT_WORKSPACE_SIZE``, ``TORCH_CUBLASLT_UNIFIED_WORKSPACE``, ``PYTORCH_CUDA_ALLOC_CONF``),
+    which torch reads the same way when it allocates."""
+    import os
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return CPU_RULES
+    capability = tuple(torch.cuda.get_device_capability(dev))
+    env = os.environ.get
+    return cuda_rules(
+        (int(capability[0]), int(capability[1])),
+        cublas_config=env("CUBLAS_WORKSPACE_CONFIG"),
+        cublaslt_size=env("CUBLASLT_WORKSPACE_SIZE"),
+        cublaslt_unified=env("TORCH_CUBLASLT_UNIFIED_WORKSPACE"),
+        alloc_conf=env("PYTORCH_CUDA_ALLOC_CONF") or env("PYTORCH_ALLOC_CONF"),
+    )
+
+
+def _new_storage_bytes(node: fx.Node, seen: set[int], rules: DeviceRules = CPU_RULES) -> int:
+    # Bytes of output storages that no earlier node produced (views of an input are not new), as
+    # the allocator counts them (the probe's peak counts them so).
     total = 0
     for t in _tensors(_example(node)):
         key = int(t.untyped_storage()._cdata)
         if key not in seen:
             seen.add(key)
-            total += int(t.untyped_storage().nbytes())
+            total += rules.alloc_bytes(int(t.untyped_storage().nbytes()))
     return total
 
 
-def rule_workspace(node: fx.Node) -> int:
-    """The predicted workspace of ``node`` on a CUDA device (see the module docstring's table)."""
+def _sdpa_rule(node: fx.Node, q: torch.Tensor, capability: tuple[int, int]) -> int:
+    k = _example(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+    v = _example(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], fx.Node) else None
+    k = k if isinstance(k, torch.Tensor) else q
+    v = v if isinstance(v, torch.Tensor) else k
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    lead = math.prod(q.shape[:-3]) if q.dim() >= 4 else 1
+    heads = q.shape[-3] if q.dim() >= 3 else 1
+    dtype = str(q.dtype).replace("torch.", "")
+    backend = sdpa_backend(capability, dtype, int(q.shape[-1]), int(v.shape[-1]), mask is not None)
+    return _sdpa_bytes(
+        backend,
+        batch=int(lead),
+        heads=int(heads),
+        lq=int(q.shape[-2]),
+        lk=int(k.shape[-2]),
+        head_dim=int(q.shape[-1]),
+        head_dim_v=int(v.shape[-1]),
+        itemsize=q.dtype.itemsize,
+    )
+
+
+def rule_workspace(node: fx.Node, capability: tuple[int, int] = DEFAULT_CAPABILITY) -> int:
+    """The predicted workspace of ``node`` on a CUDA device of ``capability`` (see the module
+    docstring's table; as requested: ``passes.device_rules.apply_rules`` rounds it)."""
     if node.op not in _COMPUTE_OPS:
         return 0
     name = target_name(node).rsplit(".", 1)[-1]
     args = [_example(a) if isinstance(a, fx.Node) else a for a in node.args]
     if name in _SDPA and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-        q = args[0]
-        return math.prod(q.shape[:-1]) * 4
+        return _sdpa_rule(node, args[0], capability)
     if name in _NORM and args and isinstance(args[0], torch.Tensor):
         x = args[0]
         if name == "layer_norm":
@@ -128,25 +181,26 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     """
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"`device`={device}: workspace can be probed on 'cpu' or 'cuda' devices only")
-    if device.type == "cpu" and profiler_active():
+    if device.type == "cpu" and profiler_running():
         # The CPU probe reads a profiler of its own, and profilers do not nest (the caller is
-        # profiling this very call, e.g. with fxswap.oracle.measure): fall back to the rules.
+        # profiling this very call, e.g. with the test oracle): fall back to the rules.
         logger.warning(
             "fxswap: a torch profiler is running, so op workspace is not measured for this capture; "
             "the documented rules are used instead (run the first call outside the profiler to measure)"
         )
         return rules_for(gm)
+    rules = device_rules_for(device)
     seen_storages: set[int] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            _new_storage_bytes(n, seen_storages)
+            _new_storage_bytes(n, seen_storages, rules)
     modules = dict(gm.named_modules())
     todo: dict[Any, tuple[fx.Node, Any, Any]] = {}
     probed: list[tuple[fx.Node, Any, int]] = []
     for node in gm.graph.nodes:
         if node.op not in _COMPUTE_OPS:
             continue
-        new_bytes = _new_storage_bytes(node, seen_storages)
+        new_bytes = _new_storage_bytes(node, seen_storages, rules)
         if node.target is operator.getitem or not _tensors(_example(node)):
             continue
         metas_ok = True
@@ -166,11 +220,13 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
         todo.setdefault(key, (node, args, kwargs))
         probed.append((node, key, new_bytes))
     keys = list(todo)
-    with torch.no_grad(), measure_segments(device) as seg:
+    if device.type == "cuda":
+        _warm_libraries(device)
+    with torch.no_grad(), pieces(device) as probe:
         for k, key in enumerate(keys):
             node, args, kwargs = todo[key]
-            _run(seg, str(k), node, modules, args, kwargs, device)
-    peak = {key: seg.peaks[str(k)] for k, key in enumerate(keys)}
+            _run(probe, str(k), node, modules, args, kwargs, device)
+    peak = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
     out: dict[str, int] = {}
     for node, key, new_bytes in probed:
         ws = peak[key] - new_bytes
@@ -179,8 +235,20 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     return out
 
 
+def _warm_libraries(device: torch.device) -> None:
+    """Make cuBLAS and cuBLASLt allocate their kept workspace on this stream before anything is
+    measured: it is planned once for the whole call (``passes.device_rules``), not as the workspace
+    of whichever op happens to be probed first."""
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.ones(16, 16, device=device, dtype=dtype)
+            torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: the cuBLASLt path
+            torch.mm(a, a)  # the cuBLAS path
+    torch.cuda.synchronize(device)
+
+
 def _run(
-    seg: Segments,
+    probe: PieceProbe,
     label: str,
     node: fx.Node,
     modules: Mapping[str, torch.nn.Module],
@@ -197,7 +265,7 @@ def _run(
     else:
         fn = modules[str(node.target)]
     try:
-        with seg.segment(label):
+        with probe.piece(label):
             result = fn(*real_args, **real_kwargs)
             del result
     except Exception as e:

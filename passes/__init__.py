@@ -8,6 +8,8 @@ Stage order, as a graph goes through them::
 - capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
 - :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
   their bytes, activation buffers with their live ranges, FLOPs), called by capture.
+- :mod:`~fxswap.passes.device_rules`: the IR sized as the target device holds it (the CUDA caching
+  allocator's rounding, cuBLAS's kept workspace, SDPA workspace; the CPU: unchanged).
 - :mod:`~fxswap.passes.liveness`: first and last use of every weight, activation bytes per op.
 - :mod:`~fxswap.passes.occurrence`: a weight read in separate places seen as one weight per place,
   so that the planner may load it once per place (reloads).

@@ -111,7 +111,8 @@ def test_help_does_not_import_torch() -> None:
 @pytest.fixture(scope="module")
 def small_plan_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cli") / "plan.json"
-    assert main(["plan", *SMALL, "--max-vram-gb", "1", "--mode", "chunkwise", "-o", str(path)]) == 0
+    argv = ["plan", *SMALL, "--max-vram-gb", "1", "--mode", "chunkwise", "--device", "cpu", "-o", str(path)]
+    assert main(argv) == 0
     return path
 
 
@@ -149,13 +150,54 @@ def test_cli_prints_summary(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_infeasible_budget_exits_2_with_minimum(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", *SMALL, "--max-vram-gb", "0.01", "--mode", "adaptive"]) == 2
+    assert main(["plan", *SMALL, "--max-vram-gb", "0.01", "--mode", "adaptive", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     match = re.search(r"minimum budget is ([0-9.]+) GiB", err)
     assert match, err
     with pytest.raises(fxswap.BudgetInfeasibleError) as info:
         fxswap.api.plan_traced(_small_traced(), make_options(mode="adaptive", max_vram_gb=0.01))
     assert float(match.group(1)) == pytest.approx(info.value.min_vram_bytes / GiB, abs=0.006)
+
+
+def _allocator_bytes(n: int) -> int:
+    """What PyTorch's CUDA caching allocator counts for an n-byte tensor (c10/cuda/
+    CUDACachingAllocator.cpp: round_size to 512; from 10 MiB a segment rounded to 2 MiB, handed out
+    whole when 1 MiB or less would remain, should_split), written out here."""
+    mib = 2**20
+    r = max(512, -(-n // 512) * 512)
+    if r >= 10 * mib:
+        seg = -(-r // (2 * mib)) * 2 * mib
+        if seg - r <= mib:
+            return seg
+    return r
+
+
+def test_cli_cuda_plan_counts_the_allocator_and_cublas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE", "TORCH_CUBLASLT_UNIFIED_WORKSPACE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    cpu, cuda, h100 = tmp_path / "cpu.json", tmp_path / "cuda.json", tmp_path / "h100.json"
+    assert main(["plan", *SMALL, "--max-vram-gb", "2", "--device", "cpu", "-o", str(cpu)]) == 0
+    assert main(["plan", *SMALL, "--max-vram-gb", "2", "-o", str(cuda)]) == 0  # cuda is the default
+    assert main(["plan", *SMALL, "--max-vram-gb", "2", "--card", "h100-sxm", "-o", str(h100)]) == 0
+    p_cpu, p_cuda, p_h100 = (fxswap.load_plan(p) for p in (cpu, cuda, h100))
+    ir = _small_traced().ir
+    assert p_cpu.weight_bytes == sum(w.nbytes for w in ir.weights)
+    assert p_cuda.weight_bytes == sum(_allocator_bytes(w.nbytes) for w in ir.weights)
+    # the kept cuBLAS + cuBLASLt workspace is held at every op, so every schedule's peak, and the
+    # minimum, grows by at least it: sm_89 (no --card): 4096 KiB * 2 + 16 KiB * 8 + 1024 KiB;
+    # h100-sxm (sm_90): 4096 * 8 KiB + 1024 KiB (aten/src/ATen/cuda/CublasHandlePool.cpp)
+    assert p_cuda.min_vram_bytes >= p_cpu.min_vram_bytes + 8_519_680 + 2**20
+    assert p_h100.min_vram_bytes >= p_cpu.min_vram_bytes + 33 * 2**20
+    # fxswap plan's CUDA plan is the plan of the ruled graph: the fingerprint says so
+    from fxswap.passes.device_rules import apply_rules, cuda_rules
+
+    opts = make_options(mode="adaptive", max_vram_gb=2)
+    p_cuda.check_compatible(fingerprint_parts(apply_rules(ir, cuda_rules((8, 9))), opts))
+    p_cpu.check_compatible(fingerprint_parts(ir, opts))
 
 
 @pytest.mark.parametrize(
@@ -181,8 +223,11 @@ def test_cli_bad_arguments_exit_2(argv: list[str], expected: str, capsys: pytest
 
 def test_cli_fp8_halves_linear_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bf16, fp8 = tmp_path / "bf16.json", tmp_path / "fp8.json"
-    assert main(["plan", *SMALL, "--max-vram-gb", "8", "-o", str(bf16)]) == 0
-    assert main(["plan", *SMALL, "--max-vram-gb", "8", "--dtype", "fp8", "-o", str(fp8)]) == 0
+    # plain bytes (--device cpu): the CUDA allocator's rounding would blur the halving
+    assert main(["plan", *SMALL, "--max-vram-gb", "8", "--device", "cpu", "-o", str(bf16)]) == 0
+    assert (
+        main(["plan", *SMALL, "--max-vram-gb", "8", "--dtype", "fp8", "--device", "cpu", "-o", str(fp8)]) == 0
+    )
     assert "float8_e4m3fn" in capsys.readouterr().out
     model = wan.build(MODEL_1_3B, device="meta", dtype=torch.bfloat16, num_layers=2)
     linear_numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))

@@ -178,10 +178,26 @@ def test_plot_timeline_writes_a_png(tmp_path: Path) -> None:
     ir = chain_graph(6)
     plan = build_plan(ir, PlanOptions(mode="adaptive", max_vram_bytes=800 * MiB))
     parts = timeline_parts(plan, ir)
-    assert max(parts["total"]) == plan.peak_bytes  # the same simulator as the planner
-    for i in range(len(ir.ops)):
-        assert parts["total"][i] == sum(parts[k][i] for k in ("reserve", "resident", "in_flight",
-                                                                "swapped_live", "act"))  # fmt: skip
+    # Each part by its definition, written out here from the plan's windows and the graph's buffers
+    # (not the simulator's code): at op i, in flight = units with load_at <= i < wait_at, live =
+    # units with wait_at <= i <= release_after, act = buffers with start <= i <= end + workspace.
+    swapped = [u for u in plan.units if not u.resident]
+    resident = sum(u.bytes for u in plan.units if u.resident)
+    for i, op in enumerate(ir.ops):
+        flight = sum(u.bytes for u in swapped if u.load_at <= i < u.wait_at)
+        live = sum(u.bytes for u in swapped if u.wait_at <= i <= u.release_after)
+        act = sum(b.nbytes for b in ir.buffers if b.start <= i <= b.end) + op.workspace_bytes
+        want = (
+            plan.reserve_bytes,
+            resident,
+            flight,
+            live,
+            act,
+            plan.reserve_bytes + resident + flight + live + act,
+        )
+        got = tuple(parts[k][i] for k in ("reserve", "resident", "in_flight", "swapped_live", "act", "total"))
+        assert got == want, i
+    assert max(parts["total"]) == plan.peak_bytes  # and the plan's peak is the top of that sum
     assert any(parts["in_flight"])
     plot_timeline(plan, ir, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000

@@ -31,13 +31,20 @@ def _gpu_check() -> ModuleType:
 
 # The schema the device run is read with (written here, not taken from the script).
 TOP = {"schema_version", "command", "dry_run", "device", "torch", "python", "dtype", "steps", "mode",
-       "time_limit_s", "calibration", "cases", "skipped", "errors", "finished", "elapsed_s"}  # fmt: skip
+       "time_limit_s", "calibration", "allocator_rules", "cases", "skipped", "errors", "finished",
+       "elapsed_s"}  # fmt: skip
 CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "input_bytes", "min_vram_bytes",
         "budgets", "step_vs_resident",
         "budgets_gib", "variants"}  # fmt: skip
 MEASURED = {"first_call_s", "step_s", "step_s_all", "baseline_allocated_bytes", "baseline_reserved_bytes",
             "peak_allocated_first_call", "peak_reserved_first_call", "peak_allocated", "peak_reserved",
-            "alloc_retries", "exact_every_step", "exact_per_call", "max_abs_diff", "wall_s"}  # fmt: skip
+            "alloc_retries", "exact_every_step", "exact_per_call", "max_abs_diff", "wall_s",
+            "fragmentation_at_peak", "inactive_split_peak_bytes", "memory"}  # fmt: skip
+MEMORY = {"plan_peak_bytes", "max_memory_allocated_above_entry", "max_memory_reserved_above_entry",
+          "plan_terms", "fragmentation_at_peak_bytes", "inactive_split_peak_bytes",
+          "allocated_minus_plan_peak", "reserved_minus_plan_peak"}  # fmt: skip
+TERMS = {"peak_op", "weights_rounding_bytes", "activation_rounding_at_peak_bytes",
+         "kept_library_workspace_bytes", "op_workspace_at_peak_bytes"}  # fmt: skip
 FXSWAP = MEASURED | {"budget_bytes", "plan_peak_bytes", "plan_resident_bytes", "plan_partition",
                      "plan_prefetch_depth", "moved_bytes_per_call", "copy_ms_at_measured_rate",
                      "predicted_step_ms", "predicted_compute_ms", "predicted_over_measured", "swapped_units",
@@ -65,6 +72,7 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
     assert json.loads((out / "gpu_check.json").read_text()) == json.loads(json.dumps(report))
     assert set(report) == TOP
     assert report["finished"] and not report["errors"], report["errors"]
+    assert "skipped" in report["allocator_rules"]  # no CUDA allocator on the CPU
     cal = report["calibration"]
     assert cal["measured"]["pinned_h2d_gbps"] > 0 and cal["measured"]["matmul_tflops"] > 0
     assert cal["profile"]["name"].startswith("cpu-memcpy-")  # labelled: not a GPU figure
@@ -82,6 +90,17 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
             assert len(v[name]["step_s_all"]) == 3
             assert v[name]["ledger_peak_bytes"] <= v[name]["budget_bytes"]
             assert v[name]["swapped_units"] > 0
+            mem = v[name]["memory"]
+            assert set(mem) == MEMORY and set(mem["plan_terms"]) == TERMS, name
+            assert mem["plan_peak_bytes"] == v[name]["plan_peak_bytes"]
+            # the CPU: no allocator peaks, and the identity rules add no rounding, no kept workspace
+            assert (
+                mem["max_memory_allocated_above_entry"] is None and mem["fragmentation_at_peak_bytes"] is None
+            )
+            t = mem["plan_terms"]
+            assert t["weights_rounding_bytes"] == t["activation_rounding_at_peak_bytes"] == 0
+            assert t["kept_library_workspace_bytes"] == 0 and t["op_workspace_at_peak_bytes"] >= 0
+        assert v["resident_eager"]["memory"]["plan_peak_bytes"] is None
         assert v["fxswap_eager_depth0@min"]["plan_prefetch_depth"] == 0
         assert (
             v["fxswap_eager_depth0@min"]["moved_bytes_per_call"]

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import gc
 import json
 import pickle
@@ -127,22 +127,34 @@ class World:
     tmp: Path
     model: MLP
     good_plan: Path
+    # The files a case wrote as its own bad input since the snapshot, with the bytes it wrote: the
+    # only change to the directory a case may make.
+    written: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    # Taken by a case that first builds something legitimately (a compiled model, a good call)
+    # right before its bad call; else the test's snapshot before the case is the reference.
+    marked: dict[str, Any] | None = None
 
     def snapshot(self) -> dict[str, Any]:
         gc.collect()
+        self.written = {}
         return {
             "weights": {k: v.clone() for k, v in self.model.state_dict().items()},
             "files": {p.name: p.read_bytes() for p in sorted(self.tmp.iterdir()) if p.is_file()},
             "units": len(ops._UNITS),
         }
 
+    def mark(self) -> None:
+        """The state right before the bad call (after the case's legitimate setup)."""
+        self.marked = self.snapshot()
+
     def same(self, before: dict[str, Any]) -> bool:
+        written = dict(self.written)
         now = self.snapshot()
         w0, w1 = before["weights"], now["weights"]
         return (
             w0.keys() == w1.keys()
             and all(torch.equal(w0[k], w1[k]) for k in w0)
-            and before["files"] == now["files"]
+            and {**before["files"], **written} == now["files"]
             and before["units"] == now["units"]
         )
 
@@ -150,6 +162,15 @@ class World:
 def _write(w: World, name: str, data: bytes) -> Path:
     p = w.tmp / name
     p.write_bytes(data)
+    w.written[name] = data
+    return p
+
+
+def _input_file(w: World, name: str, make: Callable[[Path], None]) -> Path:
+    """A bad input file the case makes with a library writer (recorded as written by the case)."""
+    p = w.tmp / name
+    make(p)
+    w.written[name] = p.read_bytes()
     return p
 
 
@@ -214,9 +235,9 @@ def _evil_pickle(w: World) -> Any:
         def __reduce__(self) -> tuple[Any, tuple[str]]:
             return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
 
-    p = w.tmp / "evil.pth"
-    if not p.exists():
-        torch.save({"patch_embedding.weight": torch.zeros(2, 2), "x": Payload()}, p)
+    p = _input_file(
+        w, "evil.pth", lambda p: torch.save({"patch_embedding.weight": torch.zeros(2, 2), "x": Payload()}, p)
+    )
     try:
         return load_state_dict(p)
     finally:
@@ -225,6 +246,7 @@ def _evil_pickle(w: World) -> Any:
 
 def _training(w: World) -> Any:
     sm = fx_compile(w.model, backend="eager", max_vram_gb=1, reserve_mb=0)
+    w.mark()
     w.model.blocks[1].train()
     try:
         return sm(X)
@@ -236,6 +258,7 @@ def _strict_new_shape(w: World) -> Any:
     sm = fx_compile(w.model, backend="eager", max_vram_gb=1, reserve_mb=0, strict=True)
     sm(X)
     w.__dict__["last"] = sm
+    w.mark()
     before = (len(sm.plans), sm.runtime.ledger.bytes)
     try:
         return sm(torch.randn(5, 32))
@@ -245,6 +268,7 @@ def _strict_new_shape(w: World) -> Any:
 
 def _wrong_dtype(w: World) -> Any:
     sm = fx_compile(w.model, backend="eager", max_vram_gb=1, reserve_mb=0)
+    w.mark()
     try:
         return sm(X.to(torch.float64))
     finally:
@@ -253,23 +277,22 @@ def _wrong_dtype(w: World) -> Any:
 
 def _meta_input(w: World) -> Any:
     sm = fx_compile(w.model, backend="eager", max_vram_gb=1, reserve_mb=0)
+    w.mark()
     return sm(X.to("meta"))
 
 
 def _plan_for_other_model(w: World) -> Any:
     other = fx_plan(_mlp(seed=0, n=3), X, mode="layerwise", max_vram_gb=1, reserve_mb=0)
-    p = w.tmp / "other_plan.json"
-    if not p.exists():
-        other.save(p)
+    p = _input_file(w, "other_plan.json", other.save)
     return fx_compile(w.model, plan=p, backend="eager")(X)
 
 
 def _truncated_safetensors(w: World) -> Any:
     from safetensors.torch import save_file
 
-    good = w.tmp / "good.safetensors"
-    if not good.exists():
-        save_file({"patch_embedding.weight": torch.zeros(4, 4)}, str(good))
+    good = _input_file(
+        w, "good.safetensors", lambda p: save_file({"patch_embedding.weight": torch.zeros(4, 4)}, str(p))
+    )
     cut = _write(w, "cut.safetensors", good.read_bytes()[:-7])
     return load_state_dict(cut)
 
@@ -277,9 +300,9 @@ def _truncated_safetensors(w: World) -> Any:
 def _unknown_layout(w: World) -> Any:
     from safetensors.torch import save_file
 
-    p = w.tmp / "vae.safetensors"
-    if not p.exists():
-        save_file({"encoder.conv1.weight": torch.zeros(2)}, str(p))
+    p = _input_file(
+        w, "vae.safetensors", lambda p: save_file({"encoder.conv1.weight": torch.zeros(2)}, str(p))
+    )
     return wan_load(p)
 
 
@@ -395,12 +418,15 @@ def test_bad_input_gets_its_error_and_changes_nothing(
     etype: type[BaseException],
     words: tuple[str, ...],
 ) -> None:
-    # a first run creates the files the case writes (so "nothing changed" compares like with like)
-    with contextlib.suppress(etype):
-        action(world)
+    # The reference is the state before the FIRST bad call of this case (or right before it, after
+    # the case's legitimate setup: World.mark); the only change allowed is the bad input file the
+    # case itself wrote, byte for byte as written.
+    world.marked = None
     before = world.snapshot()
     with pytest.raises(etype) as ei:
         action(world)
+    if world.marked is not None:
+        before = world.marked
     msg = str(ei.value)
     missing = [k for k in words if k.lower() not in msg.lower()]
     assert not missing, (missing, msg)

@@ -232,3 +232,73 @@ def test_one_log_line_per_plan(caplog: pytest.LogCaptureFixture) -> None:
     lines = [r.getMessage() for r in caplog.records if "planned" in r.getMessage()]
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     assert sm.plans[0].mode == "layerwise" and "mode layerwise" in lines[0] and "predicted peak" in lines[0]
+
+
+# ------------------------------------------------- the choice on a planner whose answers are a formula
+# A stand-in planner with closed-form answers, so that every recommended figure can be worked out by
+# hand from the rules in fxswap.bench.recommendations' docstring:
+#   minimum budget (GiB) per candidate: adaptive 0.30, layerwise 0.40, chunkwise 200/300/500 MiB:
+#       0.35 / 0.45 / 0.60
+#   step time (ms) at budget b GiB: 100 + 100 * max(0, 1 - b), plus 6 for layerwise, 3 for chunkwise
+#   peak = min + (b - min) / 2, resident = b / 4, moved = 1 GiB - resident (bytes, from GiB)
+_MIN_GB = {("adaptive", 300.0): 0.30, ("layerwise", 300.0): 0.40, ("chunkwise", 200.0): 0.35,
+           ("chunkwise", 300.0): 0.45, ("chunkwise", 500.0): 0.60}  # fmt: skip
+_PENALTY_MS = {"adaptive": 0.0, "layerwise": 6.0, "chunkwise": 3.0}
+
+
+def _formula_plan(ir: Any, opts: Any) -> Any:
+    from types import SimpleNamespace
+
+    key = (opts.mode, opts.block_size_bytes / 2**20)
+    lo = _MIN_GB[key]
+    b = opts.max_vram_bytes / GiB
+    if b < lo - 1e-12:
+        raise fxswap.BudgetInfeasibleError(
+            "below the formula's minimum", min_vram_bytes=round(lo * GiB), mode=opts.mode
+        )
+    return SimpleNamespace(
+        peak_bytes=round((lo + (b - lo) / 2) * GiB),
+        predicted_step_ms=100 + 100 * max(0.0, 1 - b) + _PENALTY_MS[opts.mode],
+        predicted_stall_ms=0.0,
+        resident_bytes=round(b / 4 * GiB),
+        moved_bytes_per_call=round((1 - b / 4) * GiB),
+    )
+
+
+def test_the_choice_on_a_formula_planner(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxswap.bench.recommendations as recs
+    import fxswap.passes.planner
+
+    monkeypatch.setattr(recs, "_capture", lambda *a, **k: (None, 0.0))
+    monkeypatch.setattr(fxswap.passes.planner, "build_plan", _formula_plan)
+    # card 2 GiB, headroom 0.25 GiB: usable 1.75 GiB; grid step 0.25 GiB from the least minimum
+    # (0.30 -> 0.50): budgets 0.50, 0.75, 1.00, 1.25, 1.50, 1.75
+    r = recs.recommend(2.0, model="wan2.1-t2v-1.3b", headroom_gb=0.25, step_gb=0.25)
+    assert r.usable_bytes == round(1.75 * GiB)
+    assert r.min_vram_bytes == round(0.30 * GiB) and r.min_mode == "adaptive"
+    assert r.min_by_mode == {
+        "adaptive": round(0.30 * GiB),
+        "layerwise": round(0.40 * GiB),
+        "chunkwise": round(0.35 * GiB),
+    }
+    # best time 100 ms (adaptive at b >= 1). fastest: within 1% (<= 101 ms) only adaptive at
+    # 1.00..1.75 (chunkwise is 103): the largest budget, 1.75 GiB.
+    # memory-saving: within 25% (<= 125 ms): adaptive at 0.75 (125 ms) is the smallest budget
+    # (layerwise there is 131, chunkwise 128; at 0.50 adaptive is 150).
+    # balanced: half way between 0.75 and 1.75 = 1.25, less half a step = 1.125; within 5%
+    # (<= 105 ms): adaptive (100) and chunkwise (103) at b >= 1; the smallest budget >= 1.125 is
+    # 1.25, and there adaptive is the faster.
+    got = {s.label: (s.mode, s.max_vram_gb, s.block_size_mb) for s in r.settings}
+    assert got == {
+        "fastest": ("adaptive", 1.75, 300.0),
+        "memory-saving": ("adaptive", 0.75, 300.0),
+        "balanced": ("adaptive", 1.25, 300.0),
+    }
+    for s in r.settings:
+        lo, b = 0.30, s.max_vram_gb
+        assert s.predicted_step_ms == pytest.approx(100 + 100 * max(0.0, 1 - b))
+        assert s.peak_bytes == round((lo + (b - lo) / 2) * GiB)
+        assert (s.resident_bytes, s.moved_bytes_per_call) == (round(b / 4 * GiB), round((1 - b / 4) * GiB))
+    # plans made: 5 probes for the minima, then per budget every candidate whose minimum fits:
+    # 0.50: 4 (not chunkwise 500), 0.75..1.75: 5 each (5 budgets)
+    assert r.plans_made == 5 + 4 + 5 * 5

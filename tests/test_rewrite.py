@@ -316,3 +316,112 @@ def test_load_anchor_skips_fusible_pointwise_and_swapped_weights() -> None:
     phs = [n for n in new.graph.nodes if n.op == "placeholder"]
     capture_cache[id(m)] = gm
     assert torch.equal(new(*run_args(new, pp, m, rt, x))[0], m(x)) and len(phs) == 3
+
+
+# ----------------------------------------------------------------- positions worked out by hand
+def _listing(gm: fx.GraphModule) -> list[str]:
+    """The compute nodes in graph order: fxswap ops as ``kind(unit)``, getitems folded away, every
+    other op by its node name."""
+    kind = {ops.load: "load", ops.wait: "wait", ops.release: "release", ops.carry: "carry"}
+    out = []
+    for n in gm.graph.nodes:
+        if n.target in kind:
+            out.append(f"{kind[n.target]}({n.meta['fxswap']['unit']})")
+        elif n.op in COMPUTE and n.target is not operator.getitem:
+            out.append(n.name)
+    return out
+
+
+def test_a_two_layer_unit_is_released_after_its_last_reader_by_hand(mlp_graph: Any) -> None:
+    """Unit `mid` holds layers 1 and 2 of the 4-layer MLP (ops input_1..input_4 read layers 0..3).
+    Its readers are input_2 (layer 1) and input_3 (layer 2): the first is input_2, the last input_3.
+    Planned by hand: load before input_1, wait before input_2, release after input_3 (its LAST
+    reader); layers 0 and 3 resident. A rewrite that freed the unit after its first reader would put
+    the release between input_2 and input_3, while input_3 still reads layer 2's weights."""
+    m, gm, pp, x = mlp_graph
+    rt = SwapRuntime("cpu")
+    named = dict(m.named_parameters())
+    params = ("1.weight", "1.bias", "2.weight", "2.bias")
+    plan = Plan((
+        Unit("first", ("0.weight", "0.bias"), True),
+        Unit("mid", params, False, load_node="input_1", wait_node="input_2", release_node="input_3"),
+        Unit("last", ("3.weight", "3.bias"), True),
+    ))  # fmt: skip
+    uid = rt.add_unit("mid", [(p, named[p]) for p in params])
+    new = insert_swaps(gm, plan, pp, unit_ids={"mid": uid})
+    assert _listing(new) == [
+        "load(mid)",
+        "input_1",
+        "wait(mid)",
+        "input_2",
+        "input_3",
+        "release(mid)",
+        "input_4",
+    ]
+    # the release's `after` argument is the last reader itself (positions 0-based over the listing:
+    # input_3 at 4, the release at 5)
+    rel = next(n for n in new.graph.nodes if n.target is ops.release)
+    assert rel.args[2].name == "input_3"
+    assert torch.equal(new(*run_args(new, pp, m, rt, x))[0], m(x))
+
+
+class _Tied(nn.Module):
+    """One Linear read twice: op 0 `lin(x)`, op 1 `relu`, op 2 `lin(relu)`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.relu(self.lin(x)))
+
+
+def test_a_weight_read_twice_is_released_after_its_second_read_by_hand() -> None:
+    """By hand: the graph is [linear (reads lin), relu, linear_1 (reads lin)]; the unit's first
+    reader is op 0, its last op 2. Load and wait before op 0, release after op 2."""
+    m = _Tied().requires_grad_(False)
+    x = torch.randn(2, 8)
+    gm, pp = capture(m, x)
+    names = [n.name for n in gm.graph.nodes if n.op in COMPUTE]
+    assert len(names) == 3 and "relu" in names[1]
+    first, last = names[0], names[2]
+    rt = SwapRuntime("cpu")
+    named = dict(m.named_parameters())
+    uid = rt.add_unit("lin", [(p, named[p]) for p in ("lin.weight", "lin.bias")])
+    plan = Plan((Unit("lin", ("lin.weight", "lin.bias"), False, first, first, last),))
+    new = insert_swaps(gm, plan, pp, unit_ids={"lin": uid})
+    assert _listing(new) == ["load(lin)", "wait(lin)", first, names[1], last, "release(lin)"]
+    capture_cache[id(m)] = gm
+    assert torch.equal(new(*run_args(new, pp, m, rt, x))[0], m(x))
+
+
+def test_loads_sit_where_planned_by_hand(mlp_graph: Any) -> None:
+    """Layers 1, 2, 3 swapped, each loaded two ops ahead of its reader (clamped at op 0), waited and
+    released at its reader; layer 0 resident. By hand, over ops input_1..input_4 (0..3): unit 1 is
+    loaded before op max(0, 1-2) = 0, unit 2 before op 0, unit 3 before op 1. Ops placed before the
+    same op keep the plan's unit order: before op 1 come unit 1's wait, then unit 3's load."""
+    m, gm, pp, x = mlp_graph
+    rt = SwapRuntime("cpu")
+    named = dict(m.named_parameters())
+    plan = layer_plan(gm, 4, resident={0}, depth=2)
+    uids = {
+        u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units if not u.resident
+    }
+    new = insert_swaps(gm, plan, pp, unit_ids=uids)
+    assert _listing(new) == [
+        "load(1)",
+        "load(2)",
+        "input_1",
+        "wait(1)",
+        "load(3)",
+        "input_2",
+        "release(1)",
+        "wait(2)",
+        "input_3",
+        "release(2)",
+        "wait(3)",
+        "input_4",
+        "release(3)",
+    ]
+    assert torch.equal(new(*run_args(new, pp, m, rt, x))[0], m(x))

@@ -163,3 +163,108 @@ def test_a_graph_with_build_local_ids_refuses_to_run_unbound() -> None:
     with pytest.raises(KeyError, match="not in the unit table bound for this call"):
         gm(*flat)
     sm.close()
+
+
+# --------------------------------------------- the 4-layer MLP's rewrite against a listing by hand
+def _listing(gm: torch.fx.GraphModule) -> list[str]:
+    """Every node as ``name = target(args)``; fxswap ops as ``fxswap.KIND`` with the unit id shown
+    as ID (ids are build-local numbers, not part of what is checked)."""
+    from fxswap import ops
+
+    kinds = {ops.load: "fxswap.load", ops.wait: "fxswap.wait", ops.release: "fxswap.release"}
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            out.append(f"input {n.name}")
+            continue
+        if n.op == "output":
+            out.append(f"return {n.args[0]!r}")
+            continue
+        args = [a.name if isinstance(a, torch.fx.Node) else repr(a) for a in n.args]
+        if n.target in kinds:
+            target, args = kinds[n.target], ["ID", *args[1:]]
+        else:
+            target = getattr(n.target, "__name__", str(n.target))
+        out.append(f"{n.name} = {target}({', '.join(args)})")
+    return out
+
+
+# Worked out by hand for the plan in the test below: blocks.0 resident; blocks.1..3 swapped, block
+# k loaded one op ahead of its linear (before the gelu of block k-1), waited for right before its
+# linear and released right after it (its only reader). A load's anchor is the nearest earlier
+# tensor that is still read at the load, or an fxswap token: `linear` for block 1 (gelu reads it),
+# the previous block's release token for blocks 2 and 3. A wait hands out the unit's tensors in
+# the unit's order (weight, bias), and the linear reads them in place of the placeholders, which
+# are gone from the inputs.
+MLP4_EXPECTED = """\
+input l_args_0_
+input l_blocks_0_weight
+input l_blocks_0_bias
+linear = linear(l_args_0_, l_blocks_0_weight, l_blocks_0_bias)
+fxswap_load_blocks_1 = fxswap.load(ID, linear)
+x = gelu(linear)
+fxswap_wait_blocks_1 = fxswap.wait(ID, fxswap_load_blocks_1)
+getitem = getitem(fxswap_wait_blocks_1, 0)
+getitem_1 = getitem(fxswap_wait_blocks_1, 1)
+linear_1 = linear(x, getitem, getitem_1)
+fxswap_release_blocks_1 = fxswap.release(ID, fxswap_wait_blocks_1, linear_1)
+fxswap_load_blocks_2 = fxswap.load(ID, fxswap_release_blocks_1)
+x_1 = gelu(linear_1)
+fxswap_wait_blocks_2 = fxswap.wait(ID, fxswap_load_blocks_2)
+getitem_2 = getitem(fxswap_wait_blocks_2, 0)
+getitem_3 = getitem(fxswap_wait_blocks_2, 1)
+linear_2 = linear(x_1, getitem_2, getitem_3)
+fxswap_release_blocks_2 = fxswap.release(ID, fxswap_wait_blocks_2, linear_2)
+fxswap_load_blocks_3 = fxswap.load(ID, fxswap_release_blocks_2)
+x_2 = gelu(linear_2)
+fxswap_wait_blocks_3 = fxswap.wait(ID, fxswap_load_blocks_3)
+getitem_4 = getitem(fxswap_wait_blocks_3, 0)
+getitem_5 = getitem(fxswap_wait_blocks_3, 1)
+linear_3 = linear(x_2, getitem_4, getitem_5)
+fxswap_release_blocks_3 = fxswap.release(ID, fxswap_wait_blocks_3, linear_3)
+x_3 = gelu(linear_3)
+return (x_3,)"""
+
+
+def test_mlp4_rewrite_matches_the_listing_written_by_hand() -> None:
+    from dataclasses import dataclass
+
+    from fxswap.passes.rewrite import insert_swaps
+    from fxswap.runtime import SwapRuntime
+
+    @dataclass(frozen=True)
+    class U:
+        name: str
+        params: tuple[str, ...]
+        resident: bool
+        load_node: str | None = None
+        wait_node: str | None = None
+        release_node: str | None = None
+        carry_node: str | None = None
+
+    @dataclass(frozen=True)
+    class P:
+        units: tuple[U, ...]
+
+    torch.manual_seed(0)
+    model = MLP(n=4, d=64).eval().requires_grad_(False)
+    x = torch.randn(4, 64)
+    traced = fxswap.trace(model, x)
+    params = lambda k: (f"blocks.{k}.weight", f"blocks.{k}.bias")  # noqa: E731
+    # ops: linear (0), x (1), linear_1 (2), x_1 (3), linear_2 (4), x_2 (5), linear_3 (6), x_3 (7)
+    plan = P((
+        U("blocks.0", params(0), True),
+        U("blocks.1", params(1), False, "x", "linear_1", "linear_1"),
+        U("blocks.2", params(2), False, "x_1", "linear_2", "linear_2"),
+        U("blocks.3", params(3), False, "x_2", "linear_3", "linear_3"),
+    ))  # fmt: skip
+    rt = SwapRuntime("cpu")
+    named = dict(model.named_parameters())
+    ids = {u.name: rt.add_unit(u.name, [(p, named[p]) for p in u.params]) for u in plan.units[1:]}
+    new = insert_swaps(traced.gm, plan, traced.placeholder_params, unit_ids=ids)
+    got = _listing(new)
+    want = MLP4_EXPECTED.splitlines()
+    assert got == want, "\n".join(difflib.unified_diff(want, got, "by hand", "rewrite", lineterm=""))
+    # and the rewritten program computes the model
+    out = new(x, named["blocks.0.weight"], named["blocks.0.bias"])
+    assert torch.equal(out[0], model(x))
