@@ -43,7 +43,7 @@ __all__ = [
     "clear_programs",
     "compile_inductor",
     "compile_regional",
-    "edges_compiled",
+    "edges_eager",
     "regions_enabled",
 ]
 
@@ -104,11 +104,11 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
 _NOT_RUN = ("placeholder", "get_attr", "output")
 
 
-def edges_compiled() -> bool:
-    """Whether the stretches outside the repeated blocks (prologue, epilogue) are compiled too
-    (``FXSWAP_COMPILE_EDGES=1``); by default they run as FX's Python, as regional compilation
-    leaves them."""
-    return os.environ.get("FXSWAP_COMPILE_EDGES", "0").strip().lower() in ("1", "true", "yes", "on")
+def edges_eager() -> bool:
+    """Whether the prologue and the epilogue of a graph with repeated blocks run as FX's Python
+    instead of compiled (``FXSWAP_EAGER_EDGES=1``), as regional compilation leaves them: a shorter
+    first call, outputs no longer bitwise those of ``torch.compile`` (within its ulps of eager)."""
+    return os.environ.get("FXSWAP_EAGER_EDGES", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def regions_enabled() -> bool:
@@ -243,11 +243,14 @@ def compile_regional(
 
     labels = None if regions_enabled() else {n: "" for n in gm.graph.nodes if n.op not in _NOT_RUN}
     split = split_regions(gm, meta_of, labels=labels)
-    # Run as FX's Python, not compiled: glue always; the stretches outside the repeated blocks
-    # (prologue, epilogue) too when there are blocks, as regional compilation leaves them (see
-    # docs/first_call.md: they cost as much to compile as a block and a few percent of a call).
-    eager_edges = not edges_compiled() and any(r.label for r in split.regions)
-    interpreted = [r.glue or (eager_edges and not r.label) for r in split.regions]
+    # Run as FX's Python, not compiled: glue always; with FXSWAP_EAGER_EDGES=1 the prologue and
+    # the epilogue too (the stretches before the first block and after the last), as regional
+    # compilation leaves them (docs/first_call.md: what that saves and costs).
+    blocks = [i for i, r in enumerate(split.regions) if r.label]
+    interpreted = [
+        r.glue or (edges_eager() and bool(blocks) and (i < blocks[0] or i > blocks[-1]))
+        for i, r in enumerate(split.regions)
+    ]
     slot: dict[str, int] = {name: i for i, name in enumerate(split.placeholders)}
     if len(flat) != len(slot):
         raise ValueError(f"compile_regional: {len(flat)} inputs for a graph of {len(slot)} placeholders")
