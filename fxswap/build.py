@@ -381,7 +381,23 @@ class Builder:
         # The workspace probe and Inductor's replay reset the device's peak statistics to measure
         # themselves; an active fxswap.monitor keeps the peak it had (monitoring.keep_peaks).
         with keep_peaks(self.device):
-            return self._build(options, given_plan, args, kwargs, root)
+            entry = self._build(options, given_plan, args, kwargs, root)
+        return self._price_pageable(entry)
+
+    def _price_pageable(self, entry: Entry) -> Entry:
+        """The entry with its plan's times predicted for the units whose host copies stayed
+        pageable (pin cap or pinning failed): their copies are staged by the host and overlap
+        nothing (``passes.planner.price_blocking_units``)."""
+        from fxswap.passes.planner import price_blocking_units
+
+        store = self.runtime.store
+        if not store.pin:
+            return entry
+        units = [u for u in entry.plan.units if not u.resident]
+        blocking = {u.name for u in units if not all(store.in_arena(p) for p in u.params)}
+        if not blocking:
+            return entry
+        return dataclasses.replace(entry, plan=price_blocking_units(entry.ir, entry.plan, blocking))
 
     def _build(
         self,

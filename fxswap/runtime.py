@@ -850,7 +850,8 @@ class SwapRuntime:
         track: count device copies in :attr:`ledger` with tensor finalizers (~2 us per tensor per
             load). Default: on for non-CUDA devices; on CUDA the allocator's statistics are the ledger.
         pin: pin the host copies; default on CUDA only (see :class:`HostStore` for the fallback).
-        pinner: how a host tensor is pinned (:class:`HostStore`); tests inject a failing one.
+        pinner: how the host arenas are page-locked (:data:`Pinner`, :class:`HostStore`); tests inject
+            a failing or counting one.
 
     Fault hooks (for tests and diagnosis; None in normal use): :attr:`alloc_hook` is called as
     ``hook(kind, name, nbytes)`` right before fxswap allocates device memory, with ``kind`` one of
@@ -869,7 +870,7 @@ class SwapRuntime:
         storage_dtype: torch.dtype | None = None,
         track: bool | None = None,
         pin: bool | None = None,
-        pinner: Callable[[Tensor], Tensor] | None = None,
+        pinner: Pinner | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.track = self.device.type != "cuda" if track is None else track

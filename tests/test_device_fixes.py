@@ -1,5 +1,6 @@
-"""The defects the first GPU run would have hit (issue 14): the copy-path exception window, CUDA graphs under fxswap's Inductor config, the experts'
-timestep read, and calibrate on an H200 / an unknown card."""
+"""The defects the first GPU run would have hit (issue 14): the copy-path exception window, CUDA
+graphs under fxswap's Inductor config, the experts' timestep read, and calibrate on an H200 / an
+unknown card."""
 
 from __future__ import annotations
 
