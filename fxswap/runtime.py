@@ -266,6 +266,7 @@ class HostStore:
         self._slots: dict[str, Tensor] = {}  # reserved arena slices (uint8) not yet filled
         self._in_arena: set[str] = set()
         self._arenas: list[tuple[Tensor, Callable[[], None]]] = []
+        self._capped = False
         self._warned = False
 
     def _warn_once(self, why: str) -> None:
@@ -280,7 +281,7 @@ class HostStore:
 
     def reserve(self, items: Sequence[tuple[str, Tensor]], storage_dtype: torch.dtype | None = None) -> None:
         """Pin one arena for the weights of ``items`` not stored yet (in order, up to the cap)."""
-        if not self.pin or self.pin_error is not None:
+        if not self.pin or self.pin_error is not None or self._capped:
             return
         todo: list[tuple[str, int]] = []
         seen: set[str] = set()
@@ -290,6 +291,7 @@ class HostStore:
                 continue
             n = t.numel() * stored_dtype(t.dtype, storage_dtype).itemsize
             if self.pinned_bytes + total + aligned_bytes(n) > self.pin_limit_bytes:
+                self._capped = True  # this and every later weight stay pageable (one rule, one warning)
                 self._warn_once(
                     f"pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB (`pin_share`); "
                     "raise `pin_share` if the machine has RAM to spare"
@@ -375,6 +377,7 @@ class HostStore:
         self._scales.clear()
         self._slots.clear()
         self._in_arena.clear()
+        self._capped = False
         self.pinned_bytes = self.pinned_payload_bytes = self.pageable_bytes = 0
 
     def items(self) -> list[tuple[str, Tensor]]:
