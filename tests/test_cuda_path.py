@@ -357,6 +357,31 @@ def test_pageable_weights_are_staged_through_a_bounded_pinned_ring(monkeypatch: 
     assert locked == [128, -128]
 
 
+def test_a_model_runs_exactly_through_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = FakeCuda()
+    cuda.install(monkeypatch)
+    torch.manual_seed(0)
+    m = MLP().eval().requires_grad_(False)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = m(x)
+    backend = CudaStreamBackend(
+        ring_slots=2, slot_bytes=4096, is_pinned=lambda t: False, pinner=_pinner_log()[1]
+    )
+    sm = fx_compile(m, mode="layerwise", max_vram_gb=40_000 / GiB, warm_start=False, transfer_backend=backend,
+                    **RATES, **COMMON)  # fmt: skip
+    assert torch.equal(sm(x), ref)
+    assert sm.plan is not None
+    resident = sum(u.bytes for u in sm.plan.units if u.resident)
+    staged = backend.staged_bytes
+    assert staged == sm.plan.moved_bytes_per_call + resident  # every unit and resident went through it
+    for _ in range(2):
+        assert torch.equal(sm(x), ref)
+    assert backend.staged_bytes - staged == 2 * sm.plan.moved_bytes_per_call
+    assert backend.ring_bytes == 8192
+    sm.close()
+
+
 def test_plan_prices_pageable_units_as_not_overlapping() -> None:
     torch.manual_seed(0)
     m = MLP().eval().requires_grad_(False)

@@ -300,7 +300,7 @@ def test_pin_cap_keeps_the_rest_pageable_with_one_warning() -> None:
 def test_real_pin_failure_on_a_machine_without_an_accelerator() -> None:
     if torch.cuda.is_available():
         pytest.skip("pinning works here; the injected failure above covers the fallback")
-    store = HostStore(pin=True, pin_share=1.0)  # torch's own pin_memory: fails without a device
+    store = HostStore(pin=True, pin_share=1.0)  # cudaHostRegister: fails without a device
     with pytest.warns(UserWarning, match="pinning host memory failed"):
         h = store.put("w", torch.arange(6.0))
     assert torch.equal(h, torch.arange(6.0)) and store.pageable_bytes == 24 and store.pin_error
