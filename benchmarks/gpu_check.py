@@ -46,6 +46,15 @@ Per case ``overlap``: copy time = moved bytes / measured pinned rate; ``hidden_s
 ``DIR/gpu_check_trace.json.gz`` (Chrome trace) and ``profiled_step`` in the JSON: the H2D copies, whether
 each came from pinned memory, on which stream, and how much of their time ran beside a kernel.
 
+Once, on the first copy-bound case, after its overlap: ``issue22_cuda_path@min`` (the CUDA path's
+stream and memory rules, ``docs/cuda_path.md``; see :meth:`GpuCheck.cuda_path`): host syncs inside
+steady calls (profiler and sync-debug mode; both must be 0), a call on a user stream (exact, carried
+units dropped, ``reserved - allocated`` not grown), refusal under ``torch.cuda.graph``, the pinned
+arenas' host bytes against ``/proc/self/status`` and torch's pinned-allocator statistics (after the
+build and after ``close()``), every weight pageable (staged through the ring: measured step against
+its priced prediction and the pinned plan's), fp8 storage at two budgets (finite, bitwise equal).
+Every fxswap variant also records ``reserved_minus_allocated_at_peak``.
+
 Time: ``--time-limit`` (default 450 s) is checked before every model and every variant; a variant
 whose estimated cost does not fit is recorded as skipped. ``--hard-limit`` (default 470 s) raises
 inside the running variant (recorded as its error) so the JSON is always complete and valid.
