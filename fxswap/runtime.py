@@ -831,12 +831,14 @@ class SwapRuntime:
     """Host store, resident device copies, transfer backend and ledger of one compiled model.
 
     Storage dtype (``storage_dtype``, e.g. ``torch.float8_e4m3fn``): every floating-point weight
-    wider than it (see :func:`stored_dtype`) is rounded through it, so the output does not depend on
-    which weights the budget swaps:
+    wider than it (see :func:`stored_dtype`) is rounded through it (fp8 with one scale per tensor:
+    :func:`narrow_for_storage`, :func:`widen_stored`), so the output does not depend on which
+    weights the budget swaps:
 
     - a swapped weight is kept on the host in the storage dtype, copied as stored (fewer bytes over
-      the link) into a device *staging* tensor, and cast to the compute dtype by ``wait``;
-    - a resident weight is rounded on the host and copied once in the compute dtype.
+      the link) into a device *staging* tensor, and cast (and scaled) to the compute dtype by ``wait``;
+    - a resident weight is rounded on the host by the same two functions and copied once in the
+      compute dtype.
 
     Device bytes of a swapped unit, as the plan counts them (its compute-dtype bytes from its load
     to its release): between load and wait it holds its staging copies, which are no larger; while
