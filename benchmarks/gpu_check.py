@@ -59,6 +59,15 @@ Per case ``overlap``: copy time = moved bytes / measured pinned rate; ``hidden_s
 ``DIR/gpu_check_trace.json.gz`` (Chrome trace) and ``profiled_step`` in the JSON: the H2D copies, whether
 each came from pinned memory, on which stream, and how much of their time ran beside a kernel.
 
+Once, on the first copy-bound case, after its overlap: ``issue22_cuda_path@min`` (the CUDA path's
+stream and memory rules, ``docs/cuda_path.md``; see :meth:`GpuCheck.cuda_path`): host syncs inside
+steady calls (profiler and sync-debug mode; both must be 0), a call on a user stream (exact, carried
+units dropped, ``reserved - allocated`` not grown), refusal under ``torch.cuda.graph``, the pinned
+arenas' host bytes against ``/proc/self/status`` and torch's pinned-allocator statistics (after the
+build and after ``close()``), every weight pageable (staged through the ring: measured step against
+its priced prediction and the pinned plan's), fp8 storage at two budgets (finite, bitwise equal).
+Every fxswap variant also records ``reserved_minus_allocated_at_peak``.
+
 Time: ``--time-limit`` (default 450 s) is checked before every model and every variant; a variant
 whose estimated cost does not fit is recorded as skipped. ``--hard-limit`` (default 470 s) raises
 inside the running variant (recorded as its error) so the JSON is always complete and valid.
@@ -183,6 +192,26 @@ class Device:
             return None
         # active = blocks handed out (rounded sizes), whether new or reused from the allocator's cache
         return int(torch.cuda.host_memory_stats().get("active_bytes.current", 0))
+
+
+def _host_memory() -> dict[str, int | None]:
+    """Host memory of this process: ``/proc/self/status`` (kB -> bytes) and torch's pinned
+    allocator (``host_memory_stats``), independent of fxswap's own counts."""
+    out: dict[str, int | None] = {"VmRSS": None, "VmLck": None, "VmPin": None, "torch_pinned_active": None}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in out:
+                out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+        out["torch_pinned_active"] = int(torch.cuda.host_memory_stats().get("active_bytes.current", 0))
+    return out
+
+
+def _host_delta(a: dict[str, int | None], b: dict[str, int | None]) -> dict[str, int | None]:
+    return {k: _minus(b[k], a[k]) for k in a}
 
 
 def _minus(a: int | None, b: int | None) -> int | None:
@@ -556,6 +585,7 @@ class GpuCheck:
         self.json_path = self.out_dir / "gpu_check.json"
         self.trace_path = self.out_dir / "gpu_check_trace.json.gz"
         self.traced = False
+        self.cuda_path_done = False
         self.models: dict[str, Any] = {}
         self.configs = model_configs(args.dry_run)
         wanted = [m for m in args.models.split(",") if m] or list(self.configs)
@@ -843,6 +873,8 @@ class GpuCheck:
                     pinned_bytes_counted=int(sm.runtime.store.pinned_bytes),
                     pinned_payload_bytes=int(sm.runtime.store.pinned_payload_bytes),
                     pageable_bytes=int(sm.runtime.store.pageable_bytes),
+                    # issue 22: memory the allocator keeps beside the peak (record_stream would grow it)
+                    reserved_minus_allocated_at_peak=_minus(res["peak_reserved"], res["peak_allocated"]),
                 )
                 res["memory"] = memory_row(res, int(p.peak_bytes), plan_terms(sm))
                 pinned1 = self.dev.pinned_allocated()
@@ -901,6 +933,204 @@ class GpuCheck:
             self.trace_path.unlink()
             out["trace_file"] = None
         return out
+
+    # -- issue 22: the CUDA path's stream and memory rules
+    def cuda_path(self, case: Case) -> None:
+        """The checks of issue 22 that need a device, on one copy-bound case at its ``min`` budget:
+
+        - ``host_syncs``: CUDA runtime synchronisations (``cudaStreamSynchronize``,
+          ``cudaDeviceSynchronize``, ``cudaEventSynchronize``, blocking ``cudaMemcpy``) counted by the
+          profiler inside 3 steady warm calls, and the warnings of ``set_sync_debug_mode("warn")``;
+          both must be 0;
+        - ``other_stream``: a call on a user stream after warm calls on the default one: carried
+          units are dropped and loaded cold (exact output, ``reserved - allocated`` not grown);
+        - ``capture_refused``: a call inside ``torch.cuda.graph`` raises ``CudaGraphCaptureError``;
+        - ``pinned_host``: the arenas' bytes against ``/proc/self/status`` (VmRSS, VmLck, VmPin)
+          and torch's pinned-allocator statistics, after the build and after ``close()``;
+        - ``pageable``: every host copy pageable (``pin_share=0``): staged through the ring; its
+          measured step against the priced prediction and against the pinned plan;
+        - ``fp8``: ``storage_dtype=float8_e4m3fn`` at two budgets: finite and bitwise equal.
+        """
+        self.cuda_path_done = True
+
+        def body(st: dict[str, Any]) -> dict[str, Any]:
+            import fxswap.compiler as fc
+
+            model = self.model(case.model)
+            inputs = st["inputs"]
+            ref = st["refs"].get("eager")
+            budgets = st["result"]["budgets"]
+            kw = self.plan_kw()
+            out: dict[str, Any] = {}
+
+            def compiled(budget: int, **extra: Any) -> Any:
+                return fc.compile(model, mode=self.args.mode, max_vram_gb=budget / GiB, backend="eager",
+                                  device=self.device, **{**kw, **extra})  # fmt: skip
+
+            host0 = _host_memory()
+            sm = compiled(budgets["min"], warm_start=True)
+            try:
+                with torch.no_grad():
+                    sm(**inputs)
+                    sm(**inputs)
+                self.dev.sync()
+                out["pinned_host"] = {
+                    "pinned_bytes": int(sm.runtime.store.pinned_bytes),
+                    "pinned_payload_bytes": int(sm.runtime.store.pinned_payload_bytes),
+                    "pageable_bytes": int(sm.runtime.store.pageable_bytes),
+                    "after_build": _host_delta(host0, _host_memory()),
+                    # the arenas (cudaHostRegister) must read as pinned, or every copy is staged
+                    "arena_tensors_pinned": all(
+                        h.is_pinned() for n, h in sm.runtime.store.items() if sm.runtime.store.in_arena(n)
+                    )
+                    if self.dev.cuda
+                    else None,
+                    "staged_bytes": getattr(sm.runtime.backend, "staged_bytes", None),
+                }
+                out["host_syncs"] = self.count_host_syncs(lambda: sm(**inputs), calls=3)
+                out["other_stream"] = self.other_stream_call(sm, inputs, ref)
+                out["capture_refused"] = self.capture_refused(sm, inputs)
+            finally:
+                sm.close()
+            self.dev.free()
+            out["pinned_host"]["after_close"] = _host_delta(host0, _host_memory())
+            out["pageable"] = self.pageable_step(compiled, budgets["min"], inputs, ref, st)
+            out["fp8"] = self.fp8_two_budgets(compiled, budgets, inputs)
+            return out
+
+        self.run_variant(case, "issue22_cuda_path@min", 4 * EAGER_COST_S, body)
+
+    def count_host_syncs(self, fn: Callable[[], Any], calls: int) -> dict[str, Any]:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        if not self.dev.cuda:
+            with torch.no_grad():
+                for _ in range(calls):
+                    fn()
+            return {"skipped": "no CUDA device: nothing to synchronise with"}
+        names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+        self.dev.sync()
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=acts) as prof, torch.no_grad(), record_function("issue22.steady"):
+            for _ in range(calls):
+                fn()
+        events = prof.events()
+        window = [e for e in events if e.name == "issue22.steady"]
+        lo, hi = (window[0].time_range.start, window[0].time_range.end) if window else (0, float("inf"))
+        found: dict[str, int] = {}
+        for e in events:
+            if e.name.startswith(names) and "Async" not in e.name and lo <= e.time_range.start <= hi:
+                found[e.name] = found.get(e.name, 0) + 1
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+                warnings.simplefilter("always")
+                for _ in range(calls):
+                    fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        self.dev.sync()
+        debug = [str(w.message)[:200] for w in caught if "synchroniz" in str(w.message).lower()]
+        return {"calls": calls, "profiler_syncs": found, "profiler_sync_count": sum(found.values()),
+                "sync_debug_warnings": len(debug), "sync_debug_first": debug[:3]}  # fmt: skip
+
+    def other_stream_call(self, sm: Any, inputs: dict[str, Any], ref: torch.Tensor | None) -> dict[str, Any]:
+        if not self.dev.cuda:
+            return {"skipped": "no CUDA streams"}
+        before = self.dev.snapshot()
+        loads0 = sm.runtime.stats["loads"]
+        carried = int(sm.runtime.carried_bytes)
+        user = torch.cuda.Stream(self.device)
+        user.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(user), torch.no_grad():
+            got = sm(**inputs)
+        torch.cuda.current_stream(self.device).wait_stream(user)
+        with torch.no_grad():
+            again = sm(**inputs)  # back on the default stream: the user stream's carries are dropped
+        self.dev.sync()
+        after = self.dev.snapshot()
+        slack0 = _minus(before["reserved"], before["allocated"])
+        slack1 = _minus(after["reserved"], after["allocated"])
+        return {
+            "carried_bytes_before": carried,
+            "loads": sm.runtime.stats["loads"] - loads0,
+            "exact": compare(got, ref)[0],
+            "exact_back_on_default": compare(again, ref)[0],
+            "reserved_minus_allocated_before": slack0,
+            "reserved_minus_allocated_after": slack1,
+        }
+
+    def capture_refused(self, sm: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        from fxswap.errors import CudaGraphCaptureError
+
+        if not self.dev.cuda:
+            return {"skipped": "no CUDA graphs"}
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph), torch.no_grad():
+                sm(**inputs)
+        except CudaGraphCaptureError as e:
+            return {"refused": True, "message": str(e)[:200]}
+        except Exception as e:  # noqa: BLE001 (what else happened is the finding)
+            return {"refused": False, "error": f"{type(e).__name__}: {e}"[:500]}
+        return {"refused": False, "error": None}
+
+    def pageable_step(
+        self, compiled: Callable[..., Any], budget: int, inputs: dict[str, Any], ref: torch.Tensor | None,
+        st: dict[str, Any],
+    ) -> dict[str, Any]:  # fmt: skip
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pin cap warning: expected here
+            sm = compiled(budget, warm_start=True, pin_share=0.0)
+            try:
+                with torch.no_grad():
+                    first = sm(**inputs)
+                self.dev.sync()
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        got = sm(**inputs)
+                    self.dev.sync()
+                    times.append(time.perf_counter() - t)
+                p = sm.plan
+                backend = sm.runtime.backend
+                pinned = st["result"]["variants"].get("fxswap_eager@min", {})
+                step = statistics.median(times)
+                predicted = None if p is None else float(p.predicted_step_ms)
+                ratio = None if predicted is None else round(predicted / (step * 1e3), 4)
+                return {
+                    "exact": bool(compare(first, ref)[0]) and bool(compare(got, ref)[0]),
+                    "pageable_bytes": int(sm.runtime.store.pageable_bytes),
+                    "pinned_bytes": int(sm.runtime.store.pinned_bytes),
+                    "ring_bytes": getattr(backend, "ring_bytes", None),
+                    "staged_bytes": getattr(backend, "staged_bytes", None),
+                    "pageable_step_s": round(step, 5),
+                    "predicted_step_ms_priced": None if predicted is None else round(predicted, 3),
+                    "predicted_over_measured": ratio,
+                    "pinned_step_s": pinned.get("step_s"),
+                    "pinned_predicted_step_ms": pinned.get("predicted_step_ms"),
+                }
+            finally:
+                sm.close()
+
+    def fp8_two_budgets(
+        self, compiled: Callable[..., Any], budgets: dict[str, int], inputs: dict[str, Any]
+    ) -> dict[str, Any]:
+        outs = []
+        for label in ("mid", "large"):
+            sm = compiled(budgets[label], storage_dtype=torch.float8_e4m3fn)
+            try:
+                with torch.no_grad():
+                    outs.append(sm(**inputs).detach().clone())
+            finally:
+                sm.close()
+        return {"finite": all(bool(torch.isfinite(o).all()) for o in outs),
+                "equal_across_budgets": bool(torch.equal(outs[0], outs[1]))}  # fmt: skip
 
     # -- diffusers peer
     def diffusers(self, case: Case) -> None:
@@ -1088,6 +1318,8 @@ class GpuCheck:
                     self.fxswap(case, "eager", "min")
                     self.fxswap(case, "eager", "min", depth0=True)
                     self.overlap(case)
+                    if case.copy_bound and not self.cuda_path_done:
+                        self.cuda_path(case)
                     self.fxswap(case, "eager", "mid")
                     self.fxswap(case, "eager", "large")
                     self.diffusers(case)

@@ -379,6 +379,37 @@ class Builder:
     ) -> Entry:
         """Capture, plan and rewrite for one signature (``root``: the call in canonical form);
         under Inductor also compile, against what Inductor really generates (``fxswap.fit``)."""
+        from fxswap.monitoring import keep_peaks
+
+        # The workspace probe and Inductor's replay reset the device's peak statistics to measure
+        # themselves; an active fxswap.monitor keeps the peak it had (monitoring.keep_peaks).
+        with keep_peaks(self.device):
+            entry = self._build(options, given_plan, args, kwargs, root)
+        return self._price_pageable(entry)
+
+    def _price_pageable(self, entry: Entry) -> Entry:
+        """The entry with its plan's times predicted for the units whose host copies stayed
+        pageable (pin cap or pinning failed): their copies are staged by the host and overlap
+        nothing (``passes.planner.price_blocking_units``)."""
+        from fxswap.passes.planner import price_blocking_units
+
+        store = self.runtime.store
+        if not store.pin:
+            return entry
+        units = [u for u in entry.plan.units if not u.resident]
+        blocking = {u.name for u in units if not all(store.in_arena(p) for p in u.params)}
+        if not blocking:
+            return entry
+        return dataclasses.replace(entry, plan=price_blocking_units(entry.ir, entry.plan, blocking))
+
+    def _build(
+        self,
+        options: PlanOptions,
+        given_plan: SwapPlan | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        root: dict[str, Any],
+    ) -> Entry:
         from fxswap.passes.planner import build_plan
         from fxswap.passes.validate import validate_plan
         from fxswap.progress import phase, plan_line
@@ -454,6 +485,8 @@ class Builder:
         # old one. The graph never sees it: its ids are build-local (graph_unit_id).
         prefix = f"s{next(self._builds)}/"
         swapping = [u for u in plan.units if not u.resident]
+        # one exact-size pinned arena for every weight this plan swaps (HostStore.reserve)
+        self.runtime.reserve_host([(p, self.named[p]) for u in swapping for p in u.params])
         registered = {
             u.name: self.runtime.add_unit(prefix + u.name, [(p, self.named[p]) for p in u.params])
             for u in progress(swapping, desc="fxswap: host copies (pinned on CUDA)", unit="unit")

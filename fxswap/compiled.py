@@ -49,7 +49,7 @@ from fxswap.errors import (
 )
 from fxswap.monitoring import any_active, notify_step
 from fxswap.options import GiB, MiB, PlanOptions
-from fxswap.runtime import SwapRuntime
+from fxswap.runtime import SwapRuntime, check_not_capturing
 from fxswap.swapplan import SwapPlan
 
 __all__ = ["OomRecovery", "SwapModule"]
@@ -238,9 +238,10 @@ class SwapModule:
         with self._call_lock:
             if self.runtime.closed:
                 return
-            for name, host in self.runtime.store.items():
+            store = self.runtime.store
+            for name, host in store.items():
                 t = self._named.get(name)
-                if t is not None and t.data_ptr() == host.data_ptr() and host.is_pinned():
+                if t is not None and t.data_ptr() == host.data_ptr() and store.in_arena(name):
                     t.data = torch.empty(host.shape, dtype=host.dtype).copy_(host)
             self._entries.clear()
             self._active = self._current = None
@@ -279,6 +280,7 @@ class SwapModule:
                 self._call_owner = None
 
     def _call(self, orig_args: tuple[Any, ...], orig_kwargs: dict[str, Any]) -> Any:
+        check_not_capturing(f"{type(self.model).__name__} compiled by fxswap")
         if self.runtime.closed:
             raise ClosedError(
                 f"this compiled {type(self.model).__name__} was closed (close()): its device copies and "
@@ -308,6 +310,9 @@ class SwapModule:
                     "compile with strict=False to plan each new signature."
                 )
             self._check_devices(args, kwargs)
+            # The build probes op workspace and (Inductor) replays programs on the device: give back
+            # the last signature's residents and carried units first, so it runs within the budget.
+            self._drop_device_copies()
             try:
                 built: Entry | None = self._build(orig_args, orig_kwargs, root)
             except torch.OutOfMemoryError as e:  # Inductor's build runs on the device too
@@ -370,6 +375,11 @@ class SwapModule:
                 f"{_describe(args, kwargs)}: {type(e).__name__}: {e}. The model's weights are "
                 f"{'/'.join(dtypes)}. Fix: pass inputs in the dtypes (and shapes) the model computes in."
             ) from e
+
+    def _drop_device_copies(self) -> None:
+        self._active = None
+        self.runtime.discard_pending()
+        self.runtime.drop_residents()
 
     def _forget_failed_call(self) -> None:
         self._active = self._current = None

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ClosedError",
     "ComfyIntegrationError",
+    "CudaGraphCaptureError",
     "DeviceError",
     "DeviceOutOfMemoryError",
     "FxswapError",
@@ -102,6 +103,10 @@ class ClosedError(FxswapError, RuntimeError):
 
 class NoCudaError(FxswapError, RuntimeError):
     """No CUDA device to read the memory of (pass the card's memory instead)."""
+
+
+class CudaGraphCaptureError(FxswapError, RuntimeError):
+    """A compiled model was called while a CUDA graph is being captured (fxswap cannot be captured)."""
 
 
 class ComfyIntegrationError(FxswapError, ValueError):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -76,12 +77,16 @@ class Experts:
             t = self._forward_signature.bind_partial(*args, **kwargs).arguments[ta]
         return _host_value(t, self._mirror)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, host_timestep: float | None = None, **kwargs: Any) -> Any:
+        """Run the expert the timestep picks. ``host_timestep``: the step's timestep as a Python
+        number, when the caller has it (the sampling loop does): the device tensor passed to the
+        model is then never read, so picking the expert costs no device sync."""
         if self.boundary is None:
             raise ValueError(
                 "`boundary` was not set: call experts.high(...) / experts.low(...) or experts[i](...)"
             )
-        return self[0 if self._timestep(args, kwargs) >= self.boundary else 1](*args, **kwargs)
+        t = float(host_timestep) if host_timestep is not None else self._timestep(args, kwargs)
+        return self[0 if t >= self.boundary else 1](*args, **kwargs)
 
 
 def _host_value(t: Any, mirror: list[Any]) -> float:
@@ -98,17 +103,32 @@ def _host_value(t: Any, mirror: list[Any]) -> float:
         return float(t)
     if t.device.type in ("cpu", "meta"):
         return float(t.flatten()[0])
-    return _mirrored_value(t, mirror)
+    return _mirrored_value(t, mirror, on_device_read=_warn_device_read)
 
 
-def _mirrored_value(t: torch.Tensor, mirror: list[Any]) -> float:
+def _warn_device_read() -> None:
+    warnings.warn(
+        "fxswap.Experts: the timestep is a device tensor fxswap cannot mirror on the host (a fresh "
+        "tensor per step, or one made under inference_mode); reading it waits for the device every "
+        "step. Fix: pass the step's timestep as a number, experts(..., host_timestep=float(t)), or "
+        "call experts.high / experts.low yourself.",
+        stacklevel=4,
+    )
+
+
+def _mirrored_value(
+    t: torch.Tensor, mirror: list[Any], on_device_read: Callable[[], None] | None = None
+) -> float:
     """``t``'s first element read from ``mirror``, a host copy of ``t``'s storage kept in place
     (one at a time: the schedule being sampled), refreshed when ``t`` belongs to another tensor or
-    its version counter moved."""
+    its version counter moved. ``on_device_read`` is called before a read that cannot use the
+    mirror (a device sync when ``t`` is on a device)."""
     base = t._base if t._base is not None else t
     try:
         version = t._version
     except RuntimeError:  # inference tensors track no version: nothing tells a stale copy apart
+        if on_device_read is not None:
+            on_device_read()
         return float(t.flatten()[0])
     if not mirror or mirror[0]() is not base or mirror[1] != version or mirror[2].dtype != t.dtype:
         storage = t.untyped_storage().cpu()  # the one sync per schedule

@@ -22,7 +22,7 @@ import torch
 
 from fxswap import runtime as _rt
 
-__all__ = ["Monitor", "MonitorRow", "any_active", "monitor", "notify_step"]
+__all__ = ["Monitor", "MonitorRow", "any_active", "keep_peaks", "monitor", "notify_step"]
 
 logger = logging.getLogger("fxswap.monitor")
 
@@ -62,6 +62,7 @@ class Monitor:
         self.rows: list[MonitorRow] = []
         self._last = time.perf_counter()
         self._cpu_peak = 0
+        self._kept_peak = 0  # CUDA: peaks saved across resets that fxswap's own probes make (keep_peaks)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         else:
@@ -76,7 +77,7 @@ class Monitor:
             return (
                 torch.cuda.memory_allocated(self.device),
                 torch.cuda.memory_reserved(self.device),
-                torch.cuda.max_memory_allocated(self.device),
+                max(self._kept_peak, torch.cuda.max_memory_allocated(self.device)),
                 pinned,
                 pageable,
             )
@@ -101,6 +102,29 @@ class Monitor:
 
 
 _ACTIVE: list[Monitor] = []
+
+
+@contextmanager
+def keep_peaks(device: torch.device) -> Iterator[None]:
+    """Around fxswap's own device measurements (the workspace probe, Inductor's replay), which reset
+    CUDA's peak statistics to measure themselves: every active monitor of ``device`` keeps the peak
+    it had before (and the one left after), so a build inside a monitored loop does not erase the
+    loop's peak. No-op off CUDA or without a monitor."""
+    watching = [m for m in _ACTIVE if m.device == device] if device.type == "cuda" else []
+    if not watching:
+        yield
+        return
+
+    def fold() -> None:
+        peak = torch.cuda.max_memory_allocated(device)
+        for m in watching:
+            m._kept_peak = max(m._kept_peak, peak)
+
+    fold()
+    try:
+        yield
+    finally:
+        fold()
 
 
 def any_active() -> bool:

@@ -2,20 +2,31 @@
 
 One :class:`SwapRuntime` per compiled model and device. It owns
 
-- a :class:`HostStore`: exactly one host copy of every swapped weight (pinned on CUDA up to a share of
-  RAM, pageable beyond that with a warning), kept in its storage dtype;
+- a :class:`HostStore`: exactly one host copy of every swapped weight, kept in its storage dtype
+  (fp8 with a per-tensor scale). On CUDA the copies live in page-locked *arenas*: one exact-size
+  host buffer per batch of weights, registered with the driver and sliced, up to a share of RAM;
+  beyond that (or if registering fails) they stay pageable, with a warning;
 - the device copies of the resident weights (made once, handed to the graph as ordinary inputs);
 - a :class:`TransferBackend` that copies a unit to the device asynchronously;
 - a :class:`Ledger` of device bytes held by fxswap, kept exact by tensor finalizers.
 
-CUDA transfer protocol (torch's activation-offloading design, ``torch/_functorch/_activation_offloading``)::
+CUDA transfer protocol (the stream rules are in ``docs/memory_model.md``)::
 
-    load:    dst = empty(...)                    # allocated on the COMPUTE stream: the allocator
-                                                 # attributes it to the stream that frees it
+    load:    dst = empty(...)                    # allocated on the COMPUTE stream, which owns the
+                                                 # block: the caching allocator files a block under
+                                                 # the stream that allocated it, and hands it out
+                                                 # again only on that stream once it is freed
              side.wait_stream(compute)           # the block may be reused memory still being read
              with side: dst.copy_(host, non_blocking=True); ev.record(side)
+                                                 # pageable host memory is first copied into a small
+                                                 # pinned staging ring, slot by slot
     wait:    compute.wait_event(ev)              # a device-side wait; the host never blocks
     release: the graph drops its last reference  # no record_stream, no D2H copy (the host copy stays)
+
+A transfer a warm start carried into the next call is read there only if that call runs on the
+stream that allocated it; otherwise it is discarded (its stream waits for the copy first) and the
+unit is loaded cold. No step of a call synchronises the host with the device while every unit is
+pinned; calls under CUDA graph capture are refused (:func:`check_not_capturing`).
 
 On the CPU the "device" is the CPU itself and a copy is a clone into a fresh tensor, so the same code
 path (ops, ownership, ledger) runs in every test.
@@ -24,6 +35,7 @@ path (ops, ownership, ledger) runs in every test.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -39,10 +51,17 @@ from torch import Tensor
 from fxswap import ops
 
 __all__ = [
+    "ARENA_ALIGN",
     "CopyBackend",
+    "CudaStreamBackend",
+    "Pinner",
+    "aligned_bytes",
+    "check_not_capturing",
+    "cuda_host_register",
+    "narrow_for_storage",
     "stored_dtype",
     "staging_bytes",
-    "CudaStreamBackend",
+    "widen_stored",
     "HostStore",
     "LateCopyBackend",
     "Ledger",
@@ -52,7 +71,6 @@ __all__ = [
     "default_backend",
     "default_device",
     "live_runtimes",
-    "pinned_allocation_bytes",
 ]
 
 logger = logging.getLogger("fxswap.runtime")
@@ -114,15 +132,83 @@ def staging_bytes(tensor: Tensor, storage_dtype: torch.dtype | None) -> int:
     return 0 if sd == tensor.dtype else tensor.numel() * sd.itemsize
 
 
-def pinned_allocation_bytes(nbytes: int) -> int:
-    """Host bytes that pinning a tensor of ``nbytes`` really takes.
+def narrow_for_storage(name: str, tensor: Tensor, sd: torch.dtype) -> tuple[Tensor, float]:
+    """``tensor`` in the storage dtype ``sd`` and the scale that restores it (:func:`widen_stored`).
 
-    torch's CachingHostAllocator (``ATen/core/CachingHostAllocator.h``, ``allocate``) rounds every
-    request up to the next power of two before ``cudaHostAlloc`` (``c10::llvm::PowerOf2Ceil``; torch
-    2.13 adds a ``pinned_max_round_threshold`` setting whose default, SIZE_MAX, keeps the rounding
-    for all sizes). A 141.6 MB WAN 14B FFN weight pins 256 MiB: the ``pin_share`` cap must count that.
+    fp8 (1-byte) formats keep a per-tensor scale, ``amax / finfo(sd).max`` as the fp8-scaled
+    checkpoints do, so the largest magnitude maps to the format's largest finite value instead of
+    NaN or saturation, and small weights keep the format's relative precision. Wider formats (fp16)
+    keep scale 1 and must hold the tensor's range. A tensor that cannot be represented (NaN or
+    infinite values, a range above fp16's) is refused, naming it.
     """
-    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+    src = tensor.detach()
+    finfo = torch.finfo(sd)
+    amax = float(src.abs().max()) if src.numel() else 0.0
+    if not math.isfinite(amax):
+        raise ValueError(
+            f"weight `{name}` holds NaN or infinite values; storage_dtype={sd} cannot represent them. "
+            "Fix: compile without `storage_dtype`, or repair the checkpoint."
+        )
+    if sd.itemsize > 1:
+        if amax > finfo.max:
+            raise ValueError(
+                f"weight `{name}` reaches |x| = {amax:g}, above {sd}'s largest value {finfo.max:g}. "
+                "Fix: compile with storage_dtype=torch.float8_e4m3fn (scaled per tensor) or without "
+                "`storage_dtype`."
+            )
+        return src.to(sd), 1.0
+    # NOTE: the scale is rounded to float32 first so that the host (residents) and the device
+    # (swapped units) multiply by the very same float32 value.
+    scale = float(torch.tensor(amax / finfo.max if amax > 0 else 1.0, dtype=torch.float32))
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(
+            f"weight `{name}` has |x| <= {amax:g}: its fp8 scale underflows float32. Fix: compile "
+            "without `storage_dtype`."
+        )
+    q = (src.to(torch.float32) / scale).to(sd) if scale != 1.0 else src.to(sd)
+    return q, scale
+
+
+def widen_stored(stored: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """The compute-dtype tensor of a stored one: one cast and, for scaled fp8, one in-place multiply
+    in ``dtype`` (no float32 temporary: its bytes are the plan's staging bound). The same on the
+    host and on the device, so resident and swapped weights round alike."""
+    out = stored.to(dtype)
+    if scale != 1.0:
+        out.mul_(scale)
+    return out
+
+
+#: Host bytes between two weights in an arena: each slice starts on a cache line (dtype views and
+#: DMA need alignment; at most 63 padding bytes per weight).
+ARENA_ALIGN = 64
+
+#: ``pinner(buffer) -> release``: page-locks a host ``uint8`` buffer in place and returns the
+#: function that unlocks it; raises RuntimeError when the driver refuses.
+Pinner = Callable[[Tensor], Callable[[], None]]
+
+
+def aligned_bytes(nbytes: int) -> int:
+    """``nbytes`` rounded up to :data:`ARENA_ALIGN`."""
+    return -(-nbytes // ARENA_ALIGN) * ARENA_ALIGN
+
+
+def cuda_host_register(buffer: Tensor) -> Callable[[], None]:
+    """Page-lock ``buffer`` with ``cudaHostRegister`` (exactly its bytes, no power-of-two rounding,
+    and nothing left in torch's pinned-block cache once it is unregistered)."""
+    try:
+        cudart = torch.cuda.cudart()
+    except (AssertionError, RuntimeError) as e:  # a CPU-only build asserts, a broken driver raises
+        raise RuntimeError(f"no CUDA runtime to pin host memory with ({e})") from e
+    ptr, nbytes = buffer.data_ptr(), buffer.numel() * buffer.element_size()
+    err = int(cudart.cudaHostRegister(ptr, nbytes, 1))  # 1: cudaHostRegisterPortable
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {err}")
+
+    def release() -> None:
+        cudart.cudaHostUnregister(ptr)
+
+    return release
 
 
 def _total_ram_bytes() -> int:
@@ -147,30 +233,40 @@ def _available_ram_bytes() -> int:
 
 
 class HostStore:
-    """Exactly one host copy per weight name, in its storage dtype.
+    """Exactly one host copy per weight name, in its storage dtype (fp8 with a per-tensor scale).
+
+    Pinned copies live in *arenas*: :meth:`reserve` takes a batch of weights (a plan's swapped units),
+    allocates ONE host buffer of exactly their bytes (each slice aligned to :data:`ARENA_ALIGN`),
+    page-locks it with ``pinner`` and hands out slices of it. ``pinned_bytes`` is the arenas' bytes,
+    which is what is locked. :meth:`clear` unlocks and drops the arenas (the caller first makes sure
+    no copy still reads them).
 
     Args:
         pin: pin the copies (page-locked memory makes ``non_blocking`` H2D copies truly async).
         pin_share: at most this share of physical RAM is pinned; the rest stays pageable and a
             warning says so once (pinning everything can starve the OS and the dataloader).
-        pinner: how a tensor is pinned (default ``Tensor.pin_memory``). If it raises (Windows and
-            containers cap page-locked memory; ``cudaHostAlloc`` fails), that weight and every later
-            one stay pageable: one warning, :attr:`pin_error` keeps the reason, nothing fails.
+        pinner: how an arena is page-locked (default :func:`cuda_host_register`). If it raises
+            (Windows and containers cap page-locked memory), the batch is tried in halves; once a
+            single weight fails, it and every later weight stay pageable: one warning,
+            :attr:`pin_error` keeps the reason, nothing fails.
     """
 
-    def __init__(
-        self, *, pin: bool, pin_share: float = 0.5, pinner: Callable[[Tensor], Tensor] | None = None
-    ) -> None:
+    def __init__(self, *, pin: bool, pin_share: float = 0.5, pinner: Pinner | None = None) -> None:
         if not 0.0 <= pin_share <= 1.0:
             raise ValueError(f"`pin_share` must be within [0, 1], got {pin_share!r}")
         self.pin = pin
         self.pin_limit_bytes = int(_total_ram_bytes() * pin_share)
-        self.pinned_bytes = 0  # as the pinned allocator takes them (pinned_allocation_bytes)
-        self.pinned_payload_bytes = 0  # the tensors' own bytes inside those blocks
+        self.pinned_bytes = 0  # bytes of the page-locked arenas
+        self.pinned_payload_bytes = 0  # the weights' own bytes inside them
         self.pageable_bytes = 0
         self.pin_error: str | None = None
-        self._pinner = pinner if pinner is not None else Tensor.pin_memory
+        self._pinner: Pinner = pinner if pinner is not None else cuda_host_register
         self._tensors: dict[str, Tensor] = {}
+        self._scales: dict[str, float] = {}
+        self._slots: dict[str, Tensor] = {}  # reserved arena slices (uint8) not yet filled
+        self._in_arena: set[str] = set()
+        self._arenas: list[tuple[Tensor, Callable[[], None]]] = []
+        self._capped = False
         self._warned = False
 
     def _warn_once(self, why: str) -> None:
@@ -183,6 +279,54 @@ class HostStore:
             stacklevel=4,
         )
 
+    def reserve(self, items: Sequence[tuple[str, Tensor]], storage_dtype: torch.dtype | None = None) -> None:
+        """Pin one arena for the weights of ``items`` not stored yet (in order, up to the cap)."""
+        if not self.pin or self.pin_error is not None or self._capped:
+            return
+        todo: list[tuple[str, int]] = []
+        seen: set[str] = set()
+        total = 0
+        for name, t in items:
+            if name in self._tensors or name in self._slots or name in seen:
+                continue
+            n = t.numel() * stored_dtype(t.dtype, storage_dtype).itemsize
+            if self.pinned_bytes + total + aligned_bytes(n) > self.pin_limit_bytes:
+                self._capped = True  # this and every later weight stay pageable (one rule, one warning)
+                self._warn_once(
+                    f"pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB (`pin_share`); "
+                    "raise `pin_share` if the machine has RAM to spare"
+                )
+                break
+            seen.add(name)
+            todo.append((name, n))
+            total += aligned_bytes(n)
+        if todo:
+            self._pin_arena(todo)
+
+    def _pin_arena(self, todo: list[tuple[str, int]]) -> bool:
+        """One arena for ``todo``; if the pinner refuses, halves of it (a capped machine still pins
+        what fits), until a single weight fails: then pinning stops. Whether all were pinned."""
+        total = sum(aligned_bytes(n) for _, n in todo)
+        buffer = torch.empty(total, dtype=torch.uint8)
+        try:
+            release = self._pinner(buffer)
+        except RuntimeError as e:  # torch and the pinner report allocation failures as RuntimeError
+            del buffer
+            if len(todo) > 1:
+                h = len(todo) // 2
+                return self._pin_arena(todo[:h]) and self._pin_arena(todo[h:])
+            self.pin_error = f"{type(e).__name__}: {e}"
+            logger.warning("fxswap: pinning a %d-byte host arena failed: %s", total, self.pin_error)
+            self._warn_once(f"pinning host memory failed after {self.pinned_bytes} bytes ({self.pin_error})")
+            return False
+        self._arenas.append((buffer, release))
+        self.pinned_bytes += total
+        off = 0
+        for name, n in todo:
+            self._slots[name] = buffer[off : off + n]
+            off += aligned_bytes(n)
+        return True
+
     def put(self, name: str, tensor: Tensor, storage_dtype: torch.dtype | None = None) -> Tensor:
         """Store ``tensor`` (a host tensor) under ``name`` once and return the host copy."""
         if name in self._tensors:
@@ -194,39 +338,46 @@ class HostStore:
             )
         host = tensor.detach()
         sd = stored_dtype(host.dtype, storage_dtype)
+        scale = 1.0
         if sd != host.dtype:
-            host = host.to(sd)
-        host = host.contiguous()
-        nbytes = host.untyped_storage().nbytes()
-        pinned = False
-        alloc = pinned_allocation_bytes(nbytes)
-        if self.pin and self.pin_error is None:
-            if self.pinned_bytes + alloc <= self.pin_limit_bytes:
-                try:
-                    host = self._pinner(host)
-                    pinned = True
-                except RuntimeError as e:  # torch reports allocation failures as RuntimeError
-                    self.pin_error = f"{type(e).__name__}: {e}"
-                    logger.warning("fxswap: pinning `%s` (%d bytes) failed: %s", name, nbytes, self.pin_error)
-                    self._warn_once(
-                        f"pinning host memory failed after {self.pinned_bytes} bytes ({self.pin_error})"
-                    )
-            else:
-                self._warn_once(
-                    f"pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB (`pin_share`); "
-                    "raise `pin_share` if the machine has RAM to spare"
-                )
-        if pinned:
-            self.pinned_bytes += alloc
+            host, scale = narrow_for_storage(name, host, sd)
+        if self.pin and name not in self._slots:
+            self.reserve([(name, host)])  # not part of a batch: an arena of its own
+        slot = self._slots.pop(name, None)
+        nbytes = host.numel() * host.element_size()
+        if slot is not None:
+            pinned = slot.view(host.dtype).view(host.shape)
+            pinned.copy_(host)
+            host = pinned
+            self._in_arena.add(name)
             self.pinned_payload_bytes += nbytes
         else:
+            host = host.contiguous()
             self.pageable_bytes += nbytes
         self._tensors[name] = host
+        if scale != 1.0:
+            self._scales[name] = scale
         return host
 
+    def scale(self, name: str) -> float:
+        """The factor that restores weight ``name`` from its stored values (1.0 unless fp8)."""
+        return self._scales.get(name, 1.0)
+
+    def in_arena(self, name: str) -> bool:
+        """Whether weight ``name``'s host copy is a slice of a pinned arena (owned by the store)."""
+        return name in self._in_arena
+
     def clear(self) -> None:
-        """Forget every host copy (their memory returns when no one else holds them)."""
+        """Forget every host copy and unlock the arenas. Their memory returns when no one else holds
+        a slice; no copy may still be reading them (:meth:`SwapRuntime.close` waits first)."""
+        for _buffer, release in self._arenas:
+            release()
+        self._arenas.clear()
         self._tensors.clear()
+        self._scales.clear()
+        self._slots.clear()
+        self._in_arena.clear()
+        self._capped = False
         self.pinned_bytes = self.pinned_payload_bytes = self.pageable_bytes = 0
 
     def items(self) -> list[tuple[str, Tensor]]:
@@ -257,12 +408,32 @@ class PendingTransfer(ABC):
         """Block the host until the copy has landed (only off the critical path: error cleanup)."""
         self.wait()
 
+    def readable_here(self) -> bool:
+        """Whether :meth:`wait` may be called from here (CUDA: the stream that allocated the
+        destinations is the current one). A carried transfer that is not is discarded."""
+        return True
+
+    def discard(self) -> None:
+        """Give up the transfer without reading it; its destinations may be freed after this."""
+        self.wait_host()
+        self.tensors = []
+
 
 class TransferBackend(ABC):
     """Starts the copy of host tensors to ``device``; pluggable so tests can inject a late one."""
 
     @abstractmethod
     def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer: ...
+
+    def copy_resident(self, src: Tensor, device: torch.device) -> Tensor:
+        """A fresh device copy of ``src``, readable by the current stream (a resident weight)."""
+        d = torch.empty_like(src, device=device, memory_format=torch.contiguous_format)
+        d.copy_(src)
+        return d
+
+    def close(self) -> None:
+        """Block until every copy this backend started has landed; give back its own host memory."""
+        return None
 
 
 class _Done(PendingTransfer):
@@ -283,32 +454,104 @@ class CopyBackend(TransferBackend):
 
 
 class _CudaPending(PendingTransfer):
-    def __init__(self, tensors: list[Tensor], event: torch.cuda.Event, device: torch.device) -> None:
+    def __init__(
+        self, tensors: list[Tensor], event: torch.cuda.Event, device: torch.device, stream: torch.cuda.Stream
+    ) -> None:
         super().__init__(tensors)
         self.event = event
         self.device = device
-        # the stream the destinations were allocated on (the caching allocator's owner of the blocks)
-        self.stream = torch.cuda.current_stream(device)
+        self.stream = stream  # the stream the destinations were allocated on (their owner)
+
+    def readable_here(self) -> bool:
+        return bool(torch.cuda.current_stream(self.device) == self.stream)
 
     def wait(self) -> None:
         current = torch.cuda.current_stream(self.device)
-        current.wait_event(self.event)
         if current != self.stream:
-            # A transfer carried from the previous call is read here on another stream than the one
-            # it was allocated on: without this the allocator could hand the block out again on
-            # the old stream while this one still reads it.
-            for t in self.tensors:
-                t.record_stream(current)
+            # NOTE: no record_stream fallback: it would keep the block allocated past its free
+            # (reserved memory grows where the plan and max_memory_allocated cannot see it).
+            # Carried transfers are discarded before this (readable_here); a load and its wait of
+            # one call run on one stream.
+            raise RuntimeError(
+                f"fxswap: a transfer allocated on stream {self.stream} is read on stream {current}; "
+                "the stream changed in the middle of a call. Fix: run each call on one stream."
+            )
+        current.wait_event(self.event)
 
     def wait_host(self) -> None:
         self.event.synchronize()
 
+    def discard(self) -> None:
+        # Device-side: the owning stream waits for the copy, so the allocator can reuse the blocks
+        # (only on that stream) after it has landed. The host does not block.
+        self.stream.wait_event(self.event)
+        self.tensors = []
+
+
+class _StagingRing:
+    """A small pinned buffer cut into ``slots`` slots: pageable host memory is copied into a slot
+    by the host, then from the slot to the device on the transfer stream. A slot is reused once
+    its previous copy has landed (the host waits for that copy's event: pageable units block the
+    host, which the plan prices, see ``passes.simulate``)."""
+
+    def __init__(self, buffer: Tensor, slots: int, release: Callable[[], None]) -> None:
+        self.buffer = buffer
+        self.slot_bytes = buffer.numel() // slots
+        self.release = release
+        self._events: list[torch.cuda.Event | None] = [None] * slots
+        self._next = 0
+
+    def take(self) -> tuple[int, Tensor]:
+        k = self._next
+        self._next = (k + 1) % len(self._events)
+        ev = self._events[k]
+        if ev is not None:
+            ev.synchronize()
+        return k, self.buffer[k * self.slot_bytes : (k + 1) * self.slot_bytes]
+
+    def recorded(self, k: int, side: torch.cuda.Stream) -> None:
+        ev = torch.cuda.Event()
+        ev.record(side)
+        self._events[k] = ev
+
+
+def _as_bytes(t: Tensor) -> Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
 
 class CudaStreamBackend(TransferBackend):
-    """One transfer stream per device; see the module docstring for the protocol."""
+    """One transfer stream per device; see the module docstring for the protocol.
 
-    def __init__(self) -> None:
+    Args:
+        ring_slots, slot_bytes: the pinned staging ring for pageable host memory (allocated on the
+            first pageable copy; ``ring_bytes`` counts it). Bounded: ``ring_slots * slot_bytes``.
+        pinner: how the ring is page-locked (:data:`Pinner`; default :func:`cuda_host_register`).
+        is_pinned: whether a host tensor is page-locked (default ``Tensor.is_pinned``).
+    """
+
+    def __init__(
+        self,
+        *,
+        ring_slots: int = 2,
+        slot_bytes: int = 16 * 2**20,
+        pinner: Pinner | None = None,
+        is_pinned: Callable[[Tensor], bool] | None = None,
+    ) -> None:
+        if ring_slots < 1 or slot_bytes < ARENA_ALIGN:
+            raise ValueError(f"`ring_slots`={ring_slots} and `slot_bytes`={slot_bytes}: need >= 1 and >= 64")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.ring_slots, self.slot_bytes = ring_slots, slot_bytes
+        self._pinner: Pinner = pinner if pinner is not None else cuda_host_register
+        self._is_pinned = is_pinned if is_pinned is not None else Tensor.is_pinned
+        self._ring: _StagingRing | None = None
+        self.ring_error: str | None = None
+        #: pageable bytes staged through the ring, and the tensors they came in
+        self.staged_bytes = self.staged_tensors = 0
+
+    @property
+    def ring_bytes(self) -> int:
+        """Pinned host bytes of the staging ring (0 until a pageable tensor is copied)."""
+        return 0 if self._ring is None else self._ring.buffer.numel()
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         s = self._streams.get(device)
@@ -316,15 +559,47 @@ class CudaStreamBackend(TransferBackend):
             s = self._streams[device] = torch.cuda.Stream(device)
         return s
 
-    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer:
+    def _get_ring(self) -> _StagingRing | None:
+        if self._ring is None and self.ring_error is None:
+            buffer = torch.empty(self.ring_slots * self.slot_bytes, dtype=torch.uint8)
+            try:
+                release = self._pinner(buffer)
+            except RuntimeError as e:
+                self.ring_error = f"{type(e).__name__}: {e}"
+                logger.warning("fxswap: no pinned staging ring (%s); pageable copies go direct", e)
+                return None
+            self._ring = _StagingRing(buffer, self.ring_slots, release)
+        return self._ring
+
+    def _copy(self, d: Tensor, h: Tensor, side: torch.cuda.Stream) -> None:
+        if self._is_pinned(h):
+            d.copy_(h, non_blocking=True)
+            return
+        ring = self._get_ring()
+        if ring is None:
+            d.copy_(h, non_blocking=True)  # CUDA stages it itself, blocking the host
+            return
+        src, dst = _as_bytes(h.contiguous()), _as_bytes(d)
+        n, step = src.numel(), ring.slot_bytes
+        for off in range(0, n, step):
+            k, slot = ring.take()
+            m = min(step, n - off)
+            slot[:m].copy_(src[off : off + m])
+            dst[off : off + m].copy_(slot[:m], non_blocking=True)
+            ring.recorded(k, side)
+        self.staged_bytes += n
+        self.staged_tensors += 1
+
+    def _start(self, host: Sequence[Tensor], device: torch.device) -> _CudaPending:
         compute = torch.cuda.current_stream(device)
         side = self._side(device)
-        out = [torch.empty_like(h, device=device) for h in host]  # on the compute stream
+        # on the compute stream, contiguous (the staging path copies bytes)
+        out = [torch.empty(h.shape, dtype=h.dtype, device=device) for h in host]
         side.wait_stream(compute)
         try:
             with torch.cuda.stream(side):
                 for d, h in zip(out, host, strict=True):
-                    d.copy_(h, non_blocking=True)
+                    self._copy(d, h, side)
                 ev = torch.cuda.Event()
                 ev.record(side)
         except BaseException:
@@ -332,7 +607,28 @@ class CudaStreamBackend(TransferBackend):
             # the compute stream's pool while the side stream still writes into them.
             side.synchronize()
             raise
-        return _CudaPending(out, ev, device)
+        return _CudaPending(out, ev, device, compute)
+
+    def start(self, host: Sequence[Tensor], device: torch.device) -> PendingTransfer:
+        return self._start(host, device)
+
+    def copy_resident(self, src: Tensor, device: torch.device) -> Tensor:
+        # On the transfer stream like a unit (a new signature's residents no longer block the host
+        # behind the compute stream); the compute stream waits for it on the device.
+        p = self._start([src], device)
+        try:
+            p.wait()
+        except BaseException:
+            p.wait_host()
+            raise
+        return p.tensors[0]
+
+    def close(self) -> None:
+        for s in self._streams.values():
+            s.synchronize()
+        if self._ring is not None:
+            self._ring.release()
+            self._ring = None
 
 
 class _LatePending(PendingTransfer):
@@ -395,7 +691,7 @@ class _Unit:
 
     __slots__ = (
         "_device", "_ledger", "_rt", "_start", "_token", "_track", "carried", "casts", "host", "loads",
-        "meta", "name", "params", "pending", "releases", "waits",
+        "meta", "name", "params", "pending", "releases", "scales", "waits",
     )  # fmt: skip
 
     def __init__(
@@ -406,12 +702,14 @@ class _Unit:
         host: list[Tensor],
         meta: ops.UnitMeta,
         casts: tuple[int, ...],
+        scales: tuple[float, ...] = (),
     ) -> None:
         self.name = name
         self.params = params
         self.host = host
         self.meta = meta
         self.casts = casts  # positions stored in a narrower dtype than the graph computes in
+        self.scales = scales or (1.0,) * len(host)  # per position: restores a scaled fp8 weight
         self.pending: deque[PendingTransfer] = deque()
         # Transfers a previous call's tail started for this call's first load (warm start).
         self.carried = 0
@@ -426,9 +724,13 @@ class _Unit:
     def start_load(self) -> Tensor:
         if self.carried:
             # The previous call's tail already started this transfer (``start_carry``); it waits in
-            # `pending` for this load's wait.
-            self.carried -= 1
-            return self._token
+            # `pending` for this load's wait, if this call runs where it was allocated.
+            if self.pending[0].readable_here():
+                self.carried -= 1
+                return self._token
+            # Another stream: reading it here would need record_stream (memory kept past its
+            # free, unseen by the plan). Drop the carries (device-side) and load cold.
+            self.discard_pending()
         return self._transfer()
 
     def start_carry(self) -> Tensor:
@@ -477,7 +779,7 @@ class _Unit:
             for i in self.casts:
                 if hook is not None:
                     hook("cast", self.params[i], out[i].numel() * dtypes[i].itemsize)
-                cast = out[i].to(dtypes[i])
+                cast = widen_stored(out[i], self.scales[i], dtypes[i])
                 if self._track:  # tracked while its staging tensor still lives, as on the device
                     self._ledger.track(cast)
                 out[i] = cast
@@ -491,16 +793,30 @@ class _Unit:
     def discard_pending(self) -> int:
         """Drop transfers whose wait never ran (the graph failed in between); return how many.
 
-        Each is waited for first: on CUDA the copy engine may still be writing into the block, and
+        Each is made safe to free first (:meth:`PendingTransfer.discard`; on CUDA the owning stream
+        waits for the copy on the device): the copy engine may still be writing into the block, and
         freeing it would let the allocator hand it to the compute stream mid-copy.
         """
         n = len(self.pending)
         self.carried = 0
         while self.pending:
-            p = self.pending.popleft()
-            p.wait_host()
-            p.tensors = []
+            self.pending.popleft().discard()
         return n
+
+
+def check_not_capturing(what: str) -> None:
+    """Refuse to run under CUDA graph capture (``torch.cuda.graph``): the transfers, their
+    allocations and the host-side bookkeeping would be frozen into the graph and replayed without
+    the host copies, and the error paths' host waits are illegal while capturing."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        from fxswap.errors import CudaGraphCaptureError
+
+        raise CudaGraphCaptureError(
+            f"{what} was called while the current CUDA stream is capturing a CUDA graph. fxswap moves "
+            "weights between host and device at run time, which a captured graph cannot replay. Fix: "
+            "call it outside `torch.cuda.graph(...)` / `make_graphed_callables` (fxswap's own Inductor "
+            "build already runs with CUDA graphs off)."
+        )
 
 
 _LIVE: weakref.WeakSet[SwapRuntime] = weakref.WeakSet()
@@ -515,12 +831,14 @@ class SwapRuntime:
     """Host store, resident device copies, transfer backend and ledger of one compiled model.
 
     Storage dtype (``storage_dtype``, e.g. ``torch.float8_e4m3fn``): every floating-point weight
-    wider than it (see :func:`stored_dtype`) is rounded through it, so the output does not depend on
-    which weights the budget swaps:
+    wider than it (see :func:`stored_dtype`) is rounded through it (fp8 with one scale per tensor:
+    :func:`narrow_for_storage`, :func:`widen_stored`), so the output does not depend on which
+    weights the budget swaps:
 
     - a swapped weight is kept on the host in the storage dtype, copied as stored (fewer bytes over
-      the link) into a device *staging* tensor, and cast to the compute dtype by ``wait``;
-    - a resident weight is rounded on the host and copied once in the compute dtype.
+      the link) into a device *staging* tensor, and cast (and scaled) to the compute dtype by ``wait``;
+    - a resident weight is rounded on the host by the same two functions and copied once in the
+      compute dtype.
 
     Device bytes of a swapped unit, as the plan counts them (its compute-dtype bytes from its load
     to its release): between load and wait it holds its staging copies, which are no larger; while
@@ -537,7 +855,8 @@ class SwapRuntime:
         track: count device copies in :attr:`ledger` with tensor finalizers (~2 us per tensor per
             load). Default: on for non-CUDA devices; on CUDA the allocator's statistics are the ledger.
         pin: pin the host copies; default on CUDA only (see :class:`HostStore` for the fallback).
-        pinner: how a host tensor is pinned (:class:`HostStore`); tests inject a failing one.
+        pinner: how the host arenas are page-locked (:data:`Pinner`, :class:`HostStore`); tests inject
+            a failing or counting one.
 
     Fault hooks (for tests and diagnosis; None in normal use): :attr:`alloc_hook` is called as
     ``hook(kind, name, nbytes)`` right before fxswap allocates device memory, with ``kind`` one of
@@ -556,7 +875,7 @@ class SwapRuntime:
         storage_dtype: torch.dtype | None = None,
         track: bool | None = None,
         pin: bool | None = None,
-        pinner: Callable[[Tensor], Tensor] | None = None,
+        pinner: Pinner | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.track = self.device.type != "cuda" if track is None else track
@@ -590,6 +909,11 @@ class SwapRuntime:
         return max((staging_bytes(t, self.storage_dtype) for t in tensors), default=0)
 
     # -- swapped units
+    def reserve_host(self, params: Sequence[tuple[str, Tensor]]) -> None:
+        """Pin one exact-size host arena for the weights of ``params`` before :meth:`add_unit` stores
+        them (a plan's swapped weights at once; see :class:`HostStore`)."""
+        self.store.reserve(params, self.storage_dtype)
+
     def add_unit(self, name: str, params: Sequence[tuple[str, Tensor]]) -> int:
         """Register a swapped unit made of ``params`` (fqn, host tensor); return its op id."""
         if name in self._uids:
@@ -597,7 +921,8 @@ class SwapRuntime:
         host = [self.store.put(fqn, t, self.storage_dtype) for fqn, t in params]
         meta = ops.UnitMeta(tuple(tuple(t.shape) for _, t in params), tuple(t.dtype for _, t in params))
         casts = tuple(i for i, (h, d) in enumerate(zip(host, meta.dtypes, strict=True)) if h.dtype != d)
-        unit = _Unit(self, name, tuple(f for f, _ in params), host, meta, casts=casts)
+        scales = tuple(self.store.scale(fqn) for fqn, _ in params)
+        unit = _Unit(self, name, tuple(f for f, _ in params), host, meta, casts=casts, scales=scales)
         uid = ops.register_unit(unit)
         self._uids[name] = uid
         self._units.append(unit)
@@ -635,11 +960,10 @@ class SwapRuntime:
             src = tensor.detach()
             sd = stored_dtype(src.dtype, self.storage_dtype)
             if sd != src.dtype:  # rounded like the swapped weights (on the host: no device staging)
-                src = src.to(sd).to(src.dtype)
+                src = widen_stored(*narrow_for_storage(fqn, src, sd), src.dtype)
             # NOTE: always a fresh tensor, also on the CPU, so the ledger accounts for it and the
-            # graph never aliases the user's parameter.
-            d = torch.empty_like(src, device=self.device, memory_format=torch.contiguous_format)
-            d.copy_(src)
+            # graph never aliases the user's parameter. On CUDA it is copied on the transfer stream.
+            d = self.backend.copy_resident(src, self.device)
             self._residents[fqn] = self.ledger.track(d) if self.track else d
         return d
 
@@ -678,5 +1002,8 @@ class SwapRuntime:
             ops.unregister_unit(uid)
         self._uids.clear()
         self._units.clear()
+        # The transfer stream may still be reading the arenas: let it finish before they are
+        # unlocked and freed (the only host sync of a runtime's life, off every call's path).
+        self.backend.close()
         self.store.clear()
         self.closed = True

@@ -64,7 +64,15 @@ from fxswap.passes.partition import (
     partition_layerwise,
 )
 from fxswap.passes.schedule import PLACEMENTS, PreparedPartition, Schedule, fill_resident, prepare_partition
-from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, op_costs, simulate_memory, simulate_time
+from fxswap.passes.simulate import (
+    OpCosts,
+    TimeReport,
+    UnitWindow,
+    op_costs,
+    simulate_memory,
+    simulate_time,
+    unit_windows,
+)
 from fxswap.passes.validate import validate_plan
 from fxswap.passes.warmstart import WarmStart, plan_warm_start
 from fxswap.swapplan import (
@@ -79,7 +87,7 @@ from fxswap.swapplan import (
     reloaded_bytes,
 )
 
-__all__ = ["build_plan", "candidate_partitions", "mode_min_vram_bytes"]
+__all__ = ["build_plan", "candidate_partitions", "mode_min_vram_bytes", "price_blocking_units"]
 
 logger = logging.getLogger("fxswap.planner")
 GiB = 2**30
@@ -410,3 +418,39 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         plan.predicted_step_ms,
     )
     return plan
+
+
+def price_blocking_units(ir: GraphIR, plan: SwapPlan, blocking: set[str] | frozenset[str]) -> SwapPlan:
+    """``plan`` with its predicted times for the swapped units named in ``blocking`` copied without
+    overlap (their host memory could not be pinned: see :class:`passes.simulate.UnitWindow`).
+
+    The extra time is the difference of two runs of the cold-call model, with and without those
+    units blocking; it is added to every predicted step (a warm start's steady call included: a
+    carried unit's copy blocks the host as much as a cold one's). The units and peaks are unchanged.
+    """
+    if not any(u.name in blocking and not u.resident for u in plan.units):
+        return plan
+    costs = op_costs(ir.ops, plan.compute_tflops, plan.device_mem_gbps)
+    windows = unit_windows(plan.units)
+    plain = simulate_time(costs, windows, plan.h2d_gbps)
+    blocked = simulate_time(
+        costs,
+        [
+            dataclasses.replace(w, blocking=u.name in blocking and not u.resident)
+            for u, w in zip(plan.units, windows, strict=True)
+        ],
+        plan.h2d_gbps,
+    )
+    extra = blocked.step_ms - plain.step_ms
+    logger.warning(
+        "fxswap: %d swapped units have pageable host copies: their copies cannot overlap compute "
+        "(predicted step +%.1f ms)",
+        sum(u.name in blocking and not u.resident for u in plan.units),
+        extra,
+    )
+    return dataclasses.replace(
+        plan,
+        predicted_step_ms=plan.predicted_step_ms + extra,
+        predicted_stall_ms=plan.predicted_stall_ms + extra,
+        predicted_first_step_ms=plan.predicted_first_step_ms + extra,
+    )

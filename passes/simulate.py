@@ -23,7 +23,9 @@ Time (:func:`simulate_time`), two streams:
 - compute runs ops in order; op time = max(flops / compute rate, mem_bytes / device memory rate);
 - copy runs loads in issue order; a load starts when compute has reached ``load_at`` and the copy
   stream is free, and takes ``bytes / h2d rate``;
-- before op ``wait_at`` compute stalls until that load has finished.
+- before op ``wait_at`` compute stalls until that load has finished;
+- a *blocking* load (pageable host memory, staged by the host) stalls compute at ``load_at``
+  until it has finished: it overlaps nothing.
 
 Resident units are loaded once, outside the step, and are not counted per call. Loading the first
 units of the *next* call during the tail of this one is not modelled (each call starts cold).
@@ -71,6 +73,9 @@ class UnitWindow:
     load_at: int = 0  # ignored when resident
     wait_at: int = 0
     release_after: int = 0
+    # The copy cannot overlap compute: its host memory is pageable, so the host stages it and
+    # blocks from the load until it has landed (fxswap.runtime's staging ring).
+    blocking: bool = False
 
 
 def unit_windows(units: Iterable[SwapUnit]) -> list[UnitWindow]:
@@ -223,6 +228,9 @@ def simulate_time(costs: OpCosts, units: Sequence[UnitWindow], h2d_gbps: float) 
         if kind == 0:
             start[k] = max(now, copy_free)
             end[k] = copy_free = start[k] + units[k].bytes * byte_ms
+            if units[k].blocking:  # the host, hence compute, waits at the load itself
+                stall_k[k] = end[k] - now
+                stall += stall_k[k]
         elif end[k] > now:
             stall_k[k] = end[k] - now
             stall += stall_k[k]

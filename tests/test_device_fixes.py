@@ -1,6 +1,6 @@
-"""The defects the first GPU run would have hit (issue 14): pinned bytes as the pinned allocator takes
-them, the copy-path exception window, CUDA graphs under fxswap's Inductor config, the experts'
-timestep read, and calibrate on an H200 / an unknown card."""
+"""The defects the first GPU run would have hit (issue 14): the copy-path exception window, CUDA
+graphs under fxswap's Inductor config, the experts' timestep read, and calibrate on an H200 / an
+unknown card."""
 
 from __future__ import annotations
 
@@ -14,30 +14,13 @@ from fxswap import ops
 from fxswap.bench.calibrate import _base_profile, add_calibrate_arguments, run_calibrate
 from fxswap.bench.hardware import PROFILES
 from fxswap.experts import _mirrored_value
-from fxswap.runtime import HostStore, PendingTransfer, SwapRuntime, TransferBackend, pinned_allocation_bytes
+from fxswap.runtime import PendingTransfer, SwapRuntime, TransferBackend
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-# ------------------------------------------------------------------------------------- pinned bytes
-@pytest.mark.parametrize("n", [1, 2, 3, 4095, 4096, 4097, 141_557_760, 2**30 + 1])
-def test_pinned_allocation_bytes_is_the_next_power_of_two(n: int) -> None:
-    p = 1
-    while p < n:  # brute force, shares nothing with the bit trick
-        p *= 2
-    assert pinned_allocation_bytes(n) == p
-
-
-def test_host_store_counts_pinned_blocks_as_rounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No CUDA here: pinning is replaced by the identity; what is checked is the accounting.
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
-    store = HostStore(pin=True, pin_share=1.0)
-    store.pin_limit_bytes = 6000
-    store.put("a", torch.zeros(750, dtype=torch.float32))  # 3000 B -> a 4096 B pinned block
-    assert store.pinned_bytes == 4096 and store.pinned_payload_bytes == 3000
-    with pytest.warns(UserWarning, match="pinned host memory capped"):
-        store.put("b", torch.zeros(750, dtype=torch.float32))  # 4096 + 4096 > 6000: stays pageable
-    assert store.pinned_bytes == 4096 and store.pageable_bytes == 3000
+# Pinned bytes: pinned host memory is now one exact-size arena per batch (issue 22);
+# tests/test_cuda_path.py checks its bytes against the CPU allocator's own events.
 
 
 # ----------------------------------------------------------------------------- copy-path exceptions

@@ -122,6 +122,20 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
         assert ratio == round(v["fxswap_eager@min"]["step_s"] / v["resident_eager"]["step_s"], 4)
 
 
+def test_dry_run_goes_through_the_cuda_path_checks(dry_run: tuple[dict[str, Any], Path]) -> None:
+    report, _ = dry_run
+    found = [(k, c["variants"]["issue22_cuda_path@min"]) for k, c in report["cases"].items()
+             if "issue22_cuda_path@min" in c["variants"]]  # fmt: skip
+    assert [k for k, _ in found] == ["tiny-t2v-2blocks@32p1"]  # once, on the first copy-bound case
+    v = found[0][1]
+    assert "error" not in v, v.get("error")
+    # on the CPU the device-only checks say so; the rest runs the same code as on the GPU
+    for key in ("host_syncs", "other_stream", "capture_refused"):
+        assert "skipped" in v[key], key
+    assert v["pageable"]["exact"] is True and v["fp8"] == {"finite": True, "equal_across_budgets": True}
+    assert set(v["pinned_host"]) >= {"pinned_bytes", "after_build", "after_close"}
+
+
 def test_dry_run_profiles_one_copy_bound_step(dry_run: tuple[dict[str, Any], Path]) -> None:
     report, out = dry_run
     traced = [

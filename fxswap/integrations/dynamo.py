@@ -82,6 +82,17 @@ def _weight_name(node: fx.Node, value: Any) -> str | None:
     return None
 
 
+def _input_to_device(a: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A call's input on ``device``.
+
+    NOTE: copied with ``non_blocking=False``. From pinned memory a non-blocking copy returns before
+    it has read the input, so a caller who overwrites the (pinned) input after the call returns
+    would race the copy. Inputs are small (latents, timesteps, text embeddings); the weights, the
+    large copies, go through the transfer stream.
+    """
+    return a.to(device, non_blocking=False) if a.device != device else a
+
+
 def _split(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     opts = dict(options or {})
     unknown = sorted(set(opts) - set(OPTIONS))
@@ -100,14 +111,16 @@ def fxswap_backend(
 ) -> Callable[..., Any]:
     """The ``fxswap`` backend for ``torch.compile`` (see the module docstring for ``options``)."""
     from fxswap.build import BACKENDS, resolve_device, retarget
+    from fxswap.monitoring import keep_peaks
     from fxswap.options import make_options
     from fxswap.passes.analyse import PlaceholderRole, graph_ir
+    from fxswap.passes.device_rules import apply_rules
     from fxswap.passes.planner import build_plan
     from fxswap.passes.rewrite import insert_swaps
     from fxswap.progress import plan_line
     from fxswap.regional import compile_regional, regions_enabled
-    from fxswap.runtime import SwapRuntime
-    from fxswap.workspace import probe_workspace, with_workspace
+    from fxswap.runtime import SwapRuntime, check_not_capturing
+    from fxswap.workspace import device_rules_for, probe_workspace, with_workspace
 
     t0 = time.perf_counter()
     copts, popts = _split(options)
@@ -141,7 +154,11 @@ def fxswap_backend(
         w = _weight_name(node, value)
         roles.append(PlaceholderRole(weight=w, name=w if w is not None else node.name))
     # Op workspace measured on the device, as fxswap.compile does (fxswap.workspace).
-    ir = with_workspace(graph_ir(gm, roles), probe_workspace(gm, device))
+    with keep_peaks(device):  # the probe resets CUDA's peak statistics: monitors keep theirs
+        # sized as the device's allocator counts (passes.device_rules), as fxswap.compile does
+        ir = apply_rules(
+            with_workspace(graph_ir(gm, roles), probe_workspace(gm, device)), device_rules_for(device)
+        )
     runtime = SwapRuntime(device, pin_share=copts["pin_share"], storage_dtype=copts["storage_dtype"])
     weights = {r.weight: v for r, v in zip(roles, example_inputs, strict=True) if r.weight is not None}
     staging = runtime.staging_bytes(list(weights.values()))
@@ -151,6 +168,7 @@ def fxswap_backend(
 
     def build(plan: SwapPlan) -> Built[list[tuple[int, str | None]]]:
         prefix = f"d{next(builds)}/"
+        runtime.reserve_host([(p, weights[p]) for u in plan.units if not u.resident for p in u.params])
         unit_ids = {
             u.name: runtime.add_unit(prefix + u.name, [(p, weights[p]) for p in u.params])
             for u in plan.units
@@ -184,7 +202,7 @@ def fxswap_backend(
         for i, w in kept:
             a = args[i]
             if w is None:
-                flat.append(a.to(device, non_blocking=True) if a.device != device else a)
+                flat.append(_input_to_device(a, device))
             else:
                 flat.append(runtime.resident(w, a))
         return flat
@@ -195,7 +213,8 @@ def fxswap_backend(
     else:
         # Planned against the program Inductor generates (fxswap.fit), as fxswap.compile does.
         inputs_held = {node.name for node, r in zip(placeholders, roles, strict=True) if r.weight is None}
-        built, plan = fit(ir, plan_options, build, inputs_held, device, align_blocks=regions_enabled())
+        with keep_peaks(device):
+            built, plan = fit(ir, plan_options, build, inputs_held, device, align_blocks=regions_enabled())
     kept, fn = built.handle, built.fn
     _PLANS.append(plan)
     logger.info(
@@ -203,6 +222,7 @@ def fxswap_backend(
     )
 
     def run(*args: Any) -> Any:
+        check_not_capturing("a torch.compile(backend='fxswap') graph")
         try:
             with torch.no_grad():
                 return fn(*_inputs(kept, args))
