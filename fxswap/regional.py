@@ -24,12 +24,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import operator
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -329,7 +330,7 @@ def compile_regional(
             # Glue (swap ops only) or a stretch outside the blocks: FX's Python, nothing to
             # compile; regions alike (canonical code) share one module.
             if region.signature not in glue:
-                glue[region.signature] = region.gm
+                glue[region.signature] = _boxed_module(region)
             gm = glue[region.signature]
             step = Step(
                 region.label,
@@ -388,17 +389,29 @@ def _compile_region(
         return compile_inductor(gm, fakes)
 
 
+def _boxed_module(region: Any) -> fx.GraphModule:
+    """``region``'s module taking its inputs as one list, which it empties before its first op
+    (Inductor's boxed convention): FX's code drops each value after its last use, so a weight
+    released here is freed at its release, before a later load in the same step allocates, as in
+    the compiled program. Called with ``*args``, the caller's tuple would hold every input until
+    the step returns."""
+    graph = fx.Graph()
+    box = graph.placeholder("args")
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = [n for n in region.graph.nodes if n.op == "placeholder"]
+    for i, n in enumerate(inputs):
+        env[n] = graph.call_function(operator.getitem, (box, i))
+        env[n].meta = dict(n.meta)
+    graph.call_method("clear", (box,))
+    for n in region.graph.nodes:
+        if n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(region.owner, graph)
+
+
 def _glue_call(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
-    forward = gm.forward  # skips nn.Module.__call__: no hooks on a glue module, 40+ calls per step
-
-    def call(args: list[Any]) -> Any:
-        # Emptied like Inductor's boxed wrapper, so that a weight released here dies as this step
-        # returns, before the next region runs.
-        params = list(args)
-        args.clear()
-        return forward(*params)
-
-    return call
+    # gm.forward, not gm(...): no hooks on these modules, and forty or more calls per step.
+    return cast(Callable[[list[Any]], Any], gm.forward)
 
 
 def _boxed(fn: Any) -> Callable[[list[Any]], Any]:
