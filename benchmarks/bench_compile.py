@@ -12,6 +12,8 @@ full compile, as a user's first run does:
   reserve_mb=0, backend="inductor")``; in the same child, its steady call is then timed against
   fxswap compiling one graph with the same options (calls interleaved: the run-time cost of
   block-by-block programs);
+- ``fxswap-eager-edges``: ``fxswap`` with ``FXSWAP_EAGER_EDGES=1``: its prologue and epilogue run as
+  FX's Python instead of compiled, as regional compilation leaves them;
 - ``fxswap-onegraph``: the same, as fxswap compiled before it went block by block
   (``FXSWAP_REGIONS=0 FXSWAP_BLOCK_CAPTURE=0``: the whole model traced, one Inductor graph).
 
@@ -69,12 +71,14 @@ from pathlib import Path
 from typing import Any
 
 MODELS = ("diffusers40", "wan2.1-t2v-1.3b")
-VARIANTS = ("eager", "whole", "regional", "fxswap", "fxswap-onegraph")
+VARIANTS = ("eager", "whole", "regional", "fxswap", "fxswap-eager-edges", "fxswap-onegraph")
 # fxswap as it was before it compiled block by block: the whole model traced by Dynamo and the
 # rewritten graph compiled as one Inductor graph (the switches fxswap keeps for comparisons).
 ONEGRAPH_ENV = {"FXSWAP_REGIONS": "0", "FXSWAP_BLOCK_CAPTURE": "0"}
+# fxswap with its prologue and epilogue run as FX's Python, as regional compilation leaves them.
+EAGER_EDGES_ENV = {"FXSWAP_EAGER_EDGES": "1"}
 # Variants whose later-process first call is measured: the two whose per-block reuse the issue compares.
-SECOND_PROCESS = ("regional", "fxswap")
+SECOND_PROCESS = ("regional", "fxswap", "fxswap-eager-edges")
 RESULT_MARK = "BENCH_COMPILE_RESULT "
 STDERR_TAIL = 4000
 
@@ -183,7 +187,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             for block in model.blocks:
                 block.compile(fullgraph=True)
             fn = model
-        elif variant in ("fxswap", "fxswap-onegraph"):
+        elif variant in ("fxswap", "fxswap-eager-edges", "fxswap-onegraph"):
             import fxswap
 
             fn = fxswap.compile(
@@ -217,7 +221,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         result["max_abs_diff_res2"] = _max_abs_diff(out2, refs[1])
     if variant == "fxswap" and spec.get("steady_baseline", True):
         result.update(_steady_against_onegraph(fn, model, inputs1, steady_n, spec["share"] * weights / 2**30))
-    if variant in ("fxswap", "fxswap-onegraph"):
+    if variant in ("fxswap", "fxswap-eager-edges", "fxswap-onegraph"):
         # One plan per input signature, in call order: the budget is only kept by swapping if some
         # units are not resident.
         result["plans"] = [
@@ -297,6 +301,8 @@ def _spawn(spec: dict[str, Any], cache: str, timeout_s: float) -> dict[str, Any]
     )
     if spec["variant"] == "fxswap-onegraph":
         env.update(ONEGRAPH_ENV)
+    if spec["variant"] == "fxswap-eager-edges":
+        env.update(EAGER_EDGES_ENV)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     start = time.perf_counter()
     try:
