@@ -9,6 +9,10 @@ only bytes whose random values could be NaN or infinity; every other byte is any
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +223,64 @@ def test_damaged_files_are_refused_naming_the_file_and_the_fix(
         read_gguf(path, architecture="flux")
     with pytest.raises(CheckpointError, match="cannot open GGUF file"):
         read_gguf(tmp_path / "missing.gguf")
+
+
+# ------------------------------------------------------------------------------------- Triton kernel
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from fxswap.kernels import dequant_triton
+    cases = torch.load(sys.argv[1])
+    torch.save([dequant_triton.dequantize(raw, name, shape) for name, raw, shape in cases], sys.argv[2])
+    """
+)
+KERNEL_TYPES = BLOCK_TYPES  # every block type; the plain ones are a torch cast on every device
+
+
+def _triton_installed() -> bool:
+    from fxswap.kernels import triton_available
+
+    if triton_available():
+        return True
+    if os.environ.get("FXSWAP_REQUIRE_TRITON"):
+        pytest.fail("FXSWAP_REQUIRE_TRITON is set but triton is not installed (pip install triton numpy)")
+    return False
+
+
+def test_triton_kernel_matches_the_oracle_in_the_interpreter(tmp_path: Path) -> None:
+    if not _triton_installed():
+        pytest.skip("triton is not installed (the `triton` extra); CI installs it")
+    cases, wants = [], []
+    for name in KERNEL_TYPES:
+        # 7 blocks in rows of 7: a partial last tile for every type (the kernel's mask)
+        raw = _random_blocks(name, 7, seed=100 + TYPES[name].type_id)
+        want = gguf.quants.dequantize(raw.reshape(1, -1), GT[name])
+        cases.append((name, torch.from_numpy(raw.reshape(-1).copy()), want.shape))
+        wants.append(want)
+    src, dst = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(cases, src)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(src), str(dst)], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(dst)
+    bad = [name for (name, _, _), g, w in zip(cases, got, wants, strict=True) if not _same_bits(w, g)]
+    assert not bad, f"kernel differs from gguf.quants.dequantize for {bad}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", KERNEL_TYPES)
+def test_triton_kernel_matches_the_oracle_on_cuda(name: str) -> None:
+    if not torch.cuda.is_available() or not _triton_installed():
+        pytest.skip("needs CUDA and triton")
+    from fxswap.kernels import dequant_triton
+
+    raw = _random_blocks(name, 4 * 1000 + 3, seed=1)  # many tiles, a partial last one
+    want = gguf.quants.dequantize(raw.reshape(1, -1), GT[name])
+    dev = torch.from_numpy(raw.reshape(-1).copy()).cuda()
+    got = dequant_triton.dequantize(dev, name, want.shape)
+    assert _same_bits(want, got.cpu())
+    as_bf16 = dequant_triton.dequantize(dev, name, want.shape, torch.bfloat16)
+    assert torch.equal(as_bf16.cpu(), torch.from_numpy(want).to(torch.bfloat16))
