@@ -35,6 +35,7 @@ scratch beside the output stays under :func:`workspace_bytes` whatever the weigh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,7 +47,9 @@ __all__ = [
     "CHUNK_BLOCKS",
     "FP8_DTYPES",
     "dequantize",
+    "dequantize_any",
     "dequantize_blocks",
+    "dequant_workspace_bytes",
     "dequantize_fp8",
     "workspace_bytes",
 ]
@@ -195,11 +198,11 @@ def dequantize_blocks(blocks: Tensor, qtype: str) -> Tensor:
 
 def workspace_bytes(qtype: str) -> int:
     """An upper bound on the scratch :func:`dequantize` holds beside its output: per chunk, the
-    float32 result and at most three int64/float32 temporaries of the same count (the bits and
-    nibbles decoded), plus the chunk's copy of its bytes."""
+    float32 result and at most five temporaries of 8 bytes per value (int64 bits, nibbles and their
+    combinations), plus the chunk's copy of its bytes."""
     t = quant_type(qtype)
     elems = CHUNK_BLOCKS * t.block_elems
-    return elems * (4 + 3 * 8) + CHUNK_BLOCKS * t.block_bytes
+    return elems * (4 + 5 * 8) + CHUNK_BLOCKS * t.block_bytes
 
 
 def dequantize(raw: Tensor, qtype: str, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -234,3 +237,41 @@ def dequantize_fp8(data: Tensor, scale: Tensor | float | None, dtype: torch.dtyp
         return data.to(dtype, copy=True)
     s = scale if isinstance(scale, Tensor) else torch.tensor(float(scale), dtype=torch.float32)
     return (data.float() * s.to(device=data.device, dtype=torch.float32)).to(dtype)
+
+
+def dequantize_any(
+    data: Tensor, qtype: str, shape: Sequence[int], dtype: torch.dtype, scale: float | None = None
+) -> Tensor:
+    """What ``fxswap::dequant`` runs: fp8 (``qtype="fp8"``, with its per-tensor ``scale``) by
+    :func:`dequantize_fp8`; a GGUF block type by the Triton kernel on CUDA when Triton is installed,
+    else by :func:`dequantize`. Always a fresh tensor of ``shape`` and ``dtype`` on ``data``'s device."""
+    if qtype == "fp8":
+        return dequantize_fp8(data, scale, dtype).reshape(tuple(shape))
+    if data.device.type == "cuda" and quant_type(qtype).block_elems > 1 and _kernel_available():
+        from fxswap.kernels import dequant_triton
+
+        return dequant_triton.dequantize(data, qtype, tuple(int(s) for s in shape), dtype)
+    return dequantize(data, qtype, shape, dtype)
+
+
+_KERNEL: list[bool] = []
+
+
+def _kernel_available() -> bool:
+    if not _KERNEL:
+        from fxswap.kernels import triton_available
+
+        _KERNEL.append(triton_available())
+    return _KERNEL[0]
+
+
+def dequant_workspace_bytes(qtype: str, shape: Sequence[int], device: torch.device) -> int:
+    """Scratch ``fxswap::dequant`` holds beside its output on ``device``: none for the Triton
+    kernel; the reference's chunk bound (:func:`workspace_bytes`); for fp8, the float32 copy and
+    the float32 product (``data.float() * scale``) before the rounding."""
+    numel = math.prod(int(s) for s in shape)
+    if qtype == "fp8":
+        return 8 * numel
+    if device.type == "cuda" and quant_type(qtype).block_elems > 1 and _kernel_available():
+        return 0
+    return min(workspace_bytes(qtype), 44 * numel + quant_type(qtype).nbytes(numel))
