@@ -48,7 +48,7 @@ from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.options import MiB, PlanOptions
 from fxswap.passes.analyse import graph_ir, placeholder_roles, stored_storage
-from fxswap.passes.dequant import insert_dequant, placeholder_weights
+from fxswap.passes.dequant import DequantSpec, insert_dequant, placeholder_weights
 from fxswap.regional import compile_inductor, compile_regional
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.stored import attach, stored_weights
@@ -479,7 +479,10 @@ class Builder:
             raise PlanError("two units of this plan got the same graph id; re-plan with another block size")
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         if self.runtime.stored:
-            specs = {k: (w.qtype, w.shape, w.dtype, w.scale) for k, w in self.runtime.stored.items()}
+            specs = {
+                k: DequantSpec(w.qtype, w.shape, w.dtype, w.scale, tuple(w.data.shape), w.data.dtype)
+                for k, w in self.runtime.stored.items()
+            }
             insert_dequant(gm, placeholder_weights(cap.gm, cap.placeholder_params), specs)
         swapped = {p for u in swapping for p in u.params}
         self._share_host_copies(swapped)

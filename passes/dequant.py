@@ -19,8 +19,10 @@ once per copy, before that copy's first reader.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,8 +32,18 @@ from fxswap import ops
 
 __all__ = ["DequantSpec", "insert_dequant", "placeholder_weights"]
 
-# (qtype, shape, compute dtype, fp8 scale or None): what fxswap::dequant takes besides the data.
-DequantSpec = tuple[str, tuple[int, ...], torch.dtype, float | None]
+
+@dataclass(frozen=True, slots=True)
+class DequantSpec:
+    """How one weight is stored: what ``fxswap::dequant`` takes besides the data, and the data's
+    own shape and dtype (what the graph now receives in the weight's place)."""
+
+    qtype: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    scale: float | None
+    data_shape: tuple[int, ...]
+    data_dtype: torch.dtype
 
 
 def insert_dequant(
@@ -60,17 +72,32 @@ def insert_dequant(
         if isinstance(w, str) and w in stored and n.users:
             sources.append((n, w))
     for src, w in sources:
-        qtype, shape, dtype, scale = stored[w]
+        spec = stored[w]
         first = min(src.users, key=pos.__getitem__)
         with graph.inserting_before(first):
-            d = graph.call_function(ops.dequant, (src, qtype, list(shape), dtype, scale))
-        d.meta["example_value"] = src.meta.get("example_value")
+            d = graph.call_function(ops.dequant, (src, spec.qtype, list(spec.shape), spec.dtype, spec.scale))
+        decoded = src.meta.get("example_value", src.meta.get("val"))
+        d.meta["example_value"] = decoded
+        # The source now carries the stored data: the region compiler and Inductor read its shape
+        # and dtype from here. A fresh dict: a placeholder's meta is shared with Dynamo's graph.
+        src.meta = {k: v for k, v in src.meta.items() if k != "val"}
+        src.meta["example_value"] = _like(decoded, spec.data_shape, spec.data_dtype)
         d.meta["fxswap"] = {"kind": "dequant", "weight": w}
         src.replace_all_uses_with(d, delete_user_cb=_not(d))
     if sources:
         graph.lint()
         gm.recompile()
     return len(sources)
+
+
+def _like(decoded: Any, shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """A tensor of ``shape`` and ``dtype`` in the same (fake) mode and on the device of ``decoded``."""
+    if not isinstance(decoded, torch.Tensor):
+        return None
+    mode = getattr(decoded, "fake_mode", None)
+    ctx = mode if mode is not None else contextlib.nullcontext()
+    with ctx:
+        return torch.empty(shape, dtype=dtype, device=decoded.device)
 
 
 def _not(node: fx.Node) -> Callable[[fx.Node], bool]:
