@@ -618,7 +618,16 @@ def load(
                 "is for safetensors files). Drop keep_stored, or decode with fxswap.stored.materialise"
             )
         loader = wan_stored.load_gguf if gguf_file else wan_stored.load_fp8_stored
-        return loader(path, config=config, dtype=dtype, attention_type=attention_type, strict=strict)  # type: ignore[return-value]
+        model = loader(
+            path,
+            config=config,
+            dtype=dtype,
+            attention_type=attention_type,
+            strict=strict,
+            build=lambda cfg, dt: build(cfg, device="meta", dtype=dt),
+        )
+        assert isinstance(model, WanModel)
+        return model
     sd, info, cfg, compute = wan_checkpoint.resolve_load_args(path, config, dtype, attention_type, sla_topk)
     dev = torch.device(device)
     skeleton = build(cfg, device="meta", dtype=compute)

@@ -22,15 +22,16 @@ cast. So the host never holds a weight both stored and decoded, and a 9 GB Q4_K 
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from fxswap.errors import CheckpointError
 from fxswap.gguf import GGUFFile, read_gguf
-from fxswap.models import wan_checkpoint
+from fxswap.models import wan_checkpoint, wan_config
 from fxswap.models.wan_config import WanConfig
 from fxswap.quant import FP8_DTYPES, dequantize
 from fxswap.stored import StoredWeight, attach
@@ -40,6 +41,10 @@ __all__ = ["KEEP_PLAIN_MIN", "gguf_shapes", "load_fp8_stored", "load_gguf", "sto
 #: A plain-float GGUF tensor this large, in another dtype than its parameter, stays stored (cast on
 #: the device) rather than cast into a second host copy.
 KEEP_PLAIN_MIN = 1 << 16
+
+# The model on meta for a config and compute dtype (fxswap.models.wan.build, passed in by wan.load:
+# this module sits below wan.py).
+Builder = Callable[[WanConfig, torch.dtype], torch.nn.Module]
 
 _PLAIN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _COMFY_PREFIX = "model.diffusion_model."
@@ -91,6 +96,7 @@ def load_gguf(
     dtype: torch.dtype | None,
     attention_type: str | None,
     strict: bool,
+    build: Builder,
 ) -> torch.nn.Module:
     """A ``WanModel`` from a WAN GGUF file, quantised weights kept as stored (module docstring).
 
@@ -99,8 +105,6 @@ def load_gguf(
     :class:`CheckpointError` naming the file and the tensor. The model lives on the CPU (its stored
     weights on meta, see :mod:`fxswap.stored`); run it through ``fxswap.compile``.
     """
-    from fxswap.models import wan
-
     f = read_gguf(path, architecture="wan")
     try:
         shapes = gguf_shapes(f)
@@ -110,7 +114,7 @@ def load_gguf(
             except CheckpointError as e:
                 raise CheckpointError(f"{f.path}: {e}") from None
         else:
-            cfg = wan.resolve_config(config)
+            cfg = wan_config.resolve_config(config)
         if attention_type is not None:
             cfg = _with_attention(cfg, attention_type)
         compute = dtype if dtype is not None else torch.bfloat16
@@ -118,7 +122,7 @@ def load_gguf(
             raise CheckpointError(
                 f"load: dtype={compute} is not a compute dtype; use bfloat16, float16 or float32"
             )
-        skeleton = wan.build(cfg, device="meta", dtype=compute)
+        skeleton = build(cfg, compute)
         expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
         _check(f, expected, strict)
         stored: dict[str, StoredWeight] = {}
@@ -140,10 +144,6 @@ def load_gguf(
 
 
 def _with_attention(cfg: WanConfig, attention_type: str) -> WanConfig:
-    import dataclasses
-
-    from fxswap.models import wan_config
-
     if attention_type not in wan_config.ATTENTION_NAMES or attention_type == "sla":
         raise CheckpointError(
             f"load: attention_type={attention_type!r} is not available for GGUF files; use one of "
@@ -171,15 +171,14 @@ def load_fp8_stored(
     dtype: torch.dtype | None,
     attention_type: str | None,
     strict: bool,
+    build: Builder,
 ) -> torch.nn.Module:
     """A ``WanModel`` from an fp8 safetensors file (``*_fp8_scaled`` or plain ``*_fp8_e4m3fn``), every
     fp8 tensor kept as stored with its ``scale_weight`` (decoded on the device as
     ``W_fp8.float() * scale``, rounded once to ``dtype``); the other tensors as
     ``fxswap.models.wan.load`` makes them."""
-    from fxswap.models import wan
-
     sd, info, cfg, compute = wan_checkpoint.resolve_load_args(path, config, dtype, attention_type)
-    skeleton = wan.build(cfg, device="meta", dtype=compute)
+    skeleton = build(cfg, compute)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in skeleton.state_dict().items()}
     wan_checkpoint._check_keys(expected, sd, strict, str(info.path))
     stored: dict[str, StoredWeight] = {}
