@@ -209,3 +209,28 @@ def test_fp8_scaled_file_keeps_its_storage_and_matches_the_float64_oracle(tmp_pa
         s = fxswap.compile(kept_model, backend="eager", mode="layerwise", max_vram_gb=lo, reserve_mb=0)
         assert torch.equal(s(**inputs), want)
         s.close()
+
+
+def test_cli_plan_prices_a_gguf_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fxswap.cli import main
+
+    small = ["--model", "wan2.1-t2v-1.3b", "--layers", "2", "--resolution", "256x256", "--frames", "5"]
+    out = tmp_path / "q4k.json"
+    assert main(["plan", *small, "--max-vram-gb", "8", "--dtype", "q4_k_m", "-o", str(out)]) == 0
+    assert "dtype Q4_K_M" in capsys.readouterr().out
+    # expected by hand: the tensors ComfyUI-GGUF's converter quantises (2- to 4-D, more than 1,024
+    # values, not .modulation) at Q4_K's 144 bytes per 256 values (gguf's own table), the rest bf16
+    model = wan.build("wan2.1-t2v-1.3b", device="meta", dtype=torch.bfloat16, num_layers=2)
+    elems, size = gguf.GGML_QUANT_SIZES[GT.Q4_K]
+    want = 0
+    for name, p in model.named_parameters():
+        q = (
+            p.dim() in (2, 3, 4)
+            and p.numel() > 1024
+            and "modulation" not in name
+            and p.shape[-1] % elems == 0
+        )
+        want += p.numel() // elems * size if q else p.numel() * 2
+    assert fxswap.load_plan(out).weight_bytes == want
+    with pytest.raises(SystemExit):
+        main(["plan", *small, "--dtype", "IQ4_XS"])

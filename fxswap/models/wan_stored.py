@@ -36,7 +36,14 @@ from fxswap.models.wan_config import WanConfig
 from fxswap.quant import FP8_DTYPES, dequantize
 from fxswap.stored import StoredWeight, attach
 
-__all__ = ["KEEP_PLAIN_MIN", "gguf_shapes", "load_fp8_stored", "load_gguf", "stored_file_bytes"]
+__all__ = [
+    "KEEP_PLAIN_MIN",
+    "gguf_planned_sizes",
+    "gguf_shapes",
+    "load_fp8_stored",
+    "load_gguf",
+    "stored_file_bytes",
+]
 
 #: A plain-float GGUF tensor this large, in another dtype than its parameter, stays stored (cast on
 #: the device) rather than cast into a second host copy.
@@ -202,3 +209,27 @@ def stored_file_bytes(model: torch.nn.Module) -> dict[str, Any]:
         p.numel() * p.element_size() for n, p in model.named_parameters() if n not in sw and not p.is_meta
     )
     return {"stored": sum(w.nbytes for w in sw.values()), "plain": other, "tensors": len(sw)}
+
+
+def gguf_planned_sizes(model: torch.nn.Module, qtype: str) -> dict[str, tuple[int, int, int]]:
+    """Per weight a GGUF file of ``qtype`` would quantise, (stored bytes, decoded bytes, decoder
+    scratch on CUDA: none): what ``fxswap plan --dtype Q4_K`` prices before anything is downloaded.
+
+    The weights ComfyUI-GGUF's converter hands to the quantiser: 2- to 4-D tensors of more than
+    1,024 values, not the ``.modulation`` tables it keeps in F32, whose rows are whole blocks of
+    ``qtype``. Everything else stays in the model's dtype. ``Q4_K_M``-style names price the file at
+    its main type (llama.cpp's mixes put a few tensors one type higher).
+    """
+    from fxswap.gguf import quant_type
+
+    t = quant_type(qtype)
+    out: dict[str, tuple[int, int, int]] = {}
+    for name, p in model.named_parameters():
+        if (
+            2 <= p.dim() <= 4
+            and p.numel() > 1024
+            and ".modulation" not in name
+            and p.shape[-1] % t.block_elems == 0
+        ):
+            out[name] = (t.nbytes(p.numel()), p.numel() * p.element_size(), 0)
+    return out
