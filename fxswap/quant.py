@@ -191,6 +191,9 @@ _DECODERS: dict[str, Callable[[Tensor], Tensor]] = {
 assert set(_DECODERS) == set(TYPES), "every readable type has a decoder"
 
 
+_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def dequantize_blocks(blocks: Tensor, qtype: str) -> Tensor:
     """(n, block_bytes) uint8 -> (n, block_elems) float32, in the oracle's arithmetic."""
     return _DECODERS[quant_type(qtype).name](blocks).reshape(blocks.shape[0], -1)
@@ -201,6 +204,8 @@ def workspace_bytes(qtype: str) -> int:
     float32 result and at most five temporaries of 8 bytes per value (int64 bits, nibbles and their
     combinations), plus the chunk's copy of its bytes."""
     t = quant_type(qtype)
+    if t.block_elems == 1:
+        return 0  # a plain cast (see dequantize)
     elems = CHUNK_BLOCKS * t.block_elems
     return elems * (4 + 5 * 8) + CHUNK_BLOCKS * t.block_bytes
 
@@ -218,6 +223,10 @@ def dequantize(raw: Tensor, qtype: str, shape: Sequence[int], dtype: torch.dtype
             f"dequantize: {raw.numel()} {raw.dtype} bytes for a {t.name} tensor of shape {list(shape)} "
             f"(needs {t.nbytes(numel)} uint8 bytes, rows a multiple of {t.block_elems})"
         )
+    if t.block_elems == 1:
+        # A plain float: one cast (exact to float32, so rounding once to `dtype` is what going
+        # through float32 would give), no scratch.
+        return raw.view(_PLAIN[t.name]).view(tuple(int(s) for s in shape)).to(dtype, copy=True)
     blocks = raw.reshape(-1, t.block_bytes)
     out = torch.empty(numel, dtype=dtype, device=raw.device)
     decode = _DECODERS[t.name]
@@ -274,4 +283,4 @@ def dequant_workspace_bytes(qtype: str, shape: Sequence[int], device: torch.devi
         return 8 * numel
     if device.type == "cuda" and quant_type(qtype).block_elems > 1 and _kernel_available():
         return 0
-    return min(workspace_bytes(qtype), 44 * numel + quant_type(qtype).nbytes(numel))
+    return min(workspace_bytes(qtype), 44 * numel + quant_type(qtype).nbytes(numel))  # 0 when plain
