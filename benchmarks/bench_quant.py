@@ -4,7 +4,7 @@ the host holds, measured.
 Three parts, each its own flag (all by default):
 
 ``--predict``  PREDICTIONS of fxswap's planner and simulator (not measured). WAN 2.1 T2V-14B at 480p
-    (832x480) with 81 and 17 frames, on the ``rtx4090`` and ``h100`` card profiles, for bf16, fp8-scaled
+    (832x480) with 81 and 17 frames, on the ``rtx4090`` and ``h100-sxm`` card profiles, for bf16, fp8-scaled
     (nn.Linear weights at 1 byte, decoded as ``W.float() * scale``) and GGUF Q8_0, Q6_K, Q5_K, Q4_K
     (the tensors ComfyUI-GGUF's converter quantises at the type's size): host bytes, the smallest
     budget, and at budgets of 12 and 16 GiB the bytes moved per call and the predicted step. Graphs
@@ -42,7 +42,7 @@ GiB = 2**30
 MiB = 2**20
 STORAGES = ("bf16", "fp8-scaled", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
 CASES = {"480p81": (832, 480, 81), "480p17": (832, 480, 17)}
-CARDS = ("rtx4090", "h100")
+CARDS = ("rtx4090", "h100-sxm")
 BUDGETS_GIB = (12, 16)
 CONSTANT = 256 * MiB
 
