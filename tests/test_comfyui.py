@@ -124,6 +124,39 @@ def _write_wan(path: Path, seed: int, layout: str = "comfyui") -> None:
         wan_checkpoint.save(model, path, layout="diffusers", max_shard_bytes=2**21)
 
 
+def _write_wan_gguf(path: Path, oracle: Path, seed: int) -> None:
+    """A tiny WAN GGUF file in ComfyUI-GGUF's layout (architecture "wan", original key names, 1-D,
+    small and .modulation tensors in F32, the rest quantised) and the same weights decoded by the
+    oracle, ``gguf.quants.dequantize``, written as a plain float32 ComfyUI checkpoint."""
+    import gguf
+
+    from fxswap.models import wan, wan_checkpoint
+
+    cfg = wan.tiny_config("t2v", **TINY)
+    torch.manual_seed(seed)
+    model = wan.build(cfg, dtype=torch.float32)
+    types = ("Q8_0", "Q4_0", "Q5_1", "Q4_1", "Q5_0")  # the ones gguf.quants.quantize makes
+    w = gguf.GGUFWriter(path=None, arch="wan")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    decoded = {}
+    k = 0
+    for name, p in model.state_dict().items():
+        x = (torch.randn(p.shape) * 0.05).numpy()
+        if p.dim() == 2 and p.numel() > 1024 and "modulation" not in name:
+            qt = gguf.GGMLQuantizationType[types[k % len(types)]]
+            k += 1
+            data = gguf.quants.quantize(x, qt)
+        else:
+            qt, data = gguf.GGMLQuantizationType.F32, x
+        w.add_tensor(name, data, raw_dtype=qt)
+        decoded[name] = torch.from_numpy(gguf.quants.dequantize(data, qt).reshape(p.shape).copy())
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    wan_checkpoint.save(decoded, oracle, layout="comfyui", config=cfg)
+
+
 def _write_lora(path: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -290,6 +323,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     _write_wan(models / "tiny_t2v_diffusers", seed=1, layout="diffusers")
     _write_wan(models / "tiny_a14b_high.safetensors", seed=2)
     _write_wan(models / "tiny_a14b_low.safetensors", seed=3)
+    if importlib.util.find_spec("gguf") is not None:  # ComfyUI-GGUF's one dependency
+        (models / "gguf").mkdir()
+        _write_wan_gguf(models / "gguf" / "tiny_t2v_q.gguf", models / "tiny_t2v_q_oracle.safetensors", seed=6)
     (base / "models" / "loras").mkdir(parents=True)
     _write_lora(base / "models" / "loras" / "tiny_lora.safetensors", seed=4)
     srv = Server(base)
@@ -522,6 +558,25 @@ def test_wan_loader_matches_comfyui(server: Server) -> None:
         _wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader_diffusers", model_name="tiny_t2v_diffusers/")
     )
     assert torch.equal(server.latent(entry, "9"), out)
+    assert server.alive()
+
+
+def test_wan_loader_lists_and_loads_gguf(server: Server) -> None:
+    """A GGUF file (in a subfolder of diffusion_models, as people keep them) is listed by the WAN
+    Loader and gives the same latents, bitwise (eager, float32), as the plain checkpoint of the
+    weights the oracle decoded from it: the quantised weights were decoded exactly."""
+    import requests
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package (ComfyUI-GGUF's dependency) is not installed")
+    info = requests.get(f"{server.url}/object_info/FxswapWanLoader", timeout=30).json()
+    listed = info["FxswapWanLoader"]["input"]["required"]["model_name"][0]
+    assert "gguf/tiny_t2v_q.gguf" in listed, listed
+    fx = _fx(max_vram_gb=0.05, dtype="fp32")
+    got = server.run(_wan_loader(fx, prefix="fx_gguf", model_name="gguf/tiny_t2v_q.gguf"))
+    want = server.run(_wan_loader(fx, prefix="fx_gguf_oracle", model_name="tiny_t2v_q_oracle.safetensors"))
+    assert torch.equal(server.latent(got, "9"), server.latent(want, "9"))
+    assert "tiny_t2v_q.gguf" in server.log()
     assert server.alive()
 
 

@@ -284,3 +284,21 @@ def test_triton_kernel_matches_the_oracle_on_cuda(name: str) -> None:
     assert _same_bits(want, got.cpu())
     as_bf16 = dequant_triton.dequantize(dev, name, want.shape, torch.bfloat16)
     assert torch.equal(as_bf16.cpu(), torch.from_numpy(want).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", [*BLOCK_TYPES, *PLAIN])
+def test_reference_scratch_stays_within_the_planned_bound(name: str) -> None:
+    # The planner counts dequant_workspace_bytes beside each decoded weight; the CPU allocator (the
+    # oracle of fxswap.oracle) says what the reference really holds above its output, for a tensor
+    # of two chunks and for one smaller than a chunk.
+    from fxswap.oracle import measure
+
+    t = TYPES[name]
+    for rows in (quant.CHUNK_BLOCKS * 2 * t.block_elems // 4096 if t.block_elems > 1 else 64, 3):
+        shape = (rows, 4096)
+        raw = torch.randint(0, 256, (t.nbytes(rows * 4096),), dtype=torch.uint8)
+        with measure("cpu") as m:
+            out = quant.dequantize(raw, name, shape, torch.bfloat16)
+        scratch = m.peak_bytes - out.numel() * out.element_size()
+        assert scratch <= quant.dequant_workspace_bytes(name, shape, torch.device("cpu")), (rows, scratch)
+        del out

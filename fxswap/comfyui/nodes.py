@@ -335,11 +335,15 @@ class FxswapBlockSwap:
 
 
 def _checkpoint_names() -> list[str]:
-    """Files in ComfyUI's diffusion_models folders, plus sharded checkpoint folders (diffusers)."""
+    """Files in ComfyUI's diffusion_models folders, sharded checkpoint folders (diffusers), and GGUF
+    files (ComfyUI lists only its own extensions there; ComfyUI-GGUF reads the same folders)."""
     names = list(folder_paths.get_filename_list("diffusion_models"))
     for root in folder_paths.get_folder_paths("diffusion_models"):
         if not os.path.isdir(root):
             continue
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            names += [f if rel == "." else os.path.join(rel, f) for f in files if f.lower().endswith(".gguf")]
         for entry in sorted(os.listdir(root)):
             path = os.path.join(root, entry)
             if os.path.isdir(path) and any(
@@ -359,6 +363,15 @@ def _checkpoint_path(model_name: str) -> str:
             f"`model_name`={model_name!r}: no such folder under ComfyUI's diffusion_models folders. "
             "Fix: put the checkpoint folder there, or pick a listed model."
         )
+    if model_name.lower().endswith(".gguf"):  # not an extension ComfyUI lists: found here
+        for root in folder_paths.get_folder_paths("diffusion_models"):
+            path = os.path.join(root, model_name)
+            if os.path.isfile(path):
+                return path
+        raise ComfyIntegrationError(
+            f"`model_name`={model_name!r}: no such GGUF file under ComfyUI's diffusion_models folders. "
+            "Fix: put the file there, or pick a listed model."
+        )
     return str(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
 
 
@@ -370,7 +383,8 @@ class FxswapWanLoader:
     FUNCTION = "load"
     DESCRIPTION = (
         "Load a WAN 2.1 / 2.2 diffusion model with fxswap's loader (original, ComfyUI, diffusers, "
-        "TurboWan, fp8 layouts) and run it with fxswap's block swap under max_vram_gb."
+        "TurboWan, fp8 layouts, and GGUF files kept quantised until the GPU) and run it with fxswap's "
+        "block swap under max_vram_gb."
     )
 
     @classmethod
