@@ -154,7 +154,9 @@ def _write_wan_gguf(path: Path, oracle: Path, seed: int) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    wan_checkpoint.save(decoded, oracle, layout="comfyui", config=cfg)
+    # no config metadata: both files then get the config detected from their shapes (a GGUF file
+    # carries none), so they differ in their weights' storage only
+    wan_checkpoint.save(decoded, oracle, layout="comfyui")
 
 
 def _write_lora(path: Path, seed: int) -> None:
