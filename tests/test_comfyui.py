@@ -317,6 +317,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     (base / "custom_nodes" / "fxswap_comfyui").symlink_to(
         REPO / "fxswap" / "comfyui", target_is_directory=True
     )
+    gguf_nodes = REPO.parent / "shared" / "vendor" / "ComfyUI-GGUF"
+    gguf_nodes = Path(os.environ.get("FXSWAP_COMFYUI_GGUF", gguf_nodes))
+    if (gguf_nodes / "nodes.py").is_file() and importlib.util.find_spec("gguf") is not None:
+        (base / "custom_nodes" / "ComfyUI-GGUF").symlink_to(gguf_nodes, target_is_directory=True)
     (base / "custom_nodes" / "fxswap_test_nodes").mkdir()
     (base / "custom_nodes" / "fxswap_test_nodes" / "__init__.py").write_text(TEST_NODES)
     models = base / "models" / "diffusion_models"
@@ -579,6 +583,22 @@ def test_wan_loader_lists_and_loads_gguf(server: Server) -> None:
     want = server.run(_wan_loader(fx, prefix="fx_gguf_oracle", model_name="tiny_t2v_q_oracle.safetensors"))
     assert torch.equal(server.latent(got, "9"), server.latent(want, "9"))
     assert "tiny_t2v_q.gguf" in server.log()
+    assert server.alive()
+
+
+def test_block_swap_refuses_a_comfyui_gguf_model_naming_the_fix(server: Server) -> None:
+    """ComfyUI-GGUF's Unet Loader gives a MODEL whose layers decode their own packed weights; the
+    Block Swap node does not take it (yet) and says to use the WAN Loader instead."""
+    import requests
+
+    if "UnetLoaderGGUF" not in requests.get(f"{server.url}/object_info", timeout=30).json():
+        pytest.skip("ComfyUI-GGUF is not installed in this server (FXSWAP_COMFYUI_GGUF, the gguf package)")
+    p = _t2v(_fx(), prefix="gguf_block_swap")
+    p["1"] = _n("UnetLoaderGGUF", unet_name="gguf/tiny_t2v_q.gguf")
+    code, body = server.post(p)
+    assert code == 200, body
+    with pytest.raises(AssertionError, match="GGUF-quantised weights.*fxswap WAN Loader"):
+        server.wait(body["prompt_id"])
     assert server.alive()
 
 

@@ -281,6 +281,15 @@ class FxswapBlockSwap:
                 f"the MODEL ({type(base).__name__}) has no diffusion_model module; connect the MODEL "
                 "output of UNETLoader or LoraLoaderModelOnly."
             )
+        quantised = next((n for n, p in diffusion.named_parameters() if hasattr(p, "tensor_type")), None)
+        if quantised is not None:
+            # ComfyUI-GGUF's GGMLTensor: packed blocks that its own layers decode (and patch with
+            # LoRAs) inside their forward. fxswap decodes GGUF weights in its own graph instead.
+            raise ComfyIntegrationError(
+                f"the MODEL holds GGUF-quantised weights (e.g. {quantised!r}, from ComfyUI-GGUF's Unet "
+                "Loader); the Block Swap node takes plain weights. Fix: load the .gguf file with the fxswap "
+                "WAN Loader node instead, which keeps it quantised in RAM and decodes on the GPU."
+            )
         lora: dict[str, list[Any]] = {}
         for key, patches in model.patches.items():
             if not key.startswith(COMFY_PREFIX):
