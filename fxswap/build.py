@@ -407,11 +407,13 @@ class Builder:
             ir = self.stored_ir(measured_ir(cap, self.device))
         opts = options
         if given_plan is not None:
-            given_plan.check_compatible(fingerprint_parts(cap.ir, options))
+            # Weights kept as stored: the plan was made on their stored sizes (stored_ir).
+            planned_ir = self.stored_ir(cap.ir)
+            given_plan.check_compatible(fingerprint_parts(planned_ir, options))
             # A matching fingerprint says the plan was made for this graph, not that it is sound:
             # a plan edited in memory and saved again has a valid checksum. Its windows and spans
             # decide which copy each reader holds, so they are checked before the rewrite.
-            validate_plan(cap.ir, given_plan, memory=False)
+            validate_plan(planned_ir, given_plan, memory=False)
             plan = given_plan
             if plan.reserve_bytes < staging:
                 raise PlanError(

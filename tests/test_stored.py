@@ -10,6 +10,7 @@ moved are counted by a transfer backend and compared with the stored sizes compu
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,3 +232,21 @@ def test_inductor_swapped_and_resident_stored_weights_match_the_oracle_model() -
             assert torch.equal(s(x), want)
             assert any(u.resident for u in s.plan.units) == (budget > lo)
             s.close()
+
+
+def test_a_saved_plan_of_a_stored_model_is_reused(
+    models: tuple[nn.Module, nn.Module, dict[str, int]], tmp_path: Path
+) -> None:
+    model, ref, _ = models
+    x = torch.randn(3, DIM, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lo = _min_budget(model, x, "layerwise")
+        s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=lo / 2**30, reserve_mb=0)
+        want = s(x)
+        path = tmp_path / "plan.json"
+        s.plan.save(path)
+        s.close()
+        again = fxswap.compile(model, backend="eager", plan=path)
+        assert torch.equal(again(x), want)
+        assert torch.equal(want, ref(x))
+        again.close()
