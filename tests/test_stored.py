@@ -250,3 +250,11 @@ def test_a_saved_plan_of_a_stored_model_is_reused(
         assert torch.equal(again(x), want)
         assert torch.equal(want, ref(x))
         again.close()
+
+
+def test_fxswap_plan_refuses_a_stored_model_naming_the_fix(
+    models: tuple[nn.Module, nn.Module, dict[str, int]],
+) -> None:
+    model, _, _ = models
+    with pytest.raises(ValueError, match=r"keeps weights as stored.*fxswap.compile"):
+        fxswap.plan(model, torch.randn(3, DIM, dtype=torch.bfloat16), max_vram_gb=1)
