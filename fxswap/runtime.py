@@ -32,12 +32,15 @@ import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fxswap import ops
+
+if TYPE_CHECKING:
+    from fxswap.stored import StoredWeight
 
 __all__ = [
     "CopyBackend",
@@ -575,7 +578,7 @@ class SwapRuntime:
         # Weights kept as their file stores them (fxswap.stored.StoredWeight, by name): their stored
         # data is what the host store keeps and what is copied, swapped or resident; the graph
         # decodes it (fxswap::dequant). Set by the build from the model's records.
-        self.stored: dict[str, Any] = {}
+        self.stored: dict[str, StoredWeight] = {}
         self._uids: dict[str, int] = {}
         self._units: list[_Unit] = []
         _LIVE.add(self)
