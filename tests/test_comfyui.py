@@ -586,18 +586,50 @@ def test_wan_loader_lists_and_loads_gguf(server: Server) -> None:
     assert server.alive()
 
 
-def test_block_swap_refuses_a_comfyui_gguf_model_naming_the_fix(server: Server) -> None:
-    """ComfyUI-GGUF's Unet Loader gives a MODEL whose layers decode their own packed weights; the
-    Block Swap node does not take it (yet) and says to use the WAN Loader instead."""
+def test_block_swap_takes_a_comfyui_gguf_model(server: Server) -> None:
+    """ComfyUI-GGUF's Unet Loader -> Block Swap: the packed weights stay packed on the host and are
+    decoded in fxswap's graph. The latents equal, bitwise (eager, float32), those of the Block Swap
+    node over the plain checkpoint of the oracle's decoded weights (ComfyUI's same WanModel code);
+    against ComfyUI-GGUF's own run they agree to its rounding (it decodes with float16 scales times
+    the quants in float16, the oracle in float32), far below what another prompt moves."""
     import requests
 
     if "UnetLoaderGGUF" not in requests.get(f"{server.url}/object_info", timeout=30).json():
         pytest.skip("ComfyUI-GGUF is not installed in this server (FXSWAP_COMFYUI_GGUF, the gguf package)")
-    p = _t2v(_fx(), prefix="gguf_block_swap")
+    gguf_loader = _n("UnetLoaderGGUF", unet_name="gguf/tiny_t2v_q.gguf")
+    fx = _fx(max_vram_gb=0.012)  # the CPU reference decoder's scratch is planned: ~9 MB minimum
+    p = _t2v(fx, prefix="gguf_block_swap")
+    p["1"] = gguf_loader
+    entry = server.run(p)
+    got = server.latent(entry, "9")
+    rows, budget = _rows(entry, "10")
+    assert rows and all(r["peak_bytes"] <= budget for r in rows), rows
+    oracle = _t2v(fx, prefix="gguf_block_swap_oracle")
+    oracle["1"] = _n("UNETLoader", unet_name="tiny_t2v_q_oracle.safetensors", weight_dtype="default")
+    assert torch.equal(got, server.latent(server.run(oracle), "9"))
+    own = _t2v(None, prefix="gguf_own")
+    own["1"] = gguf_loader
+    theirs = server.latent(server.run(own), "9")
+    other = _t2v(None, prefix="gguf_own_other")
+    other["1"] = gguf_loader
+    other["3"]["inputs"]["seed"] = 13
+    moved = (server.latent(server.run(other), "9") - theirs).abs().max().item()
+    diff = (got - theirs).abs().max().item()
+    print(f"Block Swap on GGUF vs ComfyUI-GGUF: max abs diff {diff:.3g}; another prompt moves {moved:.3g}")
+    assert diff < moved / 100, (diff, moved)
+    assert server.alive()
+
+
+def test_block_swap_refuses_lora_on_a_gguf_model(server: Server) -> None:
+    import requests
+
+    if "UnetLoaderGGUF" not in requests.get(f"{server.url}/object_info", timeout=30).json():
+        pytest.skip("ComfyUI-GGUF is not installed in this server")
+    p = _t2v(_fx(), lora=True, prefix="gguf_lora")
     p["1"] = _n("UnetLoaderGGUF", unet_name="gguf/tiny_t2v_q.gguf")
     code, body = server.post(p)
     assert code == 200, body
-    with pytest.raises(AssertionError, match="GGUF-quantised weights.*fxswap WAN Loader"):
+    with pytest.raises(AssertionError, match="GGUF model .* carrying LoRA patches"):
         server.wait(body["prompt_id"])
     assert server.alive()
 
