@@ -68,4 +68,15 @@ def plan(
         device_mem_gbps=device_mem_gbps,
         warm_start=warm_start,
     )
+    from fxswap.stored import stored_weights
+
+    if stored_weights(model):
+        # Its stored weights are meta parameters beside real ones: fxswap.trace cannot run it, and
+        # the plan must count their stored sizes, which fxswap.compile does (fxswap.build.stored_ir).
+        raise ValueError(
+            f"`model` ({type(model).__name__}) keeps weights as stored (a GGUF or fp8 file, "
+            "fxswap.stored); fxswap.plan cannot trace it. Fix: compile it with fxswap.compile(...) and read "
+            "`.plan` after the first call (save it with .plan.save), or price a file with "
+            "`fxswap plan --dtype Q4_K`"
+        )
     return plan_traced(trace(model, *example_inputs, **example_kwargs), options)

@@ -47,10 +47,12 @@ from fxswap.errors import CaptureError, DeviceError, PlanError
 from fxswap.fit import Built, account, fit
 from fxswap.ir import GraphIR
 from fxswap.options import MiB, PlanOptions
-from fxswap.passes.analyse import graph_ir, placeholder_roles
+from fxswap.passes.analyse import graph_ir, placeholder_roles, stored_storage
+from fxswap.passes.dequant import DequantSpec, insert_dequant, placeholder_weights
 from fxswap.passes.device_rules import apply_rules
 from fxswap.regional import compile_inductor, compile_regional, regions_enabled
 from fxswap.runtime import SwapRuntime, default_device
+from fxswap.stored import attach, stored_weights
 from fxswap.swapplan import SwapPlan, fingerprint_parts
 from fxswap.workspace import device_rules_for, probe_workspace, with_workspace
 
@@ -368,6 +370,22 @@ class Builder:
         self.stats = stats
         self.named = dict(model.named_parameters()) | dict(model.named_buffers())
         self._builds = itertools.count()
+        runtime.stored.update(stored_weights(model))
+
+    def stored_ir(self, ir: GraphIR) -> GraphIR:
+        """``ir`` with the weights kept as stored at their stored size and their decoding counted
+        (:func:`fxswap.passes.analyse.stored_storage`); ``ir`` itself for a plain model."""
+        if not self.runtime.stored:
+            return ir
+        from fxswap.quant import dequant_workspace_bytes
+
+        return stored_storage(
+            ir,
+            {
+                k: (w.nbytes, w.dequantized_nbytes, dequant_workspace_bytes(w.qtype, w.shape, self.device))
+                for k, w in self.runtime.stored.items()
+            },
+        )
 
     def build(
         self,
@@ -420,15 +438,16 @@ class Builder:
         self.stats["captures"] += int(fresh)
         staging = self.runtime.staging_bytes(list(self.named.values()))
         with phase("plan"):
-            ir = measured_ir(cap, self.device)
+            ir = self.stored_ir(measured_ir(cap, self.device))
         opts = options
         if given_plan is not None:
-            # the IR as the device holds it: a plan made by `fxswap plan` for this device matches
+            # The IR as the device holds it (its allocator's rules) with weights kept as stored at
+            # their stored sizes: what `fxswap plan` planned for this device.
             given_plan.check_compatible(fingerprint_parts(ir, options))
             # A matching fingerprint says the plan was made for this graph, not that it is sound:
             # a plan edited in memory and saved again has a valid checksum. Its windows and spans
             # decide which copy each reader holds, so they are checked before the rewrite.
-            validate_plan(cap.ir, given_plan, memory=False)
+            validate_plan(ir, given_plan, memory=False)
             plan = given_plan
             if plan.reserve_bytes < staging:
                 raise PlanError(
@@ -497,6 +516,12 @@ class Builder:
         if len(units) != len(handles):  # 48-bit digests: never seen, but never silently shared
             raise PlanError("two units of this plan got the same graph id; re-plan with another block size")
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
+        if self.runtime.stored:
+            specs = {
+                k: DequantSpec(w.qtype, w.shape, w.dtype, w.scale, tuple(w.data.shape), w.data.dtype)
+                for k, w in self.runtime.stored.items()
+            }
+            insert_dequant(gm, placeholder_weights(cap.gm, cap.placeholder_params), specs)
         swapped = {p for u in swapping for p in u.params}
         self._share_host_copies(swapped)
         inputs: list[tuple[str, Any]] = []
@@ -554,6 +579,14 @@ class Builder:
         for name in names:
             t = self.named[name]
             host = self.runtime.store[name]
+            w = self.runtime.stored.get(name)
+            if w is not None:
+                # The same for a weight kept as stored: the record points at the store's (pinned)
+                # copy, so the file's pages it was read from are no longer held through it.
+                if host.data_ptr() != w.data.data_ptr():
+                    w = self.runtime.stored[name] = dataclasses.replace(w, data=host)
+                    attach(self.model, {name: w})
+                continue
             if (
                 host.data_ptr() != t.data_ptr()
                 and host.dtype == t.dtype

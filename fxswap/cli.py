@@ -23,6 +23,28 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
+# GGUF types a file may be quantised to (fxswap.gguf.TYPES; the _S/_M suffixes price the main type).
+GGUF_DTYPES = (
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K",
+    "Q4_1",
+    "Q4_0",
+    "Q3_K",
+    "Q2_K",
+)
+
+
+def _dtype_arg(text: str) -> str:
+    """``--dtype``: the plain names in lower case, the GGUF ones in upper case (either accepted)."""
+    return text.lower() if text.lower() in DTYPES else text.upper()
+
+
 EXIT_INFEASIBLE = 2
 
 
@@ -102,9 +124,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=DTYPES,
+        type=_dtype_arg,
+        choices=DTYPES + GGUF_DTYPES,
         default="bf16",
-        help="weight storage dtype (default bf16); fp8 stores Linear weights as float8_e4m3fn",
+        help="weight storage dtype (default bf16); fp8 stores Linear weights as float8_e4m3fn; a GGUF "
+        "type (Q8_0, Q6_K, Q5_K, Q4_K, Q4_K_M ...) prices a GGUF file of that type, weights kept "
+        "quantised in host memory and over the link and decoded on the device before use",
     )
     p.add_argument(
         "--reserve-mb", type=_non_negative_float, default=None, help="workspace/allocator reserve in MiB"
@@ -330,7 +355,7 @@ def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph |
         "fp32": torch.float32,
         "fp8": torch.bfloat16,
     }
-    dtype = build_dtype[args.dtype]
+    dtype = build_dtype.get(args.dtype, torch.bfloat16)  # GGUF files run in bf16
     width, height = args.resolution
     model = wan.build(config, device="meta", dtype=dtype)
     inputs = wan.example_inputs(
@@ -351,6 +376,11 @@ def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph |
     if args.dtype == "fp8":
         linears = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         ir = fp8_linear_storage(ir, linears)
+    elif args.dtype in GGUF_DTYPES:
+        from fxswap.models.wan_stored import gguf_planned_sizes
+        from fxswap.passes.analyse import stored_storage
+
+        ir = stored_storage(ir, gguf_planned_sizes(model, args.dtype))
     return _Graph(ir, graph.seconds, graph.hit)
 
 
@@ -506,6 +536,14 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "dtype fp8: nn.Linear weights counted as float8_e4m3fn (1 byte/element, upcast to bf16 at "
             "use: each Linear op holds a transient bf16 copy of its weight); biases, norms, modulation, "
             "the patch embedding and all activations stay bf16"
+        )
+    if args.dtype in GGUF_DTYPES:
+        print(
+            f"dtype {args.dtype}: weights a GGUF file quantises (2-D, > 1024 values, not .modulation) "
+            "counted at their stored size in host memory, over the link and in their unit; each is "
+            "decoded to bf16 on the device before its first reader and held until its last; the rest "
+            "stays bf16"
+            + (" (priced at the main type of the mix)" if args.dtype.endswith(("_M", "_S")) else "")
         )
     if config.num_experts == 2:
         print(

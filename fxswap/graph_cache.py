@@ -65,8 +65,9 @@ logger = logging.getLogger("fxswap.graph_cache")
 # torch is imported by the functions that compute the key, not by this module: the JSON codec and
 # the file reading and writing serve `fxswap plan`'s torch-free cached path (fxswap.cli_cache).
 
-# Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined).
-FORMAT = 2
+# Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined;
+# 3: OpInfo.dequant_bytes).
+FORMAT = 3
 
 # Field -> JSON type for each IR record, checked on load: a file from another version, or edited
 # by hand, fails with the field named instead of building a record with a wrong type.
@@ -82,6 +83,7 @@ _FIELDS: dict[type, dict[str, str]] = {
         "flops": _FLOAT,
         "mem_bytes": _INT,
         "workspace_bytes": _INT,
+        "dequant_bytes": _INT,
     },
     WeightInfo: {
         "name": _STR,

@@ -54,6 +54,10 @@ class OpInfo:
     # statistics, a kernel's scratch), on top of its outputs; counted while the op runs only.
     # Measured on the device where it can be (fxswap.workspace), else from documented rules.
     workspace_bytes: int = 0
+    # Bytes a dequantisation run right before this op reads and writes (a weight kept as stored,
+    # decoded before its first reader: fxswap.passes.analyse.stored_storage). A kernel of its own,
+    # so its time adds to the op's instead of overlapping it.
+    dequant_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ __all__ = [
     "UnitMeta",
     "bound_units",
     "carry",
+    "dequant",
     "load",
     "lookup",
     "register_unit",
@@ -169,6 +170,10 @@ _lib.define("wait(int uid, Tensor token) -> Tensor[]")
 _lib.define("release(int uid, Tensor[] weights, Tensor after) -> Tensor")
 # Warm start: the next call's load of a head unit, issued in this call's tail (see start_carry).
 _lib.define("carry(int uid, Tensor anchor) -> Tensor")
+# A weight kept as its file stores it (GGUF blocks as uint8, or fp8 with a per-tensor scale), decoded
+# on the device right before its first reader (fxswap.passes.dequant). A pure function of its
+# arguments: no side effect, so an unused one may be removed like any op.
+_lib.define("dequant(Tensor data, str qtype, int[] shape, ScalarType dtype, float? scale) -> Tensor")
 
 
 def token_for(device: torch.device) -> Tensor:
@@ -202,7 +207,16 @@ def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
     return tok if after is not tok else tok.new_empty(0)
 
 
+def _dequant_impl(
+    data: Tensor, qtype: str, shape: list[int], dtype: torch.dtype, scale: float | None
+) -> Tensor:
+    from fxswap.quant import dequantize_any
+
+    return dequantize_any(data, qtype, shape, dtype, scale)
+
+
 for _name, _fn in (
+    ("dequant", _dequant_impl),
     ("load", _load_impl),
     ("carry", _carry_impl),
     ("wait", _wait_impl),
@@ -225,6 +239,13 @@ def _release_fake(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
     return token_for(after.device)
 
 
+def _dequant_fake(
+    data: Tensor, qtype: str, shape: list[int], dtype: torch.dtype, scale: float | None
+) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=data.device)
+
+
+torch.library.register_fake("fxswap::dequant", _dequant_fake, lib=_lib)
 torch.library.register_fake("fxswap::load", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::carry", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::wait", _wait_fake, lib=_lib)
@@ -234,6 +255,7 @@ load = torch.ops.fxswap.load.default
 carry = torch.ops.fxswap.carry.default
 wait = torch.ops.fxswap.wait.default
 release = torch.ops.fxswap.release.default
+dequant = torch.ops.fxswap.dequant.default
 
 for _op in (load, carry, wait, release):
     torch.fx.has_side_effect(_op)

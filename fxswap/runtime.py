@@ -44,11 +44,15 @@ import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fxswap import ops
+
+if TYPE_CHECKING:
+    from fxswap.stored import StoredWeight
 
 __all__ = [
     "ARENA_ALIGN",
@@ -890,6 +894,10 @@ class SwapRuntime:
         self.storage_dtype = storage_dtype
         self.ledger = Ledger()
         self._residents: dict[str, Tensor] = {}
+        # Weights kept as their file stores them (fxswap.stored.StoredWeight, by name): their stored
+        # data is what the host store keeps and what is copied, swapped or resident; the graph
+        # decodes it (fxswap::dequant). Set by the build from the model's records.
+        self.stored: dict[str, StoredWeight] = {}
         self._uids: dict[str, int] = {}
         self._units: list[_Unit] = []
         _LIVE.add(self)
@@ -918,7 +926,10 @@ class SwapRuntime:
         """Register a swapped unit made of ``params`` (fqn, host tensor); return its op id."""
         if name in self._uids:
             return self._uids[name]
-        host = [self.store.put(fqn, t, self.storage_dtype) for fqn, t in params]
+        params = [(f, self.stored[f].data if f in self.stored else t) for f, t in params]
+        host = [
+            self.store.put(fqn, t, None if fqn in self.stored else self.storage_dtype) for fqn, t in params
+        ]
         meta = ops.UnitMeta(tuple(tuple(t.shape) for _, t in params), tuple(t.dtype for _, t in params))
         casts = tuple(i for i, (h, d) in enumerate(zip(host, meta.dtypes, strict=True)) if h.dtype != d)
         scales = tuple(self.store.scale(fqn) for fqn, _ in params)
@@ -955,6 +966,8 @@ class SwapRuntime:
         """The device copy of a resident weight, made on first request (one copy per name)."""
         d = self._residents.get(fqn)
         if d is None:
+            if fqn in self.stored:  # copied as stored; the graph decodes it at each call
+                tensor = self.stored[fqn].data
             if self.alloc_hook is not None:
                 self.alloc_hook("resident", fqn, tensor.numel() * tensor.element_size())
             src = tensor.detach()

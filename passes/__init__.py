@@ -3,7 +3,7 @@
 Stage order, as a graph goes through them::
 
     capture -> analyse -> liveness -> occurrence -> partition -> schedule -> simulate -> warmstart
-            -> validate -> rewrite -> regions
+            -> validate -> rewrite -> dequant -> regions
 
 - capture (:mod:`fxswap.capture`, not a pass): Dynamo records one FX graph of the model.
 - :mod:`~fxswap.passes.analyse`: the FX graph to :class:`fxswap.ir.GraphIR` (ops, weights with
@@ -25,6 +25,8 @@ Stage order, as a graph goes through them::
   :class:`fxswap.swapplan.SwapPlan`.
 - :mod:`~fxswap.passes.rewrite`: the load / wait / release (and carry) ops inserted into the FX graph at the
   plan's points.
+- :mod:`~fxswap.passes.dequant`: a weight kept as its file stores it (GGUF, fp8) decoded by
+  ``fxswap::dequant`` right before its first reader.
 - :mod:`~fxswap.passes.regions`: the rewritten graph cut into regions (prologue, each repeated block,
   epilogue) in canonical form, so that ``fxswap.regional`` compiles each distinct block program once.
 

@@ -33,6 +33,7 @@ __all__ = [
     "merge_ranges",
     "module_path",
     "placeholder_roles",
+    "stored_storage",
     "target_name",
 ]
 
@@ -487,3 +488,49 @@ def fp8_linear_storage(ir: GraphIR, linear_weights: set[str]) -> GraphIR:
         ops.append(op)
     buffers = sorted((*ir.buffers, *extra), key=lambda b: b.start)
     return dataclasses.replace(ir, ops=tuple(ops), weights=tuple(weights), buffers=tuple(buffers))
+
+
+def stored_storage(ir: GraphIR, stored: Mapping[str, tuple[int, int, int]]) -> GraphIR:
+    """The IR of a model whose weights ``stored`` (name -> bytes as stored, bytes decoded, scratch of
+    the decoder) are kept as their file stores them and decoded on the device before their first
+    reader (``fxswap.passes.dequant``, ``fxswap.stored``).
+
+    - each such weight counts its stored bytes: in host memory, over the link, and on the device
+      from its unit's load to its release (or for the whole call, resident);
+    - its decoded tensor is an activation from its first reader to its last, allocated by the first
+      reader's op, with the decoder's scratch counted while that op runs;
+    - the decoding is priced at that op (``dequant_bytes``: stored bytes read plus decoded written).
+
+    A weight read by no op is left as it is.
+    """
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, op in enumerate(ir.ops):
+        for w in op.weights:
+            if w in stored:
+                first.setdefault(w, i)
+                last[w] = i
+    weights = tuple(
+        dataclasses.replace(w, nbytes=stored[w.name][0]) if w.name in first else w for w in ir.weights
+    )
+    extra: list[BufferInfo] = []
+    add: dict[int, tuple[int, int, int]] = {}
+    for w, i in first.items():
+        nbytes, decoded, scratch = stored[w]
+        extra.append(BufferInfo(name=f"{w}.dequant", nbytes=decoded, start=i, end=last[w]))
+        o, s, d = add.get(i, (0, 0, 0))
+        # Decoded one after another before the op: the scratch of the largest one, not their sum.
+        add[i] = (o + decoded, max(s, scratch), d + nbytes + decoded)
+    ops = tuple(
+        dataclasses.replace(
+            op,
+            out_bytes=op.out_bytes + add[i][0],
+            workspace_bytes=op.workspace_bytes + add[i][1],
+            dequant_bytes=op.dequant_bytes + add[i][2],
+        )
+        if i in add
+        else op
+        for i, op in enumerate(ir.ops)
+    )
+    buffers = sorted((*ir.buffers, *extra), key=lambda b: b.start)
+    return dataclasses.replace(ir, ops=ops, weights=weights, buffers=tuple(buffers))

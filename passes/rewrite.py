@@ -275,6 +275,7 @@ def insert_swaps(
                     )
                 g = graph.call_function(operator.getitem, (ws, i))
                 g.meta["example_value"] = ph_of[fqn][0].meta.get("example_value")
+                g.meta["fxswap_weight"] = fqn  # which weight it is (fxswap.passes.dequant)
                 items.append(g)
         for fqn, g in zip(u.params, items, strict=True):
             own = serves.get((u.name, fqn))

@@ -178,10 +178,13 @@ class OpCosts:
 
 
 def op_costs(ops: Sequence[OpInfo], compute_tflops: float, device_mem_gbps: float) -> OpCosts:
-    """Op time = max(flops / compute rate, mem_bytes / memory rate), in milliseconds."""
+    """Op time = max(flops / compute rate, mem_bytes / memory rate), plus the dequantisation run
+    before it (``dequant_bytes`` / memory rate: a separate, memory-bound kernel), in milliseconds."""
     flop_ms = 1e3 / (compute_tflops * 1e12)
     byte_ms = 1e3 / (device_mem_gbps * 1e9)
-    return OpCosts.from_op_ms([max(op.flops * flop_ms, op.mem_bytes * byte_ms) for op in ops])
+    return OpCosts.from_op_ms(
+        [max(op.flops * flop_ms, op.mem_bytes * byte_ms) + op.dequant_bytes * byte_ms for op in ops]
+    )
 
 
 @dataclass(frozen=True, slots=True)

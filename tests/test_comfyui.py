@@ -124,6 +124,41 @@ def _write_wan(path: Path, seed: int, layout: str = "comfyui") -> None:
         wan_checkpoint.save(model, path, layout="diffusers", max_shard_bytes=2**21)
 
 
+def _write_wan_gguf(path: Path, oracle: Path, seed: int) -> None:
+    """A tiny WAN GGUF file in ComfyUI-GGUF's layout (architecture "wan", original key names, 1-D,
+    small and .modulation tensors in F32, the rest quantised) and the same weights decoded by the
+    oracle, ``gguf.quants.dequantize``, written as a plain float32 ComfyUI checkpoint."""
+    import gguf
+
+    from fxswap.models import wan, wan_checkpoint
+
+    cfg = wan.tiny_config("t2v", **TINY)
+    torch.manual_seed(seed)
+    model = wan.build(cfg, dtype=torch.float32)
+    types = ("Q8_0", "Q4_0", "Q5_1", "Q4_1", "Q5_0")  # the ones gguf.quants.quantize makes
+    w = gguf.GGUFWriter(path=None, arch="wan")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    decoded = {}
+    k = 0
+    for name, p in model.state_dict().items():
+        x = (torch.randn(p.shape) * 0.05).numpy()
+        if p.dim() == 2 and p.numel() > 1024 and "modulation" not in name:
+            qt = gguf.GGMLQuantizationType[types[k % len(types)]]
+            k += 1
+            data = gguf.quants.quantize(x, qt)
+        else:
+            qt, data = gguf.GGMLQuantizationType.F32, x
+        w.add_tensor(name, data, raw_dtype=qt)
+        decoded[name] = torch.from_numpy(gguf.quants.dequantize(data, qt).reshape(p.shape).copy())
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # no config metadata: both files then get the config detected from their shapes (a GGUF file
+    # carries none), so they differ in their weights' storage only
+    wan_checkpoint.save(decoded, oracle, layout="comfyui")
+
+
 def _write_lora(path: Path, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -282,6 +317,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     (base / "custom_nodes" / "fxswap_comfyui").symlink_to(
         REPO / "fxswap" / "comfyui", target_is_directory=True
     )
+    gguf_nodes = REPO.parent / "shared" / "vendor" / "ComfyUI-GGUF"
+    gguf_nodes = Path(os.environ.get("FXSWAP_COMFYUI_GGUF", gguf_nodes))
+    if (gguf_nodes / "nodes.py").is_file() and importlib.util.find_spec("gguf") is not None:
+        (base / "custom_nodes" / "ComfyUI-GGUF").symlink_to(gguf_nodes, target_is_directory=True)
     (base / "custom_nodes" / "fxswap_test_nodes").mkdir()
     (base / "custom_nodes" / "fxswap_test_nodes" / "__init__.py").write_text(TEST_NODES)
     models = base / "models" / "diffusion_models"
@@ -290,6 +329,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     _write_wan(models / "tiny_t2v_diffusers", seed=1, layout="diffusers")
     _write_wan(models / "tiny_a14b_high.safetensors", seed=2)
     _write_wan(models / "tiny_a14b_low.safetensors", seed=3)
+    if importlib.util.find_spec("gguf") is not None:  # ComfyUI-GGUF's one dependency
+        (models / "gguf").mkdir()
+        _write_wan_gguf(models / "gguf" / "tiny_t2v_q.gguf", models / "tiny_t2v_q_oracle.safetensors", seed=6)
     (base / "models" / "loras").mkdir(parents=True)
     _write_lora(base / "models" / "loras" / "tiny_lora.safetensors", seed=4)
     srv = Server(base)
@@ -522,6 +564,73 @@ def test_wan_loader_matches_comfyui(server: Server) -> None:
         _wan_loader(_fx(max_vram_gb=0.004), prefix="fx_loader_diffusers", model_name="tiny_t2v_diffusers/")
     )
     assert torch.equal(server.latent(entry, "9"), out)
+    assert server.alive()
+
+
+def test_wan_loader_lists_and_loads_gguf(server: Server) -> None:
+    """A GGUF file (in a subfolder of diffusion_models, as people keep them) is listed by the WAN
+    Loader and gives the same latents, bitwise (eager, float32), as the plain checkpoint of the
+    weights the oracle decoded from it: the quantised weights were decoded exactly."""
+    import requests
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package (ComfyUI-GGUF's dependency) is not installed")
+    info = requests.get(f"{server.url}/object_info/FxswapWanLoader", timeout=30).json()
+    listed = info["FxswapWanLoader"]["input"]["required"]["model_name"][0]
+    assert "gguf/tiny_t2v_q.gguf" in listed, listed
+    fx = _fx(max_vram_gb=0.05, dtype="fp32")
+    got = server.run(_wan_loader(fx, prefix="fx_gguf", model_name="gguf/tiny_t2v_q.gguf"))
+    want = server.run(_wan_loader(fx, prefix="fx_gguf_oracle", model_name="tiny_t2v_q_oracle.safetensors"))
+    assert torch.equal(server.latent(got, "9"), server.latent(want, "9"))
+    assert "tiny_t2v_q.gguf" in server.log()
+    assert server.alive()
+
+
+def test_block_swap_takes_a_comfyui_gguf_model(server: Server) -> None:
+    """ComfyUI-GGUF's Unet Loader -> Block Swap: the packed weights stay packed on the host and are
+    decoded in fxswap's graph. The latents equal, bitwise (eager, float32), those of the Block Swap
+    node over the plain checkpoint of the oracle's decoded weights (ComfyUI's same WanModel code);
+    against ComfyUI-GGUF's own run they agree to its rounding (it decodes with float16 scales times
+    the quants in float16, the oracle in float32), far below what another prompt moves."""
+    import requests
+
+    if "UnetLoaderGGUF" not in requests.get(f"{server.url}/object_info", timeout=30).json():
+        pytest.skip("ComfyUI-GGUF is not installed in this server (FXSWAP_COMFYUI_GGUF, the gguf package)")
+    gguf_loader = _n("UnetLoaderGGUF", unet_name="gguf/tiny_t2v_q.gguf")
+    fx = _fx(max_vram_gb=0.012)  # the CPU reference decoder's scratch is planned: ~9 MB minimum
+    p = _t2v(fx, prefix="gguf_block_swap")
+    p["1"] = gguf_loader
+    entry = server.run(p)
+    got = server.latent(entry, "9")
+    rows, budget = _rows(entry, "10")
+    assert rows and all(r["peak_bytes"] <= budget for r in rows), rows
+    oracle = _t2v(fx, prefix="gguf_block_swap_oracle")
+    oracle["1"] = _n("UNETLoader", unet_name="tiny_t2v_q_oracle.safetensors", weight_dtype="default")
+    assert torch.equal(got, server.latent(server.run(oracle), "9"))
+    own = _t2v(None, prefix="gguf_own")
+    own["1"] = gguf_loader
+    theirs = server.latent(server.run(own), "9")
+    other = _t2v(None, prefix="gguf_own_other")
+    other["1"] = gguf_loader
+    other["3"]["inputs"]["seed"] = 13
+    moved = (server.latent(server.run(other), "9") - theirs).abs().max().item()
+    diff = (got - theirs).abs().max().item()
+    print(f"Block Swap on GGUF vs ComfyUI-GGUF: max abs diff {diff:.3g}; another prompt moves {moved:.3g}")
+    assert diff < moved / 100, (diff, moved)
+    assert server.alive()
+
+
+def test_block_swap_refuses_lora_on_a_gguf_model(server: Server) -> None:
+    import requests
+
+    if "UnetLoaderGGUF" not in requests.get(f"{server.url}/object_info", timeout=30).json():
+        pytest.skip("ComfyUI-GGUF is not installed in this server")
+    p = _t2v(_fx(), lora=True, prefix="gguf_lora")
+    p["1"] = _n("UnetLoaderGGUF", unet_name="gguf/tiny_t2v_q.gguf")
+    code, body = server.post(p)
+    assert code == 200, body
+    with pytest.raises(AssertionError, match="GGUF model .* carrying LoRA patches"):
+        server.wait(body["prompt_id"])
     assert server.alive()
 
 

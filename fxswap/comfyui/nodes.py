@@ -22,6 +22,7 @@ ComfyUI validation error carrying fxswap's message: the argument, the value and 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -176,6 +177,56 @@ def _on_host(module: torch.nn.Module, what: str) -> None:
             )
 
 
+def _gguf_twin(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ComfyUI-GGUF's ``module`` (same tensors, no weight copied) whose GGML layers are
+    ComfyUI's plain layers of the same name, its packed weights kept as stored (``StoredWeight``,
+    the parameter on meta in ``dtype``) and its plain GGML tensors as ordinary tensors."""
+    import comfy.ops
+
+    from fxswap.gguf import quant_type
+    from fxswap.stored import StoredWeight, attach
+
+    stored: dict[str, StoredWeight] = {}
+
+    def twin(m: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        c = copy.copy(m)  # shares the tensors; the dicts below are its own
+        c._parameters = dict(m._parameters)
+        c._buffers = dict(m._buffers)
+        c._modules = {k: twin(v, f"{prefix}{k}.") if v is not None else None for k, v in m._modules.items()}
+        if hasattr(m, "is_ggml_quantized"):  # a GGMLOps layer: ComfyUI's own plain layer instead
+            plain = getattr(comfy.ops.disable_weight_init, type(m).__name__, None)
+            if plain is None:
+                raise ComfyIntegrationError(
+                    f"GGUF layer {prefix.rstrip('.')} ({type(m).__name__}) has no plain ComfyUI counterpart"
+                )
+            c.__class__ = plain
+        for k, p in m._parameters.items():
+            qt = getattr(p, "tensor_type", None)
+            if p is None or qt is None and not hasattr(p, "tensor_shape"):
+                continue
+            raw = p.as_subclass(torch.Tensor).detach()
+            shape = tuple(int(x) for x in getattr(p, "tensor_shape", raw.shape))
+            name = getattr(qt, "name", "F32")
+            if (
+                name in ("F32", "F16")
+                and raw.dtype.is_floating_point
+                and (raw.dtype == dtype or raw.numel() < 2**16)
+            ):
+                c._parameters[k] = torch.nn.Parameter(raw.reshape(shape).to(dtype), requires_grad=False)
+                continue
+            data = raw.contiguous().view(torch.uint8).reshape(-1)
+            quant_type(name)  # refuses a type fxswap cannot decode, naming it
+            stored[prefix + k] = StoredWeight(data, name, shape, dtype)
+            c._parameters[k] = torch.nn.Parameter(
+                torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False
+            )
+        return c
+
+    out = twin(module, "")
+    attach(out, stored)
+    return out
+
+
 def _comfy_adapter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """ComfyUI's diffusion-model call (x, timestep, context, clip_fea, time_dim_concat,
     transformer_options, **extra) -> the tensors-only call fxswap captures."""
@@ -281,6 +332,15 @@ class FxswapBlockSwap:
                 f"the MODEL ({type(base).__name__}) has no diffusion_model module; connect the MODEL "
                 "output of UNETLoader or LoraLoaderModelOnly."
             )
+        ggml = any(hasattr(p, "tensor_type") for p in diffusion.parameters())
+        if ggml and model.patches:
+            key = next(iter(model.patches))
+            raise ComfyIntegrationError(
+                f"the MODEL is a GGUF model (ComfyUI-GGUF's Unet Loader) carrying LoRA patches (e.g. "
+                f"{key!r}); fxswap does not merge LoRAs into GGUF weights yet. Fix: connect the Unet "
+                "Loader (GGUF) to the Block Swap node without LoRA nodes in between, or use a bf16 "
+                "checkpoint."
+            )
         lora: dict[str, list[Any]] = {}
         for key, patches in model.patches.items():
             if not key.startswith(COMFY_PREFIX):
@@ -297,6 +357,11 @@ class FxswapBlockSwap:
             lora[key.removeprefix(COMFY_PREFIX)] = patches
         _evict_comfy_copies(diffusion)
         _on_host(diffusion, "fxswap Block Swap")
+        if ggml:
+            # ComfyUI-GGUF's layers decode their packed weights inside their forward (which Dynamo
+            # does not trace); fxswap runs a twin of the module whose packed weights are kept as
+            # stored and decoded in its graph (fxswap.stored), sharing every other tensor.
+            diffusion = _gguf_twin(diffusion, base.get_dtype())
         # ComfyUI never calls eval() (it samples under no_grad); fxswap refuses training-mode modules
         # because dropout would differ. ComfyUI's diffusion models hold no dropout or batch norm, so
         # the flag changes nothing for ComfyUI's own use of the same module.
@@ -335,11 +400,15 @@ class FxswapBlockSwap:
 
 
 def _checkpoint_names() -> list[str]:
-    """Files in ComfyUI's diffusion_models folders, plus sharded checkpoint folders (diffusers)."""
+    """Files in ComfyUI's diffusion_models folders, sharded checkpoint folders (diffusers), and GGUF
+    files (ComfyUI lists only its own extensions there; ComfyUI-GGUF reads the same folders)."""
     names = list(folder_paths.get_filename_list("diffusion_models"))
     for root in folder_paths.get_folder_paths("diffusion_models"):
         if not os.path.isdir(root):
             continue
+        for dirpath, _, files in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            names += [f if rel == "." else os.path.join(rel, f) for f in files if f.lower().endswith(".gguf")]
         for entry in sorted(os.listdir(root)):
             path = os.path.join(root, entry)
             if os.path.isdir(path) and any(
@@ -359,6 +428,15 @@ def _checkpoint_path(model_name: str) -> str:
             f"`model_name`={model_name!r}: no such folder under ComfyUI's diffusion_models folders. "
             "Fix: put the checkpoint folder there, or pick a listed model."
         )
+    if model_name.lower().endswith(".gguf"):  # not an extension ComfyUI lists: found here
+        for root in folder_paths.get_folder_paths("diffusion_models"):
+            path = os.path.join(root, model_name)
+            if os.path.isfile(path):
+                return path
+        raise ComfyIntegrationError(
+            f"`model_name`={model_name!r}: no such GGUF file under ComfyUI's diffusion_models folders. "
+            "Fix: put the file there, or pick a listed model."
+        )
     return str(folder_paths.get_full_path_or_raise("diffusion_models", model_name))
 
 
@@ -370,7 +448,8 @@ class FxswapWanLoader:
     FUNCTION = "load"
     DESCRIPTION = (
         "Load a WAN 2.1 / 2.2 diffusion model with fxswap's loader (original, ComfyUI, diffusers, "
-        "TurboWan, fp8 layouts) and run it with fxswap's block swap under max_vram_gb."
+        "TurboWan, fp8 layouts, and GGUF files kept quantised until the GPU) and run it with fxswap's "
+        "block swap under max_vram_gb."
     )
 
     @classmethod

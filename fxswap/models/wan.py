@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxswap.errors import CheckpointError
 from fxswap.models import sla as _sla
 from fxswap.models import wan_checkpoint
 from fxswap.models.attention import ATTENTION_TYPES, AttentionFn, attention, get_attention
@@ -572,6 +573,7 @@ def load(
     attention_type: str | None = None,
     sla_topk: float | None = None,
     strict: bool = True,
+    keep_stored: bool | None = None,
 ) -> WanModel:
     """Load a WAN checkpoint (any layout in :data:`fxswap.models.wan_checkpoint.LAYOUTS`, one file or
     shards) into a fresh ``WanModel``.
@@ -591,7 +593,41 @@ def load(
     already is the target dtype are views of the memory-mapped file, not copies. Everything (keys,
     shapes, dtypes, SLA, dtype arguments) is checked before the model is built; any problem is a
     ``CheckpointError``.
+
+    Weights kept as stored (:mod:`fxswap.models.wan_stored`): a ``.gguf`` file (ComfyUI-GGUF's
+    layout) always, and an fp8 safetensors file with ``keep_stored=True``, give a model whose
+    quantised weights stay quantised in host memory (records of :mod:`fxswap.stored`, their
+    parameters on meta): ``fxswap.compile`` copies them at their stored size and decodes them on the
+    device. ``device`` must then be the CPU; ``fxswap.stored.materialise`` decodes such a model into
+    a plain one.
     """
+    gguf_file = str(path).lower().endswith(".gguf")
+    if gguf_file or keep_stored:
+        from fxswap.models import wan_stored
+
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(
+                f"load: device={device!r} with weights kept as stored; they stay on the host (fxswap.compile "
+                "moves them), so pass device='cpu'"
+            )
+        if sla_topk is not None:
+            raise CheckpointError("load: sla_topk applies to SLA checkpoints, not to weights kept as stored")
+        if gguf_file and keep_stored is False:
+            raise CheckpointError(
+                f"load: {path} is a GGUF file; its weights are always kept as stored (keep_stored=False "
+                "is for safetensors files). Drop keep_stored, or decode with fxswap.stored.materialise"
+            )
+        loader = wan_stored.load_gguf if gguf_file else wan_stored.load_fp8_stored
+        model = loader(
+            path,
+            config=config,
+            dtype=dtype,
+            attention_type=attention_type,
+            strict=strict,
+            build=lambda cfg, dt: build(cfg, device="meta", dtype=dt),
+        )
+        assert isinstance(model, WanModel)
+        return model
     sd, info, cfg, compute = wan_checkpoint.resolve_load_args(path, config, dtype, attention_type, sla_topk)
     dev = torch.device(device)
     skeleton = build(cfg, device="meta", dtype=compute)
