@@ -216,7 +216,9 @@ def test_cli_plan_prices_a_gguf_type(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     small = ["--model", "wan2.1-t2v-1.3b", "--layers", "2", "--resolution", "256x256", "--frames", "5"]
     out = tmp_path / "q4k.json"
-    assert main(["plan", *small, "--max-vram-gb", "8", "--dtype", "q4_k_m", "-o", str(out)]) == 0
+    # --device cpu: bytes as stored, without a CUDA allocator's rounding (passes.device_rules)
+    args = ["plan", *small, "--max-vram-gb", "8", "--dtype", "q4_k_m", "--device", "cpu", "-o", str(out)]
+    assert main(args) == 0
     assert "dtype Q4_K_M" in capsys.readouterr().out
     # expected by hand: the tensors ComfyUI-GGUF's converter quantises (2- to 4-D, more than 1,024
     # values, not .modulation) at Q4_K's 144 bytes per 256 values (gguf's own table), the rest bf16
