@@ -114,7 +114,9 @@ def cublas_workspace_bytes(capability: tuple[int, int], config: str | None) -> i
     ``config`` is ``CUBLAS_WORKSPACE_CONFIG`` (None: unset). Each ``:SIZE:COUNT`` pair adds
     ``SIZE * 1024 * COUNT`` bytes; a value without any pair falls back to the default (torch warns).
     """
-    default = 4096 * 8 * KiB if tuple(capability) == (9, 0) else 4096 * KiB * 2 + 16 * KiB * 8
+    # Hopper and Blackwell (majors 9 to 12) get 32 MiB in current PyTorch (sm_90 only in older
+    # releases): the larger figure is the one that keeps a plan within its budget on either.
+    default = 4096 * 8 * KiB if capability[0] in (9, 10, 11, 12) else 4096 * KiB * 2 + 16 * KiB * 8
     if config is None:
         return default
     pairs = re.findall(r":([0-9]+):([0-9]+)", config)
@@ -127,11 +129,12 @@ def cublaslt_workspace_bytes(cublas_bytes: int, size_kib: str | None, unified: s
     """cuBLASLt's own workspace per (handle, stream): ``getCUDABlasLtWorkspaceSize`` /
     ``getCUDABlasLtWorkspace`` in ``CublasHandlePool.cpp``.
 
-    ``size_kib`` is ``CUBLASLT_WORKSPACE_SIZE`` (KiB, default 1024), capped at the cuBLAS size;
-    ``unified`` is ``TORCH_CUBLASLT_UNIFIED_WORKSPACE``: when it is set true the Lt calls use the
-    cuBLAS workspace and nothing more is allocated.
+    ``size_kib`` is ``CUBLASLT_WORKSPACE_SIZE`` (KiB, default 1024); ``unified`` is
+    ``TORCH_CUBLASLT_UNIFIED_WORKSPACE``. Unified is the default of open-source CUDA builds
+    (``torch.backends.cuda.blas_workspace_size``'s note): the Lt calls use the cuBLAS workspace and
+    nothing more is allocated. Only set false does cuBLASLt keep its own, ``size_kib`` uncapped.
     """
-    if unified is not None and unified.strip().lower() in ("1", "true", "on", "yes", "y"):
+    if unified is None or unified.strip().lower() not in ("0", "false", "off", "no", "n"):
         return 0
     kib = 1024
     if size_kib is not None:
@@ -139,7 +142,7 @@ def cublaslt_workspace_bytes(cublas_bytes: int, size_kib: str | None, unified: s
             kib = int(size_kib)
         except ValueError:
             kib = 1024  # torch warns and keeps the default
-    return min(kib * KiB, cublas_bytes)
+    return kib * KiB
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,7 +80,8 @@ def test_expandable_segments_split_every_block() -> None:
     [
         ((8, 9), None, 4096 * KiB * 2 + 16 * KiB * 8),  # = 8,519,680: default off sm 9.0
         ((8, 0), None, 8_519_680),
-        ((12, 0), None, 8_519_680),  # only major 9, minor 0 gets the Hopper default
+        ((12, 0), None, 4096 * 8 * KiB),  # Blackwell consumer (major 12): 32 MiB
+        ((10, 0), None, 4096 * 8 * KiB),  # Blackwell datacenter (major 10): 32 MiB
         ((9, 0), None, 4096 * 8 * KiB),  # = 32 MiB on sm 9.0
         ((8, 9), ":4096:8", 4096 * KiB * 8),  # the deterministic-mode setting: 32 MiB
         ((8, 9), ":16:8", 16 * KiB * 8),  # 128 KiB
@@ -94,20 +95,23 @@ def test_cublas_workspace(capability: tuple[int, int], config: str | None, expec
 
 def test_cublaslt_workspace() -> None:
     cublas = 8_519_680
-    assert cublaslt_workspace_bytes(cublas, None, None) == 1024 * KiB  # default 1024 KiB
-    assert cublaslt_workspace_bytes(cublas, "4096", None) == 4096 * KiB
-    assert cublaslt_workspace_bytes(cublas, "65536", None) == cublas  # capped at the cuBLAS size
-    assert cublaslt_workspace_bytes(cublas, None, "1") == 0  # unified: shares cuBLAS's workspace
+    # unified (the default of CUDA builds, unset or set true): shares cuBLAS's workspace
+    assert cublaslt_workspace_bytes(cublas, None, None) == 0
+    assert cublaslt_workspace_bytes(cublas, "4096", None) == 0
+    assert cublaslt_workspace_bytes(cublas, None, "1") == 0
+    # set false: its own, CUBLASLT_WORKSPACE_SIZE KiB (default 1024), not capped
     assert cublaslt_workspace_bytes(cublas, None, "0") == 1024 * KiB
+    assert cublaslt_workspace_bytes(cublas, "65536", "0") == 65536 * KiB
 
 
 def test_kept_workspace_as_the_allocator_counts_it() -> None:
-    # sm 8.9: 8,519,680 (a 512 multiple, large pool under 10 MiB: split off 20 MiB, counted as is)
-    # + 1 MiB (small pool) = 9,568,256
-    assert SM89.kept_bytes() == 8_519_680 + MiB
-    # sm 9.0: 32 MiB (10 MiB or more: a segment of exactly 32 MiB) + 1 MiB
-    assert cuda_rules((9, 0)).kept_bytes() == 33 * MiB
-    assert cuda_rules((9, 0), cublaslt_unified="1").kept_bytes() == 32 * MiB
+    # sm 8.9: 8,519,680 (a 512 multiple, large pool under 10 MiB: split off 20 MiB, counted as is);
+    # cuBLASLt shares it by default
+    assert SM89.kept_bytes() == 8_519_680
+    # sm 9.0: 32 MiB (10 MiB or more: a segment of exactly 32 MiB)
+    assert cuda_rules((9, 0)).kept_bytes() == 32 * MiB
+    # cuBLASLt's own (unified off): + 1 MiB (small pool)
+    assert cuda_rules((9, 0), cublaslt_unified="0").kept_bytes() == 33 * MiB
     assert CPU_RULES.kept_bytes() == 0
 
 
@@ -126,7 +130,8 @@ def test_apply_rules_rounds_every_allocation_and_keeps_the_library_workspace() -
     assert [w.nbytes for w in ruled.weights] == [512, 2 * MiB]  # 100 -> 512; 2 MiB exact
     sizes = {b.name: (b.nbytes, b.start, b.end) for b in ruled.buffers}
     # the kept workspace spans the whole call (ops 0..1)
-    assert sizes.pop(KEPT_WORKSPACE) == (8_519_680 + MiB, 0, 1)
+    # cuBLAS's 8,519,680 on sm_89; cuBLASLt shares it (unified, the default)
+    assert sizes.pop(KEPT_WORKSPACE) == (8_519_680, 0, 1)
     raw_sizes = sorted(b.nbytes for b in raw.buffers)
     assert raw_sizes == [700, 1000, 3 * MiB + 1]
     # 700 -> 1024, 1000 -> 1024, 3 MiB + 1 -> 3 MiB + 512
@@ -146,7 +151,7 @@ def test_rule_terms_at_an_op() -> None:
     # live at op 1 (by build_graph's lifetimes: the input for the whole call, op 0's output read by
     # op 1, op 1's own output): (1024 - 1000) + (1024 - 700) + 511
     assert t.activation_rounding == 24 + 324 + 511
-    assert t.kept == 8_519_680 + MiB
+    assert t.kept == 8_519_680
     assert t.total == t.weights_rounding + t.activation_rounding + t.kept
 
 
@@ -229,7 +234,7 @@ def test_compile_plans_with_the_target_rules(monkeypatch: pytest.MonkeyPatch, ba
     ruled.close()
     assert cpu_plan is not None and p is not None
     assert p.weight_bytes - cpu_plan.weight_bytes == 4 * (512 - 256)
-    assert p.peak_bytes - cpu_plan.peak_bytes >= 8_519_680 + MiB + 4 * (512 - 256)
+    assert p.peak_bytes - cpu_plan.peak_bytes >= 8_519_680 + 4 * (512 - 256)
 
 
 @pytest.mark.gpu

@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,7 +162,7 @@ def fxswap_backend(
         )
     runtime = SwapRuntime(device, pin_share=copts["pin_share"], storage_dtype=copts["storage_dtype"])
     weights = {r.weight: v for r, v in zip(roles, example_inputs, strict=True) if r.weight is not None}
-    staging = runtime.staging_bytes(list(weights.values()))
+    staging = device_rules_for(device).alloc_bytes(runtime.staging_bytes(list(weights.values())))
     if staging:
         plan_options = dataclasses.replace(plan_options, reserve_bytes=plan_options.reserve_bytes + staging)
     builds = itertools.count()
@@ -232,4 +233,7 @@ def fxswap_backend(
 
     run.fxswap_plan = plan  # type: ignore[attr-defined]
     run.fxswap_runtime = runtime  # type: ignore[attr-defined]
+    # When Dynamo drops this graph (torch._dynamo.reset(), the model gone): unpin the host arenas
+    # and the staging ring, as SwapModule's own finalizer does (CUDA forbids freeing them pinned).
+    weakref.finalize(run, runtime.close)
     return run
