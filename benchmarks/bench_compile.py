@@ -470,6 +470,8 @@ def machine() -> dict[str, Any]:
             text=True,
         ).stdout.strip()
         info["fxswap_commit"] = git.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    # Other jobs on the machine stretch every time measured here (ratios less, not nothing).
+    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
 
 
@@ -535,6 +537,7 @@ def main() -> None:
         },
         "models": {m: run_model(m, args) for m in models},
     }
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     table = markdown(results)
     results["table"] = table
     print(table)
