@@ -214,8 +214,12 @@ def test_inductor_matches_torch_compile_slow(cases: dict[str, Case], name: str) 
     # shared by several blocks counts once per block.
     program = sm._current.fn if sm._current is not None else None
     assert program is not None
-    sources = [getattr(step.compiled, "source_code", "") for step in program.steps]
-    body = "".join(src[src.index("def call(") :] for src in sources if "def call(" in src)
+    # Inductor's generated code, and FX's for the glue between regions (swap ops at a region's edge)
+    sources = [
+        step.compiled.code if step.glue else getattr(step.compiled, "source_code", "")
+        for step in program.steps
+    ]
+    body = "".join(src[src.index("def call(") :] if "def call(" in src else src for src in sources)
     for op in ("load", "wait", "release"):
         assert body.count(f"= torch.ops.fxswap.{op}.default(") == n_swapped, op  # none DCE'd
 
