@@ -55,6 +55,7 @@ from fxswap.ir import GraphIR
 from fxswap.passes.analyse import target_name
 from fxswap.passes.device_rules import CPU_RULES, DEFAULT_CAPABILITY, DeviceRules, cuda_rules, sdpa_backend
 from fxswap.passes.device_rules import sdpa_workspace_bytes as _sdpa_bytes
+from fxswap.passes.sequence_parallel import COLLECTIVES
 
 __all__ = ["device_rules_for", "probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
 
@@ -202,6 +203,10 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
             continue
         new_bytes = _new_storage_bytes(node, seen_storages, rules)
         if node.target is operator.getitem or not _tensors(_example(node)):
+            continue
+        if node.target in COLLECTIVES:
+            # Run alone, a collective would wait for the other ranks' probes; its output buffer is
+            # in the graph, and the process group's own scratch is outside the caching allocator.
             continue
         metas_ok = True
 

@@ -1,0 +1,73 @@
+"""``ulysses_degree``: what ``fxswap.compile`` checks before sequence parallelism, and what it
+stamps on each rank's plan.
+
+The graph rewrite itself is the pass :mod:`fxswap.passes.sequence_parallel`, applied to each
+capture before analyse (``fxswap.build.capture_call``), so every rank plans its own sharded
+program against ``max_vram_gb``. See ``docs/sequence_parallel.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fxswap.errors import PlanMismatchError
+from fxswap.passes.sequence_parallel import SequenceParallel
+from fxswap.swapplan import SwapPlan
+
+__all__ = ["SequenceParallel", "resolve_parallel", "stamp_plan"]
+
+
+def resolve_parallel(ulysses_degree: int | None) -> SequenceParallel | None:
+    """The sequence parallelism ``fxswap.compile(..., ulysses_degree=N)`` asks for, on the default
+    process group; None for plain compilation (no argument, or 1 without a process group).
+
+    Raises:
+        ValueError: ``ulysses_degree`` is not an int >= 1; no initialised ``torch.distributed``
+            process group; its world size is not ``ulysses_degree`` (each named, with the fix).
+    """
+    if ulysses_degree is None:
+        return None
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
+        raise ValueError(
+            f"`ulysses_degree`={ulysses_degree!r} is invalid: pass an int >= 1 (the number of ranks "
+            "that share each sequence), or leave it out"
+        )
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if ulysses_degree == 1:
+            return None
+        raise ValueError(
+            f"`ulysses_degree`={ulysses_degree} needs an initialised torch.distributed process group, "
+            "and none is. Fix: start the script with `torchrun --nproc-per-node "
+            f"{ulysses_degree} ...` and call torch.distributed.init_process_group() before fxswap.compile"
+        )
+    world = dist.get_world_size()
+    if world != ulysses_degree:
+        raise ValueError(
+            f"`ulysses_degree`={ulysses_degree} but the process group has {world} ranks; fxswap shards "
+            f"each sequence over the whole default group. Fix: pass ulysses_degree={world}, or start "
+            f"{ulysses_degree} processes"
+        )
+    if ulysses_degree == 1:
+        return None
+    group = dist.group.WORLD
+    assert group is not None  # narrowing: is_initialized() above
+    return SequenceParallel(ulysses_degree, dist.get_rank(), group.group_name)
+
+
+def stamp_plan(plan: SwapPlan, sp: SequenceParallel | None, given: bool) -> SwapPlan:
+    """``plan`` recording the degree and rank it was made for; a ``given`` plan must already say so.
+
+    Raises:
+        PlanMismatchError: a given plan made for another degree or rank.
+    """
+    degree, rank = (1, 0) if sp is None else (sp.degree, sp.rank)
+    if given and (plan.ulysses_degree, plan.ulysses_rank) != (degree, rank):
+        raise PlanMismatchError(
+            f"`plan` was made for ulysses_degree={plan.ulysses_degree} rank {plan.ulysses_rank}, but this "
+            f"process runs ulysses_degree={degree} rank {rank}: each rank plans its own shard. Fix: give "
+            "each rank the plan made for it (`fxswap plan ... --ulysses-degree N --rank R`), or compile "
+            "without `plan`"
+        )
+    return dataclasses.replace(plan, ulysses_degree=degree, ulysses_rank=rank)
