@@ -460,6 +460,12 @@ class Builder:
             # is planned as part of the reserve, counted at every op.
             if staging:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
+            if self.parallel is not None:
+                # gloo's worker threads free collective buffers at no fixed op (the pass's note)
+                from fxswap.passes.sequence_parallel import lingering_bytes
+
+                linger = lingering_bytes(cap.gm, self.device)
+                opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + linger)
             if self.backend == "inductor":
                 # fxswap.fit plans and compiles in rounds: one phase for both
                 with phase("compile"):

@@ -1,0 +1,303 @@
+"""Sequence parallelism (``ulysses_degree``) on the CPU with gloo, 2 processes started with
+``torch.multiprocessing``'s spawn as a user's script would start them.
+
+What each check compares against (never fxswap's own figures):
+
+- outputs: the unsharded model run eagerly in the same process (bitwise: every op sees the same
+  rows; attention runs per head on the same values);
+- each rank's peak: the allocator's events (:mod:`fxswap.oracle`, torch's profiler) of a call that
+  re-creates its residents, plus the caller's inputs, <= the rank's plan <= the budget;
+- the rewrite: the captured graph's structure (which SDPAs, which tables, which gathers), read
+  off the graph and the shapes written in the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxswap
+from fxswap.capture import trace
+from fxswap.models import wan
+from fxswap.oracle import live_bytes, measure
+from fxswap.passes.sequence_parallel import (
+    ALL_GATHER,
+    ALL_TO_ALL,
+    SequenceParallel,
+    SequenceParallelError,
+    shard_sequence,
+)
+
+GiB = 2**30
+WORLD = 2
+TIMEOUT_S = 120  # a whole spawned check, start-up included; a hang fails instead of blocking CI
+
+
+class TinyViT(nn.Module):
+    """Not WAN: tokens in, learned position table (a weight with a token dim), fused-qkv
+    self-attention with ``view``/``permute``/unpacking, cross-attention to a memory, a mean over
+    the tokens (the token dim reduced: needs every rank's rows) and a per-token head."""
+
+    def __init__(self, n: int = 12, d: int = 32, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.randn(1, n, d) * 0.02)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.cq = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.ckv = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(layers))
+        self.norm = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.embed(x) + self.pos
+        dh = h.shape[-1] // self.heads
+        for qkv, o, cq, ckv, norm in zip(self.qkv, self.o, self.cq, self.ckv, self.norm, strict=True):
+            q, k, v = qkv(norm(h)).view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)
+            h = h + o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+            cq_ = cq(h).unflatten(-1, (self.heads, dh)).transpose(1, 2)
+            ck, cv = ckv(memory).unflatten(-1, (2, self.heads, dh)).permute(2, 0, 3, 1, 4)
+            h = h + F.scaled_dot_product_attention(cq_, ck, cv).transpose(1, 2).flatten(2)
+        h = h - h.mean(dim=1, keepdim=True)
+        return self.head(h)
+
+
+def _wan_case(**overrides: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    cfg = wan.tiny_config("t2v", **overrides)
+    # 5 frames, 32 x 64: 2 x 2 x 4 = 16 tokens after the (1, 2, 2) patch; the text has 8
+    return wan.build(cfg).eval().requires_grad_(False), wan.example_inputs(cfg, frames=5, height=32, width=64)
+
+
+def _vit_case() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = TinyViT().eval().requires_grad_(False)
+    return model, {"x": torch.randn(2, 12, 8), "memory": torch.randn(2, 7, 32)}
+
+
+# ------------------------------------------------------------------------------ the pass, 1 process
+def test_pass_on_tiny_wan_shards_after_patch_embedding_and_gathers_at_unpatchify() -> None:
+    model, inputs = _wan_case()
+    traced = trace(model, **inputs)
+    report = shard_sequence(traced.gm, SequenceParallel(2, 1, "unused"))
+    assert report.tokens == 16
+    assert report.origin == "flatten" and report.origin_dim == 2  # conv3d(...).flatten(2): [B, D, N]
+    assert len(report.self_attention) == 2 and len(report.cross_attention) == 2  # 2 layers
+    # the RoPE tables [N, 1, d/2] are narrowed to the rank's rows, not gathered
+    sliced_shapes = sorted(
+        tuple(n.meta["example_value"].shape) for n in traced.gm.graph.nodes if n.target is torch.narrow
+    )
+    assert sliced_shapes == [(1, 64, 8), (8, 1, 16), (8, 1, 16)]
+    # the only gather is the head's output, before the unpatchify's reshape splits the tokens
+    assert {g for g, _ in report.gathered} == {"linear_5"}  # the head's Linear
+    assert {w for _, w in report.gathered} == {"reshape_2"}  # unpatchify: [B, N, 16] -> [B, f, h, w, ...]
+    # q, k, v and the output per layer, and the gather (an all-to-all of the repeated shard)
+    assert sum(n.target is ALL_TO_ALL for n in traced.gm.graph.nodes) == 2 * 4 + 1
+    assert not any(n.target is ALL_GATHER for n in traced.gm.graph.nodes)
+    # each self-attention runs heads/degree = 1 head over all 16 tokens
+    for n in traced.gm.graph.nodes:
+        if n.name in report.self_attention:
+            assert tuple(n.meta["example_value"].shape) == (1, 1, 16, 32)
+
+
+def test_pass_refuses_a_degree_that_does_not_divide_the_heads() -> None:
+    model, inputs = _wan_case(dim=96, num_heads=3)
+    traced = trace(model, **inputs)
+    with pytest.raises(SequenceParallelError, match=r"ulysses_degree=2 does not divide the 3 attention heads"):
+        shard_sequence(traced.gm, SequenceParallel(2, 0, "unused"))
+
+
+def test_pass_refuses_a_degree_that_does_not_divide_the_tokens() -> None:
+    model, inputs = _wan_case()
+    traced = trace(model, **inputs)
+    with pytest.raises(SequenceParallelError, match=r"ulysses_degree=3 does not divide the 16 tokens"):
+        shard_sequence(traced.gm, SequenceParallel(3, 0, "unused"))
+
+
+def test_compile_refuses_ulysses_without_a_process_group() -> None:
+    model, _ = _wan_case()
+    with pytest.raises(ValueError, match=r"ulysses_degree`=2 needs an initialised torch.distributed"):
+        fxswap.compile(model, ulysses_degree=2, device="cpu")
+    with pytest.raises(ValueError, match=r"ulysses_degree`=0 is invalid"):
+        fxswap.compile(model, ulysses_degree=0, device="cpu")
+
+
+# ------------------------------------------------------------------------------ 2 processes, gloo
+def _spawn(check: str, world: int, tmp: Path) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(check, rank, world, str(tmp))) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
+    out = []
+    for rank in range(world):
+        path = tmp / f"rank{rank}.json"
+        out.append(json.loads(path.read_text()) if path.exists() else {"missing": True})
+    return out
+
+
+def _worker(check: str, rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/store",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = CHECKS[check](rank, world)
+    except BaseException as e:  # reported to the parent, which asserts on it
+        result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    if check != "rank_dies":
+        dist.destroy_process_group()
+
+
+def _measured_peak(s: Any, inputs: dict[str, torch.Tensor]) -> int:
+    with torch.no_grad():
+        s.release()  # residents are made again inside the measured call
+        with measure("cpu") as m:
+            out = s(**inputs)
+        del out
+    return m.peak_bytes + live_bytes([inputs])
+
+
+def _equality_and_peaks(make: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]], world: int) -> dict[str, Any]:
+    model, inputs = make()
+    with torch.no_grad():
+        ref = model(**inputs)
+    full = fxswap.compile(model, max_vram_gb=1.0, reserve_mb=0, backend="eager", device="cpu")
+    with torch.no_grad():
+        full(**inputs)
+    assert full.plan is not None
+    single = full.plan
+    # a budget that forces swaps on the sharded rank: 60% of all-resident single-process peak
+    budget = int(0.6 * single.peak_bytes)
+    s = fxswap.compile(
+        model,
+        max_vram_gb=budget / GiB,
+        reserve_mb=0,
+        block_size_mb=0.02,
+        backend="eager",
+        device="cpu",
+        ulysses_degree=world,
+    )
+    with torch.no_grad():
+        out = s(**inputs)
+    plan = s.plan
+    assert plan is not None
+    return {
+        "bitwise": bool(torch.equal(out, ref)),
+        "max_abs": float((out - ref).abs().max()),
+        "measured": _measured_peak(s, inputs),
+        "plan_peak": plan.peak_bytes,
+        "budget": plan.max_vram_bytes,
+        "degree": plan.ulysses_degree,
+        "rank": plan.ulysses_rank,
+        "swapped_units": sum(not u.resident for u in plan.units),
+        "act_peak": plan.activation_peak_bytes,
+        "single_act_peak": single.activation_peak_bytes,
+    }
+
+
+def _check_main(rank: int, world: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"wan": _equality_and_peaks(_wan_case, world), "vit": _equality_and_peaks(_vit_case, world)}
+    model, inputs = _wan_case()
+    try:
+        fxswap.compile(model, ulysses_degree=world + 1, device="cpu")
+        out["mismatch"] = "accepted"
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    model, inputs = _wan_case(dim=96, num_heads=3)
+    try:
+        with torch.no_grad():
+            fxswap.compile(model, backend="eager", device="cpu", ulysses_degree=world)(**inputs)
+        out["heads"] = "accepted"
+    except ValueError as e:
+        out["heads"] = str(e)
+    return out
+
+
+def _check_rank_dies(rank: int, world: int) -> dict[str, Any]:
+    model, inputs = _wan_case()
+    s = fxswap.compile(model, max_vram_gb=1.0, reserve_mb=0, backend="eager", device="cpu", ulysses_degree=world)
+    with torch.no_grad():
+        s(**inputs)  # every rank completes one call together
+        if rank == world - 1:
+            os._exit(3)  # dies while the others are in their second call
+        start = time.monotonic()
+        try:
+            s(**inputs)
+            return {"raised": None}
+        except Exception as e:
+            return {"raised": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
+
+
+CHECKS: dict[str, Callable[[int, int], dict[str, Any]]] = {"main": _check_main, "rank_dies": _check_rank_dies}
+
+
+@pytest.fixture(scope="module")
+def main_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn("main", WORLD, tmp_path_factory.mktemp("sp_main"))
+
+
+@pytest.mark.parametrize("model", ["wan", "vit"])
+def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(main_results: list[dict[str, Any]], model: str) -> None:
+    for rank, r in enumerate(main_results):
+        assert "error" not in r, r.get("trace")
+        got = r[model]
+        assert got["bitwise"], (rank, got["max_abs"])
+
+
+@pytest.mark.parametrize("model", ["wan", "vit"])
+def test_each_rank_measured_peak_within_its_plan_within_budget(main_results: list[dict[str, Any]], model: str) -> None:
+    for rank, r in enumerate(main_results):
+        assert "error" not in r, r.get("trace")
+        got = r[model]
+        assert (got["degree"], got["rank"]) == (WORLD, rank)
+        assert got["swapped_units"] > 0  # the budget really makes the rank swap
+        assert got["measured"] <= got["plan_peak"] <= got["budget"], got
+        # the rank's activations are its share: strictly below one process's
+        assert got["act_peak"] < got["single_act_peak"], got
+
+
+def test_degree_not_matching_world_size_and_heads_are_refused(main_results: list[dict[str, Any]]) -> None:
+    for r in main_results:
+        assert "error" not in r, r.get("trace")
+        assert f"ulysses_degree`={WORLD + 1} but the process group has {WORLD} ranks" in r["mismatch"]
+        assert f"ulysses_degree={WORLD} does not divide the 3 attention heads" in r["heads"]
+
+
+def test_a_rank_that_dies_gives_the_others_an_error_not_a_hang(tmp_path: Path) -> None:
+    results = _spawn("rank_dies", WORLD, tmp_path)
+    survivor = results[0]
+    assert "error" not in survivor, survivor.get("trace")
+    assert survivor["raised"] is not None
+    assert survivor["seconds"] < 60, survivor
+    assert results[WORLD - 1].get("missing")  # it died before writing anything
+
