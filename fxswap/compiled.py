@@ -280,6 +280,12 @@ class SwapModule:
             self._call_owner = me
             try:
                 return self._call(orig_args, orig_kwargs)
+            except RuntimeError as e:
+                if self.parallel is None:
+                    raise
+                from fxswap.parallel import collective_failed
+
+                raise collective_failed(e, self.parallel, type(self.model).__name__) from e
             finally:
                 self._call_owner = None
 

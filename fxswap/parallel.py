@@ -10,11 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 
-from fxswap.errors import PlanMismatchError
+from fxswap.errors import FxswapError, PlanMismatchError
 from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.swapplan import SwapPlan
 
-__all__ = ["SequenceParallel", "resolve_parallel", "stamp_plan"]
+__all__ = ["ParallelCallError", "SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
+
+
+class ParallelCallError(FxswapError, RuntimeError):
+    """A sequence-parallel call failed on this rank, typically in a collective because another
+    rank died, was killed or timed out; ``rank`` and ``degree`` say which process this is."""
+
+    def __init__(self, message: str, *, rank: int, degree: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.degree = degree
+
+
+def collective_failed(error: RuntimeError, sp: SequenceParallel, model: str) -> ParallelCallError:
+    """The error a rank raises when its call fails (the original is chained as its cause)."""
+    return ParallelCallError(
+        f"{model} compiled by fxswap with ulysses_degree={sp.degree} failed on rank {sp.rank}: "
+        f"{type(error).__name__}: {error}. In a sequence-parallel call every rank takes part in each "
+        "all-to-all, so a rank that died, was killed or is stuck makes the others fail here (a lost "
+        "connection at once; a stuck rank after the process group's timeout, "
+        "init_process_group(timeout=...)). Fix: look at the other ranks' logs for the first error, "
+        "then restart all ranks",
+        rank=sp.rank,
+        degree=sp.degree,
+    )
 
 
 def resolve_parallel(ulysses_degree: int | None) -> SequenceParallel | None:

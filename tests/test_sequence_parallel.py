@@ -298,6 +298,8 @@ def test_a_rank_that_dies_gives_the_others_an_error_not_a_hang(tmp_path: Path) -
     survivor = results[0]
     assert "error" not in survivor, survivor.get("trace")
     assert survivor["raised"] is not None
+    assert survivor["raised"].startswith("ParallelCallError: "), survivor
+    assert "ulysses_degree=2 failed on rank 0" in survivor["raised"], survivor
     assert survivor["seconds"] < 60, survivor
     assert results[WORLD - 1].get("missing")  # it died before writing anything
 
