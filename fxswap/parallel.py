@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from fxswap.errors import FxswapError, PlanMismatchError
+from fxswap.errors import ParallelCallError, PlanMismatchError
 from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.swapplan import SwapPlan
 
-__all__ = ["ParallelCallError", "SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
-
-
-class ParallelCallError(FxswapError, RuntimeError):
-    """A sequence-parallel call failed on this rank, typically in a collective because another
-    rank died, was killed or timed out; ``rank`` and ``degree`` say which process this is."""
-
-    def __init__(self, message: str, *, rank: int, degree: int) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.degree = degree
+__all__ = ["SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
 
 
 def collective_failed(error: RuntimeError, sp: SequenceParallel, model: str) -> ParallelCallError:

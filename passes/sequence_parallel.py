@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
+
+from fxswap.errors import SequenceParallelError
 
 __all__ = [
     "ALL_GATHER",
@@ -75,11 +77,6 @@ ALL_TO_ALL = _C10D.all_to_all_single.default
 ALL_GATHER = _C10D.all_gather_into_tensor.default
 WAIT = _C10D.wait_tensor.default
 COLLECTIVES = frozenset({ALL_TO_ALL, ALL_GATHER, WAIT})
-
-
-class SequenceParallelError(ValueError):
-    """The graph cannot be sharded as asked (degree not dividing the heads or the tokens, no
-    self-attention to anchor the token dimension)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +133,11 @@ def _name(node: fx.Node) -> str:
     return str(getattr(node.target, "__name__", node.target))
 
 
+def _a(node: fx.Node) -> tuple[Any, ...]:
+    # node.args typed loosely: FX's Argument union would need a cast at every read
+    return tuple(node.args)
+
+
 def _val(node: Any) -> Any:
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
@@ -149,8 +151,8 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 
 
 def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
+    if len(_a(node)) > i:
+        return _a(node)[i]
     return node.kwargs.get(key, default)
 
 
@@ -211,20 +213,20 @@ def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
         return None
     name = _name(node)
     out = _shape(node) if _is_tensor_node(node) else None
-    tensors = [a for a in node.args if _is_tensor_node(a)]
-    if name in ("stack", "cat") and out is not None and isinstance(node.args[0], (list, tuple)):
-        items = [a for a in node.args[0] if _is_tensor_node(a)]
+    tensors = [a for a in _a(node) if _is_tensor_node(a)]
+    if name in ("stack", "cat") and out is not None and isinstance(_a(node)[0], (list, tuple)):
+        items = [a for a in _a(node)[0] if _is_tensor_node(a)]
         dim = _norm(int(_arg(node, 1, "dim", 0)), len(out))
         if not items or dim == d:
             return None
         return items[0], (d if name == "cat" or d < dim else d - 1)
     if not tensors or out is None:
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            src = node.args[0]
-            if isinstance(_val(src), (tuple, list)) and src.args and _is_tensor_node(src.args[0]):
+        if node.target is operator.getitem and isinstance(_a(node)[0], fx.Node):
+            src = _a(node)[0]
+            if isinstance(_val(src), (tuple, list)) and _a(src) and _is_tensor_node(_a(src)[0]):
                 dim = _norm(int(_arg(src, 2 if _name(src) != "unbind" else 1, "dim", 0)), len(out or ()))
                 if _name(src) in ("chunk", "split") and dim != d:
-                    return src.args[0], d  # type: ignore[return-value]
+                    return _a(src)[0], d
         return None
     x = tensors[0]
     xs = _shape(x)
@@ -239,10 +241,10 @@ def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
     if name in _REDUCE and node.kwargs.get("keepdim", False):
         return x, d
     if name in ("transpose", "swapaxes"):
-        a, b = (_norm(int(v), len(out)) for v in node.args[1:3])
+        a, b = (_norm(int(v), len(out)) for v in _a(node)[1:3])
         return x, (b if d == a else a if d == b else d)
     if name == "permute":
-        dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        dims = _a(node)[1:] if not isinstance(_a(node)[1], (tuple, list)) else _a(node)[1]
         return x, _norm(int(dims[d]), len(out))
     if name == "unflatten":
         dim = _norm(int(_arg(node, 1, "dim")), len(xs))
@@ -264,7 +266,7 @@ def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
         back = _reshape_dim(out, xs, d)
         return (x, back) if back is not None else None
     if name == "getitem" and node.target is operator.getitem:
-        mapping = _getitem_map(node.args[1], len(xs))
+        mapping = _getitem_map(_a(node)[1], len(xs))
         if mapping is not None and d in mapping:
             return x, mapping.index(d)
         return None
@@ -317,7 +319,9 @@ class _Sharder:
             if node.op == "placeholder":  # placeholders stay first: after the last one
                 at = [n for n in self.g.nodes if n.op == "placeholder"][-1]
             with self.g.inserting_after(at):
-                self.sliced[key] = self._call(torch.narrow, (node, d, self.sp.rank * self._local(), self._local()))
+                self.sliced[key] = self._call(
+                    torch.narrow, (node, d, self.sp.rank * self._local(), self._local())
+                )
             # Rules read the logical (unsharded) shapes; refresh_example_values sets the real ones.
             self.sliced[key].meta["example_value"] = _val(node)
             self.report_sliced.append(node.name)
@@ -333,7 +337,10 @@ class _Sharder:
                 # allocator peak of a call varied by that much from call to call), where the
                 # repeated input here is a graph buffer the plan counts.
                 front = self._method("movedim", (node, d, 0))
-                reps = self._method("expand", (self._method("unsqueeze", (front, 0)), self.sp.degree, *([-1] * len(_shape(node)))))
+                reps = self._method(
+                    "expand",
+                    (self._method("unsqueeze", (front, 0)), self.sp.degree, *([-1] * len(_shape(node)))),
+                )
                 got = self.all_to_all(self._method("contiguous", (reps,)))
                 flat = self._method("flatten", (got, 0, 1))
                 self.gathered[node] = self._method("movedim", (flat, 0, d))
@@ -342,14 +349,17 @@ class _Sharder:
         return self.gathered[node]
 
     def all_to_all(self, x: fx.Node) -> fx.Node:
-        return self._call(WAIT, (self._call(ALL_TO_ALL, (x, [1] * self.sp.degree, [1] * self.sp.degree, self.sp.group_name)),))
+        return self._call(
+            WAIT,
+            (self._call(ALL_TO_ALL, (x, [1] * self.sp.degree, [1] * self.sp.degree, self.sp.group_name)),),
+        )
 
     # -- rules ---------------------------------------------------------------------------------
     def gather_inputs(self, node: fx.Node) -> None:
         def fix(a: fx.Node) -> fx.Node:
             return self.gather(a, node) if a in self.dim else a
 
-        node.args = fx.node.map_arg(node.args, fix)
+        node.args = fx.node.map_arg(_a(node), fix)
         node.kwargs = fx.node.map_arg(node.kwargs, fix)
 
     def pointwise(self, node: fx.Node, operands: list[fx.Node]) -> int | None:
@@ -369,7 +379,7 @@ class _Sharder:
         return od
 
     def stack(self, node: fx.Node, name: str, rank: int) -> int | None:
-        items = list(node.args[0])
+        items = list(_a(node)[0])
         dim = _norm(int(_arg(node, 1, "dim", 0)), rank)
         sharded = [self.dim[a] for a in items if a in self.dim]
         if not sharded or len(set(sharded)) != 1:
@@ -393,11 +403,11 @@ class _Sharder:
         """This node's output token dim after making its operands agree; None: gather instead."""
         name = _name(node)
         out = _val(node)
-        x = node.args[0] if node.args else None
+        x = _a(node)[0] if _a(node) else None
         if node.target is operator.getitem and isinstance(_val(x), (tuple, list)):
             return self.dim.get(x)  # type: ignore[arg-type]
         if name in _POINTWISE and isinstance(out, torch.Tensor):
-            operands = [a for a in (*node.args, *node.kwargs.values()) if _is_tensor_node(a)]
+            operands = [a for a in (*_a(node), *node.kwargs.values()) if _is_tensor_node(a)]
             return self.pointwise(node, operands)
         if not isinstance(x, fx.Node) or x not in self.dim:
             if name in ("stack", "cat") and isinstance(out, torch.Tensor):
@@ -413,8 +423,8 @@ class _Sharder:
         if not isinstance(out, torch.Tensor):
             return None
         rank = out.dim()
-        if name in _DTYPE_ONLY:
-            return self.dim[x] if x in self.dim else None  # type: ignore[index]
+        if name in _DTYPE_ONLY:  # x is sharded here (checked above)
+            return self.dim[x]
         assert isinstance(x, fx.Node)
         d = self.dim[x]
         xs = _shape(x)
@@ -435,18 +445,22 @@ class _Sharder:
             dims = [_norm(int(v), len(xs)) for v in (dim if isinstance(dim, (tuple, list)) else (dim,))]
             if d in dims:
                 return None
-            if name in _SOFTMAX or node.kwargs.get("keepdim", False) or (len(node.args) > 2 and node.args[2] is True):
+            if (
+                name in _SOFTMAX
+                or node.kwargs.get("keepdim", False)
+                or (len(_a(node)) > 2 and _a(node)[2] is True)
+            ):
                 return d
             return d - sum(1 for v in dims if v < d)
         if name in ("transpose", "swapaxes"):
-            a, b = (_norm(int(v), len(xs)) for v in node.args[1:3])
+            a, b = (_norm(int(v), len(xs)) for v in _a(node)[1:3])
             return b if d == a else a if d == b else d
         if name == "permute":
-            dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
-            return [_norm(int(v), len(xs)) for v in dims].index(d)
+            order_: Any = _a(node)[1:] if not isinstance(_a(node)[1], (tuple, list)) else _a(node)[1]
+            return [_norm(int(v), len(xs)) for v in order_].index(d)
         if name == "movedim":
             order = list(range(len(xs)))
-            src, dst = _norm(int(node.args[1]), len(xs)), _norm(int(node.args[2]), len(xs))
+            src, dst = _norm(int(_a(node)[1]), len(xs)), _norm(int(_a(node)[2]), len(xs))
             order.insert(dst, order.pop(src))
             return order.index(d)
         if name == "unflatten":
@@ -473,26 +487,33 @@ class _Sharder:
             od = _reshape_dim(xs, _shape(node), d)
             if od is None:
                 return None
-            sizes = list(node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:])
+            sizes = list(
+                _a(node)[1] if len(_a(node)) == 2 and isinstance(_a(node)[1], (tuple, list)) else _a(node)[1:]
+            )
             sizes[od] = -1 if -1 not in sizes else self._local()
             node.args = (x, *sizes)
             return od
         if name == "expand" and node.op == "call_method":
-            sizes = list(node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:])
+            sizes = list(
+                _a(node)[1] if len(_a(node)) == 2 and isinstance(_a(node)[1], (tuple, list)) else _a(node)[1:]
+            )
             od = d + (rank - len(xs))
             sizes[od] = -1
             node.args = (x, *sizes)
             return od
         if node.target is operator.getitem:
-            mapping = _getitem_map(node.args[1], len(xs))
+            mapping = _getitem_map(_a(node)[1], len(xs))
             if mapping is None or mapping[d] is None or mapping[d] == -1:
                 return None
             return mapping[d]
         return None
 
     def attention(self, node: fx.Node) -> int | None:
-        q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in enumerate("qkv"))
-        extra = {**dict(enumerate(node.args[3:])), **{key: val for key, val in node.kwargs.items() if key not in ("query", "key", "value")}}
+        q, k, v = (_a(node)[i] if len(_a(node)) > i else node.kwargs.get(n) for i, n in enumerate("qkv"))
+        extra: dict[Any, Any] = {
+            **dict(enumerate(_a(node)[3:])),
+            **{key: val for key, val in node.kwargs.items() if key not in ("query", "key", "value")},
+        }
         if any(isinstance(val, fx.Node) for val in extra.values()) or extra.get("is_causal"):
             return None  # masks and causal attention are not split by heads here
         if not all(isinstance(t, fx.Node) for t in (q, k, v)):
@@ -519,11 +540,17 @@ class _Sharder:
             for t in (q, k, v):
                 ls, dh = self._local(), _shape(t)[3]
                 r = self._method("reshape", (t, b, p, hp, ls, dh))
-                a2a = self.all_to_all(self._method("contiguous", (self._method("permute", (r, 1, 0, 2, 3, 4)),)))
-                full = self._method("reshape", (self._method("permute", (a2a, 1, 2, 0, 3, 4)), b, hp, p * ls, dh))
+                a2a = self.all_to_all(
+                    self._method("contiguous", (self._method("permute", (r, 1, 0, 2, 3, 4)),))
+                )
+                full = self._method(
+                    "reshape", (self._method("permute", (a2a, 1, 2, 0, 3, 4)), b, hp, p * ls, dh)
+                )
                 swapped.append(full)
-            node.args = (*swapped, *node.args[3:])
-            node.kwargs = {key: val for key, val in node.kwargs.items() if key not in ("query", "key", "value")}
+            node.args = (*swapped, *_a(node)[3:])
+            node.kwargs = {
+                key: val for key, val in node.kwargs.items() if key not in ("query", "key", "value")
+            }
         users = list(node.users)
         with self.g.inserting_before(node.next):  # inserting_after would reverse their order
             ls, dh = self._local(), _shape(v)[3]
@@ -596,7 +623,9 @@ def lingering_bytes(gm: fx.GraphModule, device: torch.device) -> int:
     """
     if device.type != "cpu":
         return 0
-    largest = max((collective_workspace(n, device) for n in gm.graph.nodes if n.target is ALL_TO_ALL), default=0)
+    largest = max(
+        (collective_workspace(n, device) for n in gm.graph.nodes if n.target is ALL_TO_ALL), default=0
+    )
     return LINGER_FACTOR * largest
 
 
@@ -617,7 +646,7 @@ def collective_workspace(node: fx.Node, device: torch.device) -> int:
     if device.type != "cpu" or node.target not in (ALL_GATHER, ALL_TO_ALL):
         return 0
     out = _val(node)
-    inp = _val(node.args[0]) if node.args else None
+    inp = _val(_a(node)[0]) if _a(node) else None
     nbytes = sum(t.untyped_storage().nbytes() for t in (out, inp) if isinstance(t, torch.Tensor))
     return int(nbytes)
 
@@ -633,11 +662,11 @@ def find_token_origin(gm: fx.GraphModule) -> tuple[fx.Node, int]:
         SequenceParallelError: the graph has no self-attention.
     """
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _name(node) in _SDPA and len(node.args) >= 3:
-            q, k, v = node.args[:3]
+        if node.op == "call_function" and _name(node) in _SDPA and len(_a(node)) >= 3:
+            q, k, v = _a(node)[:3]
             if not all(_is_tensor_node(t) and len(_shape(t)) == 4 for t in (q, k, v)):
                 continue
-            origins = {_origin(t, 2) for t in (q, k, v)}  # type: ignore[arg-type]
+            origins = {_origin(t, 2) for t in (q, k, v)}
             if len(origins) == 1:
                 return origins.pop()
     raise SequenceParallelError(

@@ -117,7 +117,9 @@ def test_pass_on_tiny_wan_shards_after_patch_embedding_and_gathers_at_unpatchify
 def test_pass_refuses_a_degree_that_does_not_divide_the_heads() -> None:
     model, inputs = _wan_case(dim=96, num_heads=3)
     traced = trace(model, **inputs)
-    with pytest.raises(SequenceParallelError, match=r"ulysses_degree=2 does not divide the 3 attention heads"):
+    with pytest.raises(
+        SequenceParallelError, match=r"ulysses_degree=2 does not divide the 3 attention heads"
+    ):
         shard_sequence(traced.gm, SequenceParallel(2, 0, "unused"))
 
 
@@ -187,7 +189,9 @@ def _measured_peak(s: Any, inputs: dict[str, torch.Tensor]) -> int:
     return m.peak_bytes + live_bytes([inputs])
 
 
-def _equality_and_peaks(make: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]], world: int) -> dict[str, Any]:
+def _equality_and_peaks(
+    make: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]], world: int
+) -> dict[str, Any]:
     model, inputs = make()
     with torch.no_grad():
         ref = model(**inputs)
@@ -226,7 +230,10 @@ def _equality_and_peaks(make: Callable[[], tuple[nn.Module, dict[str, torch.Tens
 
 
 def _check_main(rank: int, world: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"wan": _equality_and_peaks(_wan_case, world), "vit": _equality_and_peaks(_vit_case, world)}
+    out: dict[str, Any] = {
+        "wan": _equality_and_peaks(_wan_case, world),
+        "vit": _equality_and_peaks(_vit_case, world),
+    }
     model, inputs = _wan_case()
     try:
         fxswap.compile(model, ulysses_degree=world + 1, device="cpu")
@@ -245,7 +252,9 @@ def _check_main(rank: int, world: int) -> dict[str, Any]:
 
 def _check_rank_dies(rank: int, world: int) -> dict[str, Any]:
     model, inputs = _wan_case()
-    s = fxswap.compile(model, max_vram_gb=1.0, reserve_mb=0, backend="eager", device="cpu", ulysses_degree=world)
+    s = fxswap.compile(
+        model, max_vram_gb=1.0, reserve_mb=0, backend="eager", device="cpu", ulysses_degree=world
+    )
     with torch.no_grad():
         s(**inputs)  # every rank completes one call together
         if rank == world - 1:
@@ -267,7 +276,9 @@ def main_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
 
 
 @pytest.mark.parametrize("model", ["wan", "vit"])
-def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(main_results: list[dict[str, Any]], model: str) -> None:
+def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(
+    main_results: list[dict[str, Any]], model: str
+) -> None:
     for rank, r in enumerate(main_results):
         assert "error" not in r, r.get("trace")
         got = r[model]
@@ -275,7 +286,9 @@ def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(main_results: lis
 
 
 @pytest.mark.parametrize("model", ["wan", "vit"])
-def test_each_rank_measured_peak_within_its_plan_within_budget(main_results: list[dict[str, Any]], model: str) -> None:
+def test_each_rank_measured_peak_within_its_plan_within_budget(
+    main_results: list[dict[str, Any]], model: str
+) -> None:
     for rank, r in enumerate(main_results):
         assert "error" not in r, r.get("trace")
         got = r[model]
@@ -302,4 +315,3 @@ def test_a_rank_that_dies_gives_the_others_an_error_not_a_hang(tmp_path: Path) -
     assert "ulysses_degree=2 failed on rank 0" in survivor["raised"], survivor
     assert survivor["seconds"] < 60, survivor
     assert results[WORLD - 1].get("missing")  # it died before writing anything
-
