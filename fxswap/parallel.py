@@ -9,12 +9,14 @@ program against ``max_vram_gb``. See ``docs/sequence_parallel.md``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from fxswap.errors import ParallelCallError, PlanMismatchError
+from fxswap.ir import GraphIR
 from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.swapplan import SwapPlan
 
-__all__ = ["SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
+__all__ = ["sharded_ir", "SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
 
 
 def collective_failed(error: RuntimeError, sp: SequenceParallel, model: str) -> ParallelCallError:
@@ -85,3 +87,27 @@ def stamp_plan(plan: SwapPlan, sp: SequenceParallel | None, given: bool) -> Swap
             "without `plan`"
         )
     return dataclasses.replace(plan, ulysses_degree=degree, ulysses_rank=rank)
+
+
+def sharded_ir(
+    model: Any, inputs: dict[str, Any], degree: int, rank: int = 0
+) -> tuple[GraphIR, GraphIR, Any]:
+    """The IR of one process and of rank ``rank`` of ``degree`` for ``model(**inputs)``, captured
+    once (meta tensors allowed: nothing runs), each with the documented workspace rules; and the
+    pass's :class:`~fxswap.passes.sequence_parallel.ShardReport`. What ``fxswap plan
+    --ulysses-degree N`` plans (the ranks differ only in which tokens they hold)."""
+    import copy
+
+    from fxswap.capture import trace
+    from fxswap.passes.analyse import PlaceholderRole, graph_ir
+    from fxswap.passes.sequence_parallel import shard_sequence
+    from fxswap.workspace import rules_for, with_workspace
+
+    traced = trace(model, **inputs)
+    roles = [
+        PlaceholderRole(w, n)
+        for w, n in zip(traced.placeholder_params, traced.placeholder_names, strict=True)
+    ]
+    gm = copy.deepcopy(traced.gm)
+    report = shard_sequence(gm, SequenceParallel(degree, rank, "plan"))
+    return traced.ir, with_workspace(graph_ir(gm, roles), rules_for(gm)), report

@@ -315,3 +315,37 @@ def test_a_rank_that_dies_gives_the_others_an_error_not_a_hang(tmp_path: Path) -
     assert "ulysses_degree=2 failed on rank 0" in survivor["raised"], survivor
     assert survivor["seconds"] < 60, survivor
     assert results[WORLD - 1].get("missing")  # it died before writing anything
+
+
+# ------------------------------------------------------------------------------ fxswap plan
+def test_cli_plan_shows_the_per_rank_budget_and_refuses_a_bad_degree(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fxswap.cli import main
+
+    # 5 frames at 256 x 256: latent 2 x 32 x 32 (VAE 4x time, 8x space), patches (1, 2, 2):
+    # 2 * 16 * 16 = 512 tokens, 256 per rank
+    common = [
+        "plan",
+        "--model",
+        "wan2.1-t2v-1.3b",
+        "--layers",
+        "1",
+        "--frames",
+        "5",
+        "--resolution",
+        "256x256",
+    ]
+    assert main([*common, "--ulysses-degree", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "512 tokens, 256 per rank" in out
+    rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "smallest budget" in line}
+    assert set(rows) == {"1 process", "per rank of 2"}
+
+    def act(line: str) -> float:
+        return float(line.split("activation peak ")[1].split(" MiB")[0])
+
+    assert act(rows["per rank of 2"]) < act(rows["1 process"])
+    # wan2.1-t2v-1.3b has 12 heads: 8 divides the 512 tokens but not the heads
+    assert main([*common, "--ulysses-degree", "8"]) == 2
+    assert "ulysses_degree=8 does not divide the 12 attention heads" in capsys.readouterr().err
