@@ -349,3 +349,23 @@ def test_cli_plan_shows_the_per_rank_budget_and_refuses_a_bad_degree(
     # wan2.1-t2v-1.3b has 12 heads: 8 divides the 512 tokens but not the heads
     assert main([*common, "--ulysses-degree", "8"]) == 2
     assert "ulysses_degree=8 does not divide the 12 attention heads" in capsys.readouterr().err
+
+
+def test_torchrun_example_runs_two_ranks_bitwise() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*cmd, str(root / "examples" / "sequence_parallel_torchrun.py")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(2):
+        assert f"rank {rank}: output equal to the unsharded model: True (max |diff| 0)" in done.stdout
+        assert f"rank {rank}/2: peak" in done.stdout
