@@ -117,10 +117,11 @@ _POINTWISE = frozenset(
         "log", "cos", "sin", "tanh", "sigmoid", "silu", "gelu", "relu", "erf", "abs", "clamp",
         "where", "maximum", "minimum", "float", "half", "bfloat16", "double", "contiguous", "clone",
         "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "iadd", "imul",
-        "square", "reciprocal", "sign", "softplus", "mish", "hardswish", "leaky_relu",
+        "square", "reciprocal", "sign", "softplus", "mish", "hardswish", "leaky_relu", "dropout",
     }
 )  # fmt: skip
 _DTYPE_ONLY = frozenset({"to", "type_as", "type"})  # later tensor args give a dtype/device only
+_LIKE = frozenset({"empty_like", "zeros_like", "ones_like", "full_like"})  # the shape of arg 0
 _REDUCE = frozenset({"mean", "sum", "amax", "amin", "var", "std", "norm", "prod"})
 _SOFTMAX = frozenset({"softmax", "log_softmax"})
 _SPLIT = frozenset({"chunk", "split", "tensor_split", "unbind"})
@@ -136,6 +137,14 @@ def _name(node: fx.Node) -> str:
 def _a(node: fx.Node) -> tuple[Any, ...]:
     # node.args typed loosely: FX's Argument union would need a cast at every read
     return tuple(node.args)
+
+
+def _qkv(node: fx.Node) -> tuple[Any, Any, Any]:
+    """An SDPA call's query, key and value, passed by position or by keyword (diffusers)."""
+    args = _a(node)
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else node.kwargs.get(n) for i, n in enumerate(names))
+    return q, k, v
 
 
 def _val(node: Any) -> Any:
@@ -158,6 +167,13 @@ def _arg(node: fx.Node, i: int, key: str, default: Any = None) -> Any:
 
 def _norm(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
+
+
+def _mutates(node: fx.Node) -> bool:
+    name = _name(node)
+    return node.target is operator.setitem or (
+        node.op == "call_method" and name.endswith("_") and not name.startswith("__")
+    )
 
 
 def _reshape_dim(src: Sequence[int], dst: Sequence[int], d: int) -> int | None:
@@ -230,6 +246,8 @@ def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
         return None
     x = tensors[0]
     xs = _shape(x)
+    if name in _LIKE:
+        return x, d
     if name in _POINTWISE or name in _DTYPE_ONLY:
         cands = [x] if name in _DTYPE_ONLY else tensors
         for t in cands:
@@ -423,7 +441,7 @@ class _Sharder:
         if not isinstance(out, torch.Tensor):
             return None
         rank = out.dim()
-        if name in _DTYPE_ONLY:  # x is sharded here (checked above)
+        if name in _DTYPE_ONLY or name in _LIKE:  # x is sharded here (checked above)
             return self.dim[x]
         assert isinstance(x, fx.Node)
         d = self.dim[x]
@@ -508,8 +526,41 @@ class _Sharder:
             return mapping[d]
         return None
 
+    def refuse(self, node: fx.Node, why: str) -> SequenceParallelError:
+        # A gather before an in-place op would write into the gathered copy: refused, never wrong.
+        return SequenceParallelError(
+            f"sequence parallelism cannot shard {node.name} ({_name(node)}): it {why}. Fix: compile "
+            "without ulysses_degree, or write the op out of place"
+        )
+
+    def setitem(self, node: fx.Node) -> None:
+        """``target[index] = value`` (diffusers' RoPE fills an ``empty_like`` by strided slices)."""
+        target, index, value = _a(node)[:3]
+        if target not in self.dim:
+            self.gather_inputs(node)  # the write goes to the real (replicated) target, whole value
+            return
+        d = self.dim[target]
+        rank = len(_shape(target))
+        mapping = _getitem_map(index, rank)
+        if mapping is None or mapping[d] is None or mapping[d] == -1:
+            raise self.refuse(node, "writes into a sharded tensor through an index on the token dim")
+        idx = index if isinstance(index, tuple) else (index,)
+        out_rank = rank - sum(isinstance(i, int) for i in idx) + sum(i is None for i in idx)
+        od = mapping[d]
+        assert od is not None
+        if _is_tensor_node(value):
+            vrank = len(_shape(value))
+            at = od - (out_rank - vrank)
+            if value in self.dim:
+                if self.dim[value] != at:
+                    raise self.refuse(node, "writes a value sharded on another dim")
+            elif at >= 0 and _shape(value)[at] != 1:
+                if _shape(value)[at] != self.tokens:
+                    raise self.refuse(node, "writes a value whose token dim does not match")
+                node.replace_input_with(value, self.narrow(value, at))
+
     def attention(self, node: fx.Node) -> int | None:
-        q, k, v = (_a(node)[i] if len(_a(node)) > i else node.kwargs.get(n) for i, n in enumerate("qkv"))
+        q, k, v = _qkv(node)
         extra: dict[Any, Any] = {
             **dict(enumerate(_a(node)[3:])),
             **{key: val for key, val in node.kwargs.items() if key not in ("query", "key", "value")},
@@ -590,6 +641,9 @@ class _Sharder:
                 continue
             if not any(a in self.dim for a in node.all_input_nodes):
                 continue
+            if node.target is operator.setitem:
+                self.setitem(node)
+                continue
             if _name(node) in _SDPA:
                 od = self.attention(node)
                 if od is None and node.name in self.self_attn:
@@ -597,6 +651,9 @@ class _Sharder:
             else:
                 od = self.rule(node)
             if od is None:
+                x = _a(node)[0] if _a(node) else None
+                if _mutates(node) and x in self.dim:
+                    raise self.refuse(node, "writes in place into a sharded tensor in a way not split here")
                 self.gather_inputs(node)
             else:
                 self.dim[node] = od
@@ -662,8 +719,8 @@ def find_token_origin(gm: fx.GraphModule) -> tuple[fx.Node, int]:
         SequenceParallelError: the graph has no self-attention.
     """
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _name(node) in _SDPA and len(_a(node)) >= 3:
-            q, k, v = _a(node)[:3]
+        if node.op == "call_function" and _name(node) in _SDPA:
+            q, k, v = _qkv(node)
             if not all(_is_tensor_node(t) and len(_shape(t)) == 4 for t in (q, k, v)):
                 continue
             origins = {_origin(t, 2) for t in (q, k, v)}

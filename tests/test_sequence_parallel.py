@@ -83,6 +83,26 @@ def _wan_case(**overrides: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return wan.build(cfg).eval().requires_grad_(False), wan.example_inputs(cfg, frames=5, height=32, width=64)
 
 
+def _diffusers_case(kind: str) -> Callable[[], tuple[nn.Module, dict[str, Any]]]:
+    def make() -> tuple[nn.Module, dict[str, Any]]:
+        from tests.test_wan_diffusers import CASES as DIFFUSERS_CASES
+        from tests.test_wan_diffusers import _diffusers_model, _inputs
+
+        cfg = DIFFUSERS_CASES[kind]
+        inp = _inputs(cfg, seed=2)  # 3 x 4 x 3 = 36 tokens
+        hidden = inp["x"] if "y" not in inp else torch.cat([inp["x"], inp["y"]], dim=1)
+        kwargs = {
+            "hidden_states": hidden,
+            "timestep": inp["timestep"],
+            "encoder_hidden_states": inp["context"],
+            "encoder_hidden_states_image": inp.get("clip_fea"),
+            "return_dict": False,
+        }
+        return _diffusers_model(cfg, seed=1).requires_grad_(False), kwargs
+
+    return make
+
+
 def _vit_case() -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = TinyViT().eval().requires_grad_(False)
@@ -189,12 +209,14 @@ def _measured_peak(s: Any, inputs: dict[str, torch.Tensor]) -> int:
     return m.peak_bytes + live_bytes([inputs])
 
 
-def _equality_and_peaks(
-    make: Callable[[], tuple[nn.Module, dict[str, torch.Tensor]]], world: int
-) -> dict[str, Any]:
+def _first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]  # diffusers: a tuple (return_dict=False)
+
+
+def _equality_and_peaks(make: Callable[[], tuple[nn.Module, dict[str, Any]]], world: int) -> dict[str, Any]:
     model, inputs = make()
     with torch.no_grad():
-        ref = model(**inputs)
+        ref = _first(model(**inputs))
     full = fxswap.compile(model, max_vram_gb=1.0, reserve_mb=0, backend="eager", device="cpu")
     with torch.no_grad():
         full(**inputs)
@@ -212,7 +234,7 @@ def _equality_and_peaks(
         ulysses_degree=world,
     )
     with torch.no_grad():
-        out = s(**inputs)
+        out = _first(s(**inputs))
     plan = s.plan
     assert plan is not None
     return {
@@ -267,7 +289,23 @@ def _check_rank_dies(rank: int, world: int) -> dict[str, Any]:
             return {"raised": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
 
 
-CHECKS: dict[str, Callable[[int, int], dict[str, Any]]] = {"main": _check_main, "rank_dies": _check_rank_dies}
+MODELS = ["wan", "vit"]
+DIFFUSERS = ["diffusers_t2v", "diffusers_i2v"]
+
+
+def _check_diffusers(rank: int, world: int) -> dict[str, Any]:
+    pytest.importorskip("diffusers")
+    return {
+        "diffusers_t2v": _equality_and_peaks(_diffusers_case("t2v"), world),
+        "diffusers_i2v": _equality_and_peaks(_diffusers_case("i2v-wan2.1-clip"), world),
+    }
+
+
+CHECKS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "main": _check_main,
+    "rank_dies": _check_rank_dies,
+    "diffusers": _check_diffusers,
+}
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +313,7 @@ def main_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     return _spawn("main", WORLD, tmp_path_factory.mktemp("sp_main"))
 
 
-@pytest.mark.parametrize("model", ["wan", "vit"])
+@pytest.mark.parametrize("model", MODELS)
 def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(
     main_results: list[dict[str, Any]], model: str
 ) -> None:
@@ -285,7 +323,7 @@ def test_two_ranks_output_bitwise_equal_to_the_unsharded_model(
         assert got["bitwise"], (rank, got["max_abs"])
 
 
-@pytest.mark.parametrize("model", ["wan", "vit"])
+@pytest.mark.parametrize("model", MODELS)
 def test_each_rank_measured_peak_within_its_plan_within_budget(
     main_results: list[dict[str, Any]], model: str
 ) -> None:
@@ -296,6 +334,26 @@ def test_each_rank_measured_peak_within_its_plan_within_budget(
         assert got["swapped_units"] > 0  # the budget really makes the rank swap
         assert got["measured"] <= got["plan_peak"] <= got["budget"], got
         # the rank's activations are its share: strictly below one process's
+        assert got["act_peak"] < got["single_act_peak"], got
+
+
+@pytest.fixture(scope="module")
+def diffusers_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    pytest.importorskip("diffusers")
+    return _spawn("diffusers", WORLD, tmp_path_factory.mktemp("sp_diffusers"))
+
+
+@pytest.mark.slow  # about 40 s on a 2-core machine: two diffusers models, compiled twice per rank
+@pytest.mark.parametrize("model", DIFFUSERS)
+def test_diffusers_wan_two_ranks_bitwise_and_peaks_within_plan(
+    diffusers_results: list[dict[str, Any]], model: str
+) -> None:
+    for rank, r in enumerate(diffusers_results):
+        assert "error" not in r, r.get("trace")
+        got = r[model]
+        assert got["bitwise"], (rank, got["max_abs"])
+        assert (got["degree"], got["rank"]) == (WORLD, rank)
+        assert got["measured"] <= got["plan_peak"] <= got["budget"], got
         assert got["act_peak"] < got["single_act_peak"], got
 
 
