@@ -397,12 +397,13 @@ class Builder:
 
         # The workspace probe and Inductor's replay reset the device's peak statistics to measure
         # themselves; an active fxswap.monitor keeps the peak it had (monitoring.keep_peaks).
-        from fxswap.parallel import stamp_plan
+        from fxswap.parallel import check_ranks_agree, stamp_plan
 
         with keep_peaks(self.device):
             entry = self._build(options, given_plan, args, kwargs, root)
         entry = self._price_pageable(entry)
         plan = stamp_plan(entry.plan, self.parallel, given=given_plan is not None)
+        check_ranks_agree(plan, self.parallel)
         return dataclasses.replace(entry, plan=plan)
 
     def _price_pageable(self, entry: Entry) -> Entry:

@@ -16,7 +16,14 @@ from fxswap.ir import GraphIR
 from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.swapplan import SwapPlan
 
-__all__ = ["sharded_ir", "SequenceParallel", "collective_failed", "resolve_parallel", "stamp_plan"]
+__all__ = [
+    "check_ranks_agree",
+    "sharded_ir",
+    "SequenceParallel",
+    "collective_failed",
+    "resolve_parallel",
+    "stamp_plan",
+]
 
 
 def collective_failed(error: RuntimeError, sp: SequenceParallel, model: str) -> ParallelCallError:
@@ -111,3 +118,34 @@ def sharded_ir(
     gm = copy.deepcopy(traced.gm)
     report = shard_sequence(gm, SequenceParallel(degree, rank, "plan"))
     return traced.ir, with_workspace(graph_ir(gm, roles), rules_for(gm)), report
+
+
+def check_ranks_agree(plan: SwapPlan, sp: SequenceParallel | None) -> None:
+    """Refuse a build whose graph differs between ranks (another model, input shape or dtype on
+    some rank): their collectives would not pair up, and a call would hang or mix unrelated
+    tensors. Every rank builds a signature on its first call with it, so all take part here.
+
+    Budgets and options may differ between ranks (cards of different sizes): they are not compared.
+
+    Raises:
+        PlanMismatchError: naming the ranks and which of graph, weights and inputs differ.
+    """
+    if sp is None:
+        return
+    import torch.distributed as dist
+
+    mine = {k: v for k, v in plan.fingerprint_parts if k in ("graph", "params", "inputs")}
+    everyone: list[dict[str, str] | None] = [None] * sp.degree
+    dist.all_gather_object(everyone, mine)
+    differ = {
+        rank: sorted(k for k in mine if other is None or other.get(k) != mine[k])
+        for rank, other in enumerate(everyone)
+    }
+    differ = {rank: parts for rank, parts in differ.items() if parts}
+    if differ:
+        detail = "; ".join(f"rank {r}: {', '.join(p)}" for r, p in sorted(differ.items()))
+        raise PlanMismatchError(
+            f"ulysses_degree={sp.degree}: rank {sp.rank}'s sharded graph differs from other ranks' ({detail} "
+            "differ from this rank's). Every rank must call the compiled model with the same model, input "
+            "shapes and dtypes. Fix: give every rank the same inputs (e.g. the same seed and sizes)"
+        )

@@ -284,6 +284,16 @@ def _check_main(rank: int, world: int) -> dict[str, Any]:
         out["mismatch"] = "accepted"
     except ValueError as e:
         out["mismatch"] = str(e)
+    # ranks calling with different inputs: the last rank's video is 4 frames longer
+    frames = 9 if rank == world - 1 else 5
+    cfg = wan.tiny_config("t2v")
+    other = wan.example_inputs(cfg, frames=frames, height=32, width=64)
+    try:
+        with torch.no_grad():
+            fxswap.compile(model, backend="eager", device="cpu", ulysses_degree=world)(**other)
+        out["ranks_differ"] = "accepted"
+    except fxswap.PlanMismatchError as e:
+        out["ranks_differ"] = str(e)
     return out
 
 
@@ -350,9 +360,14 @@ def test_other_models_two_ranks_bitwise_and_peaks_within_plan(
         assert got["act_peak"] < got["single_act_peak"], got
 
 
-def test_degree_not_matching_world_size_is_refused(main_results: list[dict[str, Any]]) -> None:
-    for r in main_results:
+def test_degree_not_matching_world_size_and_ranks_with_other_inputs_are_refused(
+    main_results: list[dict[str, Any]],
+) -> None:
+    for rank, r in enumerate(main_results):
         assert "error" not in r, r.get("trace")
+        other = WORLD - 1 - rank
+        assert f"rank {rank}'s sharded graph differs from other ranks' (rank {other}: " in r["ranks_differ"]
+        assert "inputs" in r["ranks_differ"].split("(")[1].split(")")[0]
         assert f"ulysses_degree`={WORLD + 1} but the process group has {WORLD} ranks" in r["mismatch"]
 
 
