@@ -238,11 +238,12 @@ def _equality_and_peaks(
     world: int,
     keep: str | None = None,
     single: bool = True,
+    backend: str = "eager",
 ) -> dict[str, Any]:
     model, inputs = make()
     with torch.no_grad():
         ref = _first(model(**inputs))
-    options: dict[str, Any] = dict(reserve_mb=0, block_size_mb=0.02, backend="eager", device="cpu")
+    options: dict[str, Any] = dict(reserve_mb=0, block_size_mb=0.02, backend=backend, device="cpu")
     # all resident first; the second compile reuses the capture (same model and call): one trace
     roomy = fxswap.compile(model, max_vram_gb=1.0, ulysses_degree=world, **options)
     with torch.no_grad():
@@ -302,6 +303,7 @@ OTHERS = ["vit", "diffusers_t2v", "diffusers_i2v"]
 
 def _check_others(rank: int, world: int) -> dict[str, Any]:
     return {
+        "wan_inductor": _equality_and_peaks(_wan_case, world, single=False, backend="inductor"),
         "vit": _equality_and_peaks(_vit_case, world),
         "diffusers_t2v": _equality_and_peaks(_diffusers_case("t2v"), world),
         "diffusers_i2v": _equality_and_peaks(_diffusers_case("i2v-wan2.1-clip"), world),
@@ -358,6 +360,18 @@ def test_other_models_two_ranks_bitwise_and_peaks_within_plan(
         assert (got["degree"], got["rank"]) == (WORLD, rank)
         assert got["measured"] <= got["plan_peak"] <= got["budget"], got
         assert got["act_peak"] < got["single_act_peak"], got
+
+
+@pytest.mark.slow
+def test_wan_two_ranks_under_inductor_close_and_within_plan(other_results: list[dict[str, Any]]) -> None:
+    """Inductor fuses differently from eager, so not bitwise: within 1e-5 of the eager model on
+    outputs of order 1 (measured on this machine: 3.6e-7, the same as one process under Inductor)."""
+    for rank, r in enumerate(other_results):
+        assert "error" not in r, r.get("trace")
+        got = r["wan_inductor"]
+        assert got["max_abs"] <= 1e-5, (rank, got)
+        assert (got["degree"], got["rank"]) == (WORLD, rank)
+        assert got["measured"] <= got["plan_peak"] <= got["budget"], got
 
 
 def test_degree_not_matching_world_size_and_ranks_with_other_inputs_are_refused(
