@@ -165,6 +165,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "torchrun): tokens sharded, all-to-alls around self-attention; prints the per-rank budget "
         "beside one process's (default 1: one process)",
     )
+    p.add_argument(
+        "--link-gbps",
+        type=_positive_float,
+        default=None,
+        help="with --ulysses-degree: GB/s each rank sends to the others (NVLink, PCIe peer-to-peer or "
+        "through host memory: measure it, e.g. nccl-tests' alltoall_perf); prints the all-to-alls' "
+        "predicted time per call",
+    )
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
     p.add_argument(
         "--plot", default=None, metavar="TIMELINE.png", help="draw the memory timeline (needs matplotlib)"
@@ -593,6 +601,14 @@ def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOpt
     for label, (minimum, act, _) in figures.items():
         acts = f", activation peak {act / mib:.1f} MiB" if act is not None else ""
         print(f"  {label:>16}: smallest budget {minimum / gib:.3f} GiB{acts}")
+    sent = sum(report.alltoall_sent)
+    line = f"  all-to-alls: {len(report.alltoall_sent)} per call, {sent / mib:.1f} MiB sent by each rank"
+    if args.link_gbps is not None:
+        line += (
+            f"; predicted {report.alltoall_ms(args.link_gbps):.1f} ms per call at "
+            f"{args.link_gbps:g} GB/s, not overlapped with compute (a prediction, not in the plan's times)"
+        )
+    print(line)
     rank_plan = figures[f"per rank of {args.ulysses_degree}"][2]
     if rank_plan is None:
         print(

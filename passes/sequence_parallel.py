@@ -47,6 +47,7 @@ shorter row count (see ``docs/sequence_parallel.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Sequence
@@ -105,6 +106,13 @@ class ShardReport:
     cross_attention: tuple[str, ...]
     sliced: tuple[str, ...]  # replicated operands narrowed to this rank's tokens
     gathered: tuple[tuple[str, str], ...]  # (sharded node, the op that needed it whole)
+    # bytes each all-to-all sends from this rank, in graph order (its input, less the part it keeps)
+    alltoall_sent: tuple[int, ...] = ()
+
+    def alltoall_ms(self, link_gbps: float) -> float:
+        """Predicted time of one call's all-to-alls on a link of ``link_gbps`` GB/s per rank, one
+        after another and overlapping nothing (an upper bound: NCCL may overlap send and receive)."""
+        return sum(self.alltoall_sent) / (link_gbps * 1e9) * 1e3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -748,7 +756,13 @@ def shard_sequence(gm: fx.GraphModule, sp: SequenceParallel) -> ShardReport:
     gm.graph.lint()
     gm.recompile()
     refresh_example_values(gm)
-    return report
+    # each all-to-all's input is [degree, ...]: chunk r goes to rank r, this rank's own stays
+    sent = tuple(
+        int(_val(n.args[0]).untyped_storage().nbytes()) * (sp.degree - 1) // sp.degree
+        for n in gm.graph.nodes
+        if n.target is ALL_TO_ALL and isinstance(n.args[0], fx.Node)
+    )
+    return dataclasses.replace(report, alltoall_sent=sent)
 
 
 def refresh_example_values(gm: fx.GraphModule) -> None:

@@ -414,9 +414,15 @@ def test_cli_plan_shows_the_per_rank_budget_and_refuses_a_bad_degree(
         "--resolution",
         "256x256",
     ]
-    assert main([*common, "--ulysses-degree", "2"]) == 0
+    assert main([*common, "--ulysses-degree", "2", "--link-gbps", "10"]) == 0
     out = capsys.readouterr().out
     assert "512 tokens, 256 per rank" in out
+    # by hand, bf16: q, k, v and the output of the one self-attention are [1, 12 heads, 256, 128]
+    # on a rank, half of each sent: 4 * 12 * 256 * 128 * 2 / 2 = 1572864 bytes; the gather before
+    # the unpatchify repeats the head's [1, 256, 64] twice and sends half: 256 * 64 * 2 = 32768
+    sent = 4 * 12 * 256 * 128 * 2 // 2 + 256 * 64 * 2
+    assert f"all-to-alls: 5 per call, {sent / 2**20:.1f} MiB sent by each rank" in out
+    assert f"predicted {sent / 10e9 * 1e3:.1f} ms per call at 10 GB/s" in out
     rows = {line.split(":")[0].strip(): line for line in out.splitlines() if "smallest budget" in line}
     assert set(rows) == {"1 process", "per rank of 2"}
 
