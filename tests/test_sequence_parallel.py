@@ -310,9 +310,31 @@ def _check_others(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def _check_pipeline(rank: int, world: int) -> dict[str, Any]:
+    from fxswap.integrations import diffusers as fxd
+    from tests.test_integrations_diffusers import run, t2v_pipe
+
+    pipe = t2v_pipe()  # 5 frames at 32 x 32: 2 x 2 x 2 = 8 tokens, 2 heads
+    ref = run(pipe, steps=2)
+    fxd.enable(pipe, max_vram_gb=1.0, backend="eager", reserve_mb=0, ulysses_degree=world)
+    got = run(pipe, steps=2)
+    st = fxd.state(pipe)
+    assert st is not None
+    plan = st.swapped["transformer"].plan
+    return {
+        "bitwise": bool(torch.equal(got, ref)),
+        "max_abs": float((got - ref).abs().max()),
+        "degree": plan.ulysses_degree if plan is not None else None,
+        "text_encoder_degree": (
+            st.swapped["text_encoder"].plan.ulysses_degree if "text_encoder" in st.swapped else None
+        ),
+    }
+
+
 CHECKS: dict[str, Callable[[int, int], dict[str, Any]]] = {
     "main": _check_main,
     "others": _check_others,
+    "pipeline": _check_pipeline,
 }
 
 
@@ -393,6 +415,16 @@ def test_a_rank_that_dies_gives_the_others_an_error_not_a_hang(main_results: lis
     assert dies["raised"].startswith("ParallelCallError: "), dies
     assert "ulysses_degree=2 failed on rank 0" in dies["raised"], dies
     assert dies["seconds"] < 60, dies  # the process group's timeout: no hang
+
+
+@pytest.mark.slow  # about 30 s: a tiny WanPipeline on two ranks
+def test_diffusers_pipeline_enable_with_ulysses_latents_bitwise(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    for rank, r in enumerate(_spawn("pipeline", WORLD, tmp_path)):
+        assert "error" not in r, r.get("trace")
+        assert r["bitwise"], (rank, r["max_abs"])
+        assert r["degree"] == WORLD
+        assert r["text_encoder_degree"] in (None, 1)  # onloaded, or swapped whole on every rank
 
 
 # ------------------------------------------------------------------------------ fxswap plan
