@@ -394,14 +394,17 @@ class _Sharder:
         if len(dims) != 1:
             return None
         od = dims.pop()
+        narrow: list[tuple[fx.Node, int]] = []
         for a in operands:
             if a in self.dim:
                 continue
             ad = od - (out_rank - len(_shape(a)))
             if ad >= 0 and _shape(a)[ad] != 1:
                 if _shape(a)[ad] != self.tokens:
-                    return None
-                node.replace_input_with(a, self.narrow(a, ad))
+                    return None  # before any edit: the caller gathers the unchanged node
+                narrow.append((a, ad))
+        for a, ad in narrow:
+            node.replace_input_with(a, self.narrow(a, ad))
         return od
 
     def stack(self, node: fx.Node, name: str, rank: int) -> int | None:

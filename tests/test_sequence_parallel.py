@@ -134,6 +134,43 @@ def test_pass_on_tiny_wan_shards_after_patch_embedding_and_gathers_at_unpatchify
             assert tuple(n.meta["example_value"].shape) == (1, 1, 16, 32)
 
 
+def test_pass_on_a_non_wan_model_slices_the_position_table_and_gathers_for_the_token_mean() -> None:
+    model, inputs = _vit_case()
+    traced = trace(model, **inputs)
+    report = shard_sequence(traced.gm, SequenceParallel(2, 0, "unused"))
+    assert (report.tokens, report.origin_dim) == (12, 1)  # x [2, 12, 8]: the input is the sequence
+    assert len(report.self_attention) == 2 and len(report.cross_attention) == 2
+    narrowed = {
+        tuple(n.meta["example_value"].shape) for n in traced.gm.graph.nodes if n.target is torch.narrow
+    }
+    assert (1, 6, 32) in narrowed  # the learned position table [1, 12, 32], a weight
+    # two gathers: before the mean over the tokens (dim 1), which needs every rank's rows, and the
+    # per-token head's output at the graph's output
+    whys = {w for _, w in report.gathered}
+    assert "output" in whys and len(whys) == 2
+    (why,) = whys - {"output"}
+    node = next(n for n in traced.gm.graph.nodes if n.name == why)
+    assert node.target == "mean"
+
+
+class _WritesATokenRow(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        h[:, 0] = 0.0  # an in-place write that picks one token: not splittable by rows
+        return h
+
+
+def test_pass_refuses_an_in_place_write_that_indexes_the_token_dim() -> None:
+    traced = trace(_WritesATokenRow().eval(), torch.randn(1, 8, 16))
+    with pytest.raises(SequenceParallelError, match=r"writes into a sharded tensor through an index"):
+        shard_sequence(traced.gm, SequenceParallel(2, 0, "unused"))
+
+
 def test_pass_refuses_a_degree_that_does_not_divide_the_heads() -> None:
     model, inputs = _wan_case(dim=96, num_heads=3)
     traced = trace(model, **inputs)
