@@ -50,6 +50,7 @@ from fxswap.options import MiB, PlanOptions
 from fxswap.passes.analyse import graph_ir, placeholder_roles, stored_storage
 from fxswap.passes.dequant import DequantSpec, insert_dequant, placeholder_weights
 from fxswap.passes.device_rules import apply_rules
+from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.regional import compile_inductor, compile_regional, regions_enabled
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.stored import attach, stored_weights
@@ -209,19 +210,21 @@ def capture_call(
     kwargs: dict[str, Any],
     device: torch.device,
     param_names: Sequence[str] | None = None,
+    parallel: SequenceParallel | None = None,
 ) -> tuple[Capture, bool]:
     """The capture of ``model(*args, **kwargs)`` for ``device``, and whether it was traced now
-    (False: served from the per-model cache, see ``_CAPTURES``)."""
+    (False: served from the per-model cache, see ``_CAPTURES``). With ``parallel``, the graph is
+    this rank's sequence-parallel program (:mod:`fxswap.passes.sequence_parallel`)."""
     weights = tuple(
         (k, tuple(v.shape), v.dtype)
         for k, v in itertools.chain(model.named_parameters(), model.named_buffers())
     )
-    key = (signature(args, kwargs), weights, str(device), model.training, param_names is None)
+    key = (signature(args, kwargs), weights, str(device), model.training, param_names is None, parallel)
     per_model = _CAPTURES.setdefault(model, {})
     hit = per_model.get(key)
     if hit is not None:
         return hit, False
-    cap = _trace_on_meta(model, args, kwargs, device, param_names)
+    cap = _trace_on_meta(model, args, kwargs, device, param_names, parallel)
     per_model[key] = cap
     return cap, True
 
@@ -232,6 +235,7 @@ def _trace_on_meta(
     kwargs: dict[str, Any],
     device: torch.device,
     param_names: Sequence[str] | None,
+    parallel: SequenceParallel | None = None,
 ) -> Capture:
     named = dict(model.named_parameters()) | dict(model.named_buffers())
     meta_state = {k: _to_meta(v) for k, v in named.items()}
@@ -267,6 +271,13 @@ def _trace_on_meta(
         )
 
     roles = placeholder_roles(gm, flat, fqn_of, name_of, unknown)
+    if parallel is not None:
+        # After the outputs were matched by identity above (the pass keeps the output structure,
+        # gathered to full shape), before analyse reads the shapes: the IR is this rank's.
+        from fxswap.passes.sequence_parallel import shard_sequence
+
+        report = shard_sequence(gm, parallel)
+        logger.info("fxswap: sequence parallel rank %d/%d: %s", parallel.rank, parallel.degree, report)
     getters = [
         None if r.weight is not None else _getter(path_of[id(v)]) for r, v in zip(roles, flat, strict=True)
     ]
@@ -349,6 +360,7 @@ class Builder:
         activate: makes an entry's resident weights the runtime's (the compiled model's own, so it
             knows which entry is active).
         stats: the compiled model's counters; ``captures`` and ``compiles`` are counted here.
+        parallel: this rank's sequence parallelism (``ulysses_degree``), or None.
     """
 
     def __init__(
@@ -360,8 +372,10 @@ class Builder:
         param_names: list[str] | None,
         activate: Callable[[Entry], None],
         stats: dict[str, int],
+        parallel: SequenceParallel | None = None,
     ) -> None:
         self.model = model
+        self.parallel = parallel
         self.runtime = runtime
         self.device = device
         self.backend = backend
@@ -401,9 +415,14 @@ class Builder:
 
         # The workspace probe and Inductor's replay reset the device's peak statistics to measure
         # themselves; an active fxswap.monitor keeps the peak it had (monitoring.keep_peaks).
+        from fxswap.parallel import check_ranks_agree, stamp_plan
+
         with keep_peaks(self.device):
             entry = self._build(options, given_plan, args, kwargs, root)
-        return self._price_pageable(entry)
+        entry = self._price_pageable(entry)
+        plan = stamp_plan(entry.plan, self.parallel, given=given_plan is not None)
+        check_ranks_agree(plan, self.parallel)
+        return dataclasses.replace(entry, plan=plan)
 
     def _price_pageable(self, entry: Entry) -> Entry:
         """The entry with its plan's times predicted for the units whose host copies stayed
@@ -434,7 +453,7 @@ class Builder:
 
         t0 = time.perf_counter()
         with phase("capture"):
-            cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names)
+            cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names, self.parallel)
         self.stats["captures"] += int(fresh)
         # as the device's allocator hands it out (a 67.5 MiB staging tensor takes a 68 MiB block)
         staging = device_rules_for(self.device).alloc_bytes(
@@ -464,6 +483,12 @@ class Builder:
             # is planned as part of the reserve, counted at every op.
             if staging:
                 opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + staging)
+            if self.parallel is not None:
+                # gloo's worker threads free collective buffers at no fixed op (the pass's note)
+                from fxswap.passes.sequence_parallel import lingering_bytes
+
+                linger = lingering_bytes(cap.gm, self.device)
+                opts = dataclasses.replace(opts, reserve_bytes=opts.reserve_bytes + linger)
             if self.backend == "inductor":
                 # fxswap.fit plans and compiles in rounds: one phase for both
                 with phase("compile"):

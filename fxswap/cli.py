@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fxswap.ir import GraphIR
     from fxswap.models.wan_config import WanConfig
+    from fxswap.options import PlanOptions
     from fxswap.passes.device_rules import DeviceRules
     from fxswap.swapplan import SwapPlan
 
@@ -179,6 +180,23 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="capture the graph again instead of reading (or writing) the graph cache "
         "($FXSWAP_CACHE_DIR, default ~/.cache/fxswap/graphs)",
+    )
+    p.add_argument(
+        "--ulysses-degree",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="plan one rank of N-way sequence parallelism (fxswap.compile(..., ulysses_degree=N) under "
+        "torchrun): tokens sharded, all-to-alls around self-attention; prints the per-rank budget "
+        "beside one process's (default 1: one process)",
+    )
+    p.add_argument(
+        "--link-gbps",
+        type=_positive_float,
+        default=None,
+        help="with --ulysses-degree: GB/s each rank sends to the others (NVLink, PCIe peer-to-peer or "
+        "through host memory: measure it, e.g. nccl-tests' alltoall_perf); prints the all-to-alls' "
+        "predicted time per call",
     )
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
     p.add_argument(
@@ -479,6 +497,9 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers)
 
+    if args.ulysses_degree > 1:
+        return _plan_parallel(args, config, options)
+
     graph = None
     front = None
     if not args.no_cache:
@@ -560,6 +581,85 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
         plot_timeline(plan, ir, args.plot)
         print(f"memory timeline drawn to {args.plot}")
+    return 0
+
+
+def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOptions) -> int:
+    """``fxswap plan --ulysses-degree N``: rank 0's plan (every rank's shapes are the same) and the
+    smallest budget per rank beside one process's. Captures on meta each time (no graph cache)."""
+    import dataclasses
+
+    import torch
+
+    from fxswap.errors import BudgetInfeasibleError, SequenceParallelError
+    from fxswap.models import wan
+    from fxswap.parallel import sharded_ir
+    from fxswap.passes.device_rules import apply_rules
+    from fxswap.passes.planner import build_plan
+
+    if args.dtype == "fp8":
+        print("fxswap plan: error: --ulysses-degree does not support --dtype fp8 yet", file=sys.stderr)
+        return 2
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    width, height = args.resolution
+    model = wan.build(config, device="meta", dtype=dtype)
+    inputs = wan.example_inputs(
+        model.config,
+        batch=args.batch,
+        frames=args.frames,
+        height=height,
+        width=width,
+        device="meta",
+        dtype=dtype,
+    )
+    start = time.perf_counter()
+    try:
+        single, shard, report = sharded_ir(model, inputs, args.ulysses_degree)
+    except SequenceParallelError as e:
+        print(f"fxswap plan: error: --ulysses-degree {args.ulysses_degree}: {e}", file=sys.stderr)
+        return 2
+    capture_s = time.perf_counter() - start
+    rules = _plan_rules(args)
+    figures: dict[str, tuple[int, int | None, SwapPlan | None]] = {}
+    for label, ir in (("1 process", single), (f"per rank of {args.ulysses_degree}", shard)):
+        try:
+            made = build_plan(apply_rules(ir, rules), options)
+            figures[label] = (made.min_vram_bytes, made.activation_peak_bytes, made)
+        except BudgetInfeasibleError as e:
+            figures[label] = (e.min_vram_bytes, None, None)
+    gib, mib = 2**30, 2**20
+    print(
+        f"model {args.model} ({config.num_layers} blocks), {width}x{height}, {args.frames} frames, "
+        f"batch {args.batch}, weights {args.dtype}, ulysses degree {args.ulysses_degree}: "
+        f"{report.tokens} tokens, {report.tokens // args.ulysses_degree} per rank; "
+        f"{len(report.self_attention)} self-attentions with all-to-alls, "
+        f"{len(report.cross_attention)} cross-attentions on full keys/values, "
+        f"{len({g for g, _ in report.gathered})} gather(s); meta capture {capture_s:.1f} s"
+    )
+    for label, (minimum, act, _) in figures.items():
+        acts = f", activation peak {act / mib:.1f} MiB" if act is not None else ""
+        print(f"  {label:>16}: smallest budget {minimum / gib:.3f} GiB{acts}")
+    sent = sum(report.alltoall_sent)
+    line = f"  all-to-alls: {len(report.alltoall_sent)} per call, {sent / mib:.1f} MiB sent by each rank"
+    if args.link_gbps is not None:
+        line += (
+            f"; predicted {report.alltoall_ms(args.link_gbps):.1f} ms per call at "
+            f"{args.link_gbps:g} GB/s, not overlapped with compute (a prediction, not in the plan's times)"
+        )
+    print(line)
+    rank_plan = figures[f"per rank of {args.ulysses_degree}"][2]
+    if rank_plan is None:
+        print(
+            f"fxswap plan: error: --max-vram-gb {args.max_vram_gb:g} is below the smallest budget per rank",
+            file=sys.stderr,
+        )
+        return EXIT_INFEASIBLE
+    plan = dataclasses.replace(rank_plan, ulysses_degree=args.ulysses_degree, ulysses_rank=0)
+    print("rank 0's plan (the other ranks' shapes are the same); predicted times leave out the all-to-alls:")
+    print(plan.summary())
+    if args.output:
+        plan.save(args.output)
+        print(f"plan written to {args.output}")
     return 0
 
 

@@ -49,6 +49,7 @@ from fxswap.errors import (
 )
 from fxswap.monitoring import any_active, notify_step
 from fxswap.options import GiB, MiB, PlanOptions
+from fxswap.passes.sequence_parallel import SequenceParallel
 from fxswap.runtime import SwapRuntime, check_not_capturing
 from fxswap.swapplan import SwapPlan
 
@@ -123,8 +124,10 @@ class SwapModule:
         device: torch.device,
         strict: bool,
         runtime: SwapRuntime,
+        parallel: SequenceParallel | None = None,
     ) -> None:
         self.model = model
+        self.parallel = parallel
         self.options = options
         self.backend = backend
         self.empty_cache_freq = empty_cache_freq
@@ -155,6 +158,7 @@ class SwapModule:
             None if self._forward_sig is None else list(self._forward_sig.parameters),
             activate,
             self.stats,
+            parallel,
         )
         self._named = self._builder.named
         # One call at a time: a call's loads and waits pair up through per-unit queues, so two
@@ -276,6 +280,12 @@ class SwapModule:
             self._call_owner = me
             try:
                 return self._call(orig_args, orig_kwargs)
+            except RuntimeError as e:
+                if self.parallel is None:
+                    raise
+                from fxswap.parallel import collective_failed
+
+                raise collective_failed(e, self.parallel, type(self.model).__name__) from e
             finally:
                 self._call_owner = None
 

@@ -37,6 +37,7 @@ from fxswap.options import (
     PlanOptions,
     make_options,
 )
+from fxswap.parallel import resolve_parallel
 from fxswap.runtime import SwapRuntime, TransferBackend
 from fxswap.swapplan import SwapPlan, load_plan
 
@@ -77,6 +78,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
     transfer_backend: TransferBackend | None = None,
     pin_share: float = 0.5,
     storage_dtype: torch.dtype | None = None,
+    ulysses_degree: int | None = None,
     **unknown: Any,
 ) -> SwapModule:
     """Compile ``model`` so that it runs within ``max_vram_gb`` with weights swapped from the host.
@@ -117,6 +119,12 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
             largest one is added to the plan's ``reserve_bytes`` (a given ``plan`` must reserve
             it). The model's own tensors keep their dtype, so with a narrower storage dtype the
             host holds the model's copy and the narrow one.
+        ulysses_degree: run each call sequence-parallel over the ranks of the initialised
+            ``torch.distributed`` default group (its world size must be this number): tokens are
+            sharded after the patch embedding, all-to-alls put around each self-attention, the
+            output gathered (``docs/sequence_parallel.md``). Every rank calls with the same inputs
+            and gets the whole output; each plans its own shard against ``max_vram_gb``
+            (``plan.ulysses_degree`` / ``plan.ulysses_rank``). None (default): one process.
 
         **unknown: refused with a TypeError that lists the options (a misspelt option must not pass
             silently).
@@ -148,6 +156,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
     if isinstance(empty_cache_freq, bool) or not isinstance(empty_cache_freq, int) or empty_cache_freq < 0:
         raise ValueError(f"`empty_cache_freq`={empty_cache_freq!r} is invalid: pass an int >= 0 (0 = never)")
     dev = resolve_device(device)
+    parallel = resolve_parallel(ulysses_degree)
     options = make_options(
         mode=mode,
         max_vram_gb=max_vram_gb,
@@ -180,6 +189,7 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         device=dev,
         strict=strict,
         runtime=runtime,
+        parallel=parallel,
     )
 
 

@@ -21,11 +21,13 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "FxswapError",
     "NoCudaError",
+    "ParallelCallError",
     "PlanError",
     "PlanFingerprintMismatch",
     "PlanMismatchError",
     "ReentrantCallError",
     "ReplayError",
+    "SequenceParallelError",
     "SignatureError",
     "TrainingModeError",
 ]
@@ -38,6 +40,21 @@ class FxswapError(Exception):
 # ------------------------------------------------------------------------------- capture and plan
 class CaptureError(FxswapError):
     """The model could not be captured as one graph (names the break and its source line)."""
+
+
+class SequenceParallelError(FxswapError, ValueError):
+    """``ulysses_degree``: the graph cannot be sharded as asked (a degree that does not divide the
+    heads or the tokens, both named; no self-attention to find the token dimension by)."""
+
+
+class ParallelCallError(FxswapError, RuntimeError):
+    """A sequence-parallel call failed on this rank, typically in a collective because another
+    rank died, was killed or timed out; ``rank`` and ``degree`` say which process this is."""
+
+    def __init__(self, message: str, *, rank: int, degree: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.degree = degree
 
 
 class PlanError(FxswapError):

@@ -135,7 +135,12 @@ PLAN_FIELDS: dict[str, _Kind] = {
     "device_mem_gbps": FLOAT,
     "num_ops": INT,
     "units": UNITS,
+    "ulysses_degree": INT,
+    "ulysses_rank": INT,
 }
+
+#: Plan fields added after schema 3 was written: absent in older files, read as these values.
+PLAN_DEFAULTS: dict[str, Any] = {"ulysses_degree": 1, "ulysses_rank": 0}
 
 
 def canonical_sha256(obj: object) -> str:
@@ -185,6 +190,9 @@ def _check(name: str, kind: _Kind, value: object, where: str) -> object:
 def _fields(data: dict[str, Any], table: Mapping[str, _Kind], where: str, lacks: str) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     for name, kind in table.items():
+        if name not in data and table is PLAN_FIELDS and name in PLAN_DEFAULTS:
+            kw[name] = PLAN_DEFAULTS[name]
+            continue
         if name not in data:
             raise PlanError(f"{lacks} lacks field `{name}`; re-create the plan")
         kw[name] = _check(name, kind, data[name], where)

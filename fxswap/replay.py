@@ -212,6 +212,14 @@ def _measure_one(func: Any, args: Any, kwargs: Any, device: torch.device, rules:
 
     if device.type == "cpu" and profiler_running():
         return 0  # profilers do not nest; fxswap.workspace warns once for the capture
+    if getattr(func, "namespace", None) == "_c10d_functional":
+        # Never run alone (it would wait for, or pair with, the other ranks' probes): the rule of
+        # passes.sequence_parallel.collective_workspace, for the all-to-alls that pass emits.
+        from fxswap.passes.sequence_parallel import ALL_TO_ALL
+
+        if func is not ALL_TO_ALL or device.type != "cpu":
+            return 0
+        return 2 * int(args[0].untyped_storage().nbytes())
 
     with unset_fake_temporarily():
 

@@ -208,6 +208,10 @@ class SwapPlan:
     device_mem_gbps: float
     num_ops: int
     units: tuple[SwapUnit, ...]
+    # Sequence parallelism (fxswap.parallel): the degree and this rank's index; each rank plans its
+    # own sharded graph. Defaults: one process, and plans written before these fields existed.
+    ulysses_degree: int = 1
+    ulysses_rank: int = 0
 
     @property
     def parts(self) -> dict[str, str]:

@@ -55,6 +55,7 @@ from fxswap.ir import GraphIR
 from fxswap.passes.analyse import target_name
 from fxswap.passes.device_rules import CPU_RULES, DEFAULT_CAPABILITY, DeviceRules, cuda_rules, sdpa_backend
 from fxswap.passes.device_rules import sdpa_workspace_bytes as _sdpa_bytes
+from fxswap.passes.sequence_parallel import COLLECTIVES, collective_workspace
 
 __all__ = ["device_rules_for", "probe_workspace", "rule_workspace", "rules_for", "with_workspace"]
 
@@ -197,11 +198,18 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     modules = dict(gm.named_modules())
     todo: dict[Any, tuple[fx.Node, Any, Any]] = {}
     probed: list[tuple[fx.Node, Any, int]] = []
+    collective_ws: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op not in _COMPUTE_OPS:
             continue
         new_bytes = _new_storage_bytes(node, seen_storages, rules)
         if node.target is operator.getitem or not _tensors(_example(node)):
+            continue
+        if node.target in COLLECTIVES:
+            # Run alone, a collective would wait for the other ranks' probes: its workspace is
+            # the measured rule of passes.sequence_parallel instead.
+            if ws := collective_workspace(node, device):
+                collective_ws[node.name] = ws
             continue
         metas_ok = True
 
@@ -227,7 +235,7 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
             node, args, kwargs = todo[key]
             _run(probe, str(k), node, modules, args, kwargs, device)
     peak = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
-    out: dict[str, int] = {}
+    out: dict[str, int] = dict(collective_ws)
     for node, key, new_bytes in probed:
         ws = peak[key] - new_bytes
         if ws > 0:

@@ -329,6 +329,9 @@ class FxswapPipelineState:
             # An encoder runs once per phase, and each phase begins by releasing the others: units
             # carried for a next call would be thrown away. Warm starts are for the sampling loop.
             kwargs.setdefault("warm_start", False)
+            # Sequence parallelism shards the transformers' video tokens; an encoder runs whole on
+            # every rank (its sequence is the prompt, and T5's attention is not an SDPA).
+            kwargs.pop("ulysses_degree", None)
         self.swapped[name] = fxswap.compile(
             module,
             mode=self.mode,
@@ -681,6 +684,8 @@ def enable(
             budget, swapped otherwise), "onload" or "swap".
         device: where to run; default the current CUDA device, else the CPU.
         **compile_kwargs: passed to :func:`fxswap.compile` (``backend``, ``empty_cache_freq``,
+            ``ulysses_degree`` (the transformers only; under torchrun every rank runs the pipeline
+            with the same arguments and seed),
             ``storage_dtype``, ``pin_share``, ``reserve_mb``, ``h2d_gbps``, ...).
 
     Returns:
@@ -711,6 +716,9 @@ def enable(
         **{k: v for k, v in compile_kwargs.items() if k in _PLAN_OPTION_NAMES},
     )
     dev = resolve_device(device)
+    from fxswap.parallel import resolve_parallel
+
+    resolve_parallel(compile_kwargs.get("ulysses_degree"))  # refused before anything changes
     disable(pipe)
     st = FxswapPipelineState(
         pipe,
