@@ -288,7 +288,11 @@ class SwapState:
         lora: dict[str, list[Any]],
         key_prefix: str,
         node_id: str | None = None,
+        host_merged: dict[str, list[Any]] | None = None,
     ) -> SwapState:
+        """``lora``: the patches fxswap merges on the device; ``host_merged``: patches already merged
+        into ``module``'s weights (LoRA'd GGUF weights, see the Block Swap node). Both count as the
+        MODEL's patches when a later load checks that they did not change."""
         named = dict(module.named_parameters())
         unknown = sorted(set(lora) - set(named))
         if unknown:
@@ -314,7 +318,8 @@ class SwapState:
             strict=False,
             runtime=runtime,
         )
-        return cls(name, module, swap, options, device, adapt, cls.lora_fingerprint(lora), node_id=node_id)
+        ids = cls.lora_fingerprint({**lora, **(host_merged or {})})
+        return cls(name, module, swap, options, device, adapt, ids, node_id=node_id)
 
     # -- device memory
     def activate(self) -> None:
