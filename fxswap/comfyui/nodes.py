@@ -48,6 +48,7 @@ from fxswap.comfyui.swap import (
 from fxswap.errors import BudgetInfeasibleError, FxswapError
 from fxswap.models import wan
 from fxswap.progress import listen
+from fxswap.stored import stored_weights
 
 __all__ = [
     "NODE_CLASS_MAPPINGS",
@@ -184,13 +185,11 @@ def _gguf_twin(
     ComfyUI's plain layers of the same name, its packed weights kept as stored (``StoredWeight``,
     the parameter on meta in ``dtype``) and its plain GGML tensors as ordinary tensors.
 
-    A packed weight with LoRA patches in ``lora`` (by name in ``module``) is decoded on the host and
-    merged there, once, with ComfyUI-GGUF's arithmetic at each use: decode to the compute dtype,
-    then ``comfy.lora.calculate_weight`` with its patches (F16 and F32 tensors, which ComfyUI-GGUF
-    patches as plain weights: float32 staging, rounding to the stored type, then the cast). The
-    twin holds that weight decoded and merged (also returned, by name). NOTE (why not on the device
-    like plain weights): fxswap merges a LoRA right after a weight's copy lands, but a stored weight
-    is decoded later, inside the graph; merging after that decode would need a graph op of its own.
+    A weight of ``lora`` (by name in ``module``) that ComfyUI-GGUF keeps in F16 or F32 but fxswap
+    would store (a large one, in another dtype than ``dtype``) is merged on the host instead, as
+    ComfyUI-GGUF patches such a tensor (like a plain weight: float32 staging, rounded to the stored
+    type), then cast to ``dtype``; the twin holds it decoded (also returned, by name). The packed
+    (quantised) ones stay stored: the graph merges them after their decode (``fxswap::patch``).
     """
     import comfy.float
     import comfy.lora
@@ -204,12 +203,10 @@ def _gguf_twin(
 
     def merge(name: str, w: StoredWeight) -> Tensor:
         key = COMFY_PREFIX + name
-        plain = {"F16": torch.float16, "F32": torch.float32}.get(w.qtype)
-        if plain is not None:
-            staging = w.data.view(plain).reshape(w.shape).to(torch.float32, copy=True)
-            out = comfy.lora.calculate_weight(lora[name], staging, key)
-            return comfy.float.stochastic_rounding(out, plain).to(dtype)
-        return comfy.lora.calculate_weight(lora[name], w.dequantize(), key).contiguous()
+        plain = {"F16": torch.float16, "F32": torch.float32}[w.qtype]
+        staging = w.data.view(plain).reshape(w.shape).to(torch.float32, copy=True)
+        out = comfy.lora.calculate_weight(lora[name], staging, key)
+        return comfy.float.stochastic_rounding(out, plain).to(dtype)
 
     def twin(m: torch.nn.Module, prefix: str) -> torch.nn.Module:
         c = copy.copy(m)  # shares the tensors; the dicts below are its own
@@ -240,7 +237,7 @@ def _gguf_twin(
             data = raw.contiguous().view(torch.uint8).reshape(-1)
             quant_type(name)  # refuses a type fxswap cannot decode, naming it
             w = StoredWeight(data, name, shape, dtype)
-            if prefix + k in lora:
+            if prefix + k in lora and name in ("F32", "F16"):
                 merged[prefix + k] = merge(prefix + k, w)
                 c._parameters[k] = torch.nn.Parameter(merged[prefix + k], requires_grad=False)
                 continue
@@ -381,8 +378,8 @@ class FxswapBlockSwap:
             # ComfyUI-GGUF's layers decode their packed weights inside their forward (which Dynamo
             # does not trace); fxswap runs a twin of the module whose packed weights are kept as
             # stored and decoded in its graph (fxswap.stored), sharing every other tensor.
-            # A LoRA'd packed weight is decoded and merged on the host here, once (ComfyUI-GGUF's
-            # order: decode, then calculate_weight), and kept decoded: see _gguf_twin.
+            # LoRA'd packed weights stay packed (merged in the graph after their decode); F16/F32
+            # ones that fxswap would store are merged on the host (see _gguf_twin).
             diffusion, host_merged = _gguf_twin(diffusion, base.get_dtype(), lora)
         else:
             host_merged = {}
@@ -415,14 +412,17 @@ class FxswapBlockSwap:
             offload_device=model.offload_device,
             template=model,
         )
+        decoded_then_merged = sum(1 for k in on_device if k in stored_weights(diffusion))
         logger.info(
-            "fxswap: block swap for %s: mode %s, budget %g GiB, %d LoRA-patched weights (merged on device)%s",
+            "fxswap: block swap for %s: mode %s, budget %g GiB, %d LoRA-patched weights merged on device "
+            "(%d of them GGUF weights, merged in the graph after their decode)%s",
             name,
             swap_mode,
             max_vram_gb,
             len(on_device),
-            f"; {len(host_merged)} LoRA-patched GGUF weights decoded and merged on the host, kept decoded "
-            f"({sum(t.nbytes for t in host_merged.values())} bytes)"
+            decoded_then_merged,
+            f"; {len(host_merged)} LoRA-patched GGUF F16/F32 weights merged on the host in their stored "
+            f"type ({sum(t.nbytes for t in host_merged.values())} bytes, kept decoded)"
             if host_merged
             else "",
         )
