@@ -15,6 +15,9 @@ first and last readers: for a block of Linear layers, one decoded weight at a ti
 stored block, instead of the whole block decoded. That is the memory the planner counts
 (:func:`fxswap.passes.analyse.stored_storage`). A weight several units load (reloads) is decoded
 once per copy, before that copy's first reader.
+
+A weight whose spec carries a ``patch`` handle (the runtime's ``decoded_patch``: a LoRA on a GGUF
+weight in ComfyUI) gets ``fxswap::patch`` right after its decode, and the readers take its output.
 """
 
 from __future__ import annotations

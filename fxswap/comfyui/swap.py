@@ -25,7 +25,9 @@ LoRA: ComfyUI keeps LoRA patches beside the weights and merges them when it load
 tensors ComfyUI loaded: no second host copy) and merges each LoRA'd weight on the device right after
 its copy lands, with ComfyUI's own ``comfy.lora.calculate_weight`` and the same float32 staging and
 seeded stochastic rounding, so the merged weights are the ones ComfyUI would have made. The merge's
-temporaries are planned: they are added to the plan's reserve.
+temporaries are planned: they are added to the plan's reserve. A GGUF weight arrives packed and is
+decoded in the graph, so its merge is in the graph too (``fxswap::patch`` after ``fxswap::dequant``,
+``_LoraRuntime.decoded_patch``), with ComfyUI-GGUF's arithmetic, within the same reserve.
 """
 
 from __future__ import annotations
