@@ -284,13 +284,14 @@ class _PatchingRuntime(SwapRuntime):
         return register_patch(fn)
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_a_runtime_patch_applies_after_the_decode_and_the_weight_moves_stored(
-    models: tuple[nn.Module, nn.Module, dict[str, int]],
+    models: tuple[nn.Module, nn.Module, dict[str, int]], backend: str
 ) -> None:
     """``SwapRuntime.decoded_patch``: the graph applies ``fxswap::patch`` to the decoded weight. The
     output equals, bitwise, the oracle-built model whose two weights had the same delta added (the
     same bf16 add); the patched weights still move at their stored size; each patch runs once per
-    decode."""
+    decode. Under Inductor the patch is an opaque op in its region, like the decode."""
     from fxswap.compiled import SwapModule
     from fxswap.options import make_options
 
@@ -320,7 +321,7 @@ def test_a_runtime_patch_applies_after_the_decode_and_the_weight_moves_stored(
             options = make_options(
                 mode="layerwise", max_vram_gb=budget / 2**30, block_size_mb=0.3, reserve_mb=room / 2**20
             )
-            s = SwapModule(model, options=options, plan=None, backend="eager", empty_cache_freq=0,
+            s = SwapModule(model, options=options, plan=None, backend=backend, empty_cache_freq=0,
                            device=torch.device("cpu"), strict=True, runtime=rt)  # fmt: skip
             assert torch.equal(s(x), want), budget
             assert rt.calls == dict.fromkeys(names, 1), rt.calls
