@@ -652,9 +652,11 @@ def test_block_swap_merges_lora_into_a_gguf_model(server: Server) -> None:
         if fxswap is not None:
             rows, budget = _rows(entry, "10")
             assert rows and all(r["peak_bytes"] <= budget for r in rows), rows
-            # the plan the sampler ran (FxswapMonitor)
-            found = re.search(r"weights [0-9.]+ \w+", entry["outputs"]["10"]["plan"][0])
-            assert found, entry["outputs"]["10"]
+            # the plan the sampler ran (FxswapMonitor), which the Plan node showed before sampling
+            ran = entry["outputs"]["10"]["plan"][0]
+            assert entry["outputs"]["11"]["text"][0].split("\n", 1)[1] == ran, (entry["outputs"]["11"], ran)
+            found = re.search(r"weights [0-9.]+ \w+", ran)
+            assert found, ran
             weights[prefix] = found.group(0)
         return server.latent(entry, "9")
 

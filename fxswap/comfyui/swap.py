@@ -451,7 +451,8 @@ class SwapState:
             )
         # The op workspace the compiled model measures on its device, so that the eager preview is
         # exactly the plan the sampler runs (under Inductor fxswap.fit then accounts Inductor's buffers).
-        return build_plan(measured_ir(cap, self.device), self.options)
+        # Weights kept as stored (GGUF) at their stored size, as the build plans them.
+        return build_plan(self.swap._builder.stored_ir(measured_ir(cap, self.device)), self.options)
 
 
 def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
