@@ -35,6 +35,11 @@ Contract (why these ops survive Inductor; the reasoning and the pitfalls behind 
   every build and process (Inductor's FX graph cache then hits), while two compiled models in one
   process still reach their own units.
 
+Two pure ops decode weights kept as stored (``fxswap.passes.dequant``): ``dequant`` and ``patch``,
+a function the runtime registered applied to the decoded weight (:func:`register_patch`; a LoRA on
+a GGUF weight in ComfyUI). A patch handle is process-wide, so a graph holding one differs from
+process to process (Inductor's FX graph cache misses for those graphs).
+
 The ops are defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``:
 custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~2.5 us
 (``benchmarks/bench_ops.py`` measures ours).
@@ -61,8 +66,8 @@ __all__ = [
     "carry",
     "dequant",
     "load",
-    "patch",
     "lookup",
+    "patch",
     "register_patch",
     "register_unit",
     "token_for",
