@@ -546,7 +546,15 @@ class Builder:
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         if self.runtime.stored:
             specs = {
-                k: DequantSpec(w.qtype, w.shape, w.dtype, w.scale, tuple(w.data.shape), w.data.dtype)
+                k: DequantSpec(
+                    w.qtype,
+                    w.shape,
+                    w.dtype,
+                    w.scale,
+                    tuple(w.data.shape),
+                    w.data.dtype,
+                    self.runtime.decoded_patch(k),
+                )
                 for k, w in self.runtime.stored.items()
             }
             insert_dequant(gm, placeholder_weights(cap.gm, cap.placeholder_params), specs)

@@ -35,6 +35,11 @@ Contract (why these ops survive Inductor; the reasoning and the pitfalls behind 
   every build and process (Inductor's FX graph cache then hits), while two compiled models in one
   process still reach their own units.
 
+Two pure ops decode weights kept as stored (``fxswap.passes.dequant``): ``dequant`` and ``patch``,
+a function the runtime registered applied to the decoded weight (:func:`register_patch`; a LoRA on
+a GGUF weight in ComfyUI). A patch handle is process-wide, so a graph holding one differs from
+process to process (Inductor's FX graph cache misses for those graphs).
+
 The ops are defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``:
 custom_op's Python dispatch wrapper costs ~10 us per call, Library-defined ops ~2.5 us
 (``benchmarks/bench_ops.py`` measures ours).
@@ -45,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,6 +67,8 @@ __all__ = [
     "dequant",
     "load",
     "lookup",
+    "patch",
+    "register_patch",
     "register_unit",
     "token_for",
     "release",
@@ -174,6 +182,22 @@ _lib.define("carry(int uid, Tensor anchor) -> Tensor")
 # on the device right before its first reader (fxswap.passes.dequant). A pure function of its
 # arguments: no side effect, so an unused one may be removed like any op.
 _lib.define("dequant(Tensor data, str qtype, int[] shape, ScalarType dtype, float? scale) -> Tensor")
+# A decoded stored weight changed by a function registered under ``handle`` (register_patch): the
+# ComfyUI nodes merge a LoRA into a GGUF weight with it, right after its decode. Its output is a new
+# tensor (the input is not written), so, like dequant, it has no side effect.
+_lib.define("patch(Tensor weight, int handle) -> Tensor")
+
+# handle -> function; weak: the runtime that registered a function owns it (and its LoRA tensors)
+_PATCHES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_PATCH_IDS = itertools.count(1)
+
+
+def register_patch(fn: Any) -> int:
+    """Register ``fn`` (Tensor -> new Tensor of the same shape and dtype) for ``fxswap::patch``; the
+    caller keeps ``fn`` alive as long as a graph may call it."""
+    handle = next(_PATCH_IDS)
+    _PATCHES[handle] = fn
+    return handle
 
 
 def token_for(device: torch.device) -> Tensor:
@@ -215,8 +239,17 @@ def _dequant_impl(
     return dequantize_any(data, qtype, shape, dtype, scale)
 
 
+def _patch_impl(weight: Tensor, handle: int) -> Tensor:
+    fn = _PATCHES.get(handle)
+    if fn is None:
+        raise RuntimeError(f"fxswap::patch: no function registered under handle {handle} (its owner is gone)")
+    out: Tensor = fn(weight)
+    return out
+
+
 for _name, _fn in (
     ("dequant", _dequant_impl),
+    ("patch", _patch_impl),
     ("load", _load_impl),
     ("carry", _carry_impl),
     ("wait", _wait_impl),
@@ -245,7 +278,12 @@ def _dequant_fake(
     return torch.empty(shape, dtype=dtype, device=data.device)
 
 
+def _patch_fake(weight: Tensor, handle: int) -> Tensor:
+    return torch.empty_like(weight)
+
+
 torch.library.register_fake("fxswap::dequant", _dequant_fake, lib=_lib)
+torch.library.register_fake("fxswap::patch", _patch_fake, lib=_lib)
 torch.library.register_fake("fxswap::load", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::carry", _load_fake, lib=_lib)
 torch.library.register_fake("fxswap::wait", _wait_fake, lib=_lib)
@@ -256,6 +294,7 @@ carry = torch.ops.fxswap.carry.default
 wait = torch.ops.fxswap.wait.default
 release = torch.ops.fxswap.release.default
 dequant = torch.ops.fxswap.dequant.default
+patch = torch.ops.fxswap.patch.default
 
 for _op in (load, carry, wait, release):
     torch.fx.has_side_effect(_op)

@@ -962,6 +962,11 @@ class SwapRuntime:
         return dict(self._uids)
 
     # -- resident weights
+    def decoded_patch(self, fqn: str) -> int | None:
+        """The ``fxswap::patch`` handle the graph applies to stored weight ``fqn`` after its decode
+        (``ops.register_patch``); None: the decoded weight is used as it is. Subclasses patch."""
+        return None
+
     def resident(self, fqn: str, tensor: Tensor) -> Tensor:
         """The device copy of a resident weight, made on first request (one copy per name)."""
         d = self._residents.get(fqn)

@@ -15,6 +15,9 @@ first and last readers: for a block of Linear layers, one decoded weight at a ti
 stored block, instead of the whole block decoded. That is the memory the planner counts
 (:func:`fxswap.passes.analyse.stored_storage`). A weight several units load (reloads) is decoded
 once per copy, before that copy's first reader.
+
+A weight whose spec carries a ``patch`` handle (the runtime's ``decoded_patch``: a LoRA on a GGUF
+weight in ComfyUI) gets ``fxswap::patch`` right after its decode, and the readers take its output.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class DequantSpec:
     scale: float | None
     data_shape: tuple[int, ...]
     data_dtype: torch.dtype
+    patch: int | None = None  # an fxswap::patch handle applied to the decoded weight (a LoRA merge)
 
 
 def insert_dequant(
@@ -88,6 +92,12 @@ def insert_dequant(
         if "nn_module_stack" in first.meta:
             d.meta["nn_module_stack"] = first.meta["nn_module_stack"]
         src.replace_all_uses_with(d, delete_user_cb=_not(d))
+        if spec.patch is not None:
+            # the readers take the patched weight; the decoded one dies at the patch
+            with graph.inserting_after(d):
+                pt = graph.call_function(ops.patch, (d, spec.patch))
+            pt.meta = {**d.meta, "fxswap": {"kind": "patch", "weight": w}}
+            d.replace_all_uses_with(pt, delete_user_cb=_not(pt))
     if sources:
         graph.lint()
         gm.recompile()

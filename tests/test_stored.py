@@ -9,6 +9,7 @@ moved are counted by a transfer backend and compared with the stored sizes compu
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from torch import nn
 gguf = pytest.importorskip("gguf")
 
 import fxswap  # noqa: E402
+from fxswap.ops import register_patch  # noqa: E402
 from fxswap.oracle import live_bytes, measure  # noqa: E402
-from fxswap.runtime import CopyBackend  # noqa: E402
+from fxswap.runtime import CopyBackend, SwapRuntime  # noqa: E402
 from fxswap.stored import StoredWeight, attach, materialise, stored_weights  # noqa: E402
 
 GT = gguf.GGMLQuantizationType
@@ -258,3 +260,83 @@ def test_fxswap_plan_refuses_a_stored_model_naming_the_fix(
     model, _, _ = models
     with pytest.raises(ValueError, match=r"keeps weights as stored.*fxswap.compile"):
         fxswap.plan(model, torch.randn(3, DIM, dtype=torch.bfloat16), max_vram_gb=1)
+
+
+class _PatchingRuntime(SwapRuntime):
+    """A runtime that asks the graph to change two stored weights after their decode (what the
+    ComfyUI nodes do with a LoRA on a GGUF weight)."""
+
+    def __init__(self, deltas: dict[str, torch.Tensor], backend: CopyBackend) -> None:
+        super().__init__("cpu", backend=backend)
+        self.deltas = deltas
+        self.fns: list[Any] = []
+        self.calls: dict[str, int] = dict.fromkeys(deltas, 0)
+
+    def decoded_patch(self, fqn: str) -> int | None:
+        if fqn not in self.deltas:
+            return None
+
+        def fn(w: torch.Tensor) -> torch.Tensor:
+            self.calls[fqn] += 1
+            return w + self.deltas[fqn]
+
+        self.fns.append(fn)
+        return register_patch(fn)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_runtime_patch_applies_after_the_decode_and_the_weight_moves_stored(
+    models: tuple[nn.Module, nn.Module, dict[str, int]], backend: str
+) -> None:
+    """``SwapRuntime.decoded_patch``: the graph applies ``fxswap::patch`` to the decoded weight. The
+    output equals, bitwise, the oracle-built model whose two weights had the same delta added (the
+    same bf16 add); the patched weights still move at their stored size; each patch runs once per
+    decode. Under Inductor the patch is an opaque op in its region, like the decode."""
+    from fxswap.compiled import SwapModule
+    from fxswap.options import make_options
+
+    model, ref, sizes = models
+    names = [k for k in sizes if k.endswith("weight")][:2]
+    g = torch.Generator().manual_seed(5)
+    deltas = {
+        k: (torch.randn(ref.get_parameter(k).shape, generator=g) * 0.05).to(torch.bfloat16) for k in names
+    }
+    patched = copy.deepcopy(ref)
+    with torch.no_grad():
+        for k, d in deltas.items():
+            patched.get_parameter(k).copy_(ref.get_parameter(k) + d)
+    x = torch.randn(3, DIM, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = patched(x)
+        assert not torch.equal(want, ref(x)), (
+            "the deltas must change the output for this test to mean anything"
+        )
+        lo = _min_budget(model, x, "layerwise")
+        # the patch's output beside its decoded input: one more decoded weight (bf16), given to the
+        # plan as its reserve (as the ComfyUI nodes reserve the LoRA merge's bytes)
+        room = max(ref.get_parameter(k).numel() * 2 for k in names)
+        for budget in (lo + room, lo + room + sum(sizes.values())):
+            backend = CountingBackend()
+            rt = _PatchingRuntime(deltas, backend)
+            options = make_options(
+                mode="layerwise", max_vram_gb=budget / 2**30, block_size_mb=0.3, reserve_mb=room / 2**20
+            )
+            s = SwapModule(model, options=options, plan=None, backend=backend, empty_cache_freq=0,
+                           device=torch.device("cpu"), strict=True, runtime=rt)  # fmt: skip
+            assert torch.equal(s(x), want), budget
+            assert rt.calls == dict.fromkeys(names, 1), rt.calls
+            backend.bytes = 0
+            assert torch.equal(s(x), want), budget
+            swapped = [u for u in s.plan.units if not u.resident]
+            moved = sum(sizes[p] for u in swapped for p in u.params if p in sizes)
+            biases = sum(
+                ref.get_parameter(p).numel() * 2 for u in swapped for p in u.params if p not in sizes
+            )
+            assert backend.bytes == moved + biases  # stored sizes, the patched weights included
+            if budget == lo + room:
+                assert swapped, "the smallest budget swaps"
+            s.release()
+            with measure("cpu") as m:
+                assert torch.equal(s(x), want)
+            assert m.peak_bytes + live_bytes([x]) <= budget, (m.peak_bytes, budget)
+            s.close()

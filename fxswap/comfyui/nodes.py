@@ -48,6 +48,7 @@ from fxswap.comfyui.swap import (
 from fxswap.errors import BudgetInfeasibleError, FxswapError
 from fxswap.models import wan
 from fxswap.progress import listen
+from fxswap.stored import stored_weights
 
 __all__ = [
     "NODE_CLASS_MAPPINGS",
@@ -177,16 +178,35 @@ def _on_host(module: torch.nn.Module, what: str) -> None:
             )
 
 
-def _gguf_twin(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _gguf_twin(
+    module: torch.nn.Module, dtype: torch.dtype, lora: dict[str, list[Any]]
+) -> tuple[torch.nn.Module, dict[str, Tensor]]:
     """A copy of ComfyUI-GGUF's ``module`` (same tensors, no weight copied) whose GGML layers are
     ComfyUI's plain layers of the same name, its packed weights kept as stored (``StoredWeight``,
-    the parameter on meta in ``dtype``) and its plain GGML tensors as ordinary tensors."""
+    the parameter on meta in ``dtype``) and its plain GGML tensors as ordinary tensors.
+
+    A weight of ``lora`` (by name in ``module``) that ComfyUI-GGUF keeps in F16 or F32 but fxswap
+    would store (a large one, in another dtype than ``dtype``) is merged on the host instead, as
+    ComfyUI-GGUF patches such a tensor (like a plain weight: float32 staging, rounded to the stored
+    type), then cast to ``dtype``; the twin holds it decoded (also returned, by name). The packed
+    (quantised) ones stay stored: the graph merges them after their decode (``fxswap::patch``).
+    """
+    import comfy.float
+    import comfy.lora
     import comfy.ops
 
     from fxswap.gguf import quant_type
     from fxswap.stored import StoredWeight, attach
 
     stored: dict[str, StoredWeight] = {}
+    merged: dict[str, Tensor] = {}
+
+    def merge(name: str, w: StoredWeight) -> Tensor:
+        key = COMFY_PREFIX + name
+        plain = {"F16": torch.float16, "F32": torch.float32}[w.qtype]
+        staging = w.data.view(plain).reshape(w.shape).to(torch.float32, copy=True)
+        out = comfy.lora.calculate_weight(lora[name], staging, key)
+        return comfy.float.stochastic_rounding(out, plain).to(dtype)
 
     def twin(m: torch.nn.Module, prefix: str) -> torch.nn.Module:
         c = copy.copy(m)  # shares the tensors; the dicts below are its own
@@ -216,7 +236,12 @@ def _gguf_twin(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
                 continue
             data = raw.contiguous().view(torch.uint8).reshape(-1)
             quant_type(name)  # refuses a type fxswap cannot decode, naming it
-            stored[prefix + k] = StoredWeight(data, name, shape, dtype)
+            w = StoredWeight(data, name, shape, dtype)
+            if prefix + k in lora and name in ("F32", "F16"):
+                merged[prefix + k] = merge(prefix + k, w)
+                c._parameters[k] = torch.nn.Parameter(merged[prefix + k], requires_grad=False)
+                continue
+            stored[prefix + k] = w
             c._parameters[k] = torch.nn.Parameter(
                 torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False
             )
@@ -224,7 +249,7 @@ def _gguf_twin(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
     out = twin(module, "")
     attach(out, stored)
-    return out
+    return out, merged
 
 
 def _comfy_adapter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -333,14 +358,6 @@ class FxswapBlockSwap:
                 "output of UNETLoader or LoraLoaderModelOnly."
             )
         ggml = any(hasattr(p, "tensor_type") for p in diffusion.parameters())
-        if ggml and model.patches:
-            key = next(iter(model.patches))
-            raise ComfyIntegrationError(
-                f"the MODEL is a GGUF model (ComfyUI-GGUF's Unet Loader) carrying LoRA patches (e.g. "
-                f"{key!r}); fxswap does not merge LoRAs into GGUF weights yet. Fix: connect the Unet "
-                "Loader (GGUF) to the Block Swap node without LoRA nodes in between, or use a bf16 "
-                "checkpoint."
-            )
         lora: dict[str, list[Any]] = {}
         for key, patches in model.patches.items():
             if not key.startswith(COMFY_PREFIX):
@@ -361,7 +378,12 @@ class FxswapBlockSwap:
             # ComfyUI-GGUF's layers decode their packed weights inside their forward (which Dynamo
             # does not trace); fxswap runs a twin of the module whose packed weights are kept as
             # stored and decoded in its graph (fxswap.stored), sharing every other tensor.
-            diffusion = _gguf_twin(diffusion, base.get_dtype())
+            # LoRA'd packed weights stay packed (merged in the graph after their decode); F16/F32
+            # ones that fxswap would store are merged on the host (see _gguf_twin).
+            diffusion, host_merged = _gguf_twin(diffusion, base.get_dtype(), lora)
+        else:
+            host_merged = {}
+        on_device = {k: v for k, v in lora.items() if k not in host_merged}
         # ComfyUI never calls eval() (it samples under no_grad); fxswap refuses training-mode modules
         # because dropout would differ. ComfyUI's diffusion models hold no dropout or batch norm, so
         # the flag changes nothing for ComfyUI's own use of the same module.
@@ -378,9 +400,10 @@ class FxswapBlockSwap:
             backend=backend,
             device=torch.device(model.load_device),
             adapt=_comfy_adapter,
-            lora=lora,
+            lora=on_device,
             key_prefix=COMFY_PREFIX,
             node_id=unique_id,
+            host_merged={k: lora[k] for k in host_merged},
         )
         patched = make_patcher(
             own_base_model(base, model.offload_device),
@@ -389,12 +412,19 @@ class FxswapBlockSwap:
             offload_device=model.offload_device,
             template=model,
         )
+        decoded_then_merged = sum(1 for k in on_device if k in stored_weights(diffusion))
         logger.info(
-            "fxswap: block swap for %s: mode %s, budget %g GiB, %d LoRA-patched weights (merged on device)",
+            "fxswap: block swap for %s: mode %s, budget %g GiB, %d LoRA-patched weights merged on device "
+            "(%d of them GGUF weights, merged in the graph after their decode)%s",
             name,
             swap_mode,
             max_vram_gb,
-            len(lora),
+            len(on_device),
+            decoded_then_merged,
+            f"; {len(host_merged)} LoRA-patched GGUF F16/F32 weights merged on the host in their stored "
+            f"type ({sum(t.nbytes for t in host_merged.values())} bytes, kept decoded)"
+            if host_merged
+            else "",
         )
         return (patched,)
 

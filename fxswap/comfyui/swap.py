@@ -25,7 +25,9 @@ LoRA: ComfyUI keeps LoRA patches beside the weights and merges them when it load
 tensors ComfyUI loaded: no second host copy) and merges each LoRA'd weight on the device right after
 its copy lands, with ComfyUI's own ``comfy.lora.calculate_weight`` and the same float32 staging and
 seeded stochastic rounding, so the merged weights are the ones ComfyUI would have made. The merge's
-temporaries are planned: they are added to the plan's reserve.
+temporaries are planned: they are added to the plan's reserve. A GGUF weight arrives packed and is
+decoded in the graph, so its merge is in the graph too (``fxswap::patch`` after ``fxswap::dequant``,
+``_LoraRuntime.decoded_patch``), with ComfyUI-GGUF's arithmetic, within the same reserve.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import torch
 from torch import Tensor
 
 import fxswap
+import fxswap.ops
 from fxswap.api import make_options
 from fxswap.compiler import SwapModule
 from fxswap.errors import BudgetInfeasibleError, ComfyIntegrationError
@@ -102,7 +105,10 @@ def lora_reserve_bytes(patched: Sequence[Tensor]) -> int:
 
     ``calculate_weight`` on a float32 staging copy: the staging copy, the low-rank product and its
     scaled copy (float32 each), then the result in the weight's dtype while the staging copy lives:
-    at most 4 float32 copies of the weight.
+    at most 4 float32 copies of the weight. A GGUF weight merged after its decode (``fxswap::patch``,
+    ``_LoraRuntime.decoded_patch``): the copy it merges into (compute dtype), the low-rank product,
+    its scaled copy and their cast, beside the decoded input the plan already holds: within the same
+    bound (``patched`` holds the weight's decoded shape and dtype either way).
     """
     return max((4 * 4 * t.numel() for t in patched), default=0)
 
@@ -136,7 +142,9 @@ class _MergingBackend(TransferBackend):
 
     def _name(self, rt: _LoraRuntime, t: Tensor) -> str | None:
         if self._stored != len(rt.store):
-            self._by_ptr = {rt.store[n].data_ptr(): n for n in rt.lora if n in rt.store}
+            # a stored (GGUF) weight arrives packed: the graph merges it after its decode (decoded_patch)
+            merged_here = [n for n in rt.lora if n in rt.store and n not in rt.stored]
+            self._by_ptr = {rt.store[n].data_ptr(): n for n in merged_here}
             self._stored = len(rt.store)
         return self._by_ptr.get(t.data_ptr())
 
@@ -160,6 +168,8 @@ class _LoraRuntime(SwapRuntime):
         backend.runtime = weakref.ref(self)
         self.lora = lora
         self.key_prefix = key_prefix
+        self._patch_fns: list[Callable[[Tensor], Tensor]] = []
+        self._patch_handles: dict[str, int] = {}
 
     def merge(self, name: str, weight: Tensor) -> Tensor:
         # Exactly ModelPatcher.patch_weight_to_device's arithmetic (float32 staging, ComfyUI's
@@ -170,8 +180,25 @@ class _LoraRuntime(SwapRuntime):
         out = comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.model_patcher.string_to_seed(key))
         return self.ledger.track(out) if self.track else out
 
+    def decoded_patch(self, fqn: str) -> int | None:
+        # A LoRA'd weight kept as stored (GGUF) is merged in the graph, right after fxswap::dequant
+        # decodes it, with ComfyUI-GGUF's arithmetic: calculate_weight on the decoded weight, in its
+        # compute dtype (no float32 staging, no stochastic rounding: ComfyUI-GGUF's GGMLLayer).
+        if fqn not in self.lora or fqn not in self.stored:
+            return None
+        if fqn not in self._patch_handles:
+            patches, key = self.lora[fqn], self.key_prefix + fqn
+
+            def merge(decoded: Tensor) -> Tensor:
+                out: Tensor = comfy.lora.calculate_weight(patches, decoded.clone(), key)
+                return out
+
+            self._patch_fns.append(merge)  # ops keeps a weak reference only
+            self._patch_handles[fqn] = fxswap.ops.register_patch(merge)
+        return self._patch_handles[fqn]
+
     def resident(self, fqn: str, tensor: Tensor) -> Tensor:
-        if fqn not in self.lora or fqn in self._residents:
+        if fqn not in self.lora or fqn in self.stored or fqn in self._residents:
             return super().resident(fqn, tensor)
         merged = self.merge(fqn, super().resident(fqn, tensor))
         self._residents[fqn] = merged
@@ -288,7 +315,11 @@ class SwapState:
         lora: dict[str, list[Any]],
         key_prefix: str,
         node_id: str | None = None,
+        host_merged: dict[str, list[Any]] | None = None,
     ) -> SwapState:
+        """``lora``: the patches fxswap merges on the device; ``host_merged``: patches already merged
+        into ``module``'s weights (GGUF F16/F32 tensors, see the Block Swap node). Both count as the
+        MODEL's patches when a later load checks that they did not change."""
         named = dict(module.named_parameters())
         unknown = sorted(set(lora) - set(named))
         if unknown:
@@ -314,7 +345,8 @@ class SwapState:
             strict=False,
             runtime=runtime,
         )
-        return cls(name, module, swap, options, device, adapt, cls.lora_fingerprint(lora), node_id=node_id)
+        ids = cls.lora_fingerprint({**lora, **(host_merged or {})})
+        return cls(name, module, swap, options, device, adapt, ids, node_id=node_id)
 
     # -- device memory
     def activate(self) -> None:
@@ -419,7 +451,8 @@ class SwapState:
             )
         # The op workspace the compiled model measures on its device, so that the eager preview is
         # exactly the plan the sampler runs (under Inductor fxswap.fit then accounts Inductor's buffers).
-        return build_plan(measured_ir(cap, self.device), self.options)
+        # Weights kept as stored (GGUF) at their stored size, as the build plans them.
+        return build_plan(self.swap._builder.stored_ir(measured_ir(cap, self.device)), self.options)
 
 
 def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
