@@ -388,9 +388,7 @@ def test_generated_plans_swap_and_prefetch_in_a_stated_share() -> None:
     """
     seen: list[tuple[bool, bool, bool]] = []
 
-    @settings(max_examples=200, database=None, derandomize=True, deadline=None)
-    @given(g=graphs(), mode=modes, depth=depths, data=st.data())
-    def draw(g: GraphIR, mode: str, depth: int, data: st.DataObject) -> None:
+    def one(g: GraphIR, mode: str, depth: int, data: st.DataObject) -> None:
         base = PlanOptions(mode=mode, max_vram_bytes=1, reserve_bytes=0, max_prefetch_depth=depth)
         low = mode_min_vram_bytes(g, base)
         unit = max([w.nbytes for w in g.weights] + [MiB])
@@ -399,7 +397,12 @@ def test_generated_plans_swap_and_prefetch_in_a_stated_share() -> None:
         swapped = any(not u.resident for u in plan.units)
         seen.append((swapped, swapped and plan.prefetch_depth > 0, any(u.spans for u in plan.units)))
 
-    draw()
+    strategy = given(g=graphs(), mode=modes, depth=depths, data=st.data())
+    settings(max_examples=200, database=None, derandomize=True, deadline=None)(strategy(one))()
+    if not any(r for _, _, r in seen):
+        # Reloads are rare (a few in 300 draws) and the derandomized draws still moved between
+        # processes (once in a full run, none of 200 reloaded): 400 more, freshly seeded.
+        settings(max_examples=400, database=None, derandomize=False, deadline=None)(strategy(one))()
     n = len(seen)
     share_swapped = sum(s for s, _, _ in seen) / n
     share_deep = sum(d for _, d, _ in seen) / n
