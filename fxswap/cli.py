@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fxswap.ir import GraphIR
@@ -349,6 +349,25 @@ class _Graph:
     hit: bool
 
 
+def _meta_wan(config: WanConfig, args: argparse.Namespace, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    """``config`` built on meta tensors in ``dtype``, and its example inputs at the command line's
+    batch, frames and resolution."""
+    from fxswap.models import wan
+
+    width, height = args.resolution
+    model = wan.build(config, device="meta", dtype=dtype)
+    inputs = wan.example_inputs(
+        model.config,
+        batch=args.batch,
+        frames=args.frames,
+        height=height,
+        width=width,
+        device="meta",
+        dtype=dtype,
+    )
+    return model, inputs
+
+
 def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph | None:
     """The torch path of ``fxswap plan``: build ``config`` on meta tensors and capture it (or read it
     from the graph cache). None, with the error printed, when it does not capture."""
@@ -362,7 +381,6 @@ def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph |
 
     from fxswap.errors import CaptureError
     from fxswap.graph_cache import captured_ir
-    from fxswap.models import wan
     from fxswap.passes.analyse import fp8_linear_storage
 
     # fp8: the graph is captured in bf16 (activations and compute stay bf16) and the Linear weights'
@@ -374,17 +392,7 @@ def _capture_plan_graph(config: WanConfig, args: argparse.Namespace) -> _Graph |
         "fp8": torch.bfloat16,
     }
     dtype = build_dtype.get(args.dtype, torch.bfloat16)  # GGUF files run in bf16
-    width, height = args.resolution
-    model = wan.build(config, device="meta", dtype=dtype)
-    inputs = wan.example_inputs(
-        model.config,
-        batch=args.batch,
-        frames=args.frames,
-        height=height,
-        width=width,
-        device="meta",
-        dtype=dtype,
-    )
+    model, inputs = _meta_wan(config, args, dtype)
     try:
         graph = captured_ir(model, (), inputs, cache=not args.no_cache)
     except CaptureError as e:
@@ -592,26 +600,19 @@ def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOpt
     import torch
 
     from fxswap.errors import BudgetInfeasibleError, SequenceParallelError
-    from fxswap.models import wan
     from fxswap.parallel import sharded_ir
     from fxswap.passes.device_rules import apply_rules
     from fxswap.passes.planner import build_plan
 
-    if args.dtype == "fp8":
-        print("fxswap plan: error: --ulysses-degree does not support --dtype fp8 yet", file=sys.stderr)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if args.dtype not in dtypes:  # fp8 and the GGUF types are priced as stored, which this path is not
+        print(
+            f"fxswap plan: error: --ulysses-degree does not support --dtype {args.dtype} yet; "
+            f"use one of {', '.join(dtypes)}",
+            file=sys.stderr,
+        )
         return 2
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    width, height = args.resolution
-    model = wan.build(config, device="meta", dtype=dtype)
-    inputs = wan.example_inputs(
-        model.config,
-        batch=args.batch,
-        frames=args.frames,
-        height=height,
-        width=width,
-        device="meta",
-        dtype=dtype,
-    )
+    model, inputs = _meta_wan(config, args, dtypes[args.dtype])
     start = time.perf_counter()
     try:
         single, shard, report = sharded_ir(model, inputs, args.ulysses_degree)
@@ -629,7 +630,8 @@ def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOpt
             figures[label] = (e.min_vram_bytes, None, None)
     gib, mib = 2**30, 2**20
     print(
-        f"model {args.model} ({config.num_layers} blocks), {width}x{height}, {args.frames} frames, "
+        f"model {args.model} ({config.num_layers} blocks), {args.resolution[0]}x{args.resolution[1]}, "
+        f"{args.frames} frames, "
         f"batch {args.batch}, weights {args.dtype}, ulysses degree {args.ulysses_degree}: "
         f"{report.tokens} tokens, {report.tokens // args.ulysses_degree} per rank; "
         f"{len(report.self_attention)} self-attentions with all-to-alls, "

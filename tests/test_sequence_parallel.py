@@ -502,6 +502,11 @@ def test_cli_plan_shows_the_per_rank_budget_and_refuses_a_bad_degree(
     # wan2.1-t2v-1.3b has 12 heads: 8 divides the 512 tokens but not the heads
     assert main([*common, "--ulysses-degree", "8"]) == 2
     assert "ulysses_degree=8 does not divide the 12 attention heads" in capsys.readouterr().err
+    # weights priced as stored (fp8, GGUF) are not sharded yet: a clear refusal, not a KeyError
+    for stored in ("fp8", "q4_k"):
+        assert main([*common, "--ulysses-degree", "2", "--dtype", stored]) == 2
+        err = capsys.readouterr().err
+        assert "--ulysses-degree does not support --dtype" in err and "bf16, fp16, fp32" in err
 
 
 @pytest.mark.slow  # about 20 s on a 2-core machine; the spawned checks above cover the same path
