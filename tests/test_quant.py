@@ -24,6 +24,7 @@ gguf = pytest.importorskip("gguf")  # the oracle; in the `test` extra
 from fxswap import quant  # noqa: E402
 from fxswap.errors import CheckpointError  # noqa: E402
 from fxswap.gguf import TYPES, read_gguf  # noqa: E402
+from tests.triton_env import triton_installed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GT = gguf.GGMLQuantizationType
@@ -237,18 +238,8 @@ _CHILD = textwrap.dedent(
 KERNEL_TYPES = BLOCK_TYPES  # every block type; the plain ones are a torch cast on every device
 
 
-def _triton_installed() -> bool:
-    from fxswap.kernels import triton_available
-
-    if triton_available():
-        return True
-    if os.environ.get("FXSWAP_REQUIRE_TRITON"):
-        pytest.fail("FXSWAP_REQUIRE_TRITON is set but triton is not installed (pip install triton numpy)")
-    return False
-
-
 def test_triton_kernel_matches_the_oracle_in_the_interpreter(tmp_path: Path) -> None:
-    if not _triton_installed():
+    if not triton_installed():
         pytest.skip("triton is not installed (the `triton` extra); CI installs it")
     cases, wants = [], []
     for name in KERNEL_TYPES:
@@ -273,7 +264,7 @@ def test_triton_kernel_matches_the_oracle_in_the_interpreter(tmp_path: Path) -> 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", KERNEL_TYPES)
 def test_triton_kernel_matches_the_oracle_on_cuda(name: str) -> None:
-    if not torch.cuda.is_available() or not _triton_installed():
+    if not torch.cuda.is_available() or not triton_installed():
         pytest.skip("needs CUDA and triton")
     from fxswap.kernels import dequant_triton
 

@@ -29,6 +29,7 @@ from fxswap.errors import BudgetInfeasibleError
 from fxswap.models import sla, wan
 from fxswap.models.wan_checkpoint import CheckpointError
 from fxswap.runtime import LateCopyBackend
+from tests.triton_env import triton_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("layerwise", "chunkwise", "adaptive")
@@ -361,18 +362,8 @@ KERNEL_CASES = [  # (B, H, L, d, block_q, block_k, topk): partial blocks, an emp
 ]
 
 
-def _triton_installed() -> bool:
-    from fxswap.kernels import triton_available
-
-    if triton_available():
-        return True
-    if os.environ.get("FXSWAP_REQUIRE_TRITON"):
-        pytest.fail("FXSWAP_REQUIRE_TRITON is set but triton is not installed (pip install triton numpy)")
-    return False
-
-
 def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path: Path) -> None:
-    if not _triton_installed():
+    if not triton_installed():
         pytest.skip("triton is not installed (the `triton` extra); CI installs it")
     cases = []
     for b, h, length, d, bq, bk, topk in KERNEL_CASES:
@@ -403,7 +394,7 @@ def test_triton_kernel_matches_reference_in_the_interpreter(tmp_path: Path) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_matches_reference_on_cuda(dtype: torch.dtype) -> None:
-    if not _triton_installed():
+    if not triton_installed():
         pytest.skip("triton is not installed")
     from fxswap.kernels import sla_triton
 
