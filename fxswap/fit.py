@@ -206,7 +206,7 @@ def fit(
     found = _rounds(ir, opts, build, input_buffers, device, align_blocks)
     if found is not None:
         return found
-    floor = mode_min_vram_bytes(ir, opts, align_blocks=align_blocks)
+    floor = mode_min_vram_bytes(ir, opts)
     low = build_plan(ir, dataclasses.replace(opts, max_vram_bytes=floor), align_blocks=align_blocks)
     built = build(low)
     real, _ = account(low, ir, built, input_buffers, device)

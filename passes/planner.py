@@ -164,17 +164,16 @@ def _prepare(
     return out
 
 
-def mode_min_vram_bytes(
-    ir: GraphIR, options: PlanOptions, mode: str | None = None, *, align_blocks: bool = False
-) -> int:
-    """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph
-    (``align_blocks``: as :func:`build_plan` with it)."""
+def mode_min_vram_bytes(ir: GraphIR, options: PlanOptions, mode: str | None = None) -> int:
+    """The smallest budget at which ``mode`` (default ``options.mode``) has a plan for this graph,
+    with or without ``align_blocks`` (below the aligned minimum :func:`build_plan` plans exact
+    positions)."""
     live = analyse_liveness(ir)
-    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode, align_blocks))
+    return min(p.min_budget() for p in _prepare(ir, live, options, mode or options.mode))
 
 
 def _raise_if_infeasible(
-    ir: GraphIR, live: Liveness, options: PlanOptions, parts: list[PreparedPartition], align_blocks: bool
+    ir: GraphIR, live: Liveness, options: PlanOptions, parts: list[PreparedPartition]
 ) -> None:
     mins = [p.min_budget() for p in parts]
     best = min(mins)
@@ -193,11 +192,11 @@ def _raise_if_infeasible(
     if options.mode == "chunkwise" and biggest is not None and not biggest.oversized:
         fixes.append("lower block_size_mb (smaller chunks lower the minimum)")
     if options.mode != "adaptive":
-        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive", align_blocks))
+        other = min(p.min_budget() for p in _prepare(ir, live, options, "adaptive"))
         if other < best:
             fixes.append(f"use mode='adaptive' (minimum {other / GiB:.2f} GiB)")
         if options.mode == "chunkwise":
-            lw = min(p.min_budget() for p in _prepare(ir, live, options, "layerwise", align_blocks))
+            lw = min(p.min_budget() for p in _prepare(ir, live, options, "layerwise"))
             if lw < best:
                 fixes.append(f"use mode='layerwise' (minimum {lw / GiB:.2f} GiB)")
     if options.reserve_bytes:
@@ -291,7 +290,8 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
             first op and released after its last block's last op (the loads anchored on it with
             it), so that compiled block programs hold no swap op and blocks alike share one
             program (:func:`fxswap.passes.schedule.prepare_partition`). The windows are planned as
-            widened; ``fxswap.compile`` asks for it under Inductor.
+            widened; ``fxswap.compile`` asks for it under Inductor. Below the smallest budget the
+            widened windows fit, the plan keeps the exact positions.
 
     Returns:
         A validated :class:`fxswap.swapplan.SwapPlan` whose simulated peak is within the budget.
@@ -308,7 +308,11 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         )
     live = analyse_liveness(ir)
     parts = _prepare(ir, live, options, options.mode, align_blocks)
-    _raise_if_infeasible(ir, live, options, parts, align_blocks)
+    if align_blocks and options.max_vram_bytes < min(p.min_budget() for p in parts):
+        # Aligned windows hold a unit over a few more ops; where that no longer fits, the exact
+        # positions may: alignment saves compile time, it must not cost a budget that works.
+        parts = _prepare(ir, live, options, options.mode)
+    _raise_if_infeasible(ir, live, options, parts)
     min_vram = min(p.min_budget() for p in parts)
     costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
     part, sched, report, warm = _choose(parts, options, costs, options.h2d_gbps, live.act)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 import pytest
 
 from fxswap.ir import GraphIR
-from fxswap.passes.planner import build_plan
+from fxswap.passes.planner import build_plan, mode_min_vram_bytes
 from fxswap.passes.schedule import block_windows, spread_rank
 from fxswap.swapplan import PlanOptions
 from tests.graphs import OpSpec, build_graph, chain_graph
@@ -136,3 +137,17 @@ def test_block_windows_by_hand() -> None:
     assert block_windows(blocks, [2, 4, 8], [2, 7, 8], [True] * 3) == [(1, 3), (4, 7), (8, 8)]
     # two units in b.0: neither widens; an unused unit (0, 0) is ignored
     assert block_windows(blocks, [0, 1, 3], [0, 2, 3], [False, True, True]) == [(0, 0), (1, 2), (3, 3)]
+
+
+def test_align_blocks_never_costs_a_budget_the_exact_positions_fit() -> None:
+    # All swapped, depth 0, by hand: the exact windows hold a block's 32 MiB from its `up` to its
+    # `down`; widened, over its whole block. Budgets from the exact minimum up: the aligned request
+    # always plans (the exact positions where the widened windows do not fit), within the budget
+    # by the brute-force sum.
+    ir, names = _blocks_graph()
+    base = PlanOptions(mode="layerwise", max_vram_bytes=1, reserve_bytes=0, warm_start=False)
+    low = mode_min_vram_bytes(ir, base)
+    for budget in range(low, low + 4 * MiB, MiB // 4):
+        opts = dataclasses.replace(base, max_vram_bytes=budget)
+        aligned = build_plan(ir, opts, align_blocks=True)
+        assert _brute_peak(ir, aligned) == aligned.peak_bytes <= budget
