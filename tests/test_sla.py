@@ -206,9 +206,9 @@ def test_sla_model_with_all_blocks_and_zero_proj_l_is_the_dense_model() -> None:
     assert err <= 1e-5, err
 
 
-def _min_budget(model: torch.nn.Module, kw: dict[str, Any], mode: str) -> int:
+def _min_budget(model: torch.nn.Module, kw: dict[str, Any], mode: str, backend: str = "eager") -> int:
     with pytest.raises(BudgetInfeasibleError) as ei:
-        fx_compile(model, mode=mode, max_vram_gb=1e-9, backend="eager", **COMMON)(**kw)
+        fx_compile(model, mode=mode, max_vram_gb=1e-9, backend=backend, **COMMON)(**kw)
     return ei.value.min_vram_bytes
 
 
@@ -239,7 +239,9 @@ def test_fxswap_compile_of_an_sla_model_is_exact(mode: str) -> None:
 def test_fxswap_inductor_matches_torch_compile_on_an_sla_model() -> None:
     model = _perturbed(SLA_CFG)
     kw = wan.example_inputs(SLA_CFG, frames=5, height=48, width=80)  # 30 tokens: partial blocks
-    lo = _min_budget(model, kw, "adaptive")
+    # Inductor's own minimum (its program's measured peak): the FX model's can be a little lower
+    # (254,004 against 255,540 bytes here), and which one a run sees depended on the tests before it.
+    lo = _min_budget(model, kw, "adaptive", backend="inductor")
     sm = fx_compile(model, mode="adaptive", max_vram_gb=lo / 2**30, backend="inductor", **COMMON)
     out = sm(**kw)
     ref = torch.compile(model)(**kw)
