@@ -106,10 +106,12 @@ _NOT_RUN = ("placeholder", "get_attr", "output")
 
 
 def edges_eager() -> bool:
-    """Whether the prologue and the epilogue of a graph with repeated blocks run as FX's Python
-    instead of compiled (``FXSWAP_EAGER_EDGES=1``), as regional compilation leaves them: a shorter
-    first call, outputs no longer bitwise those of ``torch.compile`` (within its ulps of eager)."""
-    return os.environ.get("FXSWAP_EAGER_EDGES", "0").strip().lower() in ("1", "true", "yes", "on")
+    """Whether the stretches outside the repeated blocks of a graph that has them (prologue,
+    epilogue, ops between blocks) run as FX's Python instead of compiled, as regional compilation
+    leaves them: the default, only the block programs are compiled and the outputs are those of
+    ``torch.compile`` applied to each repeated block. ``FXSWAP_EAGER_EDGES=0`` compiles them too:
+    more programs on a first call, outputs those of ``torch.compile`` on the whole model."""
+    return os.environ.get("FXSWAP_EAGER_EDGES", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def regions_enabled() -> bool:
@@ -244,14 +246,12 @@ def compile_regional(
 
     labels = None if regions_enabled() else {n: "" for n in gm.graph.nodes if n.op not in _NOT_RUN}
     split = split_regions(gm, meta_of, labels=labels)
-    # Run as FX's Python, not compiled: glue always; with FXSWAP_EAGER_EDGES=1 the prologue and
-    # the epilogue too (the stretches before the first block and after the last), as regional
+    # Run as FX's Python, not compiled: glue always; and, unless FXSWAP_EAGER_EDGES=0, every
+    # stretch outside the repeated blocks (prologue, epilogue, ops between blocks), as regional
     # compilation leaves them (docs/first_call.md: what that saves and costs).
-    blocks = [i for i, r in enumerate(split.regions) if r.label]
-    interpreted = [
-        r.glue or (edges_eager() and bool(blocks) and (i < blocks[0] or i > blocks[-1]))
-        for i, r in enumerate(split.regions)
-    ]
+    has_blocks = any(r.label for r in split.regions)
+    eager_outside = edges_eager() and has_blocks
+    interpreted = [r.glue or (eager_outside and not r.label) for r in split.regions]
     slot: dict[str, int] = {name: i for i, name in enumerate(split.placeholders)}
     if len(flat) != len(slot):
         raise ValueError(f"compile_regional: {len(flat)} inputs for a graph of {len(slot)} placeholders")

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MLP", "Shared"]
+__all__ = ["MLP", "Shared", "regionally_compiled"]
+
+
+def regionally_compiled(model: nn.Module, blocks: str = "blocks") -> nn.Module:
+    """A copy of ``model`` with each module of ``model.<blocks>`` compiled by ``torch.compile``
+    and everything else eager: regional compilation, as WAN users run it, and what fxswap's
+    Inductor output equals by default (it compiles the repeated blocks only)."""
+    ref = copy.deepcopy(model)
+    for block in getattr(ref, blocks):
+        block.compile()
+    return ref
 
 
 class MLP(nn.Module):

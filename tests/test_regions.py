@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fxswap
 from fxswap import ops
 from fxswap.models import wan
-from tests.models import MLP
+from tests.models import MLP, regionally_compiled
 
 COMMON: dict[str, Any] = dict(reserve_mb=0, device="cpu")
 
@@ -153,7 +153,10 @@ def test_six_blocks_compile_their_block_once(edges: bool, monkeypatch: pytest.Mo
     model = SixBlocks().eval()
     x = torch.randn(8, 32)
     with torch.no_grad():
-        ref = torch.compile(model)(x)
+        # Compiled edges: what torch.compile gives for the whole model; the default: what it gives
+        # for each block with the rest eager (regional compilation).
+        ref = torch.compile(model)(x) if edges else regionally_compiled(model)(x)
+        torch._dynamo.reset()
     sm = fxswap.compile(model, mode="layerwise", max_vram_gb=2 * _weights(model) / 2**30, **COMMON)
     before = dict(counters["inductor"])
     with fresh_cache():
@@ -167,7 +170,7 @@ def test_six_blocks_compile_their_block_once(edges: bool, monkeypatch: pytest.Mo
     # epilogue run as FX's Python, as regional compilation leaves them: one graph.
     n = compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0)
     assert n == (3 if edges else 1), compiled
-    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, ref)
     # a later call compiles nothing
     before = dict(counters["inductor"])
     sm(x)
@@ -261,7 +264,7 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
 def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> None:
     """Planned for Inductor, a unit that is a whole block is waited for before the block's first op
     and released after its last: the swap ops run between the compiled blocks, so swapped and
-    resident blocks alike run one program: Inductor compiles three graphs in all."""
+    resident blocks alike run one program: Inductor compiles one graph in all."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
@@ -289,8 +292,9 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
     assert sm.plan is not None
     swapped = [u.name for u in sm.plan.units if not u.resident and u.name.startswith("blocks.")]
     assert len(swapped) >= 2
-    # Inductor's own counter, empty cache: prologue, one block, epilogue.
-    assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 3, compiled
+    # Inductor's own counter, empty cache: the block program only (the prologue and the epilogue
+    # run as FX's Python by default, as regional compilation leaves them).
+    assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 1, compiled
     # Worked out from the model: matmul 0 is `inp`, block j's are 1 + 2j (`up`) and 2 + 2j (`down`).
     events = order.events
     for name in swapped:
