@@ -314,7 +314,9 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         parts = _prepare(ir, live, options, options.mode)
     _raise_if_infeasible(ir, live, options, parts)
     min_vram = min(p.min_budget() for p in parts)
-    costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps, options.p2p_gbps, options.nvlink)
+    costs = op_costs(
+        ir.ops, options.compute_tflops, options.device_mem_gbps, options.p2p_gbps, options.nvlink
+    )
     part, sched, report, warm = _choose(parts, options, costs, options.h2d_gbps, live.act)
     timeline = simulate_memory(live.act, sched.windows(), options.reserve_bytes)
     if timeline.peak_bytes != sched.peak_bytes:
