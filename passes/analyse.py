@@ -18,7 +18,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -283,7 +283,7 @@ def _group_size(group_name: object) -> int | None:
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         if dist.is_available() and dist.is_initialized() and isinstance(group_name, str):
-            return int(_resolve_process_group(group_name).size())
+            return int(_resolve_process_group(cast(Any, group_name)).size())
     except (ImportError, RuntimeError, ValueError, KeyError):
         pass
     return None

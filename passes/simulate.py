@@ -225,7 +225,7 @@ def op_costs(
     """Op time = max(flops / compute rate, mem_bytes / memory rate), plus the dequantisation run
     before it (``dequant_bytes`` / memory rate: a separate, memory-bound kernel), in milliseconds.
 
-    A collective op (``OpInfo.collective``) costs 0 on compute; it becomes a :class:`CollectiveCost`
+    A collective op (``OpInfo.collective``) and its wait cost 0 on compute; the collective becomes a :class:`CollectiveCost`
     of ``COLLECTIVE_LATENCY_MS + max(sent, received) / p2p_gbps``, waited for at the op whose
     ``waits_on`` names it (at the graph's end if none does).
     """
@@ -236,10 +236,12 @@ def op_costs(
     op_ms: list[float] = []
     collectives: list[CollectiveCost] = []
     for i, op in enumerate(ops):
-        if op.collective and op.collective != "wait":
+        if op.collective:
+            # neither the collective (its stream's) nor its wait (a stream dependency) computes
             op_ms.append(0.0)
-            ms = COLLECTIVE_LATENCY_MS + max(op.sent_bytes, op.received_bytes) * link_ms
-            collectives.append(CollectiveCost(i, wait_of.get(i, len(ops)), ms, not nvlink))
+            if op.collective != "wait":
+                ms = COLLECTIVE_LATENCY_MS + max(op.sent_bytes, op.received_bytes) * link_ms
+                collectives.append(CollectiveCost(i, wait_of.get(i, len(ops)), ms, not nvlink))
             continue
         op_ms.append(max(op.flops * flop_ms, op.mem_bytes * byte_ms) + op.dequant_bytes * byte_ms)
     return OpCosts.from_op_ms(op_ms, collectives)
