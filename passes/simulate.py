@@ -225,9 +225,9 @@ def op_costs(
     """Op time = max(flops / compute rate, mem_bytes / memory rate), plus the dequantisation run
     before it (``dequant_bytes`` / memory rate: a separate, memory-bound kernel), in milliseconds.
 
-    A collective op (``OpInfo.collective``) and its wait cost 0 on compute; the collective becomes a :class:`CollectiveCost`
-    of ``COLLECTIVE_LATENCY_MS + max(sent, received) / p2p_gbps``, waited for at the op whose
-    ``waits_on`` names it (at the graph's end if none does).
+    A collective op (``OpInfo.collective``) and its wait cost 0 on compute; the collective becomes a
+    :class:`CollectiveCost` of ``COLLECTIVE_LATENCY_MS + max(sent, received) / p2p_gbps``, waited
+    for at the op whose ``waits_on`` names it (at the graph's end if none does).
     """
     flop_ms = 1e3 / (compute_tflops * 1e12)
     byte_ms = 1e3 / (device_mem_gbps * 1e9)
