@@ -18,6 +18,8 @@ Anchors used below (``docs/benchmarks.md``, "Card profiles", gives each with its
   25.7 GB/s pinned and 10.0 GB/s pageable H2D on a DGX A100-SXM4-80GB (gengwg/gpu
   ``nvda_gpu_benchmark.md``), D2H 25.8 / 26.3-27.1 GB/s.
 - PCIe 5.0 x16 pinned H2D 56.3 GB/s, D2H 57.3 GB/s (8x RTX 5090, tinygrad/open-gpu-kernel-modules#29).
+- NVLink4 ~783 GB/s bidirectional between two H100 SXM (NVIDIA/nccl#1264): the all-to-all rate of
+  the NVLink parts (``p2p_gbps``); PCIe cards' all-to-all rate is estimated (``p2p_rate``).
 - WAN 14B forward at 480x832x81 = 1.678 PFLOP (40 blocks x 41.96 TFLOP,
   :func:`fxswap.bench.costmodel.wan_block_flops`) took 3766.3 ms compiled without offload on an
   H100 and 11584 ms compiled with group offloading on an RTX 4090 (diffusers PR #11605).
