@@ -189,9 +189,12 @@ def test_brute_force_ticks_agree(nvlink: bool, monkeypatch: pytest.MonkeyPatch) 
         for _ in range(rng.randint(0, 3)):
             a = rng.randrange(n - 1)
             w = rng.randrange(a + 1, n)
-            if a in colls or any(a == x[0] for x in colls.values()) or w in colls or w in {
-                x[0] for x in colls.values()
-            }:
+            if (
+                a in colls
+                or any(a == x[0] for x in colls.values())
+                or w in colls
+                or w in {x[0] for x in colls.values()}
+            ):
                 continue
             colls[a] = (w, 1 + rng.randint(0, 4))  # latency 1 + bytes
         ops = []
