@@ -85,6 +85,15 @@ def test_two_all_to_alls_and_a_load_by_hand() -> None:
     assert rep.collective_stall_ms == pytest.approx(3.05 + 2.05)
     assert rep.step_ms == pytest.approx(12.10)
 
+    # the load issued first, before op 0: it holds the link 0 -> 3, so a2a1 (issued at 2 ms) waits
+    # for it and runs 3 -> 7.05; op 3 waits until 7.05; op 4 (load done) 7.05 -> 10.05; a2a5
+    # 10.05 -> 12.10; op 7 12.10 -> 13.10. With NVLink a2a1 would not wait: 12.10 as above.
+    early = [UnitWindow(3 * MS, False, load_at=0, wait_at=4, release_after=4)]
+    rep = simulate_time(pcie, early, h2d_gbps=1.0)
+    assert rep.load_end_ms == pytest.approx((3.0,)) and rep.stall_ms == pytest.approx(0.0)
+    assert rep.collective_stall_ms == pytest.approx(4.05 + 2.05) and rep.step_ms == pytest.approx(13.10)
+    assert simulate_time(nvlink, early, h2d_gbps=1.0).step_ms == pytest.approx(12.10)
+
     # a faster link: p2p 4 GB/s -> a2a1 0.05 + 1 = 1.05 ms (2 -> 3.05), a2a5 0.05 + 0.5 = 0.55 ms
     fast = op_costs(ops, 1e-3, 1.0, p2p_gbps=4.0, nvlink=False)
     rep = simulate_time(fast, unit, h2d_gbps=1.0)
