@@ -12,6 +12,12 @@ These are CPU and gloo figures: they show the pass works and each rank's memory 
 NVLink or PCIe GPUs would gain.
 
 Usage: ``python benchmarks/bench_parallel.py [--threads 1] [--calls 5] [--frames 17] [--size 128]``
+
+``--predict`` instead plans WAN 14B on meta tensors (as ``fxswap plan --ulysses-degree N`` does) at
+480p81 and 720p81 for 1, 2 and 4 ranks with card profiles (:func:`predict`): the smallest budget and
+the activation peak per rank, and the predicted step per rank at the same budget per card against one
+process's. Those are predictions of the cost model (collectives priced on the profile's link), not
+measurements; written to ``benchmarks/results/bench_parallel_predict.{json,md}``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,145 @@ def run(world: int, threads: int, args: dict[str, Any]) -> list[dict[str, Any]]:
         return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
+# --predict: (name, width, height, frames), cards with the budgets per card (GiB) they are priced at
+PREDICT_CASES = (("480p81", 832, 480, 81), ("720p81", 1280, 720, 81))
+PREDICT_CARDS = {"rtx4090": (8.0, 16.0, 24.0), "h100-pcie": (24.0, 80.0), "h100-sxm": (24.0, 80.0)}
+PREDICT_DEGREES = (1, 2, 4)
+# The RTX 4090's all-to-all rate is an estimate (fxswap.bench.hardware): the same card with half and a
+# third of it, to show how much the 2-rank figure leans on it.
+PREDICT_SLOWER_LINKS = (("rtx4090", 16.0, 9.0), ("rtx4090", 16.0, 6.0))
+
+
+def predict(model_name: str = "wan2.1-t2v-14b", out_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Plan ``model_name`` per rank for every case, card, budget and degree (see the module
+    docstring); print a markdown table and write it with the rows as JSON to ``out_dir``."""
+    import dataclasses
+    import platform
+    import sys
+
+    from fxswap.bench.costmodel import link_rates, plan_rates
+    from fxswap.bench.hardware import PROFILES
+    from fxswap.errors import BudgetInfeasibleError
+    from fxswap.models import wan, wan_config
+    from fxswap.options import make_options
+    from fxswap.parallel import sharded_ir
+    from fxswap.passes.device_rules import CARD_CAPABILITY, apply_rules, cuda_rules
+    from fxswap.passes.liveness import analyse_liveness
+    from fxswap.passes.planner import build_plan
+
+    gib, mib = 2**30, 2**20
+    config = wan_config.CONFIGS[model_name]
+    rows: list[dict[str, Any]] = []
+    for case, width, height, frames in PREDICT_CASES:
+        model = wan.build(config, device="meta", dtype=torch.bfloat16)
+        inputs = wan.example_inputs(
+            model.config, frames=frames, height=height, width=width, device="meta", dtype=torch.bfloat16
+        )
+        graphs = {}
+        for degree in PREDICT_DEGREES[1:]:
+            start = time.perf_counter()
+            single, shard, _ = sharded_ir(model, inputs, degree)
+            graphs[1], graphs[degree] = single, shard
+            print(f"{case}: captured degree {degree} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        priced = [(PROFILES[card], budgets) for card, budgets in PREDICT_CARDS.items()]
+        priced += [
+            (dataclasses.replace(PROFILES[card], p2p_gbps=gbps), (budget,))
+            for card, budget, gbps in PREDICT_SLOWER_LINKS
+        ]
+        for hw, budgets in priced:
+            card = hw.name
+            rules = cuda_rules(CARD_CAPABILITY[card])
+            ruled = {d: apply_rules(ir, rules) for d, ir in graphs.items()}
+            acts = {d: max(analyse_liveness(ir).act, default=0) for d, ir in ruled.items()}
+            for budget in budgets:
+                opts = make_options(mode="adaptive", max_vram_gb=budget, **plan_rates(hw), **link_rates(hw))
+                base = None
+                for degree in PREDICT_DEGREES:
+                    row: dict[str, Any] = {
+                        "case": case,
+                        "card": card,
+                        "nvlink": hw.nvlink,
+                        "p2p_gbps": hw.p2p_rate,
+                        "budget_gib": budget,
+                        "degree": degree,
+                        "act_peak_mib": round(acts[degree] / mib, 1),
+                    }
+                    try:
+                        plan = build_plan(ruled[degree], opts)
+                    except BudgetInfeasibleError as e:
+                        row.update(min_budget_gib=round(e.min_vram_bytes / gib, 3), step_ms=None)
+                        rows.append(row)
+                        continue
+                    row.update(
+                        min_budget_gib=round(plan.min_vram_bytes / gib, 3),
+                        step_ms=round(plan.predicted_step_ms, 1),
+                        compute_ms=round(plan.predicted_compute_ms, 1),
+                        copy_stall_ms=round(plan.predicted_stall_ms, 1),
+                        collective_ms=round(plan.predicted_collective_ms, 1),
+                        collective_stall_ms=round(plan.predicted_collective_stall_ms, 1),
+                        moved_gib=round(plan.moved_bytes_per_call / gib, 2),
+                    )
+                    if degree == 1:
+                        base = plan.predicted_step_ms
+                    row["ratio_vs_1"] = round(plan.predicted_step_ms / base, 3) if base else None
+                    rows.append(row)
+    cmd = "python benchmarks/bench_parallel.py --predict"
+    lines = [
+        f"Predicted by fxswap's cost model, not measured: {model_name} bf16, adaptive plans per rank on meta "
+        "tensors (CUDA allocator rules of each card), one forward, warm start. Each rank swaps from its own "
+        "host copy at the card's pinned H2D rate; all-to-alls priced on the card's link (p2p GB/s per "
+        "direction; PCIe cards: through host memory, sharing the host-to-device direction with the copies). "
+        "Ratio: predicted step per rank / one card's at the same budget per card.",
+        f"Command: `{cmd}` (planning only; {platform.machine()}, torch {torch.__version__}).",
+        "",
+        "| case | card | link | budget/card GiB | ranks | smallest budget/rank GiB "
+        "| activation peak/rank MiB | step ms | compute ms | copy waits ms | all-to-alls ms "
+        "| waits for them ms | vs 1 card |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        link = f"{'NVLink' if r['nvlink'] else 'PCIe'} {r['p2p_gbps']:g}"
+        if r["step_ms"] is None:
+            tail = "below the smallest budget | | | | | |"
+        else:
+            tail = (
+                f"{r['step_ms']:.0f} | {r['compute_ms']:.0f} | {r['copy_stall_ms']:.0f} | "
+                f"{r['collective_ms']:.0f} | {r['collective_stall_ms']:.0f} | "
+                + (f"{r['ratio_vs_1']:.3f}" if r["ratio_vs_1"] is not None else "-")
+                + " |"
+            )
+        lines.append(
+            f"| {r['case']} | {r['card']} | {link} | {r['budget_gib']:g} | {r['degree']} | "
+            f"{r['min_budget_gib']:.2f} | {r['act_peak_mib']:.0f} | {tail}"
+        )
+    target = [
+        r
+        for r in rows
+        if r["case"] == "720p81" and r["card"] == "rtx4090" and r["degree"] == 2 and r["step_ms"] is not None
+    ]
+    if target:
+        lines += [
+            "",
+            "Target of the issue, 720p81 on 2 x rtx4090 <= 0.6 x one card's step at the same budget "
+            "per card: "
+            + "; ".join(
+                f"{r['ratio_vs_1']:.3f} at {r['budget_gib']:g} GiB, link {r['p2p_gbps']:g} GB/s"
+                for r in target
+            )
+            + " (predictions).",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"command": cmd, "model": model_name, "kind": "prediction (cost model), not measured"}
+        (out_dir / "bench_parallel_predict.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}, indent=1)
+        )
+        (out_dir / "bench_parallel_predict.md").write_text(text)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
@@ -89,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=128, help="video height and width (pixels)")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument(
+        "--predict", action="store_true", help="predicted WAN 14B steps per rank instead (predict())"
+    )
     ns = ap.parse_args(argv)
+    if ns.predict:
+        predict(out_dir=Path(__file__).resolve().parent / "results")
+        return 0
     args = {"calls": ns.calls, "frames": ns.frames, "size": ns.size, "layers": ns.layers}
     rows = [
         ("1 process", ns.threads, run(1, ns.threads, args)),

@@ -39,6 +39,8 @@ def plan(
     compute_tflops: float | None = None,
     device_mem_gbps: float | None = None,
     warm_start: bool = True,
+    p2p_gbps: float | None = None,
+    nvlink: bool | None = None,
     **example_kwargs: Any,
 ) -> SwapPlan:
     """Capture ``model(*example_inputs, **example_kwargs)`` and plan it under ``max_vram_gb``.
@@ -46,7 +48,8 @@ def plan(
     The planner's options are those of :func:`fxswap.compile`, with the same defaults:
     ``max_vram_gb`` is GiB (2**30 bytes) and ``block_size_mb`` MiB; ``reserve_mb`` (workspace and
     allocator slack counted at every op), ``max_prefetch_depth``, ``h2d_gbps``, ``compute_tflops``
-    and ``device_mem_gbps`` default to :class:`fxswap.PlanOptions`' documented values when None.
+    ``device_mem_gbps``, ``p2p_gbps`` and ``nvlink`` default to :class:`fxswap.PlanOptions`'
+    documented values when None.
     The inputs may be ``meta`` tensors: nothing runs. Keyword arguments other than these options
     are passed to the model, so a model keyword named like an option (``mode``...) must be passed
     positionally.
@@ -67,6 +70,8 @@ def plan(
         compute_tflops=compute_tflops,
         device_mem_gbps=device_mem_gbps,
         warm_start=warm_start,
+        p2p_gbps=p2p_gbps,
+        nvlink=nvlink,
     )
     from fxswap.stored import stored_weights
 

@@ -194,9 +194,17 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--link-gbps",
         type=_positive_float,
         default=None,
-        help="with --ulysses-degree: GB/s each rank sends to the others (NVLink, PCIe peer-to-peer or "
-        "through host memory: measure it, e.g. nccl-tests' alltoall_perf); prints the all-to-alls' "
-        "predicted time per call",
+        help="with --ulysses-degree: GB/s per direction at which each rank's all-to-alls move (NVLink, "
+        "PCIe peer-to-peer or through host memory: measure it, e.g. nccl-tests' alltoall_perf); "
+        "default the --card profile's, else PCIe without NVLink (16.5)",
+    )
+    p.add_argument(
+        "--nvlink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --ulysses-degree: the all-to-alls have a link of their own (NVLink); without it "
+        "(default, or the --card profile's) they share the PCIe host-to-device direction with the "
+        "weight copies",
     )
     p.add_argument("-o", "--output", default=None, metavar="PLAN.json", help="write the plan as JSON")
     p.add_argument(
@@ -476,15 +484,25 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"argument --layers: {args.layers} exceeds the {config.num_layers} blocks of {args.model}"
         )
     rates: dict[str, float] = {}
+    link: dict[str, float | bool] = {}
     if args.card is not None:
         from fxswap.bench.costmodel import plan_rates
         from fxswap.bench.hardware import get_profile
         from fxswap.errors import FxswapError
 
         try:
-            rates = plan_rates(get_profile(args.card))
+            profile = get_profile(args.card)
+            rates = plan_rates(profile)
         except (FxswapError, OSError, ValueError) as e:
             parser.error(f"argument --card: {e}")
+        if args.ulysses_degree > 1:  # the link prices collectives only: other plans keep their options
+            from fxswap.bench.costmodel import link_rates
+
+            link.update(link_rates(profile))
+    if args.link_gbps is not None:
+        link["p2p_gbps"] = args.link_gbps
+    if args.nvlink is not None:
+        link["nvlink"] = args.nvlink
     if args.h2d_gbps is not None:
         rates["h2d_gbps"] = args.h2d_gbps
     if args.compute_tflops is not None:
@@ -499,6 +517,7 @@ def _cmd_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             compute_tflops=rates.get("compute_tflops"),
             device_mem_gbps=rates.get("device_mem_gbps"),
             warm_start=not args.no_warm_start,
+            **link,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -638,15 +657,34 @@ def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOpt
         f"{len(report.cross_attention)} cross-attentions on full keys/values, "
         f"{len({g for g, _ in report.gathered})} gather(s); meta capture {capture_s:.1f} s"
     )
-    for label, (minimum, act, _) in figures.items():
+    for label, (minimum, act, planned) in figures.items():
         acts = f", activation peak {act / mib:.1f} MiB" if act is not None else ""
-        print(f"  {label:>16}: smallest budget {minimum / gib:.3f} GiB{acts}")
+        step = (
+            f", predicted step {planned.predicted_step_ms:.1f} ms at {args.max_vram_gb:g} GiB"
+            if planned is not None
+            else f", no plan at {args.max_vram_gb:g} GiB"
+        )
+        print(f"  {label:>16}: smallest budget {minimum / gib:.3f} GiB{acts}{step}")
+    one, per_rank = figures["1 process"][2], figures[f"per rank of {args.ulysses_degree}"][2]
+    if one is not None and per_rank is not None:
+        print(
+            f"  predicted step per rank / one process's at the same budget per card: "
+            f"{per_rank.predicted_step_ms / one.predicted_step_ms:.3f} (predictions of the cost model, "
+            "not measured)"
+        )
     sent = sum(report.alltoall_sent)
     line = f"  all-to-alls: {len(report.alltoall_sent)} per call, {sent / mib:.1f} MiB sent by each rank"
-    if args.link_gbps is not None:
+    line += (
+        f"; predicted {report.alltoall_ms(options.p2p_gbps):.1f} ms per call at "
+        f"{options.p2p_gbps:g} GB/s one after another "
+        f"({'NVLink' if options.nvlink else 'PCIe, sharing host-to-device with the weight copies'})"
+    )
+    if per_rank is not None:
+        from fxswap.passes.simulate import COLLECTIVE_LATENCY_MS
+
         line += (
-            f"; predicted {report.alltoall_ms(args.link_gbps):.1f} ms per call at "
-            f"{args.link_gbps:g} GB/s, not overlapped with compute (a prediction, not in the plan's times)"
+            f"; the rank's plan runs them on their own stream ({COLLECTIVE_LATENCY_MS:g} ms latency "
+            f"each) and compute waits {per_rank.predicted_collective_stall_ms:.1f} ms for them"
         )
     print(line)
     rank_plan = figures[f"per rank of {args.ulysses_degree}"][2]
@@ -657,7 +695,7 @@ def _plan_parallel(args: argparse.Namespace, config: WanConfig, options: PlanOpt
         )
         return EXIT_INFEASIBLE
     plan = dataclasses.replace(rank_plan, ulysses_degree=args.ulysses_degree, ulysses_rank=0)
-    print("rank 0's plan (the other ranks' shapes are the same); predicted times leave out the all-to-alls:")
+    print("rank 0's plan (the other ranks' shapes are the same); predicted times include the all-to-alls:")
     print(plan.summary())
     if args.output:
         plan.save(args.output)

@@ -70,6 +70,8 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
     compute_tflops: float | None = None,
     device_mem_gbps: float | None = None,
     warm_start: bool = True,
+    p2p_gbps: float | None = None,
+    nvlink: bool | None = None,
     plan: SwapPlan | str | Path | None = None,
     backend: str = "inductor",
     empty_cache_freq: int = 0,
@@ -103,6 +105,9 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
             :class:`fxswap.PlanOptions`' documented default.
         warm_start: plan the sampling loop as a cycle, each call's tail loading the next call's
             first units within the budget (:class:`fxswap.PlanOptions`); False: every call cold.
+        p2p_gbps, nvlink: with ``ulysses_degree``, the all-to-alls' rate per direction and whether
+            they have NVLink (else they share the PCIe host-to-device direction with the copies);
+            None keeps the default (PCIe without NVLink).
         plan: a :class:`fxswap.SwapPlan` or a path to its JSON; checked against the graph on the
             first call (:class:`fxswap.PlanMismatchError` names the field that differs).
         backend: "inductor" (compile the rewritten graph) or "eager" (run it as FX; exact, debuggable).
@@ -167,6 +172,8 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         compute_tflops=compute_tflops,
         device_mem_gbps=device_mem_gbps,
         warm_start=warm_start,
+        p2p_gbps=p2p_gbps,
+        nvlink=nvlink,
     )
     given: SwapPlan | None
     if plan is None or isinstance(plan, SwapPlan):
@@ -206,4 +213,6 @@ def _options_of_plan(plan: SwapPlan, user: PlanOptions) -> PlanOptions:
         compute_tflops=plan.compute_tflops,
         device_mem_gbps=plan.device_mem_gbps,
         warm_start=plan.warm_start,
+        p2p_gbps=plan.p2p_gbps,
+        nvlink=plan.nvlink,
     )

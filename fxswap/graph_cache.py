@@ -66,8 +66,8 @@ logger = logging.getLogger("fxswap.graph_cache")
 # the file reading and writing serve `fxswap plan`'s torch-free cached path (fxswap.cli_cache).
 
 # Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined;
-# 3: OpInfo.dequant_bytes).
-FORMAT = 3
+# 3: OpInfo.dequant_bytes; 4: OpInfo's collective fields).
+FORMAT = 4
 
 # Field -> JSON type for each IR record, checked on load: a file from another version, or edited
 # by hand, fails with the field named instead of building a record with a wrong type.
@@ -84,6 +84,10 @@ _FIELDS: dict[type, dict[str, str]] = {
         "mem_bytes": _INT,
         "workspace_bytes": _INT,
         "dequant_bytes": _INT,
+        "collective": _STR,
+        "sent_bytes": _INT,
+        "received_bytes": _INT,
+        "waits_on": _INT,
     },
     WeightInfo: {
         "name": _STR,

@@ -58,6 +58,15 @@ class OpInfo:
     # decoded before its first reader: fxswap.passes.analyse.stored_storage). A kernel of its own,
     # so its time adds to the op's instead of overlapping it.
     dequant_bytes: int = 0
+    # A functional collective (``torch.ops._c10d_functional``, recognised by target in
+    # passes.analyse): its kind ("all_to_all", "all_gather"; "wait" on the ``wait_tensor`` that
+    # waits for it), the bytes this rank sends to and receives from the other ranks, and on a wait
+    # the index of the collective op it waits for. The simulator runs collectives on a stream of
+    # their own (passes.simulate); "" and zeros for every other op.
+    collective: str = ""
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    waits_on: int = -1
 
 
 @dataclass(frozen=True, slots=True)

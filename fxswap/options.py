@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_MAX_PREFETCH_DEPTH",
     "DEFAULT_MAX_VRAM_GB",
     "DEFAULT_MODE",
+    "DEFAULT_P2P_GBPS",
     "DEFAULT_RESERVE_MB",
     "GiB",
     "MODES",
@@ -56,6 +57,11 @@ DEFAULT_COMPUTE_TFLOPS = 150.0
 # Achieved device-memory bandwidth for memory-bound ops (norms, adds, softmax), GB/s. 1,500 GB/s is
 # roughly 75% of an H100 PCIe / A100 80GB peak; consumer cards are lower (RTX 4090: ~1,000 peak).
 DEFAULT_DEVICE_MEM_GBPS = 1500.0
+# Rate at which one rank's all-to-all moves its bytes, per direction, GB/s (sequence parallelism,
+# docs/sequence_parallel.md "Pricing collectives"). The default is a consumer card without NVLink or
+# peer-to-peer: the all-to-all goes through host memory over each card's PCIe 4.0 x16 link, at
+# 0.75 of the pinned copy rate above (a guess for NCCL's host-staged transport, not measured).
+DEFAULT_P2P_GBPS = 16.5
 
 
 def _bad(field: str, value: object, fix: str) -> ValueError:
@@ -88,6 +94,11 @@ class PlanOptions:
         max_prefetch_depth: the most units ahead a load may be issued (0 = just before use); the
             planner searches depths 0..this by its cost model (:mod:`fxswap.passes.planner`).
         h2d_gbps, compute_tflops, device_mem_gbps: the cost model's rates (see module constants).
+        p2p_gbps: the rate of a rank's all-to-alls per direction (sequence parallelism only: a
+            graph without collectives is priced the same whatever it is).
+        nvlink: the all-to-alls run over a link of their own (NVLink). False (default): they cross
+            the card's PCIe link, and the bytes a rank receives share its host-to-device direction
+            with the weight copies (:mod:`fxswap.passes.simulate`).
         warm_start: plan the sampling loop as a cycle: each call's tail starts loading the units the
             next call of the same signature needs first (:mod:`fxswap.passes.warmstart`), within the
             same budget, when the cost model predicts faster calls. Between two calls those units
@@ -103,6 +114,8 @@ class PlanOptions:
     compute_tflops: float = DEFAULT_COMPUTE_TFLOPS
     device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS
     warm_start: bool = True
+    p2p_gbps: float = DEFAULT_P2P_GBPS
+    nvlink: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,7 +138,9 @@ class PlanOptions:
             raise _bad("max_prefetch_depth", self.max_prefetch_depth, "pass an int between 0 and 64")
         if not isinstance(self.warm_start, bool):
             raise _bad("warm_start", self.warm_start, "pass True or False")
-        for name in ("h2d_gbps", "compute_tflops", "device_mem_gbps"):
+        if not isinstance(self.nvlink, bool):
+            raise _bad("nvlink", self.nvlink, "pass True (NVLink) or False (PCIe)")
+        for name in ("h2d_gbps", "compute_tflops", "device_mem_gbps", "p2p_gbps"):
             value = getattr(self, name)
             if not _is_rate(value):
                 raise _bad(name, value, "pass a finite number > 0")
@@ -145,6 +160,8 @@ class PlanOptions:
         compute_tflops: float = DEFAULT_COMPUTE_TFLOPS,
         device_mem_gbps: float = DEFAULT_DEVICE_MEM_GBPS,
         warm_start: bool = True,
+        p2p_gbps: float = DEFAULT_P2P_GBPS,
+        nvlink: bool = False,
     ) -> PlanOptions:
         """Options from user units: ``max_vram_gb`` in GiB (2**30), sizes in MiB (2**20).
 
@@ -173,6 +190,8 @@ class PlanOptions:
             compute_tflops=compute_tflops,
             device_mem_gbps=device_mem_gbps,
             warm_start=warm_start,
+            p2p_gbps=p2p_gbps,
+            nvlink=nvlink,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -187,6 +206,8 @@ OPTIONAL_OPTIONS = (
     "max_prefetch_depth",
     "device_mem_gbps",
     "warm_start",
+    "p2p_gbps",
+    "nvlink",
 )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fxswap.errors import PlanError
+from fxswap.options import DEFAULT_P2P_GBPS
 
 __all__ = [
     "PLAN_FIELDS",
@@ -137,10 +138,21 @@ PLAN_FIELDS: dict[str, _Kind] = {
     "units": UNITS,
     "ulysses_degree": INT,
     "ulysses_rank": INT,
+    "p2p_gbps": FLOAT,
+    "nvlink": BOOL,
+    "predicted_collective_ms": FLOAT,
+    "predicted_collective_stall_ms": FLOAT,
 }
 
 #: Plan fields added after schema 3 was written: absent in older files, read as these values.
-PLAN_DEFAULTS: dict[str, Any] = {"ulysses_degree": 1, "ulysses_rank": 0}
+PLAN_DEFAULTS: dict[str, Any] = {
+    "ulysses_degree": 1,
+    "ulysses_rank": 0,
+    "p2p_gbps": DEFAULT_P2P_GBPS,
+    "nvlink": False,
+    "predicted_collective_ms": 0.0,
+    "predicted_collective_stall_ms": 0.0,
+}
 
 
 def canonical_sha256(obj: object) -> str:

@@ -31,6 +31,7 @@ from fxswap.options import (
     DEFAULT_COMPUTE_TFLOPS,
     DEFAULT_DEVICE_MEM_GBPS,
     DEFAULT_H2D_GBPS,
+    DEFAULT_P2P_GBPS,
     MODES,
     GiB,
     MiB,
@@ -87,6 +88,8 @@ def fingerprint_parts(ir: GraphIR, options: PlanOptions) -> dict[str, str]:
     graph = [
         [
             [o.name, o.target, o.module, list(o.weights), o.out_bytes, repr(float(o.flops)), o.mem_bytes]
+            # a collective's bytes and wait, only where there is one: other graphs keep their digest
+            + ([o.collective, o.sent_bytes, o.received_bytes, o.waits_on] if o.collective else [])
             for o in ir.ops
         ],
         [[b.name, b.nbytes, b.start, b.end] for b in ir.buffers],
@@ -96,6 +99,9 @@ def fingerprint_parts(ir: GraphIR, options: PlanOptions) -> dict[str, str]:
     params = [[w.name, list(w.shape), w.dtype, w.nbytes] for w in ir.weights]
     inputs = [[i.name, list(i.shape), i.dtype] for i in ir.inputs]
     opts = {k: (repr(v) if isinstance(v, float) else v) for k, v in options.as_dict().items()}
+    if not any(o.collective for o in ir.ops):
+        # the collectives' link prices nothing without collectives: such plans keep their digest
+        opts = {k: v for k, v in opts.items() if k not in ("p2p_gbps", "nvlink")}
     sha = canonical_sha256
     return {"graph": sha(graph), "params": sha(params), "inputs": sha(inputs), "options": sha(opts)}
 
@@ -212,6 +218,13 @@ class SwapPlan:
     # own sharded graph. Defaults: one process, and plans written before these fields existed.
     ulysses_degree: int = 1
     ulysses_rank: int = 0
+    # The collectives' link (PlanOptions.p2p_gbps / nvlink), and per call the collectives' time on
+    # their stream and compute's waits for them (in predicted_step_ms, not in predicted_stall_ms).
+    # Zero for a graph without collectives; defaults for plans written before these fields.
+    p2p_gbps: float = DEFAULT_P2P_GBPS
+    nvlink: bool = False
+    predicted_collective_ms: float = 0.0
+    predicted_collective_stall_ms: float = 0.0
 
     @property
     def parts(self) -> dict[str, str]:
@@ -329,6 +342,12 @@ class SwapPlan:
             f"waiting for copies {self.predicted_stall_ms:.1f} ms) at {self.h2d_gbps:g} GB/s H2D, "
             f"{self.compute_tflops:g} TFLOP/s",
         ]
+        if self.predicted_collective_ms:
+            link = "NVLink" if self.nvlink else "PCIe, sharing host-to-device with the copies"
+            lines.append(
+                f"  collectives {self.predicted_collective_ms:.1f} ms per call at {self.p2p_gbps:g} GB/s "
+                f"({link}); compute waits {self.predicted_collective_stall_ms:.1f} ms for them"
+            )
         if self.carried_bytes:
             carried = sum(u.carry_at is not None for u in self.units)
             lines.append(

@@ -18,7 +18,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,14 @@ _SDPA = {"torch._C._nn.scaled_dot_product_attention", "torch.nn.functional.scale
 # SLA's fused sparse + linear branches (fxswap.models.sla): a custom op, so it is named by its
 # qualified op name, whatever module path target_name puts in front of it.
 _SLA_OP = "fxswap::sla_sparse_linear"
+
+# Functional collectives (what passes.sequence_parallel emits and Inductor lowers), by target. Each
+# is followed by a wait_tensor where its result is needed; the simulator runs the transfer on a
+# collectives stream between the two (passes.simulate).
+_C10D = torch.ops._c10d_functional
+_ALL_TO_ALL = _C10D.all_to_all_single.default
+_ALL_GATHER = _C10D.all_gather_into_tensor.default
+_WAIT = _C10D.wait_tensor.default
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +276,51 @@ def _sla_flops(node: fx.Node) -> float:
     return sparse + linear
 
 
+def _group_size(group_name: object) -> int | None:
+    """The size of the process group named ``group_name``, when this process has one by that name."""
+    try:
+        import torch.distributed as dist
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        if dist.is_available() and dist.is_initialized() and isinstance(group_name, str):
+            return int(_resolve_process_group(cast(Any, group_name)).size())
+    except (ImportError, RuntimeError, ValueError, KeyError):
+        pass
+    return None
+
+
+def _collective(node: fx.Node, op_index: Mapping[fx.Node, int]) -> tuple[str, int, int, int]:
+    """``(kind, sent, received, waits_on)`` of a functional collective or its wait (see OpInfo);
+    ``("", 0, 0, -1)`` for any other node.
+
+    An all-to-all of ``P`` equal chunks keeps one chunk and sends the other ``P - 1`` (and receives
+    as many), so ``(P - 1) / P`` of its input and output cross the link. ``P`` is the length of the
+    split sizes the call names (passes.sequence_parallel always names them), else the group's size;
+    unequal splits are counted as equal. An all-gather of ``P`` shards sends this rank's shard to
+    ``P - 1`` ranks and receives the other ``P - 1`` shards.
+    """
+    if node.target is _WAIT:
+        src = node.args[0] if node.args else None
+        return ("wait", 0, 0, op_index.get(src, -1) if isinstance(src, fx.Node) else -1)
+    if node.target is _ALL_TO_ALL:
+        inp, out = _arg_tensor(node, 0, "input"), _node_tensors(node)
+        splits = node.args[2] if len(node.args) > 2 else node.kwargs.get("input_split_sizes")
+        ranks = len(splits) if isinstance(splits, (list, tuple)) and splits else None
+        ranks = ranks or _group_size(node.args[3] if len(node.args) > 3 else node.kwargs.get("group_name"))
+        in_b = _tensor_bytes(inp) if inp is not None else 0
+        out_b = sum(_tensor_bytes(t) for t in out)
+        if ranks is None:  # no split sizes and no such group here: the whole buffers, an upper bound
+            return ("all_to_all", in_b, out_b, -1)
+        return ("all_to_all", in_b * (ranks - 1) // ranks, out_b * (ranks - 1) // ranks, -1)
+    if node.target is _ALL_GATHER:
+        inp, out = _arg_tensor(node, 0, "input"), _node_tensors(node)
+        in_b = _tensor_bytes(inp) if inp is not None else 0
+        out_b = sum(_tensor_bytes(t) for t in out)
+        ranks = out_b // in_b if in_b else 1
+        return ("all_gather", in_b * (ranks - 1), out_b - in_b, -1)
+    return ("", 0, 0, -1)
+
+
 def _is_inplace(node: fx.Node, target: str) -> bool:
     last = target.rsplit(".", 1)[-1]
     if last.endswith("_") and not last.endswith("__"):
@@ -420,6 +473,7 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
 
         pure_alias = out_bytes == 0 and not _is_inplace(node, target)
         mem_bytes = 0 if pure_alias else read_bytes + write_bytes
+        collective, sent, received, waits_on = _collective(node, op_index)
         ops.append(
             OpInfo(
                 name=node.name,
@@ -429,6 +483,10 @@ def graph_ir(gm: fx.GraphModule, roles: Sequence[PlaceholderRole]) -> GraphIR:
                 out_bytes=out_bytes,
                 flops=_flops(node, target, outs),
                 mem_bytes=mem_bytes,
+                collective=collective,
+                sent_bytes=sent,
+                received_bytes=received,
+                waits_on=waits_on,
             )
         )
 

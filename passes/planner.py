@@ -314,7 +314,9 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         parts = _prepare(ir, live, options, options.mode)
     _raise_if_infeasible(ir, live, options, parts)
     min_vram = min(p.min_budget() for p in parts)
-    costs = op_costs(ir.ops, options.compute_tflops, options.device_mem_gbps)
+    costs = op_costs(
+        ir.ops, options.compute_tflops, options.device_mem_gbps, options.p2p_gbps, options.nvlink
+    )
     part, sched, report, warm = _choose(parts, options, costs, options.h2d_gbps, live.act)
     timeline = simulate_memory(live.act, sched.windows(), options.reserve_bytes)
     if timeline.peak_bytes != sched.peak_bytes:
@@ -405,6 +407,10 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         device_mem_gbps=options.device_mem_gbps,
         num_ops=len(ir.ops),
         units=tuple(units),
+        p2p_gbps=options.p2p_gbps,
+        nvlink=options.nvlink,
+        predicted_collective_ms=report.collective_ms,
+        predicted_collective_stall_ms=report.collective_stall_ms,
     )
     validate_plan(ir, plan)
     logger.info(
@@ -434,7 +440,7 @@ def price_blocking_units(ir: GraphIR, plan: SwapPlan, blocking: set[str] | froze
     """
     if not any(u.name in blocking and not u.resident for u in plan.units):
         return plan
-    costs = op_costs(ir.ops, plan.compute_tflops, plan.device_mem_gbps)
+    costs = op_costs(ir.ops, plan.compute_tflops, plan.device_mem_gbps, plan.p2p_gbps, plan.nvlink)
     windows = unit_windows(plan.units)
     plain = simulate_time(costs, windows, plan.h2d_gbps)
     blocked = simulate_time(

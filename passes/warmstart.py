@@ -42,7 +42,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fxswap.passes.simulate import OpCosts, TimeReport, UnitWindow, simulate_memory, simulate_time
+from fxswap.passes.simulate import OpCosts, Streams, TimeReport, UnitWindow, simulate_memory, simulate_time
 
 __all__ = ["WarmStart", "plan_warm_start", "simulate_steady", "steady_memory"]
 
@@ -131,13 +131,22 @@ def simulate_steady(
             if carried and j + 1 < calls:
                 events.append((j * (n + 1) + int(carry_at[k] or 0), 0, j + 1, k))
             events.append((j * (n + 1) + u.wait_at, 1, j, k))
+    # Collectives (sequence parallelism) run in every call, issued and waited for in that call;
+    # kinds 2 and 3 as in simulate_time, after the loads and their waits at the same op.
+    colls = costs.collectives
+    for j in range(calls):
+        for k, c in enumerate(colls):
+            events.append((j * (n + 1) + c.issue_op, 2, j, k))
+            events.append((j * (n + 1) + c.wait_op, 3, j, k))
     events.sort()
     prefix = costs.prefix_ms
     stall = [0.0] * calls  # cumulative stall at the start of each call is folded into `offset`
+    coll_stall = [0.0] * calls
     done: dict[tuple[int, int], float] = {}
     start: dict[tuple[int, int], float] = {}
+    coll_done: dict[tuple[int, int], float] = {}
     stall_k = [0.0] * m
-    copy_free = 0.0
+    streams = Streams()
     total_stall = 0.0
     call_start = [0.0] * calls
     for g, kind, j, k in events:
@@ -145,28 +154,34 @@ def simulate_steady(
         base = call * per_call + total_stall
         now = base + (prefix[i] if i < n else per_call)
         if kind == 0:
-            s = max(now, copy_free)
-            start[j, k] = s
-            done[j, k] = copy_free = s + units[k].bytes * byte_ms
+            start[j, k], done[j, k] = streams.load(now, units[k].bytes * byte_ms)
             continue
-        end = done[j, k]
+        if kind == 2:
+            coll_done[j, k] = streams.collective(now, colls[k])
+            continue
+        end = done[j, k] if kind == 1 else coll_done[j, k]
         if end > now:
             total_stall += end - now
+            if kind == 3:
+                coll_stall[j] += end - now
+                continue
             stall[j] += end - now
             if j == 1:
                 stall_k[k] = end - now
     for j in range(1, calls):
-        call_start[j] = j * per_call + sum(stall[:j])
+        call_start[j] = j * per_call + sum(stall[:j]) + sum(coll_stall[:j])
     mid = call_start[1]
     moved = sum(u.bytes for u in units if not u.resident)
     return TimeReport(
-        per_call + stall[1],
+        per_call + stall[1] + coll_stall[1],
         per_call,
         stall[1],
         moved,
         tuple(start.get((1, k), 0.0) - mid for k in range(m)),
         tuple(done.get((1, k), 0.0) - mid for k in range(m)),
         tuple(stall_k),
+        sum((c.ms for c in colls), 0.0),
+        coll_stall[1],
     )
 
 

@@ -202,6 +202,7 @@ def calibrated_profile(
         vram_bytes=int(vram),
         achieved_fraction=min(1.0, tflops / prof.bf16_tflops),
         sources=sources,
+        nvlink=prof.nvlink,  # not measured here: the base profile's link
         **rates,
     )
     prof.check()

@@ -33,6 +33,7 @@ __all__ = [
     "PhysicalBound",
     "copy_ms",
     "graph_costs",
+    "link_rates",
     "physical_bound",
     "plan_rates",
     "resident_compute_ms",
@@ -41,8 +42,9 @@ __all__ = [
 
 
 def graph_costs(ir: GraphIR, hw: HardwareProfile) -> OpCosts:
-    """Per-op compute times of ``ir`` on ``hw`` (the planner's op model with the profile's rates)."""
-    return op_costs(ir.ops, hw.compute_tflops, hw.mem_gbps)
+    """Per-op compute times of ``ir`` on ``hw`` (the planner's op model with the profile's rates),
+    and its collectives on the profile's link."""
+    return op_costs(ir.ops, hw.compute_tflops, hw.mem_gbps, hw.p2p_rate, hw.nvlink)
 
 
 def resident_compute_ms(ir: GraphIR, hw: HardwareProfile) -> float:
@@ -67,6 +69,12 @@ def plan_rates(hw: HardwareProfile) -> dict[str, float]:
         "compute_tflops": hw.compute_tflops,
         "device_mem_gbps": hw.mem_gbps,
     }
+
+
+def link_rates(hw: HardwareProfile) -> dict[str, float | bool]:
+    """The ``PlanOptions`` link of ``hw`` for sequence parallelism's collectives (``p2p_gbps``,
+    ``nvlink``); kept apart from :func:`plan_rates`, whose rates every plan uses."""
+    return {"p2p_gbps": hw.p2p_rate, "nvlink": hw.nvlink}
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ Anchors used below (``docs/benchmarks.md``, "Card profiles", gives each with its
   25.7 GB/s pinned and 10.0 GB/s pageable H2D on a DGX A100-SXM4-80GB (gengwg/gpu
   ``nvda_gpu_benchmark.md``), D2H 25.8 / 26.3-27.1 GB/s.
 - PCIe 5.0 x16 pinned H2D 56.3 GB/s, D2H 57.3 GB/s (8x RTX 5090, tinygrad/open-gpu-kernel-modules#29).
+- NVLink4 ~783 GB/s bidirectional between two H100 SXM (NVIDIA/nccl#1264): the all-to-all rate of
+  the NVLink parts (``p2p_gbps``); PCIe cards' all-to-all rate is estimated (``p2p_rate``).
 - WAN 14B forward at 480x832x81 = 1.678 PFLOP (40 blocks x 41.96 TFLOP,
   :func:`fxswap.bench.costmodel.wan_block_flops`) took 3766.3 ms compiled without offload on an
   H100 and 11584 ms compiled with group offloading on an RTX 4090 (diffusers PR #11605).
@@ -59,8 +61,20 @@ class HardwareProfile:
     pageable_h2d_gbps: float
     d2h_gbps: float  # device-to-host into pinned memory
     sync_overhead_ms: float = 0.02  # GPU idle time after a host synchronisation before work resumes
+    # Sequence parallelism's all-to-alls (passes.simulate): the rate per direction at which one
+    # rank's all-to-all moves its bytes, and whether it has NVLink. None: a PCIe card without
+    # peer-to-peer, through host memory at _P2P_PCIE_FRACTION of its pinned copy rate (p2p_rate).
+    p2p_gbps: float | None = None
+    nvlink: bool = False
     calibrated: bool = False  # True when the copy rates / fraction were measured by `fxswap calibrate`
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def p2p_rate(self) -> float:
+        """The all-to-all rate per direction, GB/s: ``p2p_gbps``, or the PCIe estimate without it."""
+        if self.p2p_gbps is not None:
+            return self.p2p_gbps
+        return round(min(self.pinned_h2d_gbps, self.d2h_gbps) * _P2P_PCIE_FRACTION, 1)
 
     @property
     def compute_tflops(self) -> float:
@@ -81,6 +95,15 @@ class HardwareProfile:
                 f"hardware profile {self.name!r}: achieved_fraction={self.achieved_fraction!r} must be "
                 "in (0, 1]; it is measured FLOP/s divided by the datasheet peak"
             )
+        if self.p2p_gbps is not None and not (
+            isinstance(self.p2p_gbps, (int, float)) and math.isfinite(self.p2p_gbps) and self.p2p_gbps > 0
+        ):
+            raise FxswapError(
+                f"hardware profile {self.name!r}: p2p_gbps={self.p2p_gbps!r} must be a finite number > 0, "
+                "or null for a PCIe card's estimate"
+            )
+        if not isinstance(self.nvlink, bool):
+            raise FxswapError(f"hardware profile {self.name!r}: nvlink={self.nvlink!r} must be true or false")
         if self.vram_bytes <= 0:
             raise FxswapError(f"hardware profile {self.name!r}: vram_bytes={self.vram_bytes!r} must be > 0")
         if self.sync_overhead_ms < 0:
@@ -106,6 +129,19 @@ _H100_PAGEABLE = round(_H100_PINNED * 10.0 / 25.7, 1)  # [calc]+[guess] as for P
 _H100_D2H = 52.8  # [src] nvbandwidth SM memcpy D2H 52.8 GB/s, HGX H100 (NVIDIA/nvbandwidth#24)
 # [guess] memory-bound ops (norms, adds) reach ~80% of datasheet DRAM bandwidth.
 _MEM_EFF = 0.8
+# All-to-all links (docs/sequence_parallel.md, "Pricing collectives"). GeForce cards have no
+# NVLink (the RTX 3090's bridge aside) and no peer-to-peer over PCIe with NVIDIA's driver, so NCCL
+# stages an all-to-all through pinned host memory: the sent bytes cross the sender's link
+# device-to-host, the received bytes the receiver's link host-to-device, both directions at once.
+# [calc]+[guess] per direction, the slower of the card's measured pinned H2D and D2H rates times
+# 0.75 for the staging through host buffers (no all-to-all measurement without P2P was found).
+_P2P_PCIE_FRACTION = 0.75
+# [src] NVIDIA/nccl#1264: ~783 GB/s bidirectional measured between two H100 SXM over NVLink4 (900
+# GB/s datasheet), so ~390 GB/s per direction; used for the GH100 SXM parts (H100 SXM, H200).
+_NVLINK4_P2P = 390.0
+# [calc] A100 SXM NVLink3: 600 GB/s bidirectional (A100 datasheet), 300 per direction, at the same
+# achieved share as NVLink4 above (783 / 900): 261.
+_NVLINK3_P2P = round(300.0 * 783.0 / 900.0, 0)
 
 
 def _p(**kw: Any) -> HardwareProfile:
@@ -178,6 +214,8 @@ PROFILES: dict[str, HardwareProfile] = {
         pinned_h2d_gbps=25.7,  # [src] DGX A100 bandwidthTest pinned H2D (gengwg/gpu nvda_gpu_benchmark.md)
         pageable_h2d_gbps=10.0,  # [src] same, pageable H2D
         d2h_gbps=25.8,  # [src] same, pinned D2H
+        p2p_gbps=_NVLINK3_P2P,  # NVLink + NVSwitch (HGX/DGX boards), see _NVLINK*_P2P
+        nvlink=True,
         sources={
             "bf16_tflops": "NVIDIA A100 datasheet",
             "link": "gengwg/gpu nvda_gpu_benchmark.md (DGX A100)",
@@ -192,6 +230,8 @@ PROFILES: dict[str, HardwareProfile] = {
         pinned_h2d_gbps=25.7,  # [src] DGX A100-SXM4-80GB bandwidthTest (gengwg/gpu)
         pageable_h2d_gbps=10.0,  # [src] same
         d2h_gbps=25.8,  # [src] same
+        p2p_gbps=_NVLINK3_P2P,  # NVLink + NVSwitch (HGX/DGX boards), see _NVLINK*_P2P
+        nvlink=True,
         sources={
             "bf16_tflops": "NVIDIA A100 datasheet",
             "link": "gengwg/gpu nvda_gpu_benchmark.md (DGX A100)",
@@ -219,6 +259,8 @@ PROFILES: dict[str, HardwareProfile] = {
         pinned_h2d_gbps=_H100_PINNED,
         pageable_h2d_gbps=_H100_PAGEABLE,
         d2h_gbps=_H100_D2H,
+        p2p_gbps=_NVLINK4_P2P,  # NVLink + NVSwitch (HGX/DGX boards), see _NVLINK*_P2P
+        nvlink=True,
         sources={"bf16_tflops": "NVIDIA H100 datasheet", "achieved_fraction": "diffusers PR #11605"},
     ),
     "h200": _p(
@@ -233,6 +275,8 @@ PROFILES: dict[str, HardwareProfile] = {
         pinned_h2d_gbps=_H100_PINNED,
         pageable_h2d_gbps=_H100_PAGEABLE,
         d2h_gbps=_H100_D2H,
+        p2p_gbps=_NVLINK4_P2P,  # NVLink + NVSwitch (HGX/DGX boards), see _NVLINK*_P2P
+        nvlink=True,
         sources={
             "bf16_tflops": "NVIDIA H200 datasheet (H200 SXM)",
             "mem_gbps": "NVIDIA H200 datasheet: 4.8 TB/s HBM3e",
