@@ -22,6 +22,7 @@ from fxswap.errors import PlanError
 
 __all__ = [
     "PLAN_FIELDS",
+    "READABLE_VERSIONS",
     "SCHEMA_VERSION",
     "SPAN_FIELDS",
     "UNIT_FIELDS",
@@ -32,8 +33,11 @@ __all__ = [
 ]
 
 # 2: warm start (units' carry_at/carry_node; the plan's warm_start, carried, boundary and first
-# call figures). 3: reloads (units' spans).
-SCHEMA_VERSION = 3
+# call figures). 3: reloads (units' spans). 4: decoded_residents (resident weights kept as stored
+# that the runtime decodes once); a plan of schema 3 is still read, with none decoded.
+SCHEMA_VERSION = 4
+#: Schemas this fxswap reads: the fields added since the oldest take their PLAN_DEFAULTS value.
+READABLE_VERSIONS = (3, 4)
 
 # A field's JSON kind: the checker of a JSON value, and the type named in the error.
 _Kind = tuple[Callable[[object], bool], str]
@@ -137,10 +141,11 @@ PLAN_FIELDS: dict[str, _Kind] = {
     "units": UNITS,
     "ulysses_degree": INT,
     "ulysses_rank": INT,
+    "decoded_residents": STRS,
 }
 
 #: Plan fields added after schema 3 was written: absent in older files, read as these values.
-PLAN_DEFAULTS: dict[str, Any] = {"ulysses_degree": 1, "ulysses_rank": 0}
+PLAN_DEFAULTS: dict[str, Any] = {"ulysses_degree": 1, "ulysses_rank": 0, "decoded_residents": ()}
 
 
 def canonical_sha256(obj: object) -> str:
@@ -222,10 +227,10 @@ def decode_plan(
     if not isinstance(data, dict):
         raise PlanError(f"plan JSON must be an object, got {type(data).__name__}; re-create the plan")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise PlanError(
-            f"`schema_version` is {version!r}; this fxswap reads plans of schema {SCHEMA_VERSION}. "
-            "Re-create the plan with this fxswap version"
+            f"`schema_version` is {version!r}; this fxswap reads plans of schema "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}. Re-create the plan with this fxswap version"
         )
     checksum = data.pop("content_sha256", None)
     if not isinstance(checksum, str):
@@ -261,6 +266,7 @@ def decode_plan(
             "`content_sha256` does not match the plan's content: the file was edited after it was "
             "saved. Re-create the plan instead of editing it"
         )
+    kw["schema_version"] = SCHEMA_VERSION  # an older schema's plan, read with its new fields' defaults
     return kw, units
 
 
