@@ -33,8 +33,10 @@ class WeightInfo:
     decoded_nbytes: int = 0
     decode_scratch_bytes: int = 0
     # Decoded once for the whole call (a resident the plan keeps decoded: fxswap.passes.decode);
-    # ``nbytes`` is then the decoded size and no op decodes it.
+    # ``nbytes`` is then the decoded size, no op decodes it, and ``stored_nbytes`` is what the
+    # upload copies before decoding it.
     decoded_once: bool = False
+    stored_nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

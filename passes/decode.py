@@ -21,11 +21,12 @@ Choice (:func:`choose_decoded`), after the schedule and its resident set are fix
 stored weights in order of time saved per extra byte (``(s + d) / (d - s)``; a weight whose decoded
 form is no larger comes first, it only saves), ties by first reader then name; each is taken if,
 with it and those taken before, (a) every op's bytes (and with a warm start, the steady call's and
-the bytes between two calls) stay within the budget, and (b) the upload stays within the plan's
-peak: the runtime decodes these weights one at a time, so at worst every resident as the plan
-holds it, the caller's inputs (no more than the least activation level of any op) and one weight's
-stored copy and decoder scratch. Every weight so taken saves time (its decode's bytes at memory
-speed, nothing else changes in the time model), so no other time test is needed. Otherwise the
+the bytes between two calls) and (b) the upload stay within the budget. The upload
+(:func:`upload_bytes`) is part of the plan's peak: the runtime decodes these weights one at a
+time, so at worst it holds every resident as the plan holds it, the caller's inputs (no more than
+the least activation level of any op) and one weight's stored copy and decoder scratch. Every
+weight so taken saves time (its decode's bytes at memory speed; nothing else changes in the time
+model, and a shorter op never delays another), so no other time test is needed. Otherwise the
 weight stays stored, decoded at each call. Deterministic.
 """
 
@@ -40,7 +41,15 @@ from fxswap.passes.liveness import activation_profile
 from fxswap.passes.simulate import UnitWindow, simulate_memory
 from fxswap.passes.warmstart import steady_memory
 
-__all__ = ["choose_decoded", "decode_residents", "dequant_buffer"]
+__all__ = [
+    "UPLOAD",
+    "choose_decoded",
+    "decode_residents",
+    "dequant_buffer",
+    "peak_name",
+    "upload_bytes",
+    "upload_level",
+]
 
 
 def dequant_buffer(weight: str) -> str:
@@ -116,7 +125,9 @@ def decode_residents(ir: GraphIR, names: Collection[str]) -> GraphIR:
             dequant_bytes=max(0, op.dequant_bytes - dequant),
         )
     weights = tuple(
-        dataclasses.replace(w, nbytes=w.decoded_nbytes, decoded_once=True) if w.name in chosen else w
+        dataclasses.replace(w, nbytes=w.decoded_nbytes, decoded_once=True, stored_nbytes=w.nbytes)
+        if w.name in chosen
+        else w
         for w in ir.weights
     )
     drop = {dequant_buffer(w) for w in exact}
@@ -126,6 +137,39 @@ def decode_residents(ir: GraphIR, names: Collection[str]) -> GraphIR:
         weights=weights,
         buffers=tuple(b for b in ir.buffers if b.name not in drop),
     )
+
+
+#: ``peak_op`` index of a plan whose peak is the residents' upload (before op 0).
+UPLOAD = -2
+
+
+def peak_name(names: Sequence[str], peak_op: int) -> str:
+    """A plan's ``peak_op``: the op's name, "between calls" (index ``len(names)``: a warm start's
+    boundary), "resident upload" (:data:`UPLOAD`), or "" for a graph without ops."""
+    if peak_op == UPLOAD:
+        return "resident upload"
+    if peak_op < 0:
+        return ""
+    return names[peak_op] if peak_op < len(names) else "between calls"
+
+
+def upload_level(act: Sequence[int], resident_bytes: int, transient: int) -> int:
+    """Bytes on the device while the residents are uploaded and those decoded once are decoded,
+    in whatever order: every resident as the plan holds it (``resident_bytes``), the caller's inputs
+    (no more than the least activation level of any op, ``act``) and the largest ``transient`` (one
+    weight's stored copy and decoder scratch while it is decoded). 0 when nothing is decoded."""
+    if transient <= 0:
+        return 0
+    return min(act, default=0) + resident_bytes + transient
+
+
+def upload_bytes(ir: GraphIR, act: Sequence[int], resident_bytes: int) -> int:
+    """:func:`upload_level` of a plan's IR (after :func:`decode_residents`): the largest stored
+    copy plus scratch among the weights decoded once. Part of the plan's peak."""
+    transient = max(
+        (w.stored_nbytes + w.decode_scratch_bytes for w in ir.weights if w.decoded_once), default=0
+    )
+    return upload_level(act, resident_bytes, transient)
 
 
 def choose_decoded(
@@ -153,11 +197,7 @@ def choose_decoded(
     info = {w.name: w for w in ir.weights}
     first, last = _first_last(ir)
     resident = [p for u, ps in zip(units, params, strict=True) if u.resident for p in ps]
-    cands = [
-        w
-        for w in resident
-        if w in first and info[w].decoded_nbytes > 0 and not info[w].decoded_once
-    ]
+    cands = [w for w in resident if w in first and info[w].decoded_nbytes > 0 and not info[w].decoded_once]
     if not cands:
         return ()
     n = len(ir.ops)
@@ -203,12 +243,9 @@ def choose_decoded(
         peak = max(new_mem)
         if peak > budget:
             continue
-        # The upload, in whatever order: the caller's inputs (no more than the least activation
-        # level of any op), every resident as the plan holds it, and one weight's stored copy and
-        # scratch while it is decoded.
         new_act = [a - drop.get(i, 0) for i, a in enumerate(act)]
         transient = max(s + c, max((stored_scratch[k] for k in chosen), default=0))
-        if min(new_act, default=0) + resident_bytes + shift + extra + transient > peak:
+        if upload_level(new_act, resident_bytes + shift + extra, transient) > budget:
             continue
         chosen.append(w)
         shift += extra

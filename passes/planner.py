@@ -54,7 +54,7 @@ from collections.abc import Sequence
 
 from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.ir import GraphIR
-from fxswap.passes.decode import choose_decoded, decode_residents
+from fxswap.passes.decode import UPLOAD, choose_decoded, decode_residents, peak_name, upload_bytes
 from fxswap.passes.liveness import Liveness, activation_profile, analyse_liveness
 from fxswap.passes.occurrence import find_occurrences, real_units, split_graph
 from fxswap.passes.partition import (
@@ -373,6 +373,9 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
             if max(top, boundary) > peak_bytes:
                 peak_bytes = max(top, boundary)
                 peak_op = len(names) if boundary > top else steady.index(top)
+        upload = upload_bytes(eff, act, sum(u.bytes for u, r in zip(specs, sched.resident, strict=True) if r))
+        if upload > peak_bytes:
+            peak_bytes, peak_op = upload, UPLOAD
         if peak_bytes > options.max_vram_bytes:
             raise PlanError(
                 f"internal: keeping {len(decoded)} resident weights decoded peaks at {peak_bytes} bytes, "
@@ -426,7 +429,7 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         prefetch_depth=sched.depth,
         peak_bytes=peak_bytes,
         # len(names): the peak is between two calls (a warm start's carried units beside the outputs)
-        peak_op=(names[peak_op] if peak_op < len(names) else "between calls") if peak_op >= 0 else "",
+        peak_op=peak_name(names, peak_op),
         resident_bytes=resident,
         swapped_bytes=sum(u.bytes for u in units) - resident - reloaded_bytes(units),
         weight_bytes=sum(u.bytes for u in units) - reloaded_bytes(units),
@@ -475,7 +478,9 @@ def price_blocking_units(ir: GraphIR, plan: SwapPlan, blocking: set[str] | froze
     """
     if not any(u.name in blocking and not u.resident for u in plan.units):
         return plan
-    costs = op_costs(decode_residents(ir, plan.decoded_residents).ops, plan.compute_tflops, plan.device_mem_gbps)
+    costs = op_costs(
+        decode_residents(ir, plan.decoded_residents).ops, plan.compute_tflops, plan.device_mem_gbps
+    )
     windows = unit_windows(plan.units)
     plain = simulate_time(costs, windows, plan.h2d_gbps)
     blocked = simulate_time(

@@ -13,8 +13,8 @@ Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index an
                     for every op i reading one of its weights:  wait_at <= i <= release_after
     carried unit:   loaded at op 0, release_after < carry_at < len(ops)
     simulated peak (fxswap.passes.simulate.simulate_memory; with carried units the steady-state call
-    and the bytes between calls, fxswap.passes.warmstart.steady_memory) <= max_vram_bytes and
-    == plan.peak_bytes
+    and the bytes between calls, fxswap.passes.warmstart.steady_memory; the upload of the residents
+    decoded once, fxswap.passes.decode.upload_bytes) <= max_vram_bytes and == plan.peak_bytes
 
 The validator recomputes everything from the graph; it trusts nothing the planner computed except
 the plan itself, so it also checks plans loaded from JSON.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
-from fxswap.passes.decode import decode_residents
+from fxswap.passes.decode import decode_residents, upload_bytes
 from fxswap.passes.liveness import analyse_liveness, unit_range
 from fxswap.passes.simulate import MemoryTimeline, simulate_memory, unit_windows
 from fxswap.passes.warmstart import steady_memory
@@ -264,6 +264,9 @@ def validate_plan(ir: GraphIR, plan: SwapPlan, *, memory: bool = True) -> Memory
             )
     elif plan.boundary_bytes:
         raise PlanError(f"plan says boundary_bytes={plan.boundary_bytes} but carries no unit")
+    upload = upload_bytes(ir, live.act, timeline.resident_bytes)
+    if upload > peak:
+        peak, where = upload, "the upload of the residents decoded once"
     if peak > plan.max_vram_bytes:
         worst = [
             u.name
