@@ -213,9 +213,9 @@ def choose_decoded(
     buffers = {b.name for b in ir.buffers}
     # Scratch of the weights still decoded at each op, as stored_storage added its largest.
     scratch_at: dict[int, dict[str, int]] = {}
-    for w in ir.weights:
-        if w.decoded_nbytes > 0 and not w.decoded_once and w.name in first:
-            scratch_at.setdefault(first[w.name], {})[w.name] = w.decode_scratch_bytes
+    for wi in ir.weights:
+        if wi.decoded_nbytes > 0 and not wi.decoded_once and wi.name in first:
+            scratch_at.setdefault(first[wi.name], {})[wi.name] = wi.decode_scratch_bytes
 
     def rank(w: str) -> tuple[int, float, int, str]:
         s, d = info[w].nbytes, info[w].decoded_nbytes

@@ -439,9 +439,12 @@ def test_residents_are_decoded_once_when_the_budget_holds_them_and_stay_stored_a
         # is at least the stored plan's highest such op plus d - s. One byte below the least of
         # these over every w, none can be decoded.
         tl = validate_plan(plain_ir, stored_plan)
-        below = min(
-            max(tl.total(i) for i, o in enumerate(ir.ops) if w not in o.weights) + extra[w] for w in sizes
-        ) - 1
+        below = (
+            min(
+                max(tl.total(i) for i, o in enumerate(ir.ops) if w not in o.weights) + extra[w] for w in sizes
+            )
+            - 1
+        )
         assert below >= p_s, "every unit still fits resident, stored"
         s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=below / 2**30, reserve_mb=0,
                            block_size_mb=0.3)  # fmt: skip
@@ -516,7 +519,9 @@ def test_a_plan_with_decoded_residents_round_trips_is_honoured_and_edits_are_ref
         bias = next(p for u in plan.units if u.resident for p in u.params if p not in sizes)
         bad = tmp_path / "bad.json"
         bad.write_text(edited(lambda d: d.update(decoded_residents=[bias])))
-        with pytest.raises(PlanError, match=rf"`decoded_residents` names '{bias}'.*not a weight kept as stored"):
+        with pytest.raises(
+            PlanError, match=rf"`decoded_residents` names '{bias}'.*not a weight kept as stored"
+        ):
             fxswap.compile(model, backend="eager", plan=bad)(x)
 
 
