@@ -358,7 +358,8 @@ class SwapPlan:
         if self.decoded_residents:
             lines.append(
                 f"  decoded once: {len(self.decoded_residents)} resident weight(s) kept as stored are "
-                "decoded when uploaded and held decoded (no decode per call)"
+                "decoded when uploaded and held decoded (no decode per call; the resident bytes count "
+                "them decoded, the host keeps them stored)"
             )
         places: dict[str, int] = {}
         holders: dict[str, list[str]] = {}
