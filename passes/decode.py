@@ -33,7 +33,7 @@ weight stays stored, decoded at each call. Deterministic.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
@@ -172,6 +172,26 @@ def upload_bytes(ir: GraphIR, act: Sequence[int], resident_bytes: int) -> int:
     return upload_level(act, resident_bytes, transient)
 
 
+def _prefix(xs: Sequence[int], pick: Callable[[int, int], int]) -> list[int]:
+    """``out[i]`` = ``pick`` over ``xs[:i]``; ``out[0]`` is the identity (no element): -inf for max,
+    +inf for min, as Python ints that any byte count beats."""
+    out = [_NONE[pick]]
+    for x in xs:
+        out.append(pick(out[-1], x))
+    return out
+
+
+def _suffix(xs: Sequence[int], pick: Callable[[int, int], int]) -> list[int]:
+    """``out[i]`` = ``pick`` over ``xs[i:]``; ``out[len(xs)]`` is the identity."""
+    out = [_NONE[pick]]
+    for x in reversed(xs):
+        out.append(pick(out[-1], x))
+    return out[::-1]
+
+
+_NONE: dict[Callable[[int, int], int], int] = {max: -(2**62), min: 2**62}
+
+
 def choose_decoded(
     ir: GraphIR,
     units: Sequence[UnitWindow],
@@ -226,10 +246,15 @@ def choose_decoded(
     stored_scratch = {w: info[w].nbytes + info[w].decode_scratch_bytes for w in cands}
     chosen: list[str] = []
     shift = 0  # bytes added at every op (and between calls) by the weights taken
+    # NOTE: a weight's drop covers one contiguous range of ops (its readers), so the largest byte
+    # count outside it comes from prefix and suffix maxima, rebuilt only when a weight is taken:
+    # a WAN 14B graph has ~5,000 ops and ~400 candidates.
+    hi_pre, hi_suf = _prefix(mem, max), _suffix(mem, max)
+    lo_pre, lo_suf = _prefix(act, min), _suffix(act, min)
     for w in sorted(cands, key=rank):
         s, d, c = info[w].nbytes, info[w].decoded_nbytes, info[w].decode_scratch_bytes
         f, lst = first[w], last[w]
-        drop: dict[int, int] = {}  # op -> bytes it no longer holds
+        drop: dict[int, int] = {}  # op -> bytes it no longer holds: ops f..lst (and n), contiguous
         if dequant_buffer(w) in buffers:
             for i in range(f, lst + 1):
                 drop[i] = d
@@ -239,18 +264,23 @@ def choose_decoded(
         if carried and n - 1 in drop:
             drop[n] = drop[n - 1]  # the bytes between calls hold the last op's activations
         extra = d - s
-        new_mem = [m - drop.get(i, 0) + shift + extra for i, m in enumerate(mem)]
-        peak = max(new_mem)
+        a, b = (min(drop), max(drop)) if drop else (len(mem), len(mem) - 1)
+        peak = max(hi_pre[a], hi_suf[b + 1], *(mem[i] - v for i, v in drop.items())) + shift + extra
         if peak > budget:
             continue
-        new_act = [a - drop.get(i, 0) for i, a in enumerate(act)]
+        in_act = [act[i] - v for i, v in drop.items() if i < n]
+        floor = min(lo_pre[min(a, n)], lo_suf[min(b + 1, n)], *in_act) if n else 0
         transient = max(s + c, max((stored_scratch[k] for k in chosen), default=0))
-        if upload_level(new_act, resident_bytes + shift + extra, transient) > budget:
+        if upload_level([floor], resident_bytes + shift + extra, transient) > budget:
             continue
         chosen.append(w)
         shift += extra
-        mem = [m - drop.get(i, 0) for i, m in enumerate(mem)]
-        act = new_act
-        if dequant_buffer(w) in buffers:
+        if drop:
+            for i, v in drop.items():
+                mem[i] -= v
+                if i < n:
+                    act[i] -= v
+            hi_pre, hi_suf = _prefix(mem, max), _suffix(mem, max)
+            lo_pre, lo_suf = _prefix(act, min), _suffix(act, min)
             del scratch_at[f][w]
     return tuple(chosen)
