@@ -10,6 +10,9 @@ Three parts, each its own flag (all by default):
     budget, and at budgets of 12 and 16 GiB the bytes moved per call and the predicted step. Graphs
     are captured on meta tensors (through the graph cache) and re-sized by
     ``fxswap.passes.analyse.stored_storage``, which also prices each decode at device memory speed.
+    The planner keeps resident stored weights decoded once where that fits the budget
+    (``fxswap.passes.decode``); results written before that choice existed price every resident's
+    decode at every call (docs/stored_weights.md, "Residents decoded once").
 ``--throughput``  MEASURED on this machine: the PyTorch reference decoder (``fxswap.quant``) per
     type, GB/s of bf16 output for a 4096x4096 weight, as a ratio against ``torch.clone`` of the same
     bf16 output in the same process (a pure memory copy: the baseline).

@@ -316,7 +316,7 @@ class Entry:
     plan: SwapPlan
     fn: Callable[..., Any] | None  # None until the first call compiles it
     gm: fx.GraphModule
-    inputs: tuple[tuple[str, Any], ...]  # ("user", getter) | ("resident", fqn)
+    inputs: tuple[tuple[str, Any], ...]  # ("user", getter) | ("resident", fqn) | ("decoded", fqn)
     resident: frozenset[str]
     cap: Capture
     ir: GraphIR  # what the plan was made from (workspace included)
@@ -399,6 +399,8 @@ class Builder:
                 k: (w.nbytes, w.dequantized_nbytes, dequant_workspace_bytes(w.qtype, w.shape, self.device))
                 for k, w in self.runtime.stored.items()
             },
+            # a weight the runtime patches after its decode (a LoRA) is decoded in the graph only
+            in_graph={k for k in self.runtime.stored if self.runtime.decoded_patch(k) is not None},
         )
 
     def build(
@@ -545,6 +547,9 @@ class Builder:
             raise PlanError("two units of this plan got the same graph id; re-plan with another block size")
         gm = insert_swaps(cap.gm, plan, cap.placeholder_params, unit_ids=unit_ids)
         if self.runtime.stored:
+            # A resident the plan keeps decoded reaches the graph decoded (SwapRuntime.resident):
+            # no fxswap::dequant for it.
+            once = set(plan.decoded_residents)
             specs = {
                 k: DequantSpec(
                     w.qtype,
@@ -556,6 +561,7 @@ class Builder:
                     self.runtime.decoded_patch(k),
                 )
                 for k, w in self.runtime.stored.items()
+                if k not in once
             }
             insert_dequant(gm, placeholder_weights(cap.gm, cap.placeholder_params), specs)
         swapped = {p for u in swapping for p in u.params}
@@ -565,14 +571,14 @@ class Builder:
             if fqn is None:
                 inputs.append(("user", get))
             elif fqn not in swapped:
-                inputs.append(("resident", fqn))
-        resident = frozenset(f for k, f in inputs if k == "resident")
+                inputs.append(("decoded" if fqn in plan.decoded_residents else "resident", fqn))
+        resident = frozenset(f for k, f in inputs if k != "user")
         return Entry(plan, None, gm, tuple(inputs), resident, cap, ir, unit_ids, units)
 
     def flat(self, entry: Entry, root: dict[str, Any]) -> list[Any]:
         """The graph's inputs for a call: the user's tensors and the resident device copies."""
         return [
-            get(root) if kind == "user" else self.runtime.resident(get, self.named[get])
+            get(root) if kind == "user" else self.runtime.resident(get, self.named[get], kind == "decoded")
             for kind, get in entry.inputs
         ]
 

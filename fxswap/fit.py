@@ -87,6 +87,7 @@ def account(
     named by ``input_buffers``), and the returned IR's activation profile reproduces it in the
     plan's simulator. The plan is validated against that IR when it fits its budget.
     """
+    from fxswap.passes.decode import UPLOAD, decode_residents, peak_name, upload_bytes
     from fxswap.passes.liveness import activation_profile, analyse_liveness
     from fxswap.passes.simulate import simulate_memory, unit_windows
     from fxswap.passes.validate import validate_plan
@@ -130,10 +131,15 @@ def account(
         mem, boundary = steady_memory(real_act, windows, plan.reserve_bytes, carry_at)
         top = max(mem, default=0)
         peak, peak_op = max(top, boundary), (mem.index(top) if top >= boundary else n)
+    # Residents decoded once are decoded before the call (the replay sees them as inputs): the
+    # upload is counted as the plan counts it, on the measured activations.
+    upload = upload_bytes(decode_residents(ir, plan.decoded_residents), real_act, tl.resident_bytes)
+    if upload > peak:
+        peak, peak_op = upload, UPLOAD
     real = dataclasses.replace(
         plan,
         peak_bytes=peak,
-        peak_op=(ir.ops[peak_op].name if peak_op < n else "between calls") if peak_op >= 0 else "",
+        peak_op=peak_name([o.name for o in ir.ops], peak_op),
         activation_peak_bytes=max(tl.act, default=0),
         boundary_bytes=boundary,
     )

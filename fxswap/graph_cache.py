@@ -66,13 +66,15 @@ logger = logging.getLogger("fxswap.graph_cache")
 # the file reading and writing serve `fxswap plan`'s torch-free cached path (fxswap.cli_cache).
 
 # Bumped when the file layout or the meaning of an IR field changes (2: WeightInfo.joined;
-# 3: OpInfo.dequant_bytes; 4: OpInfo's collective fields).
-FORMAT = 4
+# 3: OpInfo.dequant_bytes; 4: OpInfo's collective fields; 5: WeightInfo's stored-weight fields,
+# decoded_nbytes and the rest).
+FORMAT = 5
 
 # Field -> JSON type for each IR record, checked on load: a file from another version, or edited
 # by hand, fails with the field named instead of building a record with a wrong type.
 _INT, _FLOAT, _STR, _STRS, _INTS = "int", "float", "str", "list[str]", "list[int]"
 _PAIRS = "list[[int, int]]"
+_BOOL = "bool"
 _FIELDS: dict[type, dict[str, str]] = {
     OpInfo: {
         "name": _STR,
@@ -96,6 +98,10 @@ _FIELDS: dict[type, dict[str, str]] = {
         "nbytes": _INT,
         "module": _STR,
         "joined": _PAIRS,
+        "decoded_nbytes": _INT,
+        "decode_scratch_bytes": _INT,
+        "decoded_once": _BOOL,
+        "stored_nbytes": _INT,
     },
     BufferInfo: {"name": _STR, "nbytes": _INT, "start": _INT, "end": _INT},
     InputInfo: {"name": _STR, "shape": _INTS, "dtype": _STR},
@@ -151,6 +157,10 @@ def _value(kind: str, v: Any, where: str) -> Any:
         return float(v)
     if kind == _STR:
         if type(v) is not str:
+            raise bad()
+        return v
+    if kind == _BOOL:
+        if type(v) is not bool:
             raise bad()
         return v
     if kind == _PAIRS:

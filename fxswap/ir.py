@@ -28,6 +28,15 @@ class WeightInfo:
     # view made by op a, or the weight handed to the graph's output) is read up to op b. A second
     # load of the weight cannot start inside one: op b reads op a's view of the *first* copy.
     joined: tuple[tuple[int, int], ...] = ()
+    # A weight kept as its file stores it (fxswap.passes.analyse.stored_storage): the bytes of its
+    # decoded tensor and the decoder's scratch; 0 and 0 for a weight held as it is computed with.
+    decoded_nbytes: int = 0
+    decode_scratch_bytes: int = 0
+    # Decoded once for the whole call (a resident the plan keeps decoded: fxswap.passes.decode);
+    # ``nbytes`` is then the decoded size, no op decodes it, and ``stored_nbytes`` is what the
+    # upload copies before decoding it.
+    decoded_once: bool = False
+    stored_nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

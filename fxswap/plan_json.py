@@ -23,6 +23,7 @@ from fxswap.options import DEFAULT_P2P_GBPS
 
 __all__ = [
     "PLAN_FIELDS",
+    "READABLE_VERSIONS",
     "SCHEMA_VERSION",
     "SPAN_FIELDS",
     "UNIT_FIELDS",
@@ -33,8 +34,12 @@ __all__ = [
 ]
 
 # 2: warm start (units' carry_at/carry_node; the plan's warm_start, carried, boundary and first
-# call figures). 3: reloads (units' spans).
-SCHEMA_VERSION = 3
+# call figures). 3: reloads (units' spans). 4: decoded_residents (resident weights kept as stored
+# that the runtime decodes once) and the collectives' link and times (p2p_gbps, nvlink,
+# predicted_collective_*); a plan of schema 3 is still read, with their defaults.
+SCHEMA_VERSION = 4
+#: Schemas this fxswap reads: the fields added since the oldest take their PLAN_DEFAULTS value.
+READABLE_VERSIONS = (3, 4)
 
 # A field's JSON kind: the checker of a JSON value, and the type named in the error.
 _Kind = tuple[Callable[[object], bool], str]
@@ -142,6 +147,7 @@ PLAN_FIELDS: dict[str, _Kind] = {
     "nvlink": BOOL,
     "predicted_collective_ms": FLOAT,
     "predicted_collective_stall_ms": FLOAT,
+    "decoded_residents": STRS,
 }
 
 #: Plan fields added after schema 3 was written: absent in older files, read as these values.
@@ -152,6 +158,7 @@ PLAN_DEFAULTS: dict[str, Any] = {
     "nvlink": False,
     "predicted_collective_ms": 0.0,
     "predicted_collective_stall_ms": 0.0,
+    "decoded_residents": (),
 }
 
 
@@ -234,10 +241,10 @@ def decode_plan(
     if not isinstance(data, dict):
         raise PlanError(f"plan JSON must be an object, got {type(data).__name__}; re-create the plan")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise PlanError(
-            f"`schema_version` is {version!r}; this fxswap reads plans of schema {SCHEMA_VERSION}. "
-            "Re-create the plan with this fxswap version"
+            f"`schema_version` is {version!r}; this fxswap reads plans of schema "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}. Re-create the plan with this fxswap version"
         )
     checksum = data.pop("content_sha256", None)
     if not isinstance(checksum, str):
@@ -273,6 +280,7 @@ def decode_plan(
             "`content_sha256` does not match the plan's content: the file was edited after it was "
             "saved. Re-create the plan instead of editing it"
         )
+    kw["schema_version"] = SCHEMA_VERSION  # an older schema's plan, read with its new fields' defaults
     return kw, units
 
 

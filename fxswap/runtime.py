@@ -894,6 +894,7 @@ class SwapRuntime:
         self.storage_dtype = storage_dtype
         self.ledger = Ledger()
         self._residents: dict[str, Tensor] = {}
+        self._decoded: set[str] = set()  # residents held decoded (kept as stored on the host)
         # Weights kept as their file stores them (fxswap.stored.StoredWeight, by name): their stored
         # data is what the host store keeps and what is copied, swapped or resident; the graph
         # decodes it (fxswap::dequant). Set by the build from the model's records.
@@ -967,11 +968,28 @@ class SwapRuntime:
         (``ops.register_patch``); None: the decoded weight is used as it is. Subclasses patch."""
         return None
 
-    def resident(self, fqn: str, tensor: Tensor) -> Tensor:
-        """The device copy of a resident weight, made on first request (one copy per name)."""
+    def resident(self, fqn: str, tensor: Tensor, decoded: bool = False) -> Tensor:
+        """The device copy of a resident weight, made on first request (one copy per name).
+
+        ``decoded``: a weight kept as stored that the plan keeps decoded for the whole call
+        (``SwapPlan.decoded_residents``): its stored data is copied to the device, decoded there
+        once by the op the graph would use (``fxswap::dequant``: the reference on the CPU, the
+        Triton kernel on CUDA) and the stored device copy dropped; the host keeps only the stored
+        data. Otherwise a stored weight is copied as stored and the graph decodes it at each call.
+        """
         d = self._residents.get(fqn)
+        if d is not None and (fqn in self._decoded) != decoded:
+            # another signature's plan holds it in the other form: never both on the device
+            del self._residents[fqn]
+            self._decoded.discard(fqn)
+            d = None
         if d is None:
-            if fqn in self.stored:  # copied as stored; the graph decodes it at each call
+            if decoded and fqn not in self.stored:
+                raise ValueError(
+                    f"resident weight `{fqn}` is to be decoded once but is not kept as stored "
+                    "(fxswap.stored); only a GGUF or fp8 weight is decoded"
+                )
+            if fqn in self.stored:
                 tensor = self.stored[fqn].data
             if self.alloc_hook is not None:
                 self.alloc_hook("resident", fqn, tensor.numel() * tensor.element_size())
@@ -982,6 +1000,12 @@ class SwapRuntime:
             # NOTE: always a fresh tensor, also on the CPU, so the ledger accounts for it and the
             # graph never aliases the user's parameter. On CUDA it is copied on the transfer stream.
             d = self.backend.copy_resident(src, self.device)
+            if decoded:
+                w = self.stored[fqn]
+                if self.alloc_hook is not None:
+                    self.alloc_hook("resident", fqn, w.dequantized_nbytes)
+                d = ops.dequant(d, w.qtype, list(w.shape), w.dtype, w.scale)
+                self._decoded.add(fqn)
             self._residents[fqn] = self.ledger.track(d) if self.track else d
         return d
 
@@ -989,10 +1013,12 @@ class SwapRuntime:
         """Release the resident device copies whose names are not in ``keep``."""
         for k in [k for k in self._residents if k not in keep]:
             del self._residents[k]
+            self._decoded.discard(k)
 
     def drop_residents(self) -> None:
         """Release every resident device copy (switching experts; the host copies stay valid)."""
         self._residents.clear()
+        self._decoded.clear()
 
     @property
     def resident_bytes(self) -> int:

@@ -225,6 +225,11 @@ class SwapPlan:
     nvlink: bool = False
     predicted_collective_ms: float = 0.0
     predicted_collective_stall_ms: float = 0.0
+    # Resident weights kept as stored (GGUF, fp8) that the runtime decodes once, when the residents
+    # are uploaded, in this order, and hands the graph decoded (fxswap.passes.decode); their units
+    # count the decoded bytes. Every other stored weight is decoded in the graph at each call.
+    # Default: none (plans of schema 3, written before the field existed).
+    decoded_residents: tuple[str, ...] = ()
 
     @property
     def parts(self) -> dict[str, str]:
@@ -263,6 +268,7 @@ class SwapPlan:
         return plan
 
     def _check_sums(self) -> None:
+        self.check_decoded_residents()
         extra = reloaded_bytes(self.units)  # a weight loaded by several units is one weight
         checks = (
             ("resident_bytes", self.resident_bytes, sum(u.bytes for u in self.units if u.resident)),
@@ -281,6 +287,19 @@ class SwapPlan:
                 f"`peak_bytes` {self.peak_bytes} exceeds `max_vram_bytes` {self.max_vram_bytes}; "
                 "re-create the plan"
             )
+
+    def check_decoded_residents(self) -> None:
+        """Refuse ``decoded_residents`` naming a weight twice or one in no resident unit (whether
+        each is kept as stored is the graph's to say: ``passes.validate``)."""
+        resident = {p for u in self.units if u.resident for p in u.params}
+        for w in self.decoded_residents:
+            if w not in resident:
+                raise PlanError(
+                    f"`decoded_residents` names {w!r}, which is in no resident unit of the plan: only a "
+                    "resident weight can be decoded once. Fix: re-create the plan instead of editing it"
+                )
+        if len(set(self.decoded_residents)) != len(self.decoded_residents):
+            raise PlanError("`decoded_residents` lists a weight twice; re-create the plan")
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (UTF-8)."""
@@ -354,6 +373,12 @@ class SwapPlan:
                 f"  warm start: each call's tail loads the next call's first {carried} unit(s) "
                 f"({size(self.carried_bytes)}, held between calls); first call "
                 f"{self.predicted_first_step_ms:.1f} ms, then {self.predicted_step_ms:.1f} ms"
+            )
+        if self.decoded_residents:
+            lines.append(
+                f"  decoded once: {len(self.decoded_residents)} resident weight(s) kept as stored are "
+                "decoded when uploaded and held decoded (no decode per call; the resident bytes count "
+                "them decoded, the host keeps them stored)"
             )
         places: dict[str, int] = {}
         holders: dict[str, list[str]] = {}

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -548,7 +548,9 @@ def fp8_linear_storage(ir: GraphIR, linear_weights: set[str]) -> GraphIR:
     return dataclasses.replace(ir, ops=tuple(ops), weights=tuple(weights), buffers=tuple(buffers))
 
 
-def stored_storage(ir: GraphIR, stored: Mapping[str, tuple[int, int, int]]) -> GraphIR:
+def stored_storage(
+    ir: GraphIR, stored: Mapping[str, tuple[int, int, int]], in_graph: Collection[str] = ()
+) -> GraphIR:
     """The IR of a model whose weights ``stored`` (name -> bytes as stored, bytes decoded, scratch of
     the decoder) are kept as their file stores them and decoded on the device before their first
     reader (``fxswap.passes.dequant``, ``fxswap.stored``).
@@ -559,7 +561,10 @@ def stored_storage(ir: GraphIR, stored: Mapping[str, tuple[int, int, int]]) -> G
       reader's op, with the decoder's scratch counted while that op runs;
     - the decoding is priced at that op (``dequant_bytes``: stored bytes read plus decoded written).
 
-    A weight read by no op is left as it is.
+    A weight read by no op is left as it is. Each stored weight's record keeps its decoded size and
+    scratch (``WeightInfo.decoded_nbytes``), so that a plan may keep a resident one decoded for the
+    whole call instead (:func:`fxswap.passes.decode.decode_residents`), except those named in
+    ``in_graph``, which are always decoded in the graph (a runtime patch follows their decode).
     """
     first: dict[str, int] = {}
     last: dict[str, int] = {}
@@ -569,7 +574,15 @@ def stored_storage(ir: GraphIR, stored: Mapping[str, tuple[int, int, int]]) -> G
                 first.setdefault(w, i)
                 last[w] = i
     weights = tuple(
-        dataclasses.replace(w, nbytes=stored[w.name][0]) if w.name in first else w for w in ir.weights
+        dataclasses.replace(
+            w,
+            nbytes=stored[w.name][0],
+            decoded_nbytes=0 if w.name in in_graph else stored[w.name][1],
+            decode_scratch_bytes=0 if w.name in in_graph else stored[w.name][2],
+        )
+        if w.name in first
+        else w
+        for w in ir.weights
     )
     extra: list[BufferInfo] = []
     add: dict[int, tuple[int, int, int]] = {}

@@ -54,7 +54,8 @@ from collections.abc import Sequence
 
 from fxswap.errors import BudgetInfeasibleError, PlanError
 from fxswap.ir import GraphIR
-from fxswap.passes.liveness import Liveness, analyse_liveness
+from fxswap.passes.decode import UPLOAD, choose_decoded, decode_residents, peak_name, upload_bytes
+from fxswap.passes.liveness import Liveness, activation_profile, analyse_liveness
 from fxswap.passes.occurrence import find_occurrences, real_units, split_graph
 from fxswap.passes.partition import (
     UnitSpec,
@@ -74,7 +75,7 @@ from fxswap.passes.simulate import (
     unit_windows,
 )
 from fxswap.passes.validate import validate_plan
-from fxswap.passes.warmstart import WarmStart, plan_warm_start
+from fxswap.passes.warmstart import WarmStart, plan_warm_start, simulate_steady, steady_memory
 from fxswap.swapplan import (
     SCHEMA_VERSION,
     PlanOptions,
@@ -340,6 +341,50 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
     shares: Sequence[Sequence[tuple[str, int, int]]] = [()] * len(specs)
     if part.occurrences:
         specs, shares, _ = real_units(sched.units, part.occurrences, live.nbytes)
+    # Resident weights kept as stored: decoded once for the whole call where that fits
+    # (fxswap.passes.decode); the plan is then simulated on the IR with that change.
+    windows = sched.windows()
+    decoded = choose_decoded(
+        ir,
+        windows,
+        [u.params for u in specs],
+        options.reserve_bytes,
+        options.max_vram_bytes,
+        carry_at if warm is not None else None,
+    )
+    if decoded:
+        eff = decode_residents(ir, decoded)
+        held = {w.name: w.nbytes for w in eff.weights}
+        specs = [
+            dataclasses.replace(u, bytes=sum(held[p] for p in u.params)) if res else u
+            for u, res in zip(specs, sched.resident, strict=True)
+        ]
+        windows = [
+            dataclasses.replace(wd, bytes=u.bytes) if wd.resident else wd
+            for wd, u in zip(windows, specs, strict=True)
+        ]
+        act = activation_profile(eff)
+        timeline = simulate_memory(act, windows, options.reserve_bytes)
+        peak_bytes, peak_op = timeline.peak_bytes, timeline.peak_op
+        costs = op_costs(
+            eff.ops, options.compute_tflops, options.device_mem_gbps, options.p2p_gbps, options.nvlink
+        )
+        first_report = report = simulate_time(costs, windows, options.h2d_gbps)
+        if warm is not None:
+            report = simulate_steady(costs, windows, carry_at, options.h2d_gbps)
+            steady, boundary = steady_memory(act, windows, options.reserve_bytes, carry_at)
+            top = max(steady, default=0)
+            if max(top, boundary) > peak_bytes:
+                peak_bytes = max(top, boundary)
+                peak_op = len(names) if boundary > top else steady.index(top)
+        upload = upload_bytes(eff, act, sum(u.bytes for u, r in zip(specs, sched.resident, strict=True) if r))
+        if upload > peak_bytes:
+            peak_bytes, peak_op = upload, UPLOAD
+        if peak_bytes > options.max_vram_bytes:
+            raise PlanError(
+                f"internal: keeping {len(decoded)} resident weights decoded peaks at {peak_bytes} bytes, "
+                f"above the budget {options.max_vram_bytes}; please report this graph"
+            )
     units = []
     reads_first, reads_last = part.reads()
     for u, share, res, la, f, ll, ca, rf, rl in zip(
@@ -388,11 +433,11 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         prefetch_depth=sched.depth,
         peak_bytes=peak_bytes,
         # len(names): the peak is between two calls (a warm start's carried units beside the outputs)
-        peak_op=(names[peak_op] if peak_op < len(names) else "between calls") if peak_op >= 0 else "",
+        peak_op=peak_name(names, peak_op),
         resident_bytes=resident,
         swapped_bytes=sum(u.bytes for u in units) - resident - reloaded_bytes(units),
         weight_bytes=sum(u.bytes for u in units) - reloaded_bytes(units),
-        activation_peak_bytes=max(live.act, default=0),
+        activation_peak_bytes=max(timeline.act, default=0),
         min_vram_bytes=min_vram,
         moved_bytes_per_call=report.moved_bytes,
         predicted_step_ms=report.step_ms,
@@ -411,6 +456,7 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
         nvlink=options.nvlink,
         predicted_collective_ms=report.collective_ms,
         predicted_collective_stall_ms=report.collective_stall_ms,
+        decoded_residents=decoded,
     )
     validate_plan(ir, plan)
     logger.info(
@@ -440,7 +486,13 @@ def price_blocking_units(ir: GraphIR, plan: SwapPlan, blocking: set[str] | froze
     """
     if not any(u.name in blocking and not u.resident for u in plan.units):
         return plan
-    costs = op_costs(ir.ops, plan.compute_tflops, plan.device_mem_gbps, plan.p2p_gbps, plan.nvlink)
+    costs = op_costs(
+        decode_residents(ir, plan.decoded_residents).ops,
+        plan.compute_tflops,
+        plan.device_mem_gbps,
+        plan.p2p_gbps,
+        plan.nvlink,
+    )
     windows = unit_windows(plan.units)
     plain = simulate_time(costs, windows, plan.h2d_gbps)
     blocked = simulate_time(

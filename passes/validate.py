@@ -2,6 +2,8 @@
 
 Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index and name) and unit::
 
+    the plan's decoded_residents are resident weights kept as stored; the graph is checked as the
+        plan holds it, with those decoded once (fxswap.passes.decode.decode_residents)
     units partition GraphIR.weights exactly (each weight in one unit, sizes add up), except that a
         weight loaded once per place is in several swapped units, each with a span of its reads:
         the spans start and end at reads, cover every read once and never part a view from the
@@ -11,8 +13,8 @@ Post-conditions, each a :class:`fxswap.errors.PlanError` naming the op (index an
                     for every op i reading one of its weights:  wait_at <= i <= release_after
     carried unit:   loaded at op 0, release_after < carry_at < len(ops)
     simulated peak (fxswap.passes.simulate.simulate_memory; with carried units the steady-state call
-    and the bytes between calls, fxswap.passes.warmstart.steady_memory) <= max_vram_bytes and
-    == plan.peak_bytes
+    and the bytes between calls, fxswap.passes.warmstart.steady_memory; the upload of the residents
+    decoded once, fxswap.passes.decode.upload_bytes) <= max_vram_bytes and == plan.peak_bytes
 
 The validator recomputes everything from the graph; it trusts nothing the planner computed except
 the plan itself, so it also checks plans loaded from JSON.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from fxswap.errors import PlanError
 from fxswap.ir import GraphIR
+from fxswap.passes.decode import decode_residents, upload_bytes
 from fxswap.passes.liveness import analyse_liveness, unit_range
 from fxswap.passes.simulate import MemoryTimeline, simulate_memory, unit_windows
 from fxswap.passes.warmstart import steady_memory
@@ -173,6 +176,20 @@ def _reader_units(ir: GraphIR, plan: SwapPlan) -> dict[str, list[tuple[int, int,
     return out
 
 
+def _decoded_ir(ir: GraphIR, plan: SwapPlan) -> GraphIR:
+    """``ir`` as the plan holds it: its ``decoded_residents`` decoded once (fxswap.passes.decode),
+    each of them a resident weight kept as stored."""
+    plan.check_decoded_residents()
+    ir = decode_residents(ir, plan.decoded_residents)
+    once = sorted(w.name for w in ir.weights if w.decoded_once)
+    if once != sorted(plan.decoded_residents):
+        raise PlanError(
+            f"the graph holds {once} decoded once but the plan's `decoded_residents` is "
+            f"{list(plan.decoded_residents)}; re-create the plan"
+        )
+    return ir
+
+
 def validate_plan(ir: GraphIR, plan: SwapPlan, *, memory: bool = True) -> MemoryTimeline:
     """Check ``plan`` against ``ir``; return the simulated memory timeline.
 
@@ -190,6 +207,7 @@ def validate_plan(ir: GraphIR, plan: SwapPlan, *, memory: bool = True) -> Memory
     Raises:
         PlanError: the first violation found, naming the op and the unit.
     """
+    ir = _decoded_ir(ir, plan)
     served = _reader_units(ir, plan)
     live = analyse_liveness(ir)
     for u in plan.units:
@@ -246,6 +264,9 @@ def validate_plan(ir: GraphIR, plan: SwapPlan, *, memory: bool = True) -> Memory
             )
     elif plan.boundary_bytes:
         raise PlanError(f"plan says boundary_bytes={plan.boundary_bytes} but carries no unit")
+    upload = upload_bytes(ir, live.act, timeline.resident_bytes)
+    if upload > peak:
+        peak, where = upload, "the upload of the residents decoded once"
     if peak > plan.max_vram_bytes:
         worst = [
             u.name

@@ -340,3 +340,204 @@ def test_a_runtime_patch_applies_after_the_decode_and_the_weight_moves_stored(
                 assert torch.equal(s(x), want)
             assert m.peak_bytes + live_bytes([x]) <= budget, (m.peak_bytes, budget)
             s.close()
+
+
+# ------------------------------------------------------------------ residents decoded once
+# Planned on the graph as fxswap.compile sees it; the budgets below come from the stored-residents
+# plan (the same graph with no weight offered for decoding once: the planner's model before this
+# choice existed) and from sizes computed here by hand.
+
+
+def _graph_dequants(s: Any) -> list[str]:
+    """The weights the compiled graph decodes (``fxswap::dequant`` nodes, counted by target)."""
+    from fxswap import ops
+
+    (entry,) = s._entries.values()
+    return [n for n in entry.gm.graph.nodes if n.target is ops.dequant]
+
+
+def _stored_residents_peak(s: Any, budget: int) -> tuple[int, Any]:
+    """The peak of the plan that keeps every resident stored, for ``s``'s graph and ``budget``, and
+    that plan: the planner on the same IR with no weight offered for decoding once."""
+    import dataclasses
+
+    from fxswap.options import make_options
+    from fxswap.passes.planner import build_plan
+
+    (entry,) = s._entries.values()
+    ir = entry.ir
+    plain = dataclasses.replace(
+        ir, weights=tuple(dataclasses.replace(w, decoded_nbytes=0) for w in ir.weights)
+    )
+    opts = make_options(mode="layerwise", max_vram_gb=budget / 2**30, reserve_mb=0, block_size_mb=0.3)
+    plan = build_plan(plain, opts)
+    assert not plan.decoded_residents
+    return plan.peak_bytes, (plan, ir)
+
+
+def test_residents_are_decoded_once_when_the_budget_holds_them_and_stay_stored_a_byte_below() -> None:
+    """Ten GGUF weights (no fp8: its float32 scratch is larger than this toy model's activations).
+
+    - Budget P_s + sum(d - s) (P_s: the stored-residents plan's peak, every unit resident; d, s: each
+      weight's decoded and stored bytes by hand): decoding a weight once adds d - s at every op and
+      removes its decoded activation and scratch, and the upload (every resident decoded, the
+      inputs, one stored copy and scratch) is below P_s + sum(d - s) because the stored plan already
+      held, at the reader of each weight, the decoded tensor and scratch beside every resident. So
+      every resident is decoded once: the plan says so, the graph decodes none of them, the output
+      equals the oracle-built model's bitwise, and the CPU allocator's peak of a call that uploads
+      (and decodes) its residents is within the plan's peak, itself within the budget.
+    - One byte below the least budget that could admit any one weight decoded (the stored plan's
+      per-op bytes outside its reader, plus its d - s by hand): every resident stays stored and the
+      graph decodes each at every call.
+    """
+    import dataclasses
+
+    from fxswap.passes.validate import validate_plan
+
+    model, ref, sizes = _models(n=5)
+    assert set(sizes) == {k for k in sizes if k.endswith("weight")} and len(sizes) == 10
+    decoded = {k: ref.get_parameter(k).numel() * 2 for k in sizes}  # bf16
+    extra = {k: decoded[k] - sizes[k] for k in sizes}
+    x = torch.randn(3, DIM, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = ref(x)
+        probe = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=1.0, reserve_mb=0,
+                               block_size_mb=0.3)  # fmt: skip
+        assert torch.equal(probe(x), want)
+        p_s, (stored_plan, ir) = _stored_residents_peak(probe, 2**30)
+        plain_ir = dataclasses.replace(
+            ir, weights=tuple(dataclasses.replace(w, decoded_nbytes=0) for w in ir.weights)
+        )
+        probe.close()
+        assert all(u.resident for u in stored_plan.units)
+
+        budget = p_s + sum(extra.values())
+        s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=budget / 2**30, reserve_mb=0,
+                           block_size_mb=0.3)  # fmt: skip
+        assert torch.equal(s(x), want)
+        plan = s.plan
+        assert sorted(plan.decoded_residents) == sorted(sizes)
+        assert _graph_dequants(s) == []
+        # resident bytes as held: the decoded weights by hand, the biases in bf16
+        biases = sum(p.numel() * 2 for k, p in ref.named_parameters() if k not in sizes)
+        assert plan.resident_bytes == sum(decoded.values()) + biases
+        assert plan.peak_bytes <= budget
+        s.release()  # the next call uploads and decodes its residents again, measured
+        with measure("cpu") as m:
+            assert torch.equal(s(x), want)
+        assert m.peak_bytes + live_bytes([x]) <= plan.peak_bytes, (m.peak_bytes, plan.peak_bytes)
+        # the device copies are the decoded weights; the host keeps the stored bytes only
+        held = s.runtime._residents
+        assert all(held[k].dtype == torch.bfloat16 and tuple(held[k].shape) == (DIM, DIM) for k in sizes)
+        assert not dict(s.runtime.store.items()), "nothing is swapped, so nothing else is on the host"
+        assert all(model.get_parameter(k).is_meta for k in sizes)
+        assert all(stored_weights(model)[k].data.dtype == torch.uint8 for k in sizes)
+        s.close()
+
+        # Decoding w adds its d - s at every op that does not read it (the decoded activation it
+        # removes lives at its reader only): with none decoded yet, the least budget that admits w
+        # is at least the stored plan's highest such op plus d - s. One byte below the least of
+        # these over every w, none can be decoded.
+        tl = validate_plan(plain_ir, stored_plan)
+        below = (
+            min(
+                max(tl.total(i) for i, o in enumerate(ir.ops) if w not in o.weights) + extra[w] for w in sizes
+            )
+            - 1
+        )
+        assert below >= p_s, "every unit still fits resident, stored"
+        s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=below / 2**30, reserve_mb=0,
+                           block_size_mb=0.3)  # fmt: skip
+        assert torch.equal(s(x), want)
+        assert all(u.resident for u in s.plan.units)
+        assert s.plan.decoded_residents == ()
+        assert len(_graph_dequants(s)) == len(sizes)
+        assert s.plan.peak_bytes <= below
+        s.close()
+
+
+def test_a_plan_with_decoded_residents_round_trips_is_honoured_and_edits_are_refused(tmp_path: Path) -> None:
+    import json
+
+    from fxswap.errors import PlanError
+    from fxswap.plan_json import canonical_sha256
+    from fxswap.swapplan import SwapPlan, load_plan
+
+    model, ref, sizes = _models(n=2)
+    x = torch.randn(3, DIM, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = ref(x)
+        s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=1.0, reserve_mb=0,
+                           block_size_mb=0.3)  # fmt: skip
+        assert torch.equal(s(x), want)
+        plan = s.plan
+        assert plan.decoded_residents
+        path = tmp_path / "plan.json"
+        plan.save(path)
+        s.close()
+        assert load_plan(path) == plan
+        # honoured: the plan given decodes the same weights once, none in the graph
+        again = fxswap.compile(model, backend="eager", plan=path)
+        assert torch.equal(again(x), want)
+        assert again.plan.decoded_residents == plan.decoded_residents
+        assert len(_graph_dequants(again)) == len(sizes) - len(plan.decoded_residents)
+        again.close()
+
+        def edited(fn: Any, src: Path = path) -> str:
+            data = json.loads(src.read_text())
+            data.pop("content_sha256")
+            fn(data)
+            data["content_sha256"] = canonical_sha256(data)  # saved again: a valid checksum
+            return json.dumps(data)
+
+        # a plan of schema 3 (before the field): read with none decoded, and it runs
+        lo = _min_budget(model, x, "layerwise")
+        s = fxswap.compile(model, backend="eager", mode="layerwise", max_vram_gb=lo / 2**30, reserve_mb=0,
+                           block_size_mb=0.3)  # fmt: skip
+        s(x)
+        assert s.plan.decoded_residents == ()
+        swapping = tmp_path / "swapping.json"
+        s.plan.save(swapping)
+        s.close()
+        old = edited(src=swapping, fn=lambda d: (d.pop("decoded_residents"), d.update(schema_version=3)))
+        assert '"decoded_residents"' not in old
+        loaded = SwapPlan.from_json(old)
+        assert loaded.decoded_residents == () and loaded.units == load_plan(swapping).units
+        (tmp_path / "old.json").write_text(old)
+        again = fxswap.compile(model, backend="eager", plan=tmp_path / "old.json")
+        assert torch.equal(again(x), want)
+        assert len(_graph_dequants(again)) == len(sizes)
+        again.close()
+
+        # a swapped weight marked decoded: refused on load, naming the field
+        swapped = next(p for u in loaded.units if not u.resident for p in u.params if p in sizes)
+        with pytest.raises(PlanError, match=rf"`decoded_residents` names '{swapped}'.*no resident unit"):
+            SwapPlan.from_json(edited(lambda d: d.update(decoded_residents=[swapped]), swapping))
+        with pytest.raises(PlanError, match=r"`plan.decoded_residents` is .* not a valid tuple"):
+            SwapPlan.from_json(edited(lambda d: d.update(decoded_residents="blocks.0.0.weight")))
+        # a resident weight not kept as stored (a bias) marked decoded: refused when compiled
+        bias = next(p for u in plan.units if u.resident for p in u.params if p not in sizes)
+        bad = tmp_path / "bad.json"
+        bad.write_text(edited(lambda d: d.update(decoded_residents=[bias])))
+        with pytest.raises(
+            PlanError, match=rf"`decoded_residents` names '{bias}'.*not a weight kept as stored"
+        ):
+            fxswap.compile(model, backend="eager", plan=bad)(x)
+
+
+@pytest.mark.slow
+def test_inductor_runs_residents_decoded_once_bitwise() -> None:
+    model, ref, sizes = _models(n=3)
+    x = torch.randn(3, DIM, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = ref(x)
+        s = fxswap.compile(model, mode="layerwise", max_vram_gb=1.0, reserve_mb=0, block_size_mb=0.3)
+        assert torch.equal(s(x), want)
+        assert torch.equal(s(x), want)
+        assert s.plan.decoded_residents
+        assert len(_graph_dequants(s)) == len(sizes) - len(s.plan.decoded_residents)
+        s.release()
+        with measure("cpu") as m:
+            assert torch.equal(s(x), want)
+        assert m.peak_bytes + live_bytes([x]) <= s.plan.peak_bytes <= 2**30
+        s.close()

@@ -197,9 +197,9 @@ class _LoraRuntime(SwapRuntime):
             self._patch_handles[fqn] = fxswap.ops.register_patch(merge)
         return self._patch_handles[fqn]
 
-    def resident(self, fqn: str, tensor: Tensor) -> Tensor:
+    def resident(self, fqn: str, tensor: Tensor, decoded: bool = False) -> Tensor:
         if fqn not in self.lora or fqn in self.stored or fqn in self._residents:
-            return super().resident(fqn, tensor)
+            return super().resident(fqn, tensor, decoded)
         merged = self.merge(fqn, super().resident(fqn, tensor))
         self._residents[fqn] = merged
         return merged
