@@ -675,11 +675,15 @@ def test_block_swap_merges_lora_into_a_gguf_model(server: Server) -> None:
         f"{gap_no_lora:.3g}); the LoRA moves the output {moved:.3g}; plans' {weights}"
     )
     assert diff <= 2 * gap_no_lora, (diff, gap_no_lora)
-    # the LoRA'd weights stay packed: the plan holds the same weight bytes with and without the LoRA
-    # (decoded, its 9 float32 128x128 linears would take 0.56 MiB instead of ~0.1 MiB packed; the
-    # oracle's plain checkpoint shows the line does follow the storage)
-    assert weights["gguf_lora_fx"] == weights["gguf_nolora_fx"], weights
-    assert weights["gguf_lora_fx"] != weights["gguf_lora_fx_oracle"], weights
+    # The LoRA'd weights stay packed: the plan holds fewer weight bytes than the oracle's plain
+    # checkpoint of the same model (decoded, its 9 float32 128x128 linears would take 0.56 MiB
+    # instead of ~0.1 MiB packed; the oracle's line shows the figure follows the storage). Without
+    # the LoRA the planner may keep resident GGUF weights decoded once (plan.decoded_residents),
+    # which a LoRA'd weight never is: that plan holds at least as many bytes.
+    mib = {k: float(v.split()[1]) for k, v in weights.items()}
+    assert all(v.endswith(" MiB") for v in weights.values()), weights
+    assert mib["gguf_lora_fx"] < mib["gguf_lora_fx_oracle"], weights
+    assert mib["gguf_lora_fx"] <= mib["gguf_nolora_fx"], weights
     assert moved > 10 * max(diff, gap_no_lora), (moved, diff, gap_no_lora)
     assert server.alive()
 
