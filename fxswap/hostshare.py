@@ -13,13 +13,14 @@ knowing their local ranks):
 1. The file is named after a digest of the weights' names, shapes and dtypes and a sample of their
    bytes (:func:`weights_key`), so different models, or different weights of one model, never meet
    in one file.
-2. Each process opens it and takes an exclusive ``flock``. The first finds it empty (or left
-   incomplete by a process that died while writing) and writes every weight at a 64-byte aligned
-   offset, then a marker after the last byte; the others wait for the lock and find it complete.
-3. Each process maps it, checks that every byte equals its own copy (a digest only picks the file;
-   the bytes decide: any difference and this process keeps its private copy, with a warning), and
-   then replaces its tensors by views of the mapping; the private copy is freed.
-4. Each process keeps a shared ``flock`` while it uses the file.
+2. Each process takes the directory's lock (``flock`` on ``fxswap-host.lock``, held for a moment,
+   never while waiting on anything else), opens the file, and if it is empty (or left incomplete by
+   a process that died while writing) writes every weight at a 64-byte aligned offset, then a
+   marker after the last byte; the others find it complete. Each maps it and takes a shared
+   ``flock`` on the file, held while it uses it, before letting the directory's lock go.
+3. Each process checks that every mapped byte equals its own copy (a digest only picks the file;
+   the bytes decide: any difference and this process keeps its private copy, with a warning), then
+   replaces its tensors by views of the mapping; the private copy is freed.
 
 Mapping: copy-on-write (``MAP_PRIVATE``) by default, so a process that writes into a weight changes
 only its own page; ``MAP_SHARED`` when the copies are to be pinned (``pin=True``, CUDA): page-locking
@@ -35,7 +36,8 @@ Clean-up (a file in ``/dev/shm`` is RAM until it is removed):
 - without: the last process to let go (:meth:`SharedWeights.close`, the model's death, or the
   interpreter's exit) unlinks it, which it knows because no other process holds the lock;
 - a file left by processes that all crashed is removed by the next :func:`share_weights` on the
-  machine: no process holds its lock and it is older than :data:`STALE_AFTER_S`.
+  machine: no process holds its shared lock (the kernel drops a dead process's locks). Files are
+  only created, removed and locked under the directory's lock, so a file nobody holds is unused.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -61,7 +63,7 @@ from torch import Tensor
 __all__ = [
     "MARKER",
     "PREFIX",
-    "STALE_AFTER_S",
+    "LOCK_NAME",
     "SharedWeights",
     "region_of",
     "share_weights",
@@ -76,9 +78,8 @@ logger = logging.getLogger("fxswap.hostshare")
 PREFIX = "fxswap-host-"
 #: Written after the last weight once the file is complete (64 bytes).
 MARKER = b"fxswap host weights v1".ljust(64, b"\0")
-#: A file nobody holds is removed by the next share only when older than this (a file just
-#: written and not yet locked shared by its writer must not be taken for a leftover).
-STALE_AFTER_S = 60.0
+#: The directory's lock: serialises creating, writing, removing and first locking the files.
+LOCK_NAME = "fxswap-host.lock"
 #: Each weight starts on a cache line (dtype views need their alignment).
 ALIGN = 64
 #: Bytes of each weight sampled (start, middle, end) into the file's name.
@@ -175,17 +176,28 @@ class SharedWeights:
         return f"SharedWeights({str(self.path)!r}, {len(self.names)} weights, {self.nbytes} bytes, {self.mapping})"
 
 
-def _let_go(fd: int, path: str) -> None:
+@contextlib.contextmanager
+def _dir_locked(directory: str | Path) -> Iterator[None]:
+    fd = os.open(Path(directory) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # another process still uses it: the last one removes it
-    else:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _let_go(fd: int, path: str) -> None:
+    with _dir_locked(os.path.dirname(path)):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # another process still uses it: the last one removes it
+        else:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.unlink(path)
-    with contextlib.suppress(OSError):
-        os.close(fd)
+            os.close(fd)
 
 
 def region_of(t: Tensor) -> SharedWeights | None:
@@ -207,8 +219,7 @@ def shared_of(model: torch.nn.Module) -> SharedWeights | None:
 
 
 def _sweep(directory: Path, keep: Path) -> None:
-    """Remove leftovers: files of ours that no process holds and that are not fresh."""
-    now = time.time()
+    """Remove leftovers (called under the directory's lock): files of ours no process holds."""
     for p in directory.glob(PREFIX + "*"):
         if p == keep:
             continue
@@ -218,28 +229,12 @@ def _sweep(directory: Path, keep: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            st = os.fstat(fd)
-            if now - st.st_mtime >= STALE_AFTER_S and os.stat(p).st_ino == st.st_ino:
-                os.unlink(p)
-                logger.info("fxswap: removed %s, left by processes that are gone", p)
+            os.unlink(p)
+            logger.info("fxswap: removed %s, left by processes that are gone", p)
         except OSError:
             pass  # in use, or already gone
         finally:
             os.close(fd)
-
-
-def _open_locked(path: Path) -> int:
-    """``path`` opened (created if missing) and locked exclusively, retrying while another process
-    removes it between our open and our lock."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _complete(fd: int, total: int) -> bool:
@@ -331,18 +326,22 @@ def share_weights(
         # this process maps it already (another model with the same weights): its flock would
         # conflict with ours, so the same mapping serves both
         return _adopt_checked(model, items, offsets, stored, mine[0])
-    _sweep(where, keep=path)
-    fd = _open_locked(path)
     wrote = False
-    try:
-        if not _complete(fd, total):
-            _write(fd, items, offsets, total)
-            wrote = True
-        flags = mmap.MAP_SHARED if pin else mmap.MAP_PRIVATE
-        mm = mmap.mmap(fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)  # never unlink here: other processes may be using the complete file
-        raise
+    with _dir_locked(where):
+        _sweep(where, keep=path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if not _complete(fd, total):
+                _write(fd, items, offsets, total)
+                wrote = True
+            flags = mmap.MAP_SHARED if pin else mmap.MAP_PRIVATE
+            mm = mmap.mmap(fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # "in use" until this process lets go; only a leaver or a sweep, under the directory's
+            # lock, ever asks for it exclusively, and never waits
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)  # never unlink here: other processes may be using the complete file
+            raise
     buffer = torch.frombuffer(mm, dtype=torch.uint8)
     views: list[Tensor] = []
     same = True
@@ -360,8 +359,6 @@ def share_weights(
             stacklevel=2,
         )
         return None
-    # the lock now only says "in use": shared, so that every process on the machine can hold it
-    fcntl.flock(fd, fcntl.LOCK_SH)
     region = SharedWeights(path, fd, buffer, tuple(n for n, _ in items), shared=pin, wrote=wrote)
     _adopt(model, items, views, stored)
     with _LOCK:
