@@ -12,12 +12,16 @@ These are CPU and gloo figures: they show the pass works and each rank's memory 
 NVLink or PCIe GPUs would gain.
 
 Usage: ``python benchmarks/bench_parallel.py [--threads 1] [--calls 5] [--frames 17] [--size 128]``
+
+``--rss``: host memory instead (one host copy of the weights per machine): each rank's RSS and PSS
+and their sum for 1, 2 and 4 ranks, written to ``benchmarks/results/bench_parallel_rss.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +86,91 @@ def run(world: int, threads: int, args: dict[str, Any]) -> list[dict[str, Any]]:
         return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
 
 
+def rss(ns: argparse.Namespace) -> int:
+    """``--rss``: host memory of 1, 2 and 4 ranks compiling one WAN (``ulysses_degree=N``: one
+    shared host copy per machine), read by rank 0 from every rank's ``/proc/<pid>/smaps_rollup``
+    while the ranks run their calls (``tests/test_host_share.py`` measures the same way)."""
+    import platform
+
+    from tests.test_host_share import spawn
+
+    job = {
+        "mode": "compile",
+        "dim": ns.rss_dim,
+        "layers": ns.rss_layers,
+        "calls": 2,
+        "budget_gb": ns.rss_budget_gb,
+        "reference": True,
+    }
+    rows = []
+    for world in ns.rss_ranks:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = spawn(world, job, Path(tmp))
+        r0 = res[0]
+        rows.append(
+            {
+                "ranks": world,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "weights": r0["weights"],
+                "base_pss": r0["base"]["pss"],
+                "pss": r0["pss"],
+                "rss": r0["rss"],
+                "sum_pss": r0["sum_pss"],
+                "sum_pss_shmem": r0["sum_pss_shmem"],
+                "shared": [r["shared"] for r in res],
+                # every rank's output against the uncompiled model's in the 1-rank run (bitwise)
+                "bitwise_equal": {r["output"] for r in res}
+                == {rows[0]["reference"] if rows else r0["reference"]},
+                "reference": r0["reference"],
+            }
+        )
+    mib = 2**20
+    w = rows[0]["weights"]
+    print(
+        f"tiny WAN (dim {ns.rss_dim}, {ns.rss_layers} blocks, fp32): weights {w / mib:.0f} MiB; "
+        f"max_vram_gb={ns.rss_budget_gb} per rank (on the CPU the device is host RAM); CPU, gloo, eager"
+    )
+    print("PSS and RSS in MiB, sampled by rank 0 from /proc/<pid>/smaps_rollup during 2 calls")
+    print(
+        "| ranks | no-weights PSS per rank | PSS per rank | RSS per rank | sum of PSS | vs 1 rank | "
+        "1.1 x weights + N x constant |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    one = rows[0]["sum_pss"]
+    for r in rows:
+        constant = max(r["base_pss"]) + ns.rss_budget_gb * 2**30 + 128 * mib
+        bound = 1.1 * w + r["ranks"] * constant
+        fmt = lambda xs: ", ".join(f"{x / mib:.0f}" for x in xs)  # noqa: E731
+        print(
+            f"| {r['ranks']} | {fmt(r['base_pss'])} | {fmt(r['pss'])} | {fmt(r['rss'])} | "
+            f"{r['sum_pss'] / mib:.0f} | {r['sum_pss'] / one:.3f}x | {bound / mib:.0f} |"
+        )
+    out = Path(__file__).resolve().parent / "results" / "bench_parallel_rss.json"
+    out.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/bench_parallel.py --rss "
+                + " ".join(
+                    f"--rss-{k} {v}"
+                    for k, v in (
+                        ("dim", ns.rss_dim),
+                        ("layers", ns.rss_layers),
+                        ("budget-gb", ns.rss_budget_gb),
+                    )
+                ),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+                "constant": "per rank: its PSS with the model on meta (measured) + max_vram_gb + 128 MiB",
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
@@ -89,7 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=128, help="video height and width (pixels)")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rss", action="store_true", help="measure host RSS/PSS of 1/2/4 ranks instead")
+    ap.add_argument("--rss-dim", type=int, default=1024)
+    ap.add_argument("--rss-layers", type=int, default=18)
+    ap.add_argument("--rss-budget-gb", type=float, default=0.1)
+    ap.add_argument("--rss-ranks", type=int, nargs="+", default=[1, 2, 4])
     ns = ap.parse_args(argv)
+    if ns.rss:
+        return rss(ns)
     args = {"calls": ns.calls, "frames": ns.frames, "size": ns.size, "layers": ns.layers}
     rows = [
         ("1 process", ns.threads, run(1, ns.threads, args)),

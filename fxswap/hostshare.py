@@ -51,7 +51,6 @@ import logging
 import mmap
 import os
 import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -120,7 +119,9 @@ class SharedWeights:
     ``wrote`` whether this process wrote the file. :meth:`close` lets go of the file (the views
     stay valid while they live: the mapping goes with the last of them)."""
 
-    def __init__(self, path: Path, fd: int, buffer: Tensor, names: tuple[str, ...], shared: bool, wrote: bool):
+    def __init__(
+        self, path: Path, fd: int, buffer: Tensor, names: tuple[str, ...], shared: bool, wrote: bool
+    ):
         self.path = path
         self.buffer = buffer
         self.names = names
@@ -173,7 +174,8 @@ class SharedWeights:
         self._finalizer()
 
     def __repr__(self) -> str:
-        return f"SharedWeights({str(self.path)!r}, {len(self.names)} weights, {self.nbytes} bytes, {self.mapping})"
+        n = len(self.names)
+        return f"SharedWeights({str(self.path)!r}, {n} weights, {self.nbytes} bytes, {self.mapping})"
 
 
 @contextlib.contextmanager
@@ -262,10 +264,8 @@ def _write(fd: int, items: list[tuple[str, Tensor]], offsets: list[int], total: 
 def _trim_heap() -> None:
     """Give the freed private copies back to the OS: glibc keeps freed heap blocks (weights below
     its mmap threshold) for reuse, and they would stay in this process's RSS."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _weights(model: torch.nn.Module) -> tuple[list[tuple[str, Tensor]], dict[str, object]]:
@@ -388,7 +388,9 @@ def _adopt_checked(
             stacklevel=3,
         )
         return None
-    _adopt(model, items, [v.view(t.dtype).view(t.shape) for v, (_, t) in zip(views, items, strict=True)], stored)
+    _adopt(
+        model, items, [v.view(t.dtype).view(t.shape) for v, (_, t) in zip(views, items, strict=True)], stored
+    )
     _BY_MODEL[model] = region
     _trim_heap()
     return region

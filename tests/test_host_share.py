@@ -74,7 +74,9 @@ def test_share_replaces_every_weight_by_a_view_of_one_file_and_keeps_the_values(
     with torch.no_grad():
         model[0].weight[0, 0] += 1.0
     raw = region.path.read_bytes()
-    assert torch.equal(torch.frombuffer(bytearray(raw[: 64 * 256 * 4]), dtype=torch.float32), values["0.weight"].reshape(-1))
+    assert torch.equal(
+        torch.frombuffer(bytearray(raw[: 64 * 256 * 4]), dtype=torch.float32), values["0.weight"].reshape(-1)
+    )
     region.close()
     assert [p.name for p in tmp_path.iterdir()] == [hostshare.LOCK_NAME]  # the last one out removes it
     assert torch.equal(model[2].weight, values["2.weight"])  # the mapping outlives the name
@@ -216,8 +218,13 @@ class _Sampler:
         self._sample()
 
     def result(self) -> dict[str, Any]:
-        return {"sum_pss": self.sum_pss, "sum_pss_shmem": self.sum_shmem, "pss": self.pss, "rss": self.rss,
-                "samples": self.samples}
+        return {
+            "sum_pss": self.sum_pss,
+            "sum_pss_shmem": self.sum_shmem,
+            "pss": self.pss,
+            "rss": self.rss,
+            "samples": self.samples,
+        }
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -281,6 +288,7 @@ def rank_main(rank: int, world: int, job: dict[str, Any]) -> dict[str, Any]:
             run = fxswap.compile(
                 model,
                 max_vram_gb=job["budget_gb"],
+                reserve_mb=0,  # the CPU keeps no CUDA context or library workspaces
                 backend="eager",
                 device="cpu",
                 ulysses_degree=world if world > 1 else None,
@@ -301,7 +309,10 @@ def _worker(rank: int, world: int, job: dict[str, Any], tmp: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+        "gloo",
+        init_method=f"file://{tmp}/store",
+        rank=rank,
+        world_size=world,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
