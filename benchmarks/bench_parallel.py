@@ -147,26 +147,20 @@ def rss(ns: argparse.Namespace) -> int:
             f"{r['sum_pss'] / mib:.0f} | {r['sum_pss'] / one:.3f}x | {bound / mib:.0f} |"
         )
     out = Path(__file__).resolve().parent / "results" / "bench_parallel_rss.json"
-    out.write_text(
-        json.dumps(
-            {
-                "command": "python benchmarks/bench_parallel.py --rss "
-                + " ".join(
-                    f"--rss-{k} {v}"
-                    for k, v in (
-                        ("dim", ns.rss_dim),
-                        ("layers", ns.rss_layers),
-                        ("budget-gb", ns.rss_budget_gb),
-                    )
-                ),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                "constant": "per rank: its PSS with the model on meta (measured) + max_vram_gb + 128 MiB",
-                "rows": rows,
-            },
-            indent=1,
-        )
-        + "\n"
+    command = (
+        f"python benchmarks/bench_parallel.py --rss --rss-dim {ns.rss_dim} --rss-layers {ns.rss_layers} "
+        f"--rss-budget-gb {ns.rss_budget_gb} --rss-ranks {' '.join(map(str, ns.rss_ranks))}"
     )
+    run = {
+        "command": command,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "constant": "per rank: its PSS with the model on meta (measured) + max_vram_gb + 128 MiB",
+        "rows": rows,
+    }
+    # one entry per model size: runs of other sizes are kept
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs = [r for r in runs if r["command"].split("--rss-ranks")[0] != command.split("--rss-ranks")[0]]
+    out.write_text(json.dumps({"runs": [*runs, run]}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -135,6 +135,20 @@ def test_a_file_a_writer_left_incomplete_is_written_again(tmp_path: Path) -> Non
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
+def test_stored_weights_are_shared_at_their_stored_size(tmp_path: Path) -> None:
+    from fxswap.stored import StoredWeight, attach, stored_weights
+
+    model = nn.Linear(64, 32, bias=False, device="meta")  # as a model loaded from an fp8 file
+    data = (torch.randn(32, 64) * 3).to(torch.float8_e4m3fn)
+    attach(model, {"weight": StoredWeight(data, "fp8", (32, 64), torch.float32, scale=0.5)})
+    region = share_weights(model, directory=tmp_path)
+    assert region is not None
+    w = stored_weights(model)["weight"]
+    assert region_of(w.data) is region and w.data.dtype == torch.float8_e4m3fn
+    assert region.nbytes == 32 * 64 + len(hostshare.MARKER)  # 1 byte per value, as stored
+    assert torch.equal(w.data.view(torch.uint8), data.view(torch.uint8)) and w.scale == 0.5
+
+
 def test_host_store_keeps_shared_views_and_pins_the_mapping_once(tmp_path: Path) -> None:
     model = _small_model()
     region = share_weights(model, pin=True, directory=tmp_path)
@@ -365,8 +379,8 @@ def test_two_ranks_hold_the_weights_once(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ulysses_ranks_hold_the_weights_once_while_sampling(tmp_path: Path) -> None:
-    """``fxswap.compile(..., ulysses_degree=2)`` against the 1-process compile, on a 2.4 GB WAN."""
-    job = {"mode": "compile", "dim": 1024, "layers": 36, "calls": 2, "budget_gb": 0.1}
+    """``fxswap.compile(..., ulysses_degree=2)`` against the 1-process compile, on a 3.4 GB WAN."""
+    job = {"mode": "compile", "dim": 1024, "layers": 50, "calls": 2, "budget_gb": 0.1}
     one = spawn(1, job | {"reference": True}, tmp_path / "one")[0]
     two = spawn(2, job, tmp_path / "two")
     weights = one["weights"]
