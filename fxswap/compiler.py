@@ -15,6 +15,7 @@ The names other modules imported from here before that split are re-exported bel
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,16 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         # one host copy of the weights per machine, not one per rank (docs/sequence_parallel.md)
         from fxswap.hostshare import share_weights, unlink_when_mapped
 
-        unlink_when_mapped(share_weights(model, pin=dev.type == "cuda"))
+        try:
+            region = share_weights(model, pin=dev.type == "cuda")
+        except (OSError, ValueError) as e:  # no /dev/shm, or too small: each rank keeps its copy
+            warnings.warn(
+                f"fxswap: ulysses_degree={parallel.degree}: rank {parallel.rank} keeps its own host copy "
+                f"of the weights ({e})",
+                stacklevel=2,
+            )
+            region = None
+        unlink_when_mapped(region)  # a barrier: every rank takes part
     runtime = SwapRuntime(dev, backend=transfer_backend, pin_share=pin_share, storage_dtype=storage_dtype)
     return SwapModule(
         model,

@@ -245,9 +245,20 @@ def _complete(fd: int, total: int) -> bool:
     return os.pread(fd, len(MARKER), total - len(MARKER)) == MARKER
 
 
-def _write(fd: int, items: list[tuple[str, Tensor]], offsets: list[int], total: int) -> None:
+def _write(fd: int, path: Path, items: list[tuple[str, Tensor]], offsets: list[int], total: int) -> None:
     os.ftruncate(fd, 0)  # a partial file of a writer that died: start over
-    os.ftruncate(fd, total)
+    try:
+        # Reserve every page now: writing into a sparse file on a full tmpfs (Docker's /dev/shm is
+        # 64 MB by default) kills the process with SIGBUS; this fails cleanly instead.
+        os.posix_fallocate(fd, 0, total)
+    except OSError as e:
+        os.unlink(path)  # incomplete, so no process holds it (we hold the directory's lock)
+        raise OSError(
+            e.errno,
+            f"cannot put {total / 2**30:.2f} GiB of host weights into {path.parent} ({e.strerror}; "
+            f"{_free_bytes(path.parent) / 2**30:.2f} GiB free there). Fix: give it room (docker run "
+            "--shm-size=...), or set FXSWAP_SHM_DIR to a larger memory file system",
+        ) from e
     mm = mmap.mmap(fd, total, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         dst = torch.frombuffer(mm, dtype=torch.uint8)
@@ -259,6 +270,14 @@ def _write(fd: int, items: list[tuple[str, Tensor]], offsets: list[int], total: 
         mm.close()
     # the marker last: a file without it is rewritten by the next process
     os.pwrite(fd, MARKER, total - len(MARKER))
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _trim_heap() -> None:
@@ -332,7 +351,7 @@ def share_weights(
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if not _complete(fd, total):
-                _write(fd, items, offsets, total)
+                _write(fd, path, items, offsets, total)
                 wrote = True
             flags = mmap.MAP_SHARED if pin else mmap.MAP_PRIVATE
             mm = mmap.mmap(fd, total, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
