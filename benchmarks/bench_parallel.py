@@ -91,7 +91,9 @@ def rss(ns: argparse.Namespace) -> int:
     shared host copy per machine), read by rank 0 from every rank's ``/proc/<pid>/smaps_rollup``
     while the ranks run their calls (``tests/test_host_share.py`` measures the same way)."""
     import platform
+    import sys
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests' helpers
     from tests.test_host_share import spawn
 
     job = {
@@ -102,7 +104,7 @@ def rss(ns: argparse.Namespace) -> int:
         "budget_gb": ns.rss_budget_gb,
         "reference": True,
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for world in ns.rss_ranks:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,7 @@ TIMEOUT_S = 240
 SLACK = 128 * MiB
 
 
-def _small_model(seed: int = 0) -> nn.Module:
+def _small_model(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.LayerNorm(64)).eval()
 
@@ -74,14 +74,14 @@ def test_share_replaces_every_weight_by_a_view_of_one_file_and_keeps_the_values(
         assert torch.equal(model(x), before)
     # copy-on-write: a write stays in this process's page, the file keeps the original bytes
     with torch.no_grad():
-        model[0].weight[0, 0] += 1.0
+        model.get_parameter("0.weight")[0, 0] += 1.0
     raw = region.path.read_bytes()
     assert torch.equal(
         torch.frombuffer(bytearray(raw[: 64 * 256 * 4]), dtype=torch.float32), values["0.weight"].reshape(-1)
     )
     region.close()
     assert [p.name for p in tmp_path.iterdir()] == [hostshare.LOCK_NAME]  # the last one out removes it
-    assert torch.equal(model[2].weight, values["2.weight"])  # the mapping outlives the name
+    assert torch.equal(model.get_parameter("2.weight"), values["2.weight"])  # the mapping outlives the name
 
 
 def test_equal_weights_meet_in_one_file_and_different_ones_do_not(tmp_path: Path) -> None:
@@ -90,9 +90,10 @@ def test_equal_weights_meet_in_one_file_and_different_ones_do_not(tmp_path: Path
     rb = share_weights(b, directory=tmp_path)
     rc = share_weights(c, directory=tmp_path)
     assert ra is not None and rb is ra and rc is not None and rc is not ra
-    assert a[0].weight.data_ptr() == b[0].weight.data_ptr()  # one copy in this process
+    # one copy in this process
+    assert a.get_parameter("0.weight").data_ptr() == b.get_parameter("0.weight").data_ptr()
     assert len(list(tmp_path.glob(hostshare.PREFIX + "*"))) == 2
-    assert not torch.equal(a[0].weight, c[0].weight)
+    assert not torch.equal(a.get_parameter("0.weight"), c.get_parameter("0.weight"))
 
 
 def test_a_file_with_other_bytes_under_the_same_digest_is_not_used(
@@ -398,11 +399,12 @@ def test_two_ranks_hold_the_weights_once(tmp_path: Path) -> None:
 def test_ulysses_ranks_hold_the_weights_once_while_sampling(tmp_path: Path) -> None:
     """``fxswap.compile(..., ulysses_degree=2)`` against the 1-process compile, on a 3.2 GiB WAN:
     the sum of PSS within 1.1 x the weights + 2 x the constant, and within 1.15 x one rank's."""
-    job = {"mode": "compile", "dim": 1024, "layers": 50, "calls": 2, "budget_gb": 0.1}
+    budget_gb = 0.1
+    job: dict[str, Any] = {"mode": "compile", "dim": 1024, "layers": 50, "calls": 2, "budget_gb": budget_gb}
     one = spawn(1, job | {"reference": True}, tmp_path / "one")[0]
     two = spawn(2, job, tmp_path / "two")
     weights = one["weights"]
-    constant = max(two[0]["base"]["pss"]) + int(job["budget_gb"] * 2**30) + SLACK
+    constant = max(two[0]["base"]["pss"]) + int(budget_gb * 2**30) + SLACK
     total = two[0]["sum_pss"]
     assert all(r["shared"] for r in two) and not one["shared"]
     assert total <= 1.1 * weights + 2 * constant, (total / MiB, weights / MiB, constant / MiB)
