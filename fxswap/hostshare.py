@@ -178,14 +178,28 @@ class SharedWeights:
         return f"SharedWeights({str(self.path)!r}, {n} weights, {self.nbytes} bytes, {self.mapping})"
 
 
+_DIR_LOCK = threading.RLock()
+_DIR_HELD: dict[str, int] = {}  # directory -> its lock file descriptor, while this process holds it
+
+
 @contextlib.contextmanager
 def _dir_locked(directory: str | Path) -> Iterator[None]:
-    fd = os.open(Path(directory) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    # NOTE: re-entrant within the process. A finalizer (_let_go) can run in the middle of
+    # share_weights when the garbage collector frees another model; a second flock from this
+    # process on another descriptor would wait for itself forever.
+    key = os.path.abspath(directory)
+    with _DIR_LOCK:
+        if key in _DIR_HELD:
+            yield
+            return
+        fd = os.open(Path(key) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _DIR_HELD[key] = fd
+            yield
+        finally:
+            _DIR_HELD.pop(key, None)
+            os.close(fd)  # releases the lock
 
 
 def _let_go(fd: int, path: str) -> None:

@@ -127,6 +127,27 @@ def test_leftovers_nobody_holds_are_removed_and_files_in_use_are_kept(tmp_path: 
         os.close(fd)
 
 
+def test_letting_go_while_this_process_holds_the_directory_lock_does_not_wait_for_itself(
+    tmp_path: Path,
+) -> None:
+    # what happens when the garbage collector finalises one model's mapping in the middle of
+    # share_weights for another
+    region = share_weights(_small_model(), directory=tmp_path)
+    assert region is not None
+    done = threading.Event()
+
+    def nested() -> None:
+        with hostshare._dir_locked(tmp_path):
+            region.close()
+        done.set()
+
+    t = threading.Thread(target=nested, daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set(), "closing under the directory's lock hung"
+    assert list(tmp_path.glob(hostshare.PREFIX + "*")) == []
+
+
 def test_a_file_a_writer_left_incomplete_is_written_again(tmp_path: Path) -> None:
     model = _small_model()
     reference = {k: v.clone() for k, v in model.state_dict().items()}
