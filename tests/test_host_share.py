@@ -12,7 +12,7 @@ What the checks compare against (never fxswap's own figures):
 - the file: the directory listing (it is gone once every rank mapped it, or the last one left).
 
 The full check (``fxswap.compile(..., ulysses_degree=2)`` against one process, on a WAN of 3.2 GiB:
-weights that large, so the per-rank constant does not decide the ratio) takes about 3.5 minutes on
+weights that large, so the per-rank constant does not decide the ratio) takes 2 to 3.5 minutes on
 a 2-core machine and is marked slow; the default suite runs the sharing alone on a 0.2 GB WAN.
 """
 
