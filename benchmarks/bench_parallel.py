@@ -1,29 +1,36 @@
-"""Sequence parallelism on this machine: a tiny WAN on 1 and 2 processes (CPU, gloo), measured.
+"""Sequence parallelism on this machine: a tiny WAN on 1, 2 and 4 processes (CPU, gloo), measured.
 
 Per setting: processes started with ``torch.multiprocessing`` (spawn), each with ``--threads``
 intra-op threads, compile the same model with ``fxswap.compile(..., backend="eager",
 ulysses_degree=N)`` (N = 1: plain ``fxswap.compile``), run one call to build, then time
 ``--calls`` calls (wall time of the slowest rank, between barriers) and measure one more call's
 allocator peak with :mod:`fxswap.oracle` (plus the inputs). The speed-up is against the 1-process
-run with the same threads per process, in the same invocation. With 2 processes the machine runs
-twice the threads: the 1-process run with ``2 * threads`` threads is printed too, the fair baseline.
+run with the same threads per process, in the same invocation. With N processes the machine runs
+N times the threads: the 1-process run with ``N * threads`` threads is printed too, the fair
+baseline (this machine has 2 cores: 4 processes share them). Rows are written to
+``benchmarks/results/bench_parallel.json``.
 
 These are CPU and gloo figures: they show the pass works and each rank's memory falls, not what
 NVLink or PCIe GPUs would gain.
 
-Usage: ``python benchmarks/bench_parallel.py [--threads 1] [--calls 5] [--frames 17] [--size 128]``
+Usage: ``python benchmarks/bench_parallel.py [--threads 1] [--calls 5] [--frames 17] [--size 128]
+[--ranks 2 4]``
 
 ``--predict`` instead plans WAN 14B on meta tensors (as ``fxswap plan --ulysses-degree N`` does) at
 480p81 and 720p81 for 1, 2 and 4 ranks with card profiles (:func:`predict`): the smallest budget and
 the activation peak per rank, and the predicted step per rank at the same budget per card against one
 process's. Those are predictions of the cost model (collectives priced on the profile's link), not
 measurements; written to ``benchmarks/results/bench_parallel_predict.{json,md}``.
+
+``--rss``: host memory instead (one host copy of the weights per machine): each rank's RSS and PSS
+and their sum for 1, 2 and 4 ranks, written to ``benchmarks/results/bench_parallel_rss.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -227,6 +234,87 @@ def predict(model_name: str = "wan2.1-t2v-14b", out_dir: Path | None = None) -> 
     return rows
 
 
+def rss(ns: argparse.Namespace) -> int:
+    """``--rss``: host memory of 1, 2 and 4 ranks compiling one WAN (``ulysses_degree=N``: one
+    shared host copy per machine), read by rank 0 from every rank's ``/proc/<pid>/smaps_rollup``
+    while the ranks run their calls (``tests/test_host_share.py`` measures the same way)."""
+    import platform
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests' helpers
+    from tests.test_host_share import spawn
+
+    job = {
+        "mode": "compile",
+        "dim": ns.rss_dim,
+        "layers": ns.rss_layers,
+        "calls": 2,
+        "budget_gb": ns.rss_budget_gb,
+        "reference": True,
+    }
+    rows: list[dict[str, Any]] = []
+    for world in ns.rss_ranks:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = spawn(world, job, Path(tmp))
+        r0 = res[0]
+        rows.append(
+            {
+                "ranks": world,
+                "seconds": round(time.perf_counter() - t0, 1),
+                "weights": r0["weights"],
+                "base_pss": r0["base"]["pss"],
+                "pss": r0["pss"],
+                "rss": r0["rss"],
+                "sum_pss": r0["sum_pss"],
+                "sum_pss_shmem": r0["sum_pss_shmem"],
+                "shared": [r["shared"] for r in res],
+                # every rank's output against the uncompiled model's in the 1-rank run (bitwise)
+                "bitwise_equal": {r["output"] for r in res}
+                == {rows[0]["reference"] if rows else r0["reference"]},
+                "reference": r0["reference"],
+            }
+        )
+    mib = 2**20
+    w = rows[0]["weights"]
+    print(
+        f"tiny WAN (dim {ns.rss_dim}, {ns.rss_layers} blocks, fp32): weights {w / mib:.0f} MiB; "
+        f"max_vram_gb={ns.rss_budget_gb} per rank (on the CPU the device is host RAM); CPU, gloo, eager"
+    )
+    print("PSS and RSS in MiB, sampled by rank 0 from /proc/<pid>/smaps_rollup during 2 calls")
+    print(
+        "| ranks | no-weights PSS per rank | PSS per rank | RSS per rank | sum of PSS | vs 1 rank | "
+        "1.1 x weights + N x constant |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    one = rows[0]["sum_pss"]
+    for r in rows:
+        constant = max(r["base_pss"]) + ns.rss_budget_gb * 2**30 + 128 * mib
+        bound = 1.1 * w + r["ranks"] * constant
+        fmt = lambda xs: ", ".join(f"{x / mib:.0f}" for x in xs)  # noqa: E731
+        print(
+            f"| {r['ranks']} | {fmt(r['base_pss'])} | {fmt(r['pss'])} | {fmt(r['rss'])} | "
+            f"{r['sum_pss'] / mib:.0f} | {r['sum_pss'] / one:.3f}x | {bound / mib:.0f} |"
+        )
+    out = Path(__file__).resolve().parent / "results" / "bench_parallel_rss.json"
+    command = (
+        f"python benchmarks/bench_parallel.py --rss --rss-dim {ns.rss_dim} --rss-layers {ns.rss_layers} "
+        f"--rss-budget-gb {ns.rss_budget_gb} --rss-ranks {' '.join(map(str, ns.rss_ranks))}"
+    )
+    run = {
+        "command": command,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "constant": "per rank: its PSS with the model on meta (measured) + max_vram_gb + 128 MiB",
+        "rows": rows,
+    }
+    # one entry per model size: runs of other sizes are kept
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    runs = [r for r in runs if r["command"].split("--rss-ranks")[0] != command.split("--rss-ranks")[0]]
+    out.write_text(json.dumps({"runs": [*runs, run]}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
@@ -234,31 +322,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--size", type=int, default=128, help="video height and width (pixels)")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="process counts beside 1")
     ap.add_argument(
         "--predict", action="store_true", help="predicted WAN 14B steps per rank instead (predict())"
     )
+    ap.add_argument("--rss", action="store_true", help="measure host RSS/PSS of 1/2/4 ranks instead")
+    ap.add_argument("--rss-dim", type=int, default=1024)
+    ap.add_argument("--rss-layers", type=int, default=18)
+    ap.add_argument("--rss-budget-gb", type=float, default=0.1)
+    ap.add_argument("--rss-ranks", type=int, nargs="+", default=[1, 2, 4])
     ns = ap.parse_args(argv)
     if ns.predict:
         predict(out_dir=Path(__file__).resolve().parent / "results")
         return 0
+    if ns.rss:
+        return rss(ns)
     args = {"calls": ns.calls, "frames": ns.frames, "size": ns.size, "layers": ns.layers}
-    rows = [
-        ("1 process", ns.threads, run(1, ns.threads, args)),
-        ("1 process", 2 * ns.threads, run(1, 2 * ns.threads, args)),
-        ("2 processes", ns.threads, run(2, ns.threads, args)),
-    ]
-    base = max(r["seconds"] for r in rows[0][2])
+    rows = [("1 process", 1, ns.threads, run(1, ns.threads, args))]
+    for world in ns.ranks:
+        # the machine's threads in one process: the fair baseline for `world` processes
+        rows.append(("1 process", 1, world * ns.threads, run(1, world * ns.threads, args)))
+        rows.append((f"{world} processes", world, ns.threads, run(world, ns.threads, args)))
+    base = max(r["seconds"] for r in rows[0][3])
     kib = 2**10
     print(f"tiny WAN (dim 128, 4 heads, {ns.layers} blocks), {ns.frames} frames at {ns.size}x{ns.size}")
     print("CPU, gloo; peaks in KiB per rank: measured (oracle) / plan / the plan's activations")
     print("| setting | threads/process | s/call | speed-up vs 1 process | measured | plan | activations |")
     print("|---|---|---|---|---|---|---|")
-    for name, threads, res in rows:
+    for name, _, threads, res in rows:
         secs = max(r["seconds"] for r in res)
         peaks = ", ".join(f"{r['peak'] / kib:.0f}" for r in res)
         plans = ", ".join(f"{r['plan_peak'] / kib:.0f}" for r in res)
         acts = ", ".join(f"{r['act_peak'] / kib:.0f}" for r in res)
         print(f"| {name} | {threads} | {secs:.3f} | {base / secs:.2f}x | {peaks} | {plans} | {acts} |")
+    import platform
+
+    out = Path(__file__).resolve().parent / "results" / "bench_parallel.json"
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_parallel",
+                "command": "python benchmarks/bench_parallel.py " + " ".join(argv or []),
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__,
+                    "load_average": os.getloadavg(),
+                },
+                "settings": args | {"threads": ns.threads},
+                "rows": [
+                    {"setting": name, "processes": world, "threads_per_process": threads, "ranks": res}
+                    for name, world, threads, res in rows
+                ],
+            },
+            indent=1,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return 0
 
 

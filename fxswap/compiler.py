@@ -15,6 +15,7 @@ The names other modules imported from here before that split are re-exported bel
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,8 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
             output gathered (``docs/sequence_parallel.md``). Every rank calls with the same inputs
             and gets the whole output; each plans its own shard against ``max_vram_gb``
             (``plan.ulysses_degree`` / ``plan.ulysses_rank``). None (default): one process.
+            The ranks of one machine share one host copy of the weights
+            (:func:`fxswap.hostshare.share_weights`; the model's CPU tensors become views of it).
 
         **unknown: refused with a TypeError that lists the options (a misspelt option must not pass
             silently).
@@ -186,6 +189,20 @@ def compile(  # noqa: A001 (fxswap.compile mirrors torch.compile; the builtin is
         )
     if given is not None:
         options = _options_of_plan(given, options)
+    if parallel is not None:
+        # one host copy of the weights per machine, not one per rank (docs/sequence_parallel.md)
+        from fxswap.hostshare import share_weights, unlink_when_mapped
+
+        try:
+            region = share_weights(model, pin=dev.type == "cuda")
+        except (OSError, ValueError) as e:  # no /dev/shm, or too small: each rank keeps its copy
+            warnings.warn(
+                f"fxswap: ulysses_degree={parallel.degree}: rank {parallel.rank} keeps its own host copy "
+                f"of the weights ({e})",
+                stacklevel=2,
+            )
+            region = None
+        unlink_when_mapped(region)  # a barrier: every rank takes part
     runtime = SwapRuntime(dev, backend=transfer_backend, pin_share=pin_share, storage_dtype=storage_dtype)
     return SwapModule(
         model,

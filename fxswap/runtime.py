@@ -236,6 +236,12 @@ def _available_ram_bytes() -> int:
         return 0
 
 
+def _shared_view(t: Tensor) -> bool:
+    from fxswap.hostshare import region_of
+
+    return t.device.type == "cpu" and t.is_contiguous() and region_of(t) is not None
+
+
 class HostStore:
     """Exactly one host copy per weight name, in its storage dtype (fp8 with a per-tensor scale).
 
@@ -244,6 +250,10 @@ class HostStore:
     page-locks it with ``pinner`` and hands out slices of it. ``pinned_bytes`` is the arenas' bytes,
     which is what is locked. :meth:`clear` unlocks and drops the arenas (the caller first makes sure
     no copy still reads them).
+
+    A weight that already is a view of a machine-wide shared mapping (:mod:`fxswap.hostshare`, what
+    ``ulysses_degree`` sets up) is kept as it is, not copied: with ``pin``, its whole mapping is
+    page-locked in place once per process and counts as one arena.
 
     Args:
         pin: pin the copies (page-locked memory makes ``non_blocking`` H2D copies truly async).
@@ -293,6 +303,8 @@ class HostStore:
         for name, t in items:
             if name in self._tensors or name in self._slots or name in seen:
                 continue
+            if stored_dtype(t.dtype, storage_dtype) == t.dtype and _shared_view(t):
+                continue  # kept where it is (``_in_shared``): no arena
             n = t.numel() * stored_dtype(t.dtype, storage_dtype).itemsize
             if self.pinned_bytes + total + aligned_bytes(n) > self.pin_limit_bytes:
                 self._capped = True  # this and every later weight stay pageable (one rule, one warning)
@@ -345,6 +357,8 @@ class HostStore:
         scale = 1.0
         if sd != host.dtype:
             host, scale = narrow_for_storage(name, host, sd)
+        if sd == tensor.dtype and self._in_shared(name, host):
+            return self._tensors[name]
         if self.pin and name not in self._slots:
             self.reserve([(name, host)])  # not part of a batch: an arena of its own
         slot = self._slots.pop(name, None)
@@ -362,6 +376,51 @@ class HostStore:
         if scale != 1.0:
             self._scales[name] = scale
         return host
+
+    def _in_shared(self, name: str, host: Tensor) -> bool:
+        """Keep ``host`` as it is when it is a view of a machine-wide shared mapping
+        (:mod:`fxswap.hostshare`): no private copy. With ``pin``, the whole mapping is page-locked
+        once in this process (each process registers its own mapping of the same physical pages);
+        past the cap or if the pinner refuses, it stays pageable, still shared."""
+        from fxswap.hostshare import region_of
+
+        region = region_of(host)
+        if region is None or not host.is_contiguous():
+            return False
+        nbytes = host.numel() * host.element_size()
+        pinned = self.pin and self._pin_shared(region)
+        if pinned:
+            self._in_arena.add(name)
+            self.pinned_payload_bytes += nbytes
+        else:
+            self.pageable_bytes += nbytes
+        self._tensors[name] = host
+        return True
+
+    def _pin_shared(self, region: object) -> bool:
+        from fxswap.hostshare import SharedWeights
+
+        assert isinstance(region, SharedWeights)  # narrowing: region_of's result
+        if any(b is region.buffer for b, _ in self._arenas):
+            return True
+        if self.pin_error is not None or self._capped:
+            return False
+        if self.pinned_bytes + region.nbytes > self.pin_limit_bytes:
+            self._capped = True
+            self._warn_once(
+                f"pinned host memory capped at {self.pin_limit_bytes / 2**30:.1f} GiB (`pin_share`); the "
+                f"shared weights ({region.nbytes / 2**30:.2f} GiB) stay pageable"
+            )
+            return False
+        try:
+            release = region.pin(self._pinner)
+        except RuntimeError as e:
+            self.pin_error = f"{type(e).__name__}: {e}"
+            self._warn_once(f"pinning the shared host weights failed ({self.pin_error})")
+            return False
+        self._arenas.append((region.buffer, release))
+        self.pinned_bytes += region.nbytes
+        return True
 
     def scale(self, name: str) -> float:
         """The factor that restores weight ``name`` from its stored values (1.0 unless fp8)."""
