@@ -789,7 +789,9 @@ def shard_sequence(gm: fx.GraphModule, sp: SequenceParallel) -> ShardReport:
     """
     origin, d = find_token_origin(gm)
     report = _Sharder(gm, sp).run(origin, d)
-    gm.graph.eliminate_dead_code()
+    # An in-place method whose result is unused (ComfyUI's RoPE: x_out.addcmul_(...), then x_out
+    # read) looks dead to FX's default test, which knows only side-effectful functions.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
     gm.graph.lint()
     gm.recompile()
     refresh_example_values(gm)

@@ -44,7 +44,10 @@ from fxswap.passes.sequence_parallel import (
 
 GiB = 2**30
 WORLD = 2
-TIMEOUT_S = 120  # a whole spawned check, start-up included; a hang fails instead of blocking CI
+# A whole spawned check, start-up included: a hang fails instead of blocking CI. Generous, since a
+# shared 2-core machine runs the default 4-rank check 2 to 4 times slower than when idle.
+TIMEOUT_S = 300
+SLOW_TIMEOUT_S = 600  # the checks behind @pytest.mark.slow
 # 4 ranks need 4 heads: the tiny WAN's 2 heads of 32 become 4 of 32 (each rank attends with one)
 FOUR_HEADS = {"dim": 128, "num_heads": 4}
 
@@ -201,13 +204,15 @@ def test_pass_follows_broadcast_rope_tables_and_in_place_pointwise_ops() -> None
     assert (report.origin_dim, report.tokens) == (1, 8)  # x [2, 8, 32] is the sequence
     assert next(n for n in traced.gm.graph.nodes if n.name == report.origin).op == "placeholder"
     assert len(report.self_attention) == 1 and not report.cross_attention
-    # the input, and the table's two halves [1, 8, 1, 4, 2] (read once, used for q and k), each
-    # narrowed to the rank's 4 tokens
+    # the input, and the table's two halves [1, 8, 1, 4, 2] for q and for k, each narrowed to the
+    # rank's 4 tokens
     narrowed = [
         tuple(n.meta["example_value"].shape) for n in traced.gm.graph.nodes if n.target is torch.narrow
     ]
-    assert sorted(narrowed) == [(1, 4, 1, 4, 2)] * 2 + [(2, 4, 32)]
+    assert sorted(narrowed) == [(1, 4, 1, 4, 2)] * 4 + [(2, 4, 32)]
     assert {w for _, w in report.gathered} == {"output"}  # only the result is gathered
+    # the in-place sums stay in the graph, although nothing reads their results
+    assert sum(n.target == "addcmul_" for n in traced.gm.graph.nodes) == 2
 
 
 class _WritesATokenRow(nn.Module):
@@ -262,12 +267,18 @@ def test_compile_refuses_ulysses_without_a_process_group() -> None:
 
 
 # ------------------------------------------------------------------------------ 2 processes, gloo
-def _spawn(check: str, world: int, tmp: Path) -> list[dict[str, Any]]:
+Check = Callable[[int, int], dict[str, Any]]  # (rank, world) -> what the parent asserts on
+
+
+def _spawn(check: str | Check, world: int, tmp: Path, timeout_s: float = TIMEOUT_S) -> list[dict[str, Any]]:
+    """Run ``check`` (a name in CHECKS, or a module-level function another test module defines) on
+    ``world`` spawned gloo ranks; each rank's result, or {"error": ..., "trace": ...}. Ranks still
+    running after ``timeout_s`` are killed and fail the test."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(check, rank, world, str(tmp))) for rank in range(world)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]
@@ -275,7 +286,7 @@ def _spawn(check: str, world: int, tmp: Path) -> list[dict[str, Any]]:
         if p.is_alive():
             p.kill()
             p.join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
+    assert not hung, f"ranks {hung} still running after {timeout_s} s"
     out = []
     for rank in range(world):
         path = tmp / f"rank{rank}.json"
@@ -286,7 +297,7 @@ def _spawn(check: str, world: int, tmp: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _worker(check: str, rank: int, world: int, tmp: str) -> None:
+def _worker(check: str | Check, rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -298,7 +309,7 @@ def _worker(check: str, rank: int, world: int, tmp: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        result = CHECKS[check](rank, world)
+        result = (CHECKS[check] if isinstance(check, str) else check)(rank, world)
     except BaseException as e:  # reported to the parent, which asserts on it
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
@@ -354,11 +365,19 @@ def _equality_and_peaks(
     with torch.no_grad():
         roomy(**inputs)
     assert roomy.plan is not None
-    # a budget that makes the rank swap: 60% of its all-resident peak
+    # a budget that makes the rank swap: 60% of its all-resident peak, or where that is below the
+    # rank's minimum (one unit most of the weights: ComfyUI's i2v image MLP), half-way from the
+    # minimum to the peak. Every rank fails alike, in planning, before any collective.
     budget = int(0.6 * roomy.plan.peak_bytes)
     s = fxswap.compile(model, max_vram_gb=budget / GiB, ulysses_degree=world, **options)
-    with torch.no_grad():
-        out = _first(s(**inputs))
+    try:
+        with torch.no_grad():
+            out = _first(s(**inputs))
+    except fxswap.BudgetInfeasibleError as e:
+        budget = (e.min_vram_bytes + roomy.plan.peak_bytes) // 2
+        s = fxswap.compile(model, max_vram_gb=budget / GiB, ulysses_degree=world, **options)
+        with torch.no_grad():
+            out = _first(s(**inputs))
     if keep is not None:
         _KEEP[keep] = (s, inputs)
         _ROOMY[keep] = (model, roomy.plan, dict(max_vram_gb=1.0, **options))
@@ -472,7 +491,7 @@ def _check_others4(rank: int, world: int) -> dict[str, Any]:
     }
 
 
-CHECKS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+CHECKS: dict[str, Check] = {
     "main": _check_main,
     "main4": functools.partial(_check_main, **FOUR_HEADS),
     "others": _check_others,
@@ -509,7 +528,7 @@ def test_each_wan_rank_measured_peak_within_its_plan_within_budget(
 @pytest.fixture(scope="module")
 def other_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("diffusers")
-    return _spawn("others", WORLD, tmp_path_factory.mktemp("sp_others"))
+    return _spawn("others", WORLD, tmp_path_factory.mktemp("sp_others"), SLOW_TIMEOUT_S)
 
 
 @pytest.mark.slow  # about 50 s on a 2-core machine: three models, each compiled twice per rank
@@ -609,7 +628,7 @@ def test_four_ranks_one_dies_the_three_others_raise(main4_results: list[dict[str
 @pytest.fixture(scope="module")
 def other4_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     pytest.importorskip("diffusers")
-    return _spawn("others4", 4, tmp_path_factory.mktemp("sp_others4"))
+    return _spawn("others4", 4, tmp_path_factory.mktemp("sp_others4"), SLOW_TIMEOUT_S)
 
 
 @pytest.mark.slow  # see the module's note on times
@@ -639,7 +658,7 @@ def test_other_models_four_ranks_bitwise_and_peaks_within_plan(
 @pytest.mark.slow  # about 30 s: a tiny WanPipeline on two ranks
 def test_diffusers_pipeline_enable_with_ulysses_latents_bitwise(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    for rank, r in enumerate(_spawn("pipeline", WORLD, tmp_path)):
+    for rank, r in enumerate(_spawn("pipeline", WORLD, tmp_path, SLOW_TIMEOUT_S)):
         assert "error" not in r, r.get("trace")
         assert r["bitwise"], (rank, r["max_abs"])
         assert r["degree"] == WORLD
