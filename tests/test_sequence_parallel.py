@@ -144,10 +144,10 @@ def _diffusers_case(kind: str, **overrides: Any) -> Callable[[], tuple[nn.Module
     return make
 
 
-def _vit_case() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _vit_case(n: int = 12) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = TinyViT().eval().requires_grad_(False)
-    return model, {"x": torch.randn(2, 12, 8), "memory": torch.randn(2, 7, 32)}
+    model = TinyViT(n=n).eval().requires_grad_(False)
+    return model, {"x": torch.randn(2, n, 8), "memory": torch.randn(2, 7, 32)}
 
 
 # ------------------------------------------------------------------------------ the pass, 1 process
@@ -484,7 +484,9 @@ def _check_others4(rank: int, world: int) -> dict[str, Any]:
         heads = str(e)
     return {
         "heads": heads,
-        "vit": _equality_and_peaks(_vit_case, world),
+        # 4 tokens per rank: with 3 (12 tokens), MKL's kernel for matrices of 3 rows or fewer
+        # rounds a row differently from the one for more rows (measured: 1.5e-7 off)
+        "vit": _equality_and_peaks(functools.partial(_vit_case, n=16), world),
         "pair_rope": _equality_and_peaks(_pair_rope_case, world),
         "diffusers_t2v": _equality_and_peaks(_diffusers_case("t2v", **FOUR_HEADS), world),
         "diffusers_i2v": _equality_and_peaks(_diffusers_case("i2v-wan2.1-clip", **FOUR_HEADS), world),
