@@ -14,6 +14,9 @@ the CPU ComfyUI's default is its sub-quadratic attention (matmuls and softmax in
 ``get_free_memory``): that is captured the way the Block Swap node captures it
 (``free_memory_is_budget``) and refused with a clear error, checked here too.
 
+Times on a shared 2-core machine (load average 5 to 8 from other jobs): the 2-rank spawn 50 to 79 s
+wall (slow); the single-process checks 4 to 7 s each.
+
 Needs ComfyUI's venv (torch 2.14.1 and ComfyUI's requirements): ``.ci/run`` runs this file there;
 elsewhere it is skipped, saying why (``FXSWAP_REQUIRE_COMFYUI=1`` makes that a failure).
 """
@@ -27,7 +30,7 @@ import pytest
 import torch
 
 from tests.test_comfyui import COMFY_DIR, _missing
-from tests.test_sequence_parallel import SLOW_TIMEOUT_S, _equality_and_peaks, _spawn
+from tests.test_sequence_parallel import SLOW_TIMEOUT_S, _equality_and_peaks, _spawn, assert_exact_within_plan
 
 # the guard of tests/test_comfyui.py (imported above: it raises there under FXSWAP_REQUIRE_COMFYUI=1)
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
@@ -88,24 +91,14 @@ def comfy_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
     return _spawn(_check_comfy_wan, WORLD, tmp_path_factory.mktemp("sp_comfy"), SLOW_TIMEOUT_S)
 
 
-@pytest.mark.slow  # see the note on times in docs/sequence_parallel.md
+@pytest.mark.slow  # see the note on times above
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_comfyui_wan_two_ranks_bitwise_and_each_peak_within_its_plan(
     comfy_results: list[dict[str, Any]], kind: str
 ) -> None:
-    for rank, r in enumerate(comfy_results):
-        assert "error" not in r, r.get("trace")
-        got = r[kind]
-        assert got["bitwise"], (rank, got["max_abs"])
-        assert (got["degree"], got["rank"]) == (WORLD, rank)
-        assert got["swapped_units"] > 0  # the budget really makes the rank swap
-        assert got["measured"] <= got["plan_peak"] <= got["budget"], got
-        if kind == "t2v":
-            assert got["act_peak"] < got["single_act_peak"], got
-        else:
-            # the peak is the image embedding's MLP on 257 CLIP tokens of 1280 (ComfyUI's fixed
-            # size), which every rank runs whole: above the 32 video tokens' activations here
-            assert got["act_peak"] <= got["single_act_peak"], got
+    # ComfyUI's i2v image embedding (257 CLIP tokens of 1280, a fixed size) runs whole on every
+    # rank and is the tiny model's activation peak: lower per rank only for t2v
+    assert_exact_within_plan(comfy_results, kind, fewer_activations=kind == "t2v")
 
 
 def _attention(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
