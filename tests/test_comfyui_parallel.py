@@ -14,8 +14,8 @@ the CPU ComfyUI's default is its sub-quadratic attention (matmuls and softmax in
 ``get_free_memory``): that is captured the way the Block Swap node captures it
 (``free_memory_is_budget``) and refused with a clear error, checked here too.
 
-Times on a shared 2-core machine (load average 5 to 8 from other jobs): the 2-rank spawn 50 to 79 s
-wall (slow); the single-process checks 4 to 7 s each.
+Times on a 2-core machine: the 2-rank spawn 18 s wall idle, 50 to 79 s with other jobs beside
+(load average 5 to 8): slow; the single-process checks 2 to 7 s each.
 
 Needs ComfyUI's venv (torch 2.14.1 and ComfyUI's requirements): ``.ci/run`` runs this file there;
 elsewhere it is skipped, saying why (``FXSWAP_REQUIRE_COMFYUI=1`` makes that a failure).

@@ -10,10 +10,10 @@ What each check compares against (never fxswap's own figures):
 - the rewrite: the captured graph's structure (which SDPAs, which tables, which gathers), read
   off the graph and the shapes written in the test.
 
-Times, measured on a shared 2-core machine with other jobs beside (load average 5 to 9), each
-spawn once per module: the default 2-rank spawn 29 to 51 s wall; the default 4-rank one 52 to 92 s
-wall, about 40 CPU-seconds (half of it 4 imports of torch and fxswap; about 20 s on an idle 2-core
-machine). Slow: the other models at 2 ranks about 120 s, at 4 ranks about 135 s.
+Times on a 2-core machine, each spawn once per module. Idle: the default 2-rank spawn 11 s wall,
+the default 4-rank one 18 s (about 40 CPU-seconds, half of it 4 imports of torch and fxswap).
+With other jobs beside (load average 3 to 9): 23 to 51 s and 48 to 92 s. Slow, at load 4: the
+other models on 2 ranks 57 s, on 4 ranks 68 s; the pipeline 26 s; the torchrun example 16 s.
 """
 
 from __future__ import annotations
