@@ -68,6 +68,17 @@ build and after ``close()``), every weight pageable (staged through the ring: me
 its priced prediction and the pinned plan's), fp8 storage at two budgets (finite, bitwise equal).
 Every fxswap variant also records ``reserved_minus_allocated_at_peak``.
 
+``multi_gpu``, after the allocator rules and before the cases, only where the machine has 2 GPUs or
+more (else it records ``{"skipped": "N GPUs ..."}``, not a pass): sequence parallelism
+(``ulysses_degree=2``, ``docs/sequence_parallel.md``) on a small WAN in float32, 2 processes of this
+script (``--multi-gpu-rank``) with NCCL, one GPU each. Per rank: the whole model resident on one GPU
+(the reference, and the 1-GPU time), then fxswap's 2-rank program all resident and at 60% of that
+plan's peak (swapping); for each, the median call time, ``torch.cuda.max_memory_allocated`` above
+the level before the call against the rank's plan and budget, and the output against the
+reference: ``bitwise``, else ``max_abs_diff`` (cuBLAS may pick another kernel for half the rows, so
+bitwise is recorded, not required; above ``MULTI_GPU_TOLERANCE`` times the reference's largest
+magnitude it is an error).
+
 Time: ``--time-limit`` (default 450 s) is checked before every model and every variant; a variant
 whose estimated cost does not fit is recorded as skipped. ``--hard-limit`` (default 470 s) raises
 inside the running variant (recorded as its error) so the JSON is always complete and valid.
@@ -86,7 +97,9 @@ import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -102,6 +115,10 @@ BUDGET_LABELS = ("min", "mid", "large")
 # Rough costs (seconds) used to decide whether a variant still fits before the deadline.
 EAGER_COST_S = 15.0
 COMPILE_COST_S = 100.0
+MULTI_GPU_COST_S = 60.0  # 2 processes: imports, NCCL set-up, 3 eager builds of a small WAN each
+MULTI_GPU_RANKS = 2
+# fp32 outputs of order 1; a different cuBLAS kernel for N/2 rows changes the last bits only
+MULTI_GPU_TOLERANCE = 1e-4
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -567,6 +584,146 @@ def analyse_trace(path: Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------- several GPUs
+def multi_gpu_case(dry_run: bool) -> tuple[Any, dict[str, int]]:
+    """The WAN config and video size of the sequence-parallel case (its token count divides by 2)."""
+    from fxswap.models import wan
+
+    if dry_run:  # 5 frames at 32 x 64: 2 x 2 x 4 = 16 tokens, 2 heads
+        return wan.tiny_config("t2v"), {"frames": 5, "height": 32, "width": 64}
+    # 9 frames at 256 x 256: 3 x 16 x 16 = 768 tokens; 4 heads of 64
+    cfg = wan.tiny_config("t2v", dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=64, text_len=32)
+    return cfg, {"frames": 9, "height": 256, "width": 256}
+
+
+def multi_gpu_rank(rank: int, world: int, store: str, out: str, dry_run: bool, steps: int) -> dict[str, Any]:
+    """One rank of the multi-GPU case, in a process of its own (``--multi-gpu-rank``): GPU ``rank``
+    and NCCL, or with ``dry_run`` the CPU and gloo. Writes its result to ``out`` as JSON."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import fxswap
+    from fxswap.models import wan
+
+    if dry_run:
+        torch.set_num_threads(1)
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    dist.init_process_group(
+        backend, init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    dev = Device(device)
+    res: dict[str, Any] = {"rank": rank, "device": str(device), "backend": backend}
+    try:
+        cfg, size = multi_gpu_case(dry_run)
+        torch.manual_seed(0)  # the same weights on every rank
+        model = wan.build(cfg, dtype=torch.float32).eval().requires_grad_(False)
+        inputs = wan.example_inputs(cfg, device=device, dtype=torch.float32, **size)
+        model.to(device)
+        try:  # the reference: the whole model on this one device
+            res["resident_1gpu"], ref = measure(lambda: model(**inputs), dev, steps, None)
+        finally:
+            model.to("cpu")
+        scale = float(ref.abs().max())
+        opts: dict[str, Any] = dict(backend="eager", device=device, reserve_mb=0,
+                                    block_size_mb=0.004 if dry_run else 0.25)  # fmt: skip
+        for label, fraction in (("fxswap_resident", None), ("fxswap_swapping", 0.6)):
+            roomy = res.get("fxswap_resident", {}).get("plan_peak_bytes")
+            budget = GiB if fraction is None else int(fraction * roomy)
+            sm = fxswap.compile(model, max_vram_gb=budget / GiB, ulysses_degree=world, **opts)
+            try:
+                row, _ = measure(lambda sm=sm: sm(**inputs), dev, steps, ref)
+                p = sm.plan
+                assert p is not None
+                peak = row["peak_allocated"]
+                row.update(
+                    budget_bytes=budget,
+                    plan_peak_bytes=int(p.peak_bytes),
+                    activation_peak_bytes=int(p.activation_peak_bytes),
+                    plan_degree_rank=[int(p.ulysses_degree), int(p.ulysses_rank)],
+                    swapped_units=sum(not u.resident for u in p.units),
+                    within_plan=None if peak is None else peak <= p.peak_bytes <= budget,
+                    within_tolerance=(row["max_abs_diff"] or 0.0) <= MULTI_GPU_TOLERANCE * scale,
+                )
+                res[label] = row
+            finally:
+                sm.runtime.close()
+                dev.free()
+        res["reference_max_abs"] = scale
+    except Exception as e:  # noqa: BLE001 (reported to the parent, which records it)
+        res["error"] = f"{type(e).__name__}: {e}"[:3000]
+        res["traceback"] = traceback.format_exc()[-3000:]
+    Path(out).write_text(json.dumps(res))
+    dist.destroy_process_group()
+    return res
+
+
+def run_ranks(world: int, dry_run: bool, steps: int, timeout_s: float) -> dict[str, Any]:
+    """``world`` processes of :func:`multi_gpu_rank` (this script, ``--multi-gpu-rank``), killed
+    after ``timeout_s``; their results side by side, with the figures across ranks."""
+    cfg, size = multi_gpu_case(dry_run)
+    with tempfile.TemporaryDirectory(prefix="fxswap_multi_gpu_") as tmp:
+        outs = [Path(tmp, f"rank{r}.json") for r in range(world)]
+        env = dict(os.environ, OMP_NUM_THREADS="1") if dry_run else dict(os.environ)
+        common = [sys.executable, str(Path(__file__).resolve()), "--multi-gpu-world", str(world),
+                  "--multi-gpu-store", str(Path(tmp, "store")), "--steps", str(steps),
+                  *(["--dry-run"] if dry_run else [])]  # fmt: skip
+        procs = [
+            subprocess.Popen([*common, "--multi-gpu-rank", str(r), "--multi-gpu-out", str(outs[r])], env=env)
+            for r in range(world)
+        ]
+        end = time.monotonic() + timeout_s
+        try:
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(0.0, end - time.monotonic()))
+        finally:  # also when the hard limit interrupts the wait: no rank outlives the check
+            hung = [r for r, proc in enumerate(procs) if proc.poll() is None]
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        ranks = []
+        for r, o in enumerate(outs):
+            got = json.loads(o.read_text()) if o.exists() else {"rank": r, "error": "no result"}
+            if r in hung:
+                got["error"] = f"killed after {timeout_s:.0f} s"
+            elif procs[r].returncode:
+                got.setdefault("error", f"exit status {procs[r].returncode}")
+            ranks.append(got)
+    out: dict[str, Any] = {
+        "ranks": world,
+        "dtype": "float32",
+        "model": {"dim": cfg.dim, "num_heads": cfg.num_heads, "num_layers": cfg.num_layers},
+        **size,
+        "tolerance": f"bitwise recorded; max_abs_diff <= {MULTI_GPU_TOLERANCE:g} x max|reference|",
+        "per_rank": ranks,
+    }
+    if any("error" in r for r in ranks):
+        return out
+    kinds = ("fxswap_resident", "fxswap_swapping")
+    rows = [r[k] for r in ranks for k in kinds]
+    plan_checks = [r["fxswap_swapping"]["within_plan"] for r in ranks]
+    one_gpu = statistics.median(r["resident_1gpu"]["step_s"] for r in ranks)
+    # a call ends when its slowest rank ends
+    two_ranks = {k: max(r[k]["step_s"] for r in ranks) for k in kinds}
+    out.update(
+        bitwise=all(row["exact_every_step"] for row in rows),
+        max_abs_diff=max(row["max_abs_diff"] for row in rows),
+        within_tolerance=all(row["within_tolerance"] for row in rows),
+        within_plan=None if None in plan_checks else all(plan_checks),
+        step_s_resident_1gpu=one_gpu,
+        step_s_2ranks_resident=two_ranks["fxswap_resident"],
+        step_s_2ranks_swapping=two_ranks["fxswap_swapping"],
+        step_2ranks_resident_vs_1gpu=round(two_ranks["fxswap_resident"] / one_gpu, 4),
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------------------- runner
 class Deadline(Exception):
     pass
@@ -615,6 +772,7 @@ class GpuCheck:
             "time_limit_s": args.time_limit,
             "calibration": None,
             "allocator_rules": None,
+            "multi_gpu": None,
             "cases": {},
             "skipped": [],
             "errors": [],
@@ -672,6 +830,40 @@ class GpuCheck:
             # the tiny models need tiny units and no workspace reserve to swap anything at all
             kw.update(reserve_mb=0, block_size_mb=0.004)
         return kw
+
+    # -- several GPUs
+    def multi_gpu(self) -> None:
+        n = torch.cuda.device_count() if torch.cuda.is_available() and not self.args.dry_run else 0
+        if n < MULTI_GPU_RANKS:
+            gpus = f"{n} GPU{'' if n == 1 else 's'}{' (--dry-run uses the CPU)' if self.args.dry_run else ''}"
+            self.report["multi_gpu"] = {
+                "skipped": f"{gpus}: the sequence-parallel case needs {MULTI_GPU_RANKS}"
+            }
+        elif "multi_gpu" in self.args.skip_set:
+            self.report["multi_gpu"] = {"skipped": "--skip"}
+        elif not self.fits(MULTI_GPU_COST_S):
+            self.report["multi_gpu"] = {"skipped": f"deadline: needs ~{MULTI_GPU_COST_S:.0f} s"}
+            self.report["skipped"].append("multi_gpu")
+        else:
+            self.log(f"run  multi_gpu: {MULTI_GPU_RANKS} ranks on {n} GPUs, NCCL")
+            t0 = time.perf_counter()
+            try:
+                res = run_ranks(MULTI_GPU_RANKS, False, self.args.steps, self.deadline - time.perf_counter())
+            except Exception as e:  # noqa: BLE001 (the cases still run)
+                res = {"error": f"{type(e).__name__}: {e}"[:3000]}
+            res["wall_s"] = round(time.perf_counter() - t0, 2)
+            self.report["multi_gpu"] = res
+            failed = [f"rank {r.get('rank')}: {r['error']}" for r in res.get("per_rank", []) if "error" in r]
+            if "error" in res:
+                failed.append(res["error"])
+            elif res.get("within_tolerance") is False:
+                failed.append(f"outputs off the 1-GPU reference by {res.get('max_abs_diff')}")
+            for f in failed:
+                self.report["errors"].append(f"multi_gpu: {f}"[:500])
+            self.log(f"     multi_gpu: bitwise {res.get('bitwise')}, max abs diff {res.get('max_abs_diff')}, "
+                     f"within plan {res.get('within_plan')}, step {res.get('step_s_2ranks_swapping')} s "
+                     f"(1 GPU resident {res.get('step_s_resident_1gpu')} s)")  # fmt: skip
+        self.sink()
 
     # -- models
     def model(self, name: str) -> Any:
@@ -1297,6 +1489,7 @@ class GpuCheck:
             self.report["allocator_rules"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         self.log(f"allocator rules: {json.dumps(self.report['allocator_rules'])[:600]}")
         self.sink()
+        self.multi_gpu()
         order = [(b, m) for b in ("eager", "inductor") for m in self.model_names]
         for backend, model in order:
             if backend == "inductor" and self.args.dry_run and not self.args.dry_run_inductor:
@@ -1401,7 +1594,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip", default="", help="comma-separated variant names to skip")
     ap.add_argument("--models", default="", help="comma-separated model names (default: all, 14B first)")
     ap.add_argument("--cases", default="", help="comma-separated parts of case keys to keep, e.g. 480p17")
+    # one rank of the multi-GPU case, started by the check itself (run_ranks)
+    ap.add_argument("--multi-gpu-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--multi-gpu-world", type=int, default=MULTI_GPU_RANKS, help=argparse.SUPPRESS)
+    ap.add_argument("--multi-gpu-store", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--multi-gpu-out", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.multi_gpu_rank is not None:
+        res = multi_gpu_rank(args.multi_gpu_rank, args.multi_gpu_world, args.multi_gpu_store,
+                             args.multi_gpu_out, args.dry_run, args.steps)  # fmt: skip
+        return {"finished": True, "errors": [res["error"]] if "error" in res else []}
     args.skip_set = {s for s in args.skip.split(",") if s}
     if args.steps < 3 and not args.dry_run:
         ap.error(f"--steps={args.steps}: the median needs at least 3 timed calls")

@@ -126,6 +126,7 @@ _POINTWISE = frozenset(
         "where", "maximum", "minimum", "float", "half", "bfloat16", "double", "contiguous", "clone",
         "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__", "iadd", "imul",
         "square", "reciprocal", "sign", "softplus", "mish", "hardswish", "leaky_relu", "dropout",
+        "addcmul", "addcdiv", "lerp",
     }
 )  # fmt: skip
 _DTYPE_ONLY = frozenset({"to", "type_as", "type"})  # later tensor args give a dtype/device only
@@ -230,11 +231,19 @@ def _getitem_map(index: Any, rank: int) -> list[int | None] | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
-    """One step back from dim ``d`` of ``node``'s output to the operand dim it comes from, or None
-    where the dim is created here (merged, split, or an op the rules do not follow)."""
+def _inplace_pointwise(node: fx.Node) -> bool:
+    """``x.add_(y)``, ``x.addcmul_(a, b)``: a pointwise op written into its first operand."""
+    name = _name(node)
+    return node.op == "call_method" and name.endswith("_") and name[:-1] in _POINTWISE
+
+
+def _back(node: fx.Node, d: int) -> list[tuple[fx.Node, int]]:
+    """The operand dims that dim ``d`` of ``node``'s output comes from, one step back; empty where
+    the dim is created here (merged, split, or an op the rules do not follow). Several only for a
+    pointwise op: its operands of the output's shape first, then those broadcast against it that
+    have the dim at full size (a RoPE table ``[1, N, 1, d/2, 2]`` times a query ``[B, N, H, d/2, 1]``)."""
     if node.op not in ("call_function", "call_method"):
-        return None
+        return []
     name = _name(node)
     out = _shape(node) if _is_tensor_node(node) else None
     tensors = [a for a in _a(node) if _is_tensor_node(a)]
@@ -242,71 +251,85 @@ def _back(node: fx.Node, d: int) -> tuple[fx.Node, int] | None:
         items = [a for a in _a(node)[0] if _is_tensor_node(a)]
         dim = _norm(int(_arg(node, 1, "dim", 0)), len(out))
         if not items or dim == d:
-            return None
-        return items[0], (d if name == "cat" or d < dim else d - 1)
+            return []
+        return [(items[0], (d if name == "cat" or d < dim else d - 1))]
     if not tensors or out is None:
         if node.target is operator.getitem and isinstance(_a(node)[0], fx.Node):
             src = _a(node)[0]
             if isinstance(_val(src), (tuple, list)) and _a(src) and _is_tensor_node(_a(src)[0]):
                 dim = _norm(int(_arg(src, 2 if _name(src) != "unbind" else 1, "dim", 0)), len(out or ()))
                 if _name(src) in ("chunk", "split") and dim != d:
-                    return _a(src)[0], d
-        return None
+                    return [(_a(src)[0], d)]
+        return []
     x = tensors[0]
     xs = _shape(x)
     if name in _LIKE:
-        return x, d
-    if name in _POINTWISE or name in _DTYPE_ONLY:
-        cands = [x] if name in _DTYPE_ONLY else tensors
+        return [(x, d)]
+    if name in _POINTWISE or name in _DTYPE_ONLY or _inplace_pointwise(node):
+        kw = [a for a in node.kwargs.values() if _is_tensor_node(a)]
+        cands = [x] if name in _DTYPE_ONLY else tensors + kw
+        exact = [(t, d) for t in cands if _shape(t) == out]
+        broadcast = []
         for t in cands:
-            if _shape(t) == out:
-                return t, d
-        return None
+            td = d - len(out) + len(_shape(t))  # broadcasting aligns the trailing dims
+            if _shape(t) != out and td >= 0 and _shape(t)[td] == out[d] != 1:
+                broadcast.append((t, td))
+        return exact + broadcast
     if name in ("linear", "layer_norm", "rms_norm", "group_norm") and d < len(out) - 1:
-        return x, d
+        return [(x, d)]
     if name in _REDUCE and node.kwargs.get("keepdim", False):
-        return x, d
+        return [(x, d)]
     if name in ("transpose", "swapaxes"):
         a, b = (_norm(int(v), len(out)) for v in _a(node)[1:3])
-        return x, (b if d == a else a if d == b else d)
+        return [(x, (b if d == a else a if d == b else d))]
     if name == "permute":
         dims = _a(node)[1:] if not isinstance(_a(node)[1], (tuple, list)) else _a(node)[1]
-        return x, _norm(int(dims[d]), len(out))
+        return [(x, _norm(int(dims[d]), len(out)))]
     if name == "unflatten":
         dim = _norm(int(_arg(node, 1, "dim")), len(xs))
         k = len(_arg(node, 2, "sizes"))
         if d < dim:
-            return x, d
+            return [(x, d)]
         if d >= dim + k:
-            return x, d - k + 1
-        return None
+            return [(x, d - k + 1)]
+        return []
     if name == "flatten":
         s = _norm(int(_arg(node, 1, "start_dim", 0)), len(xs))
         e = _norm(int(_arg(node, 2, "end_dim", -1)), len(xs))
         if d < s:
-            return x, d
+            return [(x, d)]
         if d > s:
-            return x, d + (e - s)
-        return (x, d) if e == s else None
+            return [(x, d + (e - s))]
+        return [(x, d)] if e == s else []
     if name in ("reshape", "view"):
         back = _reshape_dim(out, xs, d)
-        return (x, back) if back is not None else None
+        return [(x, back)] if back is not None else []
     if name == "getitem" and node.target is operator.getitem:
         mapping = _getitem_map(_a(node)[1], len(xs))
         if mapping is not None and d in mapping:
-            return x, mapping.index(d)
-        return None
+            return [(x, mapping.index(d))]
+        return []
     if name in _SDPA:
-        return x, d
-    return None
+        return [(x, d)]
+    return []
 
 
-def _origin(node: fx.Node, d: int) -> tuple[fx.Node, int]:
-    while True:
-        step = _back(node, d)
-        if step is None:
-            return node, d
-        node, d = step
+def _origins(node: fx.Node, d: int) -> list[tuple[fx.Node, int]]:
+    """Every (node, dim) where dim ``d`` of ``node`` may be born, following :func:`_back` depth
+    first: the origin through the operands of the output's shape comes first."""
+    found: list[tuple[fx.Node, int]] = []
+    seen: set[tuple[fx.Node, int]] = set()
+    stack = [(node, d)]
+    while stack:
+        at = stack.pop()
+        if at in seen:
+            continue
+        seen.add(at)
+        steps = _back(*at)
+        if not steps:
+            found.append(at)
+        stack.extend(reversed(steps))
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,6 +459,14 @@ class _Sharder:
         if node.target is operator.getitem and isinstance(_val(x), (tuple, list)):
             return self.dim.get(x)  # type: ignore[arg-type]
         if name in _POINTWISE and isinstance(out, torch.Tensor):
+            operands = [a for a in (*_a(node), *node.kwargs.values()) if _is_tensor_node(a)]
+            return self.pointwise(node, operands)
+        if _inplace_pointwise(node) and isinstance(out, torch.Tensor):
+            # Row-local when the tensor written is sharded (ComfyUI's RoPE: x_out.addcmul_(table, x)):
+            # the other operands follow its rows. Into a replicated tensor: None, so the operands are
+            # gathered and the whole value is written, as in one process.
+            if x not in self.dim:
+                return None
             operands = [a for a in (*_a(node), *node.kwargs.values()) if _is_tensor_node(a)]
             return self.pointwise(node, operands)
         if not isinstance(x, fx.Node) or x not in self.dim:
@@ -722,7 +753,7 @@ def collective_workspace(node: fx.Node, device: torch.device) -> int:
 def find_token_origin(gm: fx.GraphModule) -> tuple[fx.Node, int]:
     """The node and dim where the first self-attention's query tokens are born.
 
-    A self-attention is an SDPA whose query, key and value follow back (:func:`_back`) to the same
+    A self-attention is an SDPA whose query, key and value follow back (:func:`_back`) to a shared
     origin along their token dim (dim 2 of ``[B, H, L, d]``); cross-attention's keys lead to the
     text instead.
 
@@ -734,9 +765,12 @@ def find_token_origin(gm: fx.GraphModule) -> tuple[fx.Node, int]:
             q, k, v = _qkv(node)
             if not all(_is_tensor_node(t) and len(_shape(t)) == 4 for t in (q, k, v)):
                 continue
-            origins = {_origin(t, 2) for t in (q, k, v)}
-            if len(origins) == 1:
-                return origins.pop()
+            # q's origins in order; the first that k and v share (a RoPE table's origin is q's
+            # and k's only, the text is k's and v's of a cross-attention: never all three)
+            of_k, of_v = set(_origins(k, 2)), set(_origins(v, 2))
+            shared = [o for o in _origins(q, 2) if o in of_k and o in of_v]
+            if shared:
+                return shared[0]
     raise SequenceParallelError(
         "sequence parallelism found no self-attention (scaled_dot_product_attention whose query, key "
         "and value come from one token sequence) in the captured graph, so there is no token dim to "
@@ -755,7 +789,9 @@ def shard_sequence(gm: fx.GraphModule, sp: SequenceParallel) -> ShardReport:
     """
     origin, d = find_token_origin(gm)
     report = _Sharder(gm, sp).run(origin, d)
-    gm.graph.eliminate_dead_code()
+    # An in-place method whose result is unused (ComfyUI's RoPE: x_out.addcmul_(...), then x_out
+    # read) looks dead to FX's default test, which knows only side-effectful functions.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
     gm.graph.lint()
     gm.recompile()
     refresh_example_values(gm)

@@ -31,8 +31,21 @@ def _gpu_check() -> ModuleType:
 
 # The schema the device run is read with (written here, not taken from the script).
 TOP = {"schema_version", "command", "dry_run", "device", "torch", "python", "dtype", "steps", "mode",
-       "time_limit_s", "calibration", "allocator_rules", "cases", "skipped", "errors", "finished",
-       "elapsed_s"}  # fmt: skip
+       "time_limit_s", "calibration", "allocator_rules", "multi_gpu", "cases", "skipped", "errors",
+       "finished", "elapsed_s"}  # fmt: skip
+# one rank of the multi-GPU case, and the case across ranks
+RANK = {
+    "rank",
+    "device",
+    "backend",
+    "resident_1gpu",
+    "fxswap_resident",
+    "fxswap_swapping",
+    "reference_max_abs",
+}
+MULTI = {"ranks", "dtype", "model", "frames", "height", "width", "tolerance", "per_rank", "bitwise",
+         "max_abs_diff", "within_tolerance", "within_plan", "step_s_resident_1gpu", "step_s_2ranks_resident",
+         "step_s_2ranks_swapping", "step_2ranks_resident_vs_1gpu"}  # fmt: skip
 CASE = {"model", "frames", "height", "width", "copy_bound", "weight_bytes", "input_bytes", "min_vram_bytes",
         "budgets", "step_vs_resident",
         "budgets_gib", "variants"}  # fmt: skip
@@ -73,6 +86,10 @@ def test_dry_run_writes_the_schema(dry_run: tuple[dict[str, Any], Path]) -> None
     assert set(report) == TOP
     assert report["finished"] and not report["errors"], report["errors"]
     assert "skipped" in report["allocator_rules"]  # no CUDA allocator on the CPU
+    # not run, and said so: the dry run has no GPU (test_multi_gpu_ranks_on_the_cpu runs its code)
+    assert report["multi_gpu"] == {
+        "skipped": "0 GPUs (--dry-run uses the CPU): the sequence-parallel case needs 2"
+    }
     cal = report["calibration"]
     assert cal["measured"]["pinned_h2d_gbps"] > 0 and cal["measured"]["matmul_tflops"] > 0
     assert cal["profile"]["name"].startswith("cpu-memcpy-")  # labelled: not a GPU figure
@@ -172,6 +189,25 @@ def test_dry_run_inductor_checks_generated_code_order(tmp_path: Path) -> None:
     assert order["fx_ops"] == order["generated_ops"] == 3 * ind["swapped_units"]  # per call: l, w, r
     assert order["load_wait_release_in_order"]
     assert len(ind["exact_per_call"]) == 4 and ind["max_abs_diff"] is not None and ind["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.slow  # 2 processes importing torch and fxswap, 3 eager builds each
+def test_multi_gpu_ranks_on_the_cpu() -> None:
+    """The multi-GPU case's ranks (processes of the script, as on a GPU machine) with gloo on the
+    CPU: its code runs before a machine with several GPUs is ever lent."""
+    res = _gpu_check().run_ranks(2, dry_run=True, steps=3, timeout_s=300)
+    assert set(res) == MULTI, {r.get("rank"): r.get("traceback") for r in res["per_rank"]}
+    for rank, r in enumerate(res["per_rank"]):
+        assert set(r) == RANK and (r["rank"], r["backend"]) == (rank, "gloo")
+        for k in ("fxswap_resident", "fxswap_swapping"):
+            assert r[k]["plan_degree_rank"] == [2, rank]
+            assert r[k]["exact_per_call"] == [True] * 4  # eager on the CPU: bitwise
+            assert r[k]["within_plan"] is None  # no allocator peaks on the CPU
+        assert r["fxswap_resident"]["swapped_units"] == 0 < r["fxswap_swapping"]["swapped_units"]
+        assert r["fxswap_swapping"]["budget_bytes"] == int(0.6 * r["fxswap_resident"]["plan_peak_bytes"])
+    assert res["bitwise"] is True and res["max_abs_diff"] == 0.0 and res["within_tolerance"] is True
+    assert res["within_plan"] is None
+    assert res["step_s_2ranks_resident"] == max(r["fxswap_resident"]["step_s"] for r in res["per_rank"])
 
 
 # ---------------------------------------------------------------------------------------- helpers
