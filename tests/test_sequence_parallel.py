@@ -468,6 +468,14 @@ def _check_pipeline(rank: int, world: int) -> dict[str, Any]:
     st = fxd.state(pipe)
     assert st is not None
     plan = st.swapped["transformer"].plan
+    # WAN 2.2 A14B: two experts, the pipeline's boundary switching them (4 steps: both run)
+    a14b = t2v_pipe(a14b=True)
+    ref14 = run(a14b, steps=4)
+    fxd.enable(a14b, max_vram_gb=1.0, backend="eager", reserve_mb=0, ulysses_degree=world)
+    got14 = run(a14b, steps=4)
+    st14 = fxd.state(a14b)
+    assert st14 is not None
+    experts = [st14.swapped[k].plan for k in ("transformer", "transformer_2")]
     return {
         "bitwise": bool(torch.equal(got, ref)),
         "max_abs": float((got - ref).abs().max()),
@@ -475,6 +483,9 @@ def _check_pipeline(rank: int, world: int) -> dict[str, Any]:
         "text_encoder_degree": (
             st.swapped["text_encoder"].plan.ulysses_degree if "text_encoder" in st.swapped else None
         ),
+        "a14b_bitwise": bool(torch.equal(got14, ref14)),
+        "a14b_max_abs": float((got14 - ref14).abs().max()),
+        "a14b_degrees": [p.ulysses_degree if p is not None else None for p in experts],
     }
 
 
@@ -647,14 +658,17 @@ def test_other_models_four_ranks_bitwise_and_peaks_within_plan(
     assert_exact_within_plan(other4_results, model, fewer_activations=True)
 
 
-@pytest.mark.slow  # about 30 s: a tiny WanPipeline on two ranks
-def test_diffusers_pipeline_enable_with_ulysses_latents_bitwise(tmp_path: Path) -> None:
+@pytest.mark.slow  # about a minute: a tiny WanPipeline and a tiny A14B (two experts) on two ranks
+def test_diffusers_pipelines_t2v_and_a14b_enable_with_ulysses_latents_bitwise(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
     for rank, r in enumerate(_spawn("pipeline", WORLD, tmp_path, SLOW_TIMEOUT_S)):
         assert "error" not in r, r.get("trace")
         assert r["bitwise"], (rank, r["max_abs"])
         assert r["degree"] == WORLD
         assert r["text_encoder_degree"] in (None, 1)  # onloaded, or swapped whole on every rank
+        # A14B: both experts ran sharded (each planned for the degree), latents bitwise
+        assert r["a14b_bitwise"], (rank, r["a14b_max_abs"])
+        assert r["a14b_degrees"] == [WORLD, WORLD], r["a14b_degrees"]
 
 
 # ------------------------------------------------------------------------------ fxswap plan
