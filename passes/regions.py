@@ -46,7 +46,7 @@ import functools
 import hashlib
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,18 +82,23 @@ class Region:
     generating the code: regions alike have equal signatures. ``glue``: only swap ops (the ones
     before a region's first compute op or after its last), nothing to compile.
 
-    ``gm`` is built when first asked for: a GraphModule compiles its Python code, and of forty
-    regions alike only one is ever compiled or run as such.
+    ``graph`` (from ``build``) and ``gm`` are built when first asked for: of forty regions alike
+    only one is ever compiled or run as such.
     """
 
     label: str
-    graph: fx.Graph
+    build: Callable[[], fx.Graph] = field(repr=False, compare=False)
     owner: fx.GraphModule
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     units: dict[int, int]
     signature: str
     glue: bool = False
+
+    @functools.cached_property
+    def graph(self) -> fx.Graph:
+        """The region's own graph (canonical names, placeholders in order of first use)."""
+        return self.build()
 
     @functools.cached_property
     def code(self) -> str:
@@ -274,6 +279,13 @@ def _cut_glue(runs: list[tuple[str, list[fx.Node]]]) -> list[tuple[str, list[fx.
     return pieces
 
 
+class _Canon(str):
+    """A node's canonical name, printed bare (as FX prints a node in an argument list)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _region(
     owner: fx.GraphModule,
     label: str,
@@ -285,43 +297,69 @@ def _region(
     lists: dict[fx.Node, list[fx.Node]],
     glue: bool,
 ) -> Region:
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    # NOTE: the signature is written straight from the nodes; the region's own graph is built only
+    # when asked for (Region.graph): of forty regions alike one is compiled, and building every
+    # graph cost about 0.3 s per plan for a 40-block WAN.
     inputs: list[str] = []
+    canon: dict[fx.Node, _Canon] = {}
     local: dict[int, int] = {}  # original id -> id in this region
-    counter = iter(range(1 << 30))
+    lines: list[str] = []
 
-    def value(a: fx.Node) -> fx.Node:
-        if a not in env:
-            ph = graph.placeholder(f"in{len(inputs)}")
-            ph.meta = dict(a.meta)
-            env[a] = ph
+    def value(a: fx.Node) -> _Canon:
+        if a not in canon:
+            canon[a] = _Canon(f"in{len(inputs)}")
             inputs.append(a.name)
-        return env[a]
+            lines.append(f"placeholder {canon[a]}")
+        return canon[a]
 
-    for n in nodes:
+    def local_id(uid: int) -> int:
+        if uid not in local:
+            shapes, dtypes = unit_meta(uid)
+            local[uid] = unit_id(len(local), shapes, dtypes)
+        return local[uid]
+
+    for k, n in enumerate(nodes):
         args = fx.node.map_arg((*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args, value)
         kwargs = fx.node.map_arg(n.kwargs, value)
         if n.target in ops.FXSWAP_OPS:
-            uid = int(n.args[0])  # type: ignore[arg-type]
-            if uid not in local:
-                shapes, dtypes = unit_meta(uid)
-                local[uid] = unit_id(len(local), shapes, dtypes)
-            args = (local[uid], *args[1:])
-        new = graph.create_node(n.op, n.target, args, kwargs, name=f"v{next(counter)}")
-        new.meta = dict(n.meta)
-        env[n] = new
+            args = (local_id(int(n.args[0])), *args[1:])  # type: ignore[arg-type]
+        canon[n] = _Canon(f"v{k}")
+        lines.append(f"{n.op} {canon[n]} {n.target!r} {args!r} {kwargs!r}")
     # Release and carry tokens (0 bytes) are always outputs: whether the next region anchors a load
     # on them must not make two blocks alike print different code.
     outputs = [n for n in nodes if any(q > r for q in readers.get(n, ())) or n.target in _AFTER_OP]
-    graph.output(tuple(env[n] for n in outputs))
+    lines.append(f"output {tuple(canon[n] for n in outputs)!r}")
+    uids = dict(local)
+
+    def build() -> fx.Graph:
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+
+        def node_of(a: fx.Node) -> fx.Node:
+            if a not in env:
+                ph = graph.placeholder(str(canon[a]))
+                ph.meta = dict(a.meta)
+                env[a] = ph
+            return env[a]
+
+        for n in nodes:
+            args = fx.node.map_arg((*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args, node_of)
+            kwargs = fx.node.map_arg(n.kwargs, node_of)
+            if n.target in ops.FXSWAP_OPS:
+                args = (uids[int(n.args[0])], *args[1:])  # type: ignore[arg-type]
+            new = graph.create_node(n.op, n.target, args, kwargs, name=str(canon[n]))
+            new.meta = dict(n.meta)
+            env[n] = new
+        graph.output(tuple(env[n] for n in outputs))
+        return graph
+
     return Region(
         label=label,
-        graph=graph,
+        build=build,
         owner=owner,
         inputs=tuple(inputs),
         outputs=tuple(n.name for n in outputs),
         units={v: k for k, v in local.items()},
-        signature="\n".join(f"{n.op} {n.name} {n.target!r} {n.args!r} {n.kwargs!r}" for n in graph.nodes),
+        signature="\n".join(lines),
         glue=glue,
     )
