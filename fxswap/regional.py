@@ -217,6 +217,23 @@ def _layout(v: Any, device: torch.device) -> tuple[Any, ...]:
     return ("V", type(v).__name__, repr(v))
 
 
+def _repeated_labels(regions: Sequence[Any], keys: Sequence[tuple[Any, ...]]) -> set[str]:
+    """The labels of the repeated blocks: those of a container (``blocks`` of ``blocks.7``) in which
+    two labels have a region of the same code and input layouts. A numbered module that is not
+    repeated (``text_embedding.0`` and ``.2`` of an ``nn.Sequential``, Linears of other shapes) is
+    not a block: regional compilation leaves it eager, and so does fxswap."""
+
+    def container(label: str) -> str:
+        return label.rsplit(".", 1)[0] if "." in label else ""
+
+    labels_of: dict[tuple[str, tuple[Any, ...]], set[str]] = {}
+    for region, key in zip(regions, keys, strict=True):
+        if region.label and not region.glue:
+            labels_of.setdefault((container(region.label), key), set()).add(region.label)
+    repeated = {c for (c, _), labels in labels_of.items() if len(labels) >= 2}
+    return {r.label for r in regions if r.label and container(r.label) in repeated}
+
+
 def compile_regional(
     gm: fx.GraphModule,
     flat: Sequence[Any],
@@ -246,12 +263,6 @@ def compile_regional(
 
     labels = None if regions_enabled() else {n: "" for n in gm.graph.nodes if n.op not in _NOT_RUN}
     split = split_regions(gm, meta_of, labels=labels)
-    # Run as FX's Python, not compiled: glue always; and, unless FXSWAP_EAGER_EDGES=0, every
-    # stretch outside the repeated blocks (prologue, epilogue, ops between blocks), as regional
-    # compilation leaves them (docs/first_call.md: what that saves and costs).
-    has_blocks = any(r.label for r in split.regions)
-    eager_outside = edges_eager() and has_blocks
-    interpreted = [r.glue or (eager_outside and not r.label) for r in split.regions]
     slot: dict[str, int] = {name: i for i, name in enumerate(split.placeholders)}
     if len(flat) != len(slot):
         raise ValueError(f"compile_regional: {len(flat)} inputs for a graph of {len(slot)} placeholders")
@@ -289,6 +300,12 @@ def compile_regional(
     keys = []
     for region, ins, _outs, _table in plans:
         keys.append((region.signature, tuple(_layout(example[s], device) for s in ins)))
+    # Run as FX's Python, not compiled: glue always; and, unless FXSWAP_EAGER_EDGES=0, every
+    # stretch outside the repeated blocks (prologue, epilogue, ops between blocks), as regional
+    # compilation leaves them (docs/first_call.md: what that saves and costs).
+    blocks = _repeated_labels(split.regions, keys)
+    eager_outside = edges_eager() and bool(blocks)
+    interpreted = [r.glue or (eager_outside and r.label not in blocks) for r in split.regions]
     with _PROGRAMS_LOCK:
         todo = {
             k: (region, ins, table)

@@ -40,7 +40,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import fx
-from torch.fx._lazy_graph_module import _LazyGraphModule
+
+try:  # private (torch.fx), present since torch 2.3; a plain GraphModule only costs the codegen
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+except ImportError:  # pragma: no cover
+    _LazyGraphModule = fx.GraphModule  # type: ignore[misc,assignment]
 
 from fxswap import ops
 from fxswap.errors import PlanError

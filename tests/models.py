@@ -12,12 +12,16 @@ __all__ = ["MLP", "Shared", "regionally_compiled"]
 
 
 def regionally_compiled(model: nn.Module, blocks: str = "blocks") -> nn.Module:
-    """A copy of ``model`` with each module of ``model.<blocks>`` compiled by ``torch.compile``
-    and everything else eager: regional compilation, as WAN users run it, and what fxswap's
-    Inductor output equals by default (it compiles the repeated blocks only)."""
+    """A copy of ``model`` with each module of ``model.<blocks>`` replaced by ``torch.compile`` of
+    it and everything else eager: regional compilation, as WAN users run it, and what fxswap's
+    Inductor output equals by default (it compiles the repeated blocks only).
+
+    ``torch.compile(block)``, not ``block.compile()``: the latter compiles nothing for a bare
+    torch module such as ``nn.Linear`` (Dynamo skips frames in torch's own files)."""
     ref = copy.deepcopy(model)
-    for block in getattr(ref, blocks):
-        block.compile()
+    container = getattr(ref, blocks)
+    for i in range(len(container)):
+        container[i] = torch.compile(container[i])
     return ref
 
 

@@ -179,7 +179,9 @@ def test_inductor_equals_torch_compile_and_never_recompiles(inductor_mlp: Any) -
     # fxswap compiles the repeated blocks and runs the rest as FX's Python, as regional compilation
     # does: the same Inductor kernels on the blocks (the swap ops only hand in the weights), the
     # same eager ops between them.
+    ok = counters["frames"]["ok"]
     ref = regionally_compiled(c.model)(*c.args)
+    assert counters["frames"]["ok"] > ok, "the reference compiled nothing"
     out = sm(*c.args)
     assert torch.equal(out, ref)
     compiles = sm.stats["compiles"]  # the first call's: fxswap.fit may compile more than one plan

@@ -303,3 +303,34 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
         assert matmuls_before == 1 + 2 * j, (name, matmuls_before)
         matmuls_before = events[: events.index(f"release {name}")].count("matmul")
         assert matmuls_before == 3 + 2 * j, (name, matmuls_before)
+
+
+@pytest.mark.slow  # one cold Inductor compile of a WAN block: about 30 s on a 2-core machine
+def test_wan_default_is_bitwise_regional_compilation_and_compiles_the_block_only() -> None:
+    """fxswap's WAN under Inductor, swapping: its numbered embedding Sequentials are not repeated
+    blocks (Linears of other shapes) and run as FX's Python, as regional compilation leaves them;
+    the output is bitwise that of `torch.compile` on each block with the rest eager."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from fxswap.regional import clear_programs
+
+    torch.manual_seed(0)
+    cfg = wan.tiny_config("t2v")
+    model = wan.build(cfg).eval().requires_grad_(False)
+    kw = wan.example_inputs(cfg, frames=5, height=32, width=32)
+    with torch.no_grad():
+        ref = regionally_compiled(model)(**kw)
+        torch._dynamo.reset()
+        clear_programs()
+        sm = fxswap.compile(model, mode="adaptive", max_vram_gb=0.6 * _weights(model) / 2**30, **COMMON)
+        before = dict(counters["inductor"])
+        with fresh_cache():
+            out = sm(**kw)
+    compiled = {
+        k: v - before.get(k, 0) for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")
+    }
+    assert sm.plan is not None and any(not u.resident for u in sm.plan.units)
+    assert torch.equal(out, ref)
+    # Inductor's own counter, empty cache: the block program only (fxswap.fit's rounds included)
+    assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 1, compiled
