@@ -34,13 +34,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from fxswap import hostshare
 from fxswap.hostshare import region_of, share_weights
 from fxswap.models import wan
 from fxswap.runtime import HostStore
+from tests.ranks import run_ranks
 
 MiB = 2**20
 TIMEOUT_S = 240
@@ -381,19 +381,7 @@ def _worker(rank: int, world: int, job: dict[str, Any], tmp: str) -> None:
 def spawn(world: int, job: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
     """Run ``rank_main`` on ``world`` spawned processes (gloo); each rank's result."""
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, job, str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
+    run_ranks(_worker, lambda r: (r, world, job, str(tmp)), world, TIMEOUT_S)
     out = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
     for r, res in enumerate(out):
         assert "error" not in res, f"rank {r}: {res.get('trace', res)}"

@@ -31,7 +31,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -46,6 +45,7 @@ from fxswap.passes.sequence_parallel import (
     SequenceParallelError,
     shard_sequence,
 )
+from tests.ranks import run_ranks
 
 GiB = 2**30
 WORLD = 2
@@ -279,19 +279,7 @@ def _spawn(check: str | Check, world: int, tmp: Path, timeout_s: float = TIMEOUT
     """Run ``check`` (a name in CHECKS, or a module-level function another test module defines) on
     ``world`` spawned gloo ranks; each rank's result, or {"error": ..., "trace": ...}. Ranks still
     running after ``timeout_s`` are killed and fail the test."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(check, rank, world, str(tmp))) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {timeout_s} s"
+    run_ranks(_worker, lambda rank: (check, rank, world, str(tmp)), world, timeout_s)
     out = []
     for rank in range(world):
         path = tmp / f"rank{rank}.json"
