@@ -148,14 +148,20 @@ def prepare_partition(
 def block_windows(
     blocks: Sequence[str], first: Sequence[int], last: Sequence[int], used: Sequence[bool]
 ) -> list[tuple[int, int]]:
-    """Each unit's window ``(first, last)`` widened to the edges of the blocks it is read in, where
-    no other unit is read anywhere in those blocks; other windows unchanged.
+    """Each unit's window ``(first, last)`` with every end that falls in a block moved to that
+    block's edge: ``first`` to the block's first op, ``last`` to its last op.
 
     ``blocks``: block label per op (``""`` between blocks); ``first``/``last``: the ops that read
-    each unit first and last; ``used``: whether any op reads the unit at all.
+    each unit first and last; ``used``: whether any op reads the unit at all (an unused unit keeps
+    its window).
 
-    >>> block_windows(["", "b.0", "b.0", "b.0", "b.1", "b.1"], [0, 2, 4], [0, 2, 5], [True] * 3)
-    [(0, 0), (1, 3), (4, 5)]
+    Every wait and release then sits at a block's edge, where the compiled block programs do not
+    reach, so blocks that differ only in which of their units are swapped share one program. Units
+    that share a block (chunkwise) are all held over the whole block: the planner plans these
+    windows, and plans the exact ones where they do not fit (:func:`fxswap.passes.planner.build_plan`).
+
+    >>> block_windows(["", "b.0", "b.0", "b.0", "b.1", "b.1"], [0, 2, 3, 4], [0, 2, 5, 4], [True] * 4)
+    [(0, 0), (1, 3), (1, 5), (4, 5)]
     """
     n = len(blocks)
     start = list(range(n))
@@ -166,29 +172,7 @@ def block_windows(
     for i in range(n - 2, -1, -1):
         if blocks[i] and blocks[i] == blocks[i + 1]:
             end[i] = end[i + 1]
-    # How many units' windows cover each op, as prefix sums of "covered" and "covered twice".
-    diff = [0] * (n + 1)
-    for f, ll, u in zip(first, last, used, strict=True):
-        if u:
-            diff[f] += 1
-            diff[ll + 1] -= 1
-    once = [0] * (n + 1)
-    twice = [0] * (n + 1)
-    cover = 0
-    for i in range(n):
-        cover += diff[i]
-        once[i + 1] = once[i] + (cover > 0)
-        twice[i + 1] = twice[i] + (cover > 1)
-    out = []
-    for f, ll, u in zip(first, last, used, strict=True):
-        if not u or not blocks[f] or not blocks[ll]:
-            out.append((f, ll))
-            continue
-        a, b = start[f], end[ll]
-        # Alone: no other window in [a, f) or (ll, b], none overlapping its own.
-        alone = once[f] - once[a] == 0 and once[b + 1] - once[ll + 1] == 0 and twice[ll + 1] - twice[f] == 0
-        out.append((a, b) if alone else (f, ll))
-    return out
+    return [(start[f], end[ll]) if u else (f, ll) for f, ll, u in zip(first, last, used, strict=True)]
 
 
 # "back" only pays with a warm start (the planner tries it then): see fill_resident.

@@ -261,10 +261,12 @@ def test_swap_ops_keep_the_plans_positions_in_every_compiled_block(mode: str) ->
     assert swapped_blocks >= 1 or mode != "layerwise"
 
 
-def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> None:
-    """Planned for Inductor, a unit that is a whole block is waited for before the block's first op
-    and released after its last: the swap ops run between the compiled blocks, so swapped and
-    resident blocks alike run one program: Inductor compiles one graph in all."""
+@pytest.mark.parametrize("mode", ["layerwise", "chunkwise"])
+def test_block_units_run_between_blocks_and_blocks_share_one_program(mode: str) -> None:
+    """Planned for Inductor, a unit read in a block is waited for before the block's first op and
+    released after its last, whether it is the whole block (layerwise) or a part of it (chunkwise,
+    here each weight its own unit): the swap ops run between the compiled blocks, so blocks alike
+    run one program whichever of their units are swapped: Inductor compiles one graph in all."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
 
@@ -277,7 +279,12 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
         ref = torch.compile(model)(x)
     clear_programs()
     sm = fxswap.compile(
-        model, mode="layerwise", max_vram_gb=0.6 * _weights(model) / 2**30, backend="inductor", **COMMON
+        model,
+        mode=mode,
+        max_vram_gb=0.6 * _weights(model) / 2**30,
+        backend="inductor",
+        block_size_mb=0.01,
+        **COMMON,
     )
     before = dict(counters["inductor"])
     order = _Order()
@@ -292,6 +299,9 @@ def test_whole_block_units_run_between_blocks_and_blocks_share_one_program() -> 
     assert sm.plan is not None
     swapped = [u.name for u in sm.plan.units if not u.resident and u.name.startswith("blocks.")]
     assert len(swapped) >= 2
+    if mode == "chunkwise":
+        # a unit is one Linear's weights; a swapped `down` is read only by the block's second matmul
+        assert any(name.endswith(".down") for name in swapped), swapped
     # Inductor's own counter, empty cache: the block program only (the prologue and the epilogue
     # run as FX's Python by default, as regional compilation leaves them).
     assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 1, compiled

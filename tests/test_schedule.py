@@ -113,30 +113,43 @@ def test_align_blocks_waits_and_releases_at_the_edges_of_a_whole_block_unit() ->
     assert _brute_peak(ir, aligned) == aligned.peak_bytes <= opts.max_vram_bytes
 
 
-def test_align_blocks_leaves_units_that_share_a_block_where_they_are() -> None:
-    # Chunkwise at 16 MiB cuts each block into its two weights: neither is alone in its block.
+def test_align_blocks_moves_units_that_share_a_block_to_its_edges_too() -> None:
+    # Chunkwise at 16 MiB cuts each block into its two weights. Aligned, both are held over their
+    # whole block: every swapped unit's wait is at its block's first op (norm), its release after
+    # the block's last (add), whichever weight it is, so no swap op is left inside a block.
     ir, names = _blocks_graph()
     opts = PlanOptions(
         mode="chunkwise",
-        max_vram_bytes=70 * MiB,
+        max_vram_bytes=50 * MiB,
         block_size_bytes=16 * MiB,
         reserve_bytes=0,
         warm_start=False,
     )
     aligned = build_plan(ir, opts, align_blocks=True)
     exact = build_plan(ir, opts)
-    assert any(not u.resident for u in aligned.units)
-    assert [(u.name, u.wait_node, u.release_node, u.load_node) for u in aligned.units] == [
-        (u.name, u.wait_node, u.release_node, u.load_node) for u in exact.units
-    ]
+    swapped = [u for u in aligned.units if not u.resident and u.name.startswith("blocks.")]
+    assert any(".up" in u.name for u in swapped) and any(".down" in u.name for u in swapped)
+    for u in swapped:
+        b = int(u.name.split(".")[1])
+        assert (u.wait_node, u.release_node) == (names[1 + 5 * b], names[5 + 5 * b])
+        assert u.load_at in (0, 1, 6, 11)
+    # the exact plan waits for `down` at op 4+5b, inside the block
+    assert any(
+        u.wait_node == names[4 + 5 * int(u.name.split(".")[1])]
+        for u in exact.units
+        if not u.resident and ".down" in u.name
+    )
+    assert _brute_peak(ir, aligned) == aligned.peak_bytes <= opts.max_vram_bytes
 
 
 def test_block_windows_by_hand() -> None:
     blocks = ["", "b.0", "b.0", "b.0", "b.1", "b.1", "b.2", "b.2", ""]
     # unit A reads op 2 only (alone in b.0), B reads 4..7 (alone in b.1 and b.2), C reads op 8
     assert block_windows(blocks, [2, 4, 8], [2, 7, 8], [True] * 3) == [(1, 3), (4, 7), (8, 8)]
-    # two units in b.0: neither widens; an unused unit (0, 0) is ignored
-    assert block_windows(blocks, [0, 1, 3], [0, 2, 3], [False, True, True]) == [(0, 0), (1, 2), (3, 3)]
+    # two units in b.0: both widen to the whole block; an unused unit (0, 0) keeps its window
+    assert block_windows(blocks, [0, 1, 3], [0, 2, 3], [False, True, True]) == [(0, 0), (1, 3), (1, 3)]
+    # a unit read from b.0 into the head (op 8, outside any block) widens at its block end only
+    assert block_windows(blocks, [2], [8], [True]) == [(1, 8)]
 
 
 def test_align_blocks_never_costs_a_budget_the_exact_positions_fit() -> None:
