@@ -454,6 +454,10 @@ class Builder:
         from fxswap.progress import phase, plan_line
 
         t0 = time.perf_counter()
+        if self.backend == "inductor":
+            from fxswap.regional import warm_inductor
+
+            warm_inductor(self.device)
         with phase("capture"):
             cap, fresh = capture_call(self.model, args, kwargs, self.device, self.param_names, self.parallel)
         self.stats["captures"] += int(fresh)

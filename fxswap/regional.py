@@ -66,6 +66,48 @@ def clear_programs() -> None:
         _PROGRAMS.clear()
 
 
+_WARM_LOCK = threading.Lock()
+_WARMED: set[str] = set()
+
+
+def warm_inductor(device: torch.device) -> None:
+    """Start, in the background, what the first Inductor compile of a process otherwise waits for,
+    so that it runs while fxswap captures and plans (seconds of Dynamo tracing and planning before
+    the first region reaches Inductor):
+
+    - on the CPU, the pick of the vector instruction set: the first time, with an empty Inductor
+      cache, it builds and runs small C++ test programs (measured: 3 to 7 s on a 2-core machine);
+      a thread, which waits on the compiler, not on the GIL;
+    - on a GPU, Inductor's pool of Triton compile workers (torch's own ``maybe_warm_pool``, which
+      ``torch.compile``'s Inductor backend calls only when it is handed its first graph). Not on
+      the CPU, where C++ kernels are compiled from threads and the pool would only take a core.
+
+    Once per device type and process; a failure is left for the real compile to report.
+    """
+    with _WARM_LOCK:
+        if device.type in _WARMED:
+            return
+        _WARMED.add(device.type)
+    if device.type == "cpu":
+
+        def pick() -> None:
+            try:
+                from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+                pick_vec_isa()
+            except Exception as exc:
+                logger.debug("fxswap: vector ISA not picked ahead: %s", exc)
+
+        threading.Thread(target=pick, name="fxswap-warm-isa", daemon=True).start()
+        return
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+    except Exception as exc:  # the compile itself starts the pool, or says why it cannot
+        logger.debug("fxswap: Inductor's worker pool not warmed: %s", exc)
+
+
 def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., Any]:
     """Inductor on one graph with the settings the fxswap ops need.
 
