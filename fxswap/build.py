@@ -28,12 +28,14 @@ Call time (binding arguments, guards, residents, out-of-memory recovery) is in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import time
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,6 +310,27 @@ def _trace_on_meta(
     return Capture(gm, tuple(r.weight for r in roles), tuple(getters), spec, tuple(slots), tuple(consts), ir)
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The objects that exist when a build starts (the model, torch's and Dynamo's own state) left
+    out of the garbage collector's scans until it ends (``gc.freeze``, then ``gc.unfreeze``).
+
+    A build creates millions of short-lived objects (Dynamo's trace, the IR, Inductor's lowering),
+    so Python runs full collections, and each one walks the whole heap: measured on the 40-block
+    model's first build, 1.1 s of 16 s in full collections. Frozen objects are still freed when
+    their last reference goes; only cycles among them wait for the unfreeze. Left as it is where
+    the process already froze objects or turned the collector off (its owner's choice).
+    """
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 @dataclass
 class Entry:
     """One built signature: its plan, the rewritten graph, its compiled program, and what a call
@@ -419,7 +442,7 @@ class Builder:
         # themselves; an active fxswap.monitor keeps the peak it had (monitoring.keep_peaks).
         from fxswap.parallel import check_ranks_agree, stamp_plan
 
-        with keep_peaks(self.device):
+        with keep_peaks(self.device), frozen_heap():
             entry = self._build(options, given_plan, args, kwargs, root)
         entry = self._price_pageable(entry)
         plan = stamp_plan(entry.plan, self.parallel, given=given_plan is not None)

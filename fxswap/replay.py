@@ -30,8 +30,10 @@ budget for that graph rather than guessing.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import sys
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -98,36 +100,65 @@ class _Tracker(TorchDispatchMode):
         self.levels: list[int] = [0]
         self.refs: dict[int, int] = {}  # storage key -> live tensor objects on it
         self.sizes: dict[int, int] = {}
+        self.noted: set[int | None] = set()  # id() of the live tensor objects noted
+        self.gen: dict[int, int] = {}  # storage key -> its registration (see register)
+        self._gens = itertools.count()
         self.events: list[FxswapEvent] = []
+        self.freed: list[int] | None = None  # storages freed while a region is recorded (_StepMemo)
 
     def known(self, t: torch.Tensor) -> None:
         # A tensor that exists before the call (input, resident weight): never counted.
         self.refs.setdefault(int(t.untyped_storage()._cdata), 1 << 30)
 
     def _note(self, t: torch.Tensor) -> None:
+        # Once per tensor object: an out= call returns the buffer it was given, and `refs` counts
+        # live objects (the replay's memo keys on it), not how often one was seen.
+        if id(t) in self.noted:
+            return
         key = int(t.untyped_storage()._cdata)
         if key not in self.refs:
-            self.refs[key] = 0
             # as the device's allocator counts the storage (rounded on CUDA: passes.device_rules)
-            self.sizes[key] = self.rules.alloc_bytes(int(t.untyped_storage().nbytes()))
+            self.register(key, self.rules.alloc_bytes(int(t.untyped_storage().nbytes())))
             self._move(self.sizes[key])
         self.refs[key] += 1
-        weakref.finalize(t, self._drop, key)
+        self.noted.add(id(t))
+        weakref.finalize(t, self._drop, key, self.gen.get(key, -1), id(t))
 
-    def _drop(self, key: int) -> None:
+    def register(self, key: int, size: int) -> None:
+        """A new storage at ``key``, of ``size`` counted bytes, no live tensor on it yet."""
+        self.refs[key] = 0
+        self.sizes[key] = size
+        # A storage's address can be reused once it is freed: a tensor noted on the old one that
+        # dies later must not count against the new one.
+        self.gen[key] = next(self._gens)
+
+    def forget(self, key: int) -> None:
+        """The storage at ``key`` is freed (its move made by the caller)."""
+        self.refs.pop(key, None)
+        self.sizes.pop(key, None)
+        self.gen.pop(key, None)
+
+    def _drop(self, key: int, gen: int, obj: int) -> None:
+        self.noted.discard(obj)
         n = self.refs.get(key)
-        if n is None:
+        if n is None or self.gen.get(key) != gen:
             return
         if n <= 1:
-            del self.refs[key]
-            self._move(-self.sizes.pop(key, 0))
+            size = self.sizes.get(key, 0)
+            self.forget(key)
+            if self.freed is not None:
+                self.freed.append(key)
+            self._move(-size)
         else:
             self.refs[key] = n - 1
 
     def _move(self, delta: int) -> None:
         if delta:
-            self.level += delta
-            self.levels.append(self.level)
+            self._move_always(delta)
+
+    def _move_always(self, delta: int) -> None:
+        self.level += delta
+        self.levels.append(self.level)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -306,26 +337,172 @@ def _replay_regions(program: Any, fakes: list[Any], tracker: _Tracker, device: t
     generated wrapper replayed, and each fxswap event named by the rewritten graph's unit id (a
     region's ids are its own)."""
     replayed: dict[int, Callable[[list[Any]], Any]] = {}
+    memo = _StepMemo(tracker)
 
     def call(step: Any, args: list[Any]) -> Any:
         fn = replayed.get(id(step.compiled))
+        compiled = not step.glue and getattr(step.compiled, "current_callable", None) is not None
         if fn is None:
-            if getattr(step.compiled, "current_callable", None) is None:
-                # Nothing for Inductor to generate (a region whose outputs are views or aliases of
-                # its inputs, e.g. a no-op `.to(float32)`): AOT's runtime wrapper makes the views,
-                # on the fakes as on the device.
-                fn = step.call
-            else:
-                fn = _replayable(step.compiled, device, tracker)
+            # Glue runs FX's Python. A compiled region with nothing for Inductor to generate (its
+            # outputs are views or aliases of its inputs, e.g. a no-op `.to(float32)`): AOT's
+            # runtime wrapper makes the views, on the fakes as on the device.
+            fn = _replayable(step.compiled, device, tracker) if compiled else step.call
             replayed[id(step.compiled)] = fn
         first = len(tracker.events)
-        out = fn(args)
+        out = memo.run(step.compiled, fn, args) if compiled and MEMO else fn(args)
         tracker.events[first:] = [
             FxswapEvent(e.kind, step.units.get(e.uid, e.uid), e.index) for e in tracker.events[first:]
         ]
         return out
 
     return program.run(fakes, call=call)
+
+
+# Off only to check the memo against a full replay (tests/test_replay_memo.py).
+MEMO = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Effect:
+    """What replaying one compiled region did, relative to its start (see :class:`_StepMemo`)."""
+
+    deltas: tuple[int, ...]  # the allocation level's moves, in order
+    events: tuple[tuple[str, int, int], ...]  # fxswap ops: kind, the region's unit id, move index
+    freed: tuple[int, ...]  # the arguments (by position) whose storage the region freed
+    # per output: ("arg", j, size, stride, offset): a view of argument j's storage;
+    # ("new", group, nbytes, counted, size, stride, offset, dtype): a storage the region allocated
+    # (outputs of one group share it); ("value", v): not a tensor
+    outs: tuple[tuple[Any, ...], ...]
+
+
+class _StepMemo:
+    """Replays a compiled region once per distinct situation and repeats its effect after that.
+
+    Forty blocks alike run one program forty times, on inputs alike; each replay of the generated
+    wrapper costs tens of milliseconds of fake-tensor dispatch, about a second per fxswap.fit
+    round for a 40-block model. The effect of a replay on the tracker is a function of the
+    program, its arguments' layouts and which of their storages it may free. That last part is
+    keyed by what decides it: which arguments share a storage, how many live tensors each storage
+    has (the tracker's count) and how many references each argument object has (the caller's slot
+    list, a later region's slot, the call's own list). The effect is then applied as recorded: the
+    same level moves and fxswap events, the same freed storages, outputs with the same layouts and
+    storage sharing. `tests/test_replay_memo.py` checks it against full replays.
+    """
+
+    def __init__(self, tracker: _Tracker) -> None:
+        self.tracker = tracker
+        self.seen: dict[tuple[Any, ...], _Effect] = {}
+
+    def _key(self, compiled: Any, args: list[Any]) -> tuple[Any, ...] | None:
+        refs = self.tracker.refs
+        group: dict[int, int] = {}
+        parts: list[Any] = [id(compiled)]
+        for a in args:
+            if not isinstance(a, torch.Tensor):
+                if not isinstance(a, (int, float, bool, type(None))):
+                    return None
+                parts.append(("V", a))
+                continue
+            k = int(a.untyped_storage()._cdata)
+            g = group.setdefault(k, len(group))
+            # refcount: the argument list, this frame's loop variable, getrefcount's own argument,
+            # and whatever else holds it (a slot a later region reads)
+            held = sys.getrefcount(a)
+            parts.append(
+                ("T", tuple(a.shape), tuple(a.stride()), a.storage_offset(), a.dtype, g, refs.get(k), held)
+            )
+        return tuple(parts)
+
+    def run(self, compiled: Any, fn: Callable[[list[Any]], Any], args: list[Any]) -> Any:
+        key = self._key(compiled, args)
+        effect = self.seen.get(key) if key is not None else None
+        if effect is not None:
+            return self._apply(effect, args)
+        tr = self.tracker
+        keys = [int(a.untyped_storage()._cdata) if isinstance(a, torch.Tensor) else None for a in args]
+        n_levels, n_events = len(tr.levels), len(tr.events)
+        tr.freed = []
+        try:
+            out = fn(args)
+            freed_keys = list(tr.freed)
+        finally:
+            tr.freed = None
+        if key is None:
+            return out
+        levels = tr.levels
+        deltas = tuple(levels[i] - levels[i - 1] for i in range(n_levels, len(levels)))
+        events = tuple((e.kind, e.uid, e.index - (n_levels - 1)) for e in tr.events[n_events:])
+        freed_set = set(freed_keys)
+        freed = tuple(j for j, k in enumerate(keys) if k is not None and k in freed_set)
+        arg_of = {k: j for j, k in reversed(list(enumerate(keys))) if k is not None and k not in freed_set}
+        outs: list[tuple[Any, ...]] = []
+        groups: dict[int, int] = {}
+        for t in out:
+            if not isinstance(t, torch.Tensor):
+                if not isinstance(t, (int, float, bool, type(None))):
+                    return out  # nothing recorded: this situation is always replayed
+                outs.append(("value", t))
+                continue
+            k = int(t.untyped_storage()._cdata)
+            view = (tuple(t.shape), tuple(t.stride()), t.storage_offset())
+            if k in arg_of:
+                outs.append(("arg", arg_of[k], *view))
+            elif k in tr.sizes and k not in freed_set:
+                g = groups.setdefault(k, len(groups))
+                nbytes = int(t.untyped_storage().nbytes())
+                outs.append(("new", g, nbytes, tr.sizes[k], *view, t.dtype))
+            else:
+                return out  # an output on a storage the tracker does not count: always replayed
+        self.seen[key] = _Effect(deltas, events, freed, tuple(outs))
+        return out
+
+    def _apply(self, effect: _Effect, args: list[Any]) -> list[Any]:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        tr = self.tracker
+        base = len(tr.levels) - 1
+        moves = iter(effect.deltas)
+        pending = list(effect.events)
+        # the fxswap events at their recorded places among the moves
+        done = 0
+        for kind, uid, at in pending:
+            while done < at:
+                tr._move_always(next(moves))
+                done += 1
+            tr.events.append(FxswapEvent(kind, uid, base + at))
+        for d in moves:
+            tr._move_always(d)
+        for j in effect.freed:
+            tr.forget(int(args[j].untyped_storage()._cdata))
+        fake_mode = next(a.fake_mode for a in args if isinstance(a, FakeTensor))
+        storages: dict[int, Any] = {}
+        outs: list[Any] = []
+        for o in effect.outs:
+            if o[0] == "value":
+                outs.append(o[1])
+                continue
+            if o[0] == "arg":
+                src = args[o[1]]
+                size, stride, offset = o[2:5]
+                with torch._C._DisableTorchDispatch():
+                    view = torch.Tensor.as_strided(src, size, stride, offset)
+                t = FakeTensor(fake_mode, view, src.device)
+            else:
+                _, g, nbytes, counted, size, stride, offset, dtype = o
+                device = next(a.device for a in args if isinstance(a, torch.Tensor))
+                if g not in storages:
+                    with torch._C._DisableTorchDispatch():
+                        storages[g] = torch.empty(nbytes, dtype=torch.uint8, device="meta")
+                    # counted by the recorded moves already: noted without a move of its own
+                    tr.register(int(storages[g].untyped_storage()._cdata), counted)
+                meta = torch.empty(0, dtype=dtype, device="meta")
+                with torch._C._DisableTorchDispatch():
+                    meta.set_(storages[g].untyped_storage(), offset, size, stride)
+                t = FakeTensor(fake_mode, meta, device)
+            tr._note(t)
+            outs.append(t)
+        args.clear()  # Inductor's boxed convention, as the replayed wrapper does
+        return outs
 
 
 def _replayable(compiled: Any, device: torch.device, tracker: _Tracker) -> Callable[[list[Any]], Any]:
