@@ -488,6 +488,59 @@ def _csv(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+ALIGN_CASES = (
+    ("wan2.1-t2v-14b", "480p81", "rtx4090", 12),
+    ("wan2.1-t2v-14b", "480p81", "rtx4090", 16),
+    ("wan2.1-t2v-14b", "720p81", "rtx4090", 16),
+    ("wan2.1-t2v-14b", "720p81", "rtx4090", 24),
+    ("wan2.1-t2v-14b", "480p81", "h100-pcie", 24),
+    ("wan2.1-t2v-1.3b", "480p81", "rtx4090", 6),
+)
+
+
+def align_predict(cache_dir: str | None) -> dict[str, Any]:
+    """What compiling each block once costs at run time, predicted: the adaptive plan of WAN at
+    each case with its units' waits and releases at their blocks' edges (what ``fxswap.compile``
+    plans under Inductor, so that blocks alike share one program) against the exact positions
+    (one program per distinct pattern of swap ops), by the planner's cost model. Predictions, not
+    measurements."""
+    from fxswap.bench.costmodel import plan_rates
+    from fxswap.bench.graphs import load_wan_ir
+    from fxswap.bench.hardware import PROFILES
+    from fxswap.passes.planner import build_plan
+    from fxswap.swapplan import PlanOptions
+
+    rows = []
+    for model, case, card, gib in ALIGN_CASES:
+        ir = load_wan_ir(model, case, Path(cache_dir) if cache_dir else None)
+        opts = PlanOptions(mode="adaptive", max_vram_bytes=gib * 2**30, **plan_rates(PROFILES[card]))
+        row: dict[str, Any] = {"model": model, "case": case, "card": card, "budget_gib": gib}
+        for name, align in (("exact", False), ("aligned", True)):
+            plan = build_plan(ir, opts, align_blocks=align)
+            row[name] = {
+                "partition": plan.partition,
+                "step_ms": round(plan.predicted_step_ms, 1),
+                "moved_gib": round(plan.moved_bytes_per_call / 2**30, 2),
+                "resident_gib": round(plan.resident_bytes / 2**30, 2),
+            }
+        row["step_ratio"] = round(row["aligned"]["step_ms"] / row["exact"]["step_ms"], 4)
+        rows.append(row)
+        print(f"[bench_compile] align {model} {case} {card} {gib} GiB: {row}", flush=True)
+    lines = [
+        "| model | case | card | budget GiB | exact: partition, step ms, moved GiB | aligned: partition, "
+        "step ms, moved GiB | aligned / exact |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e, a = r["exact"], r["aligned"]
+        lines.append(
+            f"| {r['model']} | {r['case']} | {r['card']} | {r['budget_gib']} | {e['partition']}, "
+            f"{e['step_ms']}, {e['moved_gib']} | {a['partition']}, {a['step_ms']}, {a['moved_gib']} | "
+            f"{r['step_ratio']:.3f} |"
+        )
+    return {"rows": rows, "table": "\n".join(lines)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODELS, help="repeat for several; default both")
@@ -509,7 +562,23 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--align-predict",
+        action="store_true",
+        help="predict the run-time cost of block-edge swap positions on WAN 14B / 1.3B (no compile)",
+    )
+    parser.add_argument("--cache-dir", default=None, help="graph cache for --align-predict")
     args = parser.parse_args()
+
+    if args.align_predict:
+        out = align_predict(args.cache_dir)
+        out["command"] = " ".join([os.path.relpath(__file__), *sys.argv[1:]])
+        print(out["table"])
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return
 
     if args.child is not None:
         print(RESULT_MARK + json.dumps(run_child(json.loads(args.child))), flush=True)

@@ -39,10 +39,12 @@ static shapes refuses them), so zeros allocate what the real values would.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import operator
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -170,6 +172,14 @@ def _signature(node: fx.Node, args: Any, kwargs: Any) -> Any:
     return (node.op, str(node.target), str(spec), tuple(one(v) for v in leaves))
 
 
+# The peak each distinct op reached when probed, per (device, rules, op signature), for every
+# capture of the process: a probe runs the op for real at full size, and a new input signature
+# repeats most ops of the last one with the same shapes (WAN's text and time embeddings). Bounded.
+_PEAKS: collections.OrderedDict[Any, int] = collections.OrderedDict()
+_PEAKS_MAX = 4096
+_PEAKS_LOCK = threading.Lock()
+
+
 def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     """Measured workspace of every op of ``gm`` on ``device``, by node name (ops without any: absent).
 
@@ -227,14 +237,27 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
         key = _signature(node, args, kwargs)
         todo.setdefault(key, (node, args, kwargs))
         probed.append((node, key, new_bytes))
-    keys = list(todo)
-    if device.type == "cuda":
-        _warm_libraries(device)
-    with torch.no_grad(), pieces(device) as probe:
-        for k, key in enumerate(keys):
-            node, args, kwargs = todo[key]
-            _run(probe, str(k), node, modules, args, kwargs, device)
-    peak = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
+    where = (str(device), rules)
+    # a module's call depends on the module, not only on its path: measured each time
+    shareable = {key for key, (node, _, _) in todo.items() if node.op != "call_module"}
+    with _PEAKS_LOCK:
+        peak = {key: _PEAKS[(where, key)] for key in shareable if (where, key) in _PEAKS}
+    keys = [key for key in todo if key not in peak]
+    if keys:
+        if device.type == "cuda":
+            _warm_libraries(device)
+        with torch.no_grad(), pieces(device) as probe:
+            for k, key in enumerate(keys):
+                node, args, kwargs = todo[key]
+                _run(probe, str(k), node, modules, args, kwargs, device)
+        measured = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
+        peak.update(measured)
+        with _PEAKS_LOCK:
+            for key, value in measured.items():
+                if key in shareable:
+                    _PEAKS[(where, key)] = value
+            while len(_PEAKS) > _PEAKS_MAX:
+                _PEAKS.popitem(last=False)
     out: dict[str, int] = dict(collective_ws)
     for node, key, new_bytes in probed:
         ws = peak[key] - new_bytes
