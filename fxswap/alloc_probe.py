@@ -15,13 +15,15 @@ allocator, in two implementations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import collections
+import threading
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["PieceProbe", "held_bytes", "pieces", "profiler_running"]
+__all__ = ["Measurements", "PieceProbe", "held_bytes", "pieces", "profiler_running"]
 
 _RANGE = "fxswap.alloc_probe:"
 
@@ -29,6 +31,27 @@ _RANGE = "fxswap.alloc_probe:"
 def profiler_running() -> bool:
     """A torch profiler is already on in this process (profilers do not nest)."""
     return bool(torch._C._autograd._profiler_enabled())
+
+
+class Measurements:
+    """Peaks measured with this probe, kept for the process: a measurement runs an op for real, at
+    full size, and later builds (a new input signature, another ``fxswap.fit`` round) repeat most
+    of the last one's ops. Thread-safe; bounded, the oldest entries dropped first."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._data: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> int | None:
+        with self._lock:
+            return self._data.get(key)
+
+    def put(self, key: Hashable, value: int) -> None:
+        with self._lock:
+            self._data[key] = value
+            while len(self._data) > self._limit:
+                self._data.popitem(last=False)
 
 
 class PieceProbe:

@@ -196,7 +196,7 @@ def fit(
 ) -> tuple[Built[H], SwapPlan]:
     """Plan ``ir`` under ``opts`` so that Inductor's real program fits (see the module docstring).
 
-    ``align_blocks``: plan whole-block units' swap ops at their blocks' edges
+    ``align_blocks``: plan every unit's swap ops at the edges of the blocks that read it
     (:func:`fxswap.passes.planner.build_plan`), for a program compiled block by block.
 
     Returns:

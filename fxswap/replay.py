@@ -30,12 +30,10 @@ budget for that graph rather than guessing.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import re
 import sys
-import threading
 import types
 import weakref
 from collections.abc import Callable, Sequence
@@ -46,7 +44,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
+from fxswap.alloc_probe import Measurements, PieceProbe, pieces, profiler_running
 from fxswap.errors import ReplayError
 from fxswap.passes.device_rules import CPU_RULES, DeviceRules
 
@@ -102,7 +100,7 @@ class _Tracker(TorchDispatchMode):
         self.levels: list[int] = [0]
         self.refs: dict[int, int] = {}  # storage key -> live tensor objects on it
         self.sizes: dict[int, int] = {}
-        self.noted: set[int | None] = set()  # id() of the live tensor objects noted
+        self.noted: set[int] = set()  # id() of the live tensor objects noted
         self.gen: dict[int, int] = {}  # storage key -> its registration (see register)
         self._gens = itertools.count()
         self.events: list[FxswapEvent] = []
@@ -153,11 +151,8 @@ class _Tracker(TorchDispatchMode):
 
     def _move(self, delta: int) -> None:
         if delta:
-            self._move_always(delta)
-
-    def _move_always(self, delta: int) -> None:
-        self.level += delta
-        self.levels.append(self.level)
+            self.level += delta
+            self.levels.append(self.level)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -215,13 +210,9 @@ def _call_of(compiled: Any) -> tuple[Any, dict[str, Any]]:
     return call, fn.__globals__
 
 
-# Measured workspace per (device, rules, ATen call): a measurement runs the op for real on zeros,
-# at full size (a bf16 text-embedding matmul of WAN takes a tenth of a second on a CPU), and a new
-# input signature repeats most calls of the last one (the text and time embeddings keep their
-# shapes when the video's size changes), as does every fxswap.fit round. Bounded, oldest dropped.
-_MEASURED: collections.OrderedDict[Any, int] = collections.OrderedDict()
-_MEASURED_MAX = 4096
-_MEASURED_LOCK = threading.Lock()
+# Measured workspace per (device, rules, ATen call), for every replay of the process: a new input
+# signature repeats most calls of the last one, as does every fxswap.fit round.
+_MEASURED = Measurements()
 
 
 def _workspace_prober(device: torch.device, rules: DeviceRules) -> Callable[[Any, Any, Any], int]:
@@ -247,16 +238,11 @@ def _workspace_prober(device: torch.device, rules: DeviceRules) -> Callable[[Any
     def probe(func: Any, args: Any, kwargs: Any) -> int:
         key = key_of(func, args, kwargs)
         if key not in cache:
-            shared = (where, key)
-            with _MEASURED_LOCK:
-                ws = _MEASURED.get(shared)
+            ws = _MEASURED.get((where, key))
             if ws is None:
                 ws = _measure_one(func, args, kwargs, device, rules)
                 if not (device.type == "cpu" and profiler_running()):  # 0 then means "not measured"
-                    with _MEASURED_LOCK:
-                        _MEASURED[shared] = ws
-                        while len(_MEASURED) > _MEASURED_MAX:
-                            _MEASURED.popitem(last=False)
+                    _MEASURED.put((where, key), ws)
             cache[key] = ws
         return cache[key]
 
@@ -479,20 +465,21 @@ class _StepMemo:
 
         tr = self.tracker
         base = len(tr.levels) - 1
+        # the recorded moves (never 0: a level is appended only when it changes), with the fxswap
+        # events at their recorded places among them
         moves = iter(effect.deltas)
-        pending = list(effect.events)
-        # the fxswap events at their recorded places among the moves
         done = 0
-        for kind, uid, at in pending:
+        for kind, uid, at in effect.events:
             while done < at:
-                tr._move_always(next(moves))
+                tr._move(next(moves))
                 done += 1
             tr.events.append(FxswapEvent(kind, uid, base + at))
         for d in moves:
-            tr._move_always(d)
+            tr._move(d)
         for j in effect.freed:
             tr.forget(int(args[j].untyped_storage()._cdata))
         fake_mode = next(a.fake_mode for a in args if isinstance(a, FakeTensor))
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
         storages: dict[int, Any] = {}
         outs: list[Any] = []
         for o in effect.outs:
@@ -507,7 +494,6 @@ class _StepMemo:
                 t = FakeTensor(fake_mode, view, src.device)
             else:
                 _, g, nbytes, counted, size, stride, offset, dtype = o
-                device = next(a.device for a in args if isinstance(a, torch.Tensor))
                 if g not in storages:
                     with torch._C._DisableTorchDispatch():
                         storages[g] = torch.empty(nbytes, dtype=torch.uint8, device="meta")

@@ -39,12 +39,10 @@ static shapes refuses them), so zeros allocate what the real values would.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
 import operator
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,7 +50,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from fxswap.alloc_probe import PieceProbe, pieces, profiler_running
+from fxswap.alloc_probe import Measurements, PieceProbe, pieces, profiler_running
 from fxswap.ir import GraphIR
 from fxswap.passes.analyse import target_name
 from fxswap.passes.device_rules import CPU_RULES, DEFAULT_CAPABILITY, DeviceRules, cuda_rules, sdpa_backend
@@ -173,11 +171,8 @@ def _signature(node: fx.Node, args: Any, kwargs: Any) -> Any:
 
 
 # The peak each distinct op reached when probed, per (device, rules, op signature), for every
-# capture of the process: a probe runs the op for real at full size, and a new input signature
-# repeats most ops of the last one with the same shapes (WAN's text and time embeddings). Bounded.
-_PEAKS: collections.OrderedDict[Any, int] = collections.OrderedDict()
-_PEAKS_MAX = 4096
-_PEAKS_LOCK = threading.Lock()
+# capture of the process (WAN's text and time embeddings keep their shapes at a new video size).
+_PEAKS = Measurements()
 
 
 def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
@@ -240,8 +235,7 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
     where = (str(device), rules)
     # a module's call depends on the module, not only on its path: measured each time
     shareable = {key for key, (node, _, _) in todo.items() if node.op != "call_module"}
-    with _PEAKS_LOCK:
-        peak = {key: _PEAKS[(where, key)] for key in shareable if (where, key) in _PEAKS}
+    peak = {key: v for key in shareable if (v := _PEAKS.get((where, key))) is not None}
     keys = [key for key in todo if key not in peak]
     if keys:
         if device.type == "cuda":
@@ -252,12 +246,9 @@ def probe_workspace(gm: fx.GraphModule, device: torch.device) -> dict[str, int]:
                 _run(probe, str(k), node, modules, args, kwargs, device)
         measured = {key: probe.peak.get(str(k), 0) for k, key in enumerate(keys)}
         peak.update(measured)
-        with _PEAKS_LOCK:
-            for key, value in measured.items():
-                if key in shareable:
-                    _PEAKS[(where, key)] = value
-            while len(_PEAKS) > _PEAKS_MAX:
-                _PEAKS.popitem(last=False)
+        for key, value in measured.items():
+            if key in shareable:
+                _PEAKS.put((where, key), value)
     out: dict[str, int] = dict(collective_ws)
     for node, key, new_bytes in probed:
         ws = peak[key] - new_bytes

@@ -84,7 +84,7 @@ def block_labels(modules: Sequence[str | None]) -> list[str]:
     component (``"blocks.3"``), else ``""`` (between blocks). An op with no module between two ops
     of one block belongs to that block; at the edges, or between two blocks, to ``""``.
 
-    What the regions pass cuts compiled regions by, and what the planner aligns whole-block units
+    What the regions pass cuts compiled regions by, and what the planner aligns units' swap ops
     to, so that both see the same edges.
 
     >>> block_labels(["embed", "blocks.0.attn", None, "blocks.0.ffn", None, "blocks.1.attn", "head"])

@@ -287,10 +287,11 @@ def build_plan(ir: GraphIR, options: PlanOptions, *, align_blocks: bool = False)
     Args:
         ir: the captured graph (plain data).
         options: mode, budget, block size, reserve, prefetch depth and cost-model rates.
-        align_blocks: a unit read alone in its repeated blocks is waited for at its first block's
-            first op and released after its last block's last op (the loads anchored on it with
-            it), so that compiled block programs hold no swap op and blocks alike share one
-            program (:func:`fxswap.passes.schedule.prepare_partition`). The windows are planned as
+        align_blocks: every unit read in blocks (a whole block or, chunkwise, a part of one) is
+            waited for at the first op of the first block that reads it and released after the
+            last op of the last (the loads anchored on it with it), so that compiled block
+            programs hold no swap op and blocks alike share one program
+            (:func:`fxswap.passes.schedule.prepare_partition`). The windows are planned as
             widened; ``fxswap.compile`` asks for it under Inductor. Below the smallest budget the
             widened windows fit, the plan keeps the exact positions.
 

@@ -318,8 +318,12 @@ def _region(
             local[uid] = unit_id(len(local), shapes, dtypes)
         return local[uid]
 
+    def own_args(n: fx.Node) -> tuple[Any, ...]:
+        # a release in another region than its wait reads the wait's items, not the wait
+        return (*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args
+
     for k, n in enumerate(nodes):
-        args = fx.node.map_arg((*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args, value)
+        args = fx.node.map_arg(own_args(n), value)
         kwargs = fx.node.map_arg(n.kwargs, value)
         if n.target in ops.FXSWAP_OPS:
             args = (local_id(int(n.args[0])), *args[1:])  # type: ignore[arg-type]
@@ -343,7 +347,7 @@ def _region(
             return env[a]
 
         for n in nodes:
-            args = fx.node.map_arg((*n.args[:1], lists[n], *n.args[2:]) if n in lists else n.args, node_of)
+            args = fx.node.map_arg(own_args(n), node_of)
             kwargs = fx.node.map_arg(n.kwargs, node_of)
             if n.target in ops.FXSWAP_OPS:
                 args = (uids[int(n.args[0])], *args[1:])  # type: ignore[arg-type]
