@@ -109,13 +109,20 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-    """A call's input signature: its structure, each tensor's shape, dtype and device type, and every
-    other value (by hash, else by repr). One capture and plan per signature."""
+    """A call's input signature: its structure, each tensor's shape, layout, dtype and device type,
+    and every other value (by hash, else by repr). One capture and plan per signature.
+
+    The layout is the strides of the dimensions longer than 1 (those of the others address nothing,
+    and Inductor's own asserts ignore them): the capture is traced with the call's strides, and the
+    compiled regions assume the layouts they were built for (they run without per-input asserts,
+    see ``fxswap.regional.REGION_CONFIG``), so a transposed or sliced input of the same shape is a
+    new signature, as it is a recompile for ``torch.compile``."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     key: list[Hashable] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+            layout = tuple(s if n > 1 else None for n, s in zip(leaf.shape, leaf.stride(), strict=True))
+            key.append(("T", tuple(leaf.shape), layout, leaf.dtype, leaf.device.type))
         else:
             try:
                 hash(leaf)

@@ -64,17 +64,21 @@ __all__ = [
     "UnitMeta",
     "bound_units",
     "carry",
+    "carry_on",
     "dequant",
     "load",
+    "load_on",
     "lookup",
     "patch",
     "register_patch",
     "register_unit",
     "token_for",
     "release",
+    "release_on",
     "swap_table",
     "unregister_unit",
     "wait",
+    "wait_on",
 ]
 
 
@@ -210,25 +214,51 @@ def token_for(device: torch.device) -> Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device)
 
 
-def _load_impl(uid: int, anchor: Tensor) -> Tensor:
-    tok = (_UNITS.get(uid) or lookup(uid)).start_load()
+# What each swap op does to the unit it names, given the unit's handle: the ops' implementations,
+# and what the regional program's generated code calls for its glue steps, with each handle
+# resolved once when the code is generated (fxswap.regional._straight_line): the dispatcher's
+# 3 to 5 us per op, on two or three ops per block, is what one graph does not pay either.
+
+
+def load_on(handle: UnitHandle, anchor: Tensor) -> Tensor:
+    """``fxswap::load`` on ``handle``'s unit."""
+    tok = handle.start_load()
     # An op's output must not alias its input: anchored on another fxswap token (the shared one),
     # hand out a fresh one.
     return tok if anchor is not tok else tok.new_empty(0)
 
 
-def _carry_impl(uid: int, anchor: Tensor) -> Tensor:
-    tok = (_UNITS.get(uid) or lookup(uid)).start_carry()
+def carry_on(handle: UnitHandle, anchor: Tensor) -> Tensor:
+    """``fxswap::carry`` on ``handle``'s unit."""
+    tok = handle.start_carry()
     return tok if anchor is not tok else tok.new_empty(0)
 
 
+def wait_on(handle: UnitHandle, token: Tensor) -> list[Tensor]:
+    """``fxswap::wait`` on ``handle``'s unit."""
+    return handle.finish_wait()
+
+
+def release_on(handle: UnitHandle, after: Tensor) -> Tensor:
+    """``fxswap::release`` on ``handle``'s unit (the weights it lists are only a dependency)."""
+    tok = handle.on_release()
+    return tok if after is not tok else tok.new_empty(0)
+
+
+def _load_impl(uid: int, anchor: Tensor) -> Tensor:
+    return load_on(_UNITS.get(uid) or lookup(uid), anchor)
+
+
+def _carry_impl(uid: int, anchor: Tensor) -> Tensor:
+    return carry_on(_UNITS.get(uid) or lookup(uid), anchor)
+
+
 def _wait_impl(uid: int, token: Tensor) -> list[Tensor]:
-    return (_UNITS.get(uid) or lookup(uid)).finish_wait()
+    return wait_on(_UNITS.get(uid) or lookup(uid), token)
 
 
 def _release_impl(uid: int, weights: list[Tensor], after: Tensor) -> Tensor:
-    tok = (_UNITS.get(uid) or lookup(uid)).on_release()
-    return tok if after is not tok else tok.new_empty(0)
+    return release_on(_UNITS.get(uid) or lookup(uid), after)
 
 
 def _dequant_impl(

@@ -39,6 +39,7 @@ from fxswap import ops
 
 __all__ = [
     "INDUCTOR_CONFIG",
+    "REGION_CONFIG",
     "RegionalProgram",
     "Step",
     "clear_programs",
@@ -52,6 +53,16 @@ logger = logging.getLogger("fxswap.compiler")
 
 # fxswap's scoped Inductor settings (names checked on torch 2.11 to 2.14; see compile_inductor).
 INDUCTOR_CONFIG: dict[str, Any] = {"reorder_for_locality": False, "triton.cudagraphs": False}
+
+# What the regions of a regional program are compiled with, on top: no per-input size and stride
+# asserts. Inductor checks every input of a graph at each call (0.7 us each on the CPU), and a
+# region's inputs are its weights and the activations crossing into it: 35 asserts per block of the
+# 40-block toy, about 1 ms of its 13 ms call, which one graph does not pay for values that stay
+# inside it. The layouts are fixed when the program is built: a user tensor's is part of the
+# call's signature (fxswap.build.signature), residents and waited units are fxswap's own copies, and
+# everything else is the output of a step whose code is fixed. FXSWAP_REGIONS=0 keeps the asserts:
+# it is fxswap's earlier one-graph program, the baseline that benchmarks compare with.
+REGION_CONFIG: dict[str, Any] = {"size_asserts": False}
 
 # Compiled region programs of this process, by canonical code and input layout (bounded: a long
 # ComfyUI session sees many resolutions). Inductor's on-disk FX graph cache serves other processes.
@@ -108,8 +119,10 @@ def warm_inductor(device: torch.device) -> None:
         logger.debug("fxswap: Inductor's worker pool not warmed: %s", exc)
 
 
-def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., Any]:
-    """Inductor on one graph with the settings the fxswap ops need.
+def compile_inductor(
+    gm: fx.GraphModule, flat: Sequence[Any], config: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
+    """Inductor on one graph with the settings the fxswap ops need (and ``config`` on top).
 
     ``flat`` holds the example inputs: real tensors, or fake tensors of one ``FakeTensorMode``
     (with static shapes), which are used as they are.
@@ -140,7 +153,7 @@ def compile_inductor(gm: fx.GraphModule, flat: Sequence[Any]) -> Callable[..., A
                 for t in flat
             ]
         context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
-    with torch._inductor.config.patch(INDUCTOR_CONFIG), torch.no_grad(), context:
+    with torch._inductor.config.patch({**INDUCTOR_CONFIG, **(config or {})}), torch.no_grad(), context:
         return compile_fx(gm, example)  # type: ignore[return-value]
 
 
@@ -205,12 +218,15 @@ class RegionalProgram:
         constants: Mapping[int, Any],
         outputs: Sequence[int | None],
         output_constants: Sequence[Any],
+        n_inputs: int,
     ) -> None:
         self.steps = tuple(steps)
+        self.n_inputs = n_inputs  # slots 0 .. n_inputs - 1: the graph's inputs, in order
         self.n_slots = n_slots
         self.constants = dict(constants)
         self.outputs = tuple(outputs)
         self.output_constants = tuple(output_constants)
+        self._straight: Callable[[list[Any]], list[Any]] | None = None
 
     @property
     def programs(self) -> int:
@@ -218,7 +234,13 @@ class RegionalProgram:
         return len({id(s.compiled) for s in self.steps if not s.glue})
 
     def __call__(self, *flat: Any) -> list[Any]:
-        return self.run(list(flat))
+        if torch._C._len_torch_dispatch_stack():
+            # A dispatch mode (a fake mode, a debugging or counting mode) sees every op, the glue's
+            # swap ops included, which the generated function calls without the dispatcher.
+            return self.run(list(flat))
+        if self._straight is None:
+            self._straight = _straight_line(self)
+        return self._straight(list(flat))
 
     def run(
         self,
@@ -250,6 +272,139 @@ class RegionalProgram:
         return [
             env[s] if s is not None else c for s, c in zip(self.outputs, self.output_constants, strict=True)
         ]
+
+
+def _straight_line(program: RegionalProgram) -> Callable[[list[Any]], list[Any]]:
+    """``program.run`` without hooks, as one generated Python function: the slots are its locals,
+    each step one call with its arguments named, and each glue step's swap ops written out in it,
+    calling the ops' implementations on the step's units (resolved here, once) instead of going
+    through the dispatcher. The replay keeps ``run`` and the glue modules: it needs the ops
+    dispatched, to see them on fake tensors.
+
+    On the 40-block toy (82 steps per call, 39 of them glue) this saves about 0.3 ms of the step
+    loop (slot list, argument and output loops) and 0.4 ms of dispatching, of a 12 ms call.
+
+    Memory is freed where ``run`` frees it: a compiled step's arguments go in a list the callee
+    empties (the boxed convention), a slot is cleared before the call of its last reader, outputs
+    are unpacked straight from the call; in a written-out glue step, each value is cleared right
+    after its last use in the step, as FX's code for the glue module clears it."""
+    namespace: dict[str, Any] = {
+        "swap_table": ops.swap_table,
+        "load_on": ops.load_on,
+        "carry_on": ops.carry_on,
+        "wait_on": ops.wait_on,
+        "release_on": ops.release_on,
+    }
+    lines = ["def straight_line(flat):"]
+    placeholders = [f"s{i}" for i in range(program.n_inputs)]
+    if placeholders:
+        lines.append(f"    {', '.join(placeholders)}, = flat")
+    lines.append("    flat = None")
+    for slot, value in program.constants.items():
+        namespace[f"c{slot}"] = value
+        lines.append(f"    s{slot} = c{slot}")
+    lines.append("    previous = swap_table(None)")
+    lines.append("    try:")
+    for k, st in enumerate(program.steps):
+        swaps_only = st.glue and st.region is not None and st.region.glue
+        written = _glue_lines(k, st, namespace) if swaps_only else None
+        if written is not None:
+            lines.extend("        " + line for line in written)
+            continue
+        namespace[f"f{k}"] = st.call
+        namespace[f"t{k}"] = st.table
+        lines.append(f"        swap_table(t{k})")
+        lines.append(f"        a = [{', '.join(f's{i}' for i in st.inputs)}]")
+        if st.drop:
+            lines.append(f"        {' = '.join(f's{i}' for i in st.drop)} = None")
+        if st.outputs:
+            lines.append(f"        {', '.join(f's{i}' for i in st.outputs)}, = f{k}(a)")
+        else:
+            lines.append(f"        f{k}(a)")
+    lines.append("    finally:")
+    lines.append("        swap_table(previous)")
+    outs = []
+    for j, (out, constant) in enumerate(zip(program.outputs, program.output_constants, strict=True)):
+        if out is None:
+            namespace[f"o{j}"] = constant
+            outs.append(f"o{j}")
+        else:
+            outs.append(f"s{out}")
+    lines.append(f"    return [{', '.join(outs)}]")
+    code = compile("\n".join(lines) + "\n", "<fxswap regional program>", "exec")
+    exec(code, namespace)  # noqa: S102 (source generated above from slot numbers only)
+    return cast(Callable[[list[Any]], list[Any]], namespace["straight_line"])
+
+
+_ON = {ops.load: "load_on", ops.carry: "carry_on", ops.wait: "wait_on", ops.release: "release_on"}
+
+
+def _glue_lines(k: int, st: Step, namespace: dict[str, Any]) -> list[str] | None:
+    """The lines of glue step ``k`` written out (its boxed module's graph: the swap ops, indexing
+    into a wait's list, the outputs), or None where the graph holds anything else."""
+    graph = cast(fx.GraphModule, st.compiled).graph
+    box = next(n for n in graph.nodes if n.op == "placeholder")
+    expr: dict[fx.Node, str] = {}
+    temps: set[fx.Node] = set()
+    body: list[tuple[fx.Node, str]] = []
+    out: fx.Node | None = None
+    for n in graph.nodes:
+        if n is box:
+            continue
+        if n.op == "call_method" and n.target == "clear" and n.args == (box,):
+            continue
+        if n.op == "output":
+            out = n
+            continue
+        if n.op != "call_function":
+            return None
+        if n.target is operator.getitem and n.args[0] is box:
+            expr[n] = f"s{st.inputs[cast(int, n.args[1])]}"
+            continue
+        expr[n] = f"g{k}_{len(temps)}"
+        temps.add(n)
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], int):
+            body.append((n, f"{expr[n]} = {expr[n.args[0]]}[{n.args[1]}]"))
+            continue
+        name = _ON.get(n.target)
+        uid = n.args[0] if n.args else None
+        if name is None or not isinstance(uid, int) or uid not in st.table or n.kwargs:
+            return None
+        # the last argument is the op's token (anchor, token, after); release's weights are only a
+        # dependency, which the order of these lines keeps
+        token = n.args[-1]
+        if not isinstance(token, fx.Node):
+            return None
+        handle = f"h{k}_{uid}".replace("-", "m")
+        namespace[handle] = st.table[uid]
+        body.append((n, f"{expr[n]} = {name}({handle}, {expr[token]})"))
+    if out is None:
+        return None
+    results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    if len(results) != len(st.outputs) or not all(isinstance(r, fx.Node) for r in results):
+        return None
+    # each value is cleared after its last use: temporaries always; a slot where this step is its
+    # last reader (st.drop), as the boxed module drops what it took from its list
+    last: dict[str, fx.Node] = {}
+    for n, _ in body:
+        for a in n.all_input_nodes:
+            last[expr[a]] = n
+    droppable = {f"s{i}" for i in st.drop} | {expr[n] for n in temps}
+    returned = {expr[cast(fx.Node, r)] for r in results}
+    lines = []
+    unused = sorted(e for e in droppable if e not in last and e not in returned)
+    if unused:  # read by no op of the step: freed before its first, as the module's list is emptied
+        lines.append(f"{' = '.join(unused)} = None")
+    for n, line in body:
+        lines.append(line)
+        dead = sorted(e for e, at in last.items() if at is n and e in droppable and e not in returned)
+        if dead:
+            lines.append(f"{' = '.join(dead)} = None")
+    lines.extend(f"s{slot} = {expr[cast(fx.Node, r)]}" for slot, r in zip(st.outputs, results, strict=True))
+    moved = sorted(e for e in returned & droppable if e not in {f"s{i}" for i in st.outputs})
+    if moved:  # now held by their output slots
+        lines.append(f"{' = '.join(moved)} = None")
+    return lines
 
 
 def _layout(v: Any, device: torch.device) -> tuple[Any, ...]:
@@ -341,7 +496,9 @@ def compile_regional(
 
     keys = []
     for region, ins, _outs, _table in plans:
-        keys.append((region.signature, tuple(_layout(example[s], device) for s in ins)))
+        # regions_enabled: with it off, the one region is compiled with Inductor's asserts
+        layouts = tuple(_layout(example[s], device) for s in ins)
+        keys.append((region.signature, layouts, regions_enabled()))
     # Run as FX's Python, not compiled: glue always; and, unless FXSWAP_EAGER_EDGES=0, every
     # stretch outside the repeated blocks (prologue, epilogue, ops between blocks), as regional
     # compilation leaves them (docs/first_call.md: what that saves and costs).
@@ -415,6 +572,7 @@ def compile_regional(
         constants,
         [slot[n] if n is not None else None for n in split.outputs],
         split.constants,
+        len(split.placeholders),
     )
 
 
@@ -445,7 +603,7 @@ def _compile_region(
         else:
             fakes.append(v)
     with ops.bound_units(table):  # the fake waits read the units' shapes
-        return compile_inductor(gm, fakes)
+        return compile_inductor(gm, fakes, REGION_CONFIG if regions_enabled() else None)
 
 
 def _boxed_module(region: Any) -> fx.GraphModule:
