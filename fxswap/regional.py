@@ -264,7 +264,8 @@ class RegionalProgram:
                 outs = st.call(args) if call is None else call(st, args)
                 for slot, v in zip(st.outputs, outs, strict=True):
                     env[slot] = v
-                del outs, args
+                # `v` too: it would keep the step's last output alive through the next step
+                v = outs = args = None
                 if after is not None:
                     after(st)
         finally:
