@@ -265,7 +265,8 @@ class RegionalProgram:
                 for slot, v in zip(st.outputs, outs, strict=True):
                     env[slot] = v
                 # `v` too: it would keep the step's last output alive through the next step
-                v = outs = args = None
+                v = outs = None
+                del args
                 if after is not None:
                     after(st)
         finally:
