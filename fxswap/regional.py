@@ -15,8 +15,11 @@ through Dynamo again and, as measured, reused one block's weights for every bloc
 is called through ``functional_call``).
 
 What a region costs at run time: one call of Inductor's runtime wrapper (a few microseconds) and
-the table switch. Values crossing regions live in the program's slot list until their last reader
-region starts, which is where the monolithic program would have freed them at the latest.
+the table switch, in one Python function generated for the program, where the glue's swap ops are
+written out (``_straight_line``). Values crossing regions live in the program's slots until their
+last reader region starts, which is where the monolithic program would have freed them at the
+latest. The regions are compiled without Inductor's per-input asserts (``REGION_CONFIG``): their
+input layouts are fixed when the program is built.
 """
 
 from __future__ import annotations

@@ -1036,6 +1036,7 @@ class SwapRuntime:
         Triton kernel on CUDA) and the stored device copy dropped; the host keeps only the stored
         data. Otherwise a stored weight is copied as stored and the graph decodes it at each call.
         """
+        self._check_decoded(fqn, decoded)
         d = self._residents.get(fqn)
         if d is not None and (fqn in self._decoded) != decoded:
             # another signature's plan holds it in the other form: never both on the device
@@ -1043,11 +1044,6 @@ class SwapRuntime:
             self._decoded.discard(fqn)
             d = None
         if d is None:
-            if decoded and fqn not in self.stored:
-                raise ValueError(
-                    f"resident weight `{fqn}` is to be decoded once but is not kept as stored "
-                    "(fxswap.stored); only a GGUF or fp8 weight is decoded"
-                )
             if fqn in self.stored:
                 tensor = self.stored[fqn].data
             if self.alloc_hook is not None:
@@ -1067,6 +1063,25 @@ class SwapRuntime:
                 self._decoded.add(fqn)
             self._residents[fqn] = self.ledger.track(d) if self.track else d
         return d
+
+    def resident_like(self, fqn: str, tensor: Tensor, decoded: bool = False) -> Tensor:
+        """A meta tensor laid out as ``resident(fqn, tensor, decoded)``'s copy is (both backends make
+        it contiguous; its dtype and shape are the stored data's, or the decoded weight's), made
+        without copying anything: what a compile needs of a resident while its copy is being made
+        (``fxswap.build.Builder``, which checks the two agree once the copy exists)."""
+        self._check_decoded(fqn, decoded)
+        if decoded:
+            w = self.stored[fqn]
+            return torch.empty(tuple(w.shape), dtype=w.dtype, device="meta")
+        src = self.stored[fqn].data if fqn in self.stored else tensor
+        return torch.empty(tuple(src.shape), dtype=src.dtype, device="meta")
+
+    def _check_decoded(self, fqn: str, decoded: bool) -> None:
+        if decoded and fqn not in self.stored:
+            raise ValueError(
+                f"resident weight `{fqn}` is to be decoded once but is not kept as stored "
+                "(fxswap.stored); only a GGUF or fp8 weight is decoded"
+            )
 
     def retain_residents(self, keep: frozenset[str] | set[str]) -> None:
         """Release the resident device copies whose names are not in ``keep``."""

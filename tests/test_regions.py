@@ -344,3 +344,44 @@ def test_wan_default_is_bitwise_regional_compilation_and_compiles_the_block_only
     assert torch.equal(out, ref)
     # Inductor's own counter, empty cache: the block program only (fxswap.fit's rounds included)
     assert compiled.get("fxgraph_cache_miss", 0) + compiled.get("fxgraph_cache_bypass", 0) == 1, compiled
+
+
+def test_residents_are_copied_while_inductor_compiles_and_a_wrong_stand_in_compiles_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The build makes the resident weights' device copies in a thread while Inductor compiles with
+    stand-ins of their layouts. A stand-in laid out unlike its copy (here: a matrix's strides
+    transposed) must not reach the program: the build compiles again with the copies, and the
+    output is the normal build's, bitwise."""
+    import threading
+
+    from fxswap.runtime import SwapRuntime
+
+    torch.manual_seed(0)
+    model = SixBlocks().eval()
+    x = torch.randn(8, 32)
+    options: dict[str, Any] = dict(
+        mode="chunkwise", max_vram_gb=0.6 * _weights(model) / 2**30, backend="inductor", block_size_mb=0.01
+    )
+    with torch.no_grad():
+        want = fxswap.compile(model, **options, **COMMON)(x)
+    threads: list[str] = []
+    real_resident, real_like = SwapRuntime.resident, SwapRuntime.resident_like
+
+    def resident(self: SwapRuntime, fqn: str, tensor: torch.Tensor, decoded: bool = False) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        return real_resident(self, fqn, tensor, decoded)
+
+    def transposed(self: SwapRuntime, fqn: str, tensor: torch.Tensor, decoded: bool = False) -> torch.Tensor:
+        t = real_like(self, fqn, tensor, decoded)
+        return t.t().contiguous().t() if t.dim() == 2 else t
+
+    monkeypatch.setattr(SwapRuntime, "resident", resident)
+    monkeypatch.setattr(SwapRuntime, "resident_like", transposed)
+    sm = fxswap.compile(model, **options, **COMMON)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="fxswap.compiler"):
+        got = sm(x)
+    assert sm.plan is not None and any(u.resident for u in sm.plan.units)
+    assert "fxswap-residents" in threads
+    assert "laid out unlike its stand-in" in caplog.text
+    assert torch.equal(got, want)
