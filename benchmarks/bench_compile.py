@@ -277,7 +277,7 @@ def _steady_against_onegraph(
             run = 10
             regional_runs: list[float] = []
             onegraph_runs: list[float] = []
-            for _ in range(max(1, max(n, 5) * 2 // run)):
+            for _ in range(max(4, max(n, 5) * 2 // run)):
                 regional_runs += [_timed(lambda: fn(**inputs))[0] for _ in range(run)]
                 onegraph_runs += [_timed(lambda: base(**inputs))[0] for _ in range(run)]
     finally:
@@ -289,6 +289,8 @@ def _steady_against_onegraph(
         "steady_ratio_vs_onegraph_consecutive": round(c / d, 4),
         "steady_consecutive_s": [round(c, 5), round(d, 5)],
         "steady_consecutive_run": run,
+        "steady_consecutive_regional_calls_s": [round(t, 5) for t in regional_runs],
+        "steady_consecutive_onegraph_calls_s": [round(t, 5) for t in onegraph_runs],
         "onegraph_first_call_s": round(compile_s, 4),
         "onegraph_swapped_units": sum(not u.resident for u in base.plan.units),
         "regional_swapped_units": sum(not u.resident for u in fn.plans[0].units),
