@@ -315,8 +315,9 @@ class SwapModule:
             if self.strict and self._entries:
                 raise SignatureError(
                     f"strict=True: inputs {_describe(args, kwargs)} differ from the compiled signature "
-                    "(shape, "
-                    "dtype, device or a non-tensor argument). Fix: call with the compiled shapes, or "
+                    "(shape, strides, "
+                    "dtype, device or a non-tensor argument). Fix: call with the compiled shapes and "
+                    "layouts (e.g. .contiguous()), or "
                     "compile with strict=False to plan each new signature."
                 )
             self._check_devices(args, kwargs)
