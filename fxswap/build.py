@@ -75,6 +75,7 @@ __all__ = [
     "resolve_device",
     "retarget",
     "signature",
+    "tensor_signature",
 ]
 
 logger = logging.getLogger("fxswap.compiler")
@@ -122,8 +123,7 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
     key: list[Hashable] = [str(spec)]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            layout = tuple(s if n > 1 else None for n, s in zip(leaf.shape, leaf.stride(), strict=True))
-            key.append(("T", tuple(leaf.shape), layout, leaf.dtype, leaf.device.type))
+            key.append(("T", *tensor_signature(leaf)))
         else:
             try:
                 hash(leaf)
@@ -131,6 +131,17 @@ def signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
             except TypeError:
                 key.append(("V", type(leaf).__name__, repr(leaf)))
     return tuple(key)
+
+
+def tensor_signature(t: torch.Tensor) -> tuple[Hashable, ...]:
+    """One tensor's part of a call's signature (:func:`signature`): shape, layout (the strides of
+    the dimensions longer than 1; a sparse or other non-strided tensor's layout kind), dtype and
+    device type."""
+    if t.layout == torch.strided:
+        layout: Hashable = tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride(), strict=True))
+    else:
+        layout = str(t.layout)
+    return (tuple(t.shape), layout, t.dtype, t.device.type)
 
 
 def _entry(model: torch.nn.Module, args: Any, kwargs: Any) -> Any:

@@ -20,6 +20,7 @@ __all__ = [
     "DeviceError",
     "DeviceOutOfMemoryError",
     "FxswapError",
+    "LayoutError",
     "NoCudaError",
     "ParallelCallError",
     "PlanError",
@@ -90,6 +91,10 @@ class BudgetInfeasibleError(FxswapError, ValueError):
 
 class ReplayError(FxswapError, RuntimeError):
     """Inductor's generated code could not be replayed (an unknown wrapper construct)."""
+
+
+class LayoutError(FxswapError, RuntimeError):
+    """A compiled region was handed a tensor laid out unlike the one it was compiled for."""
 
 
 class CheckpointError(FxswapError, ValueError):

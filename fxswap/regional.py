@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from fxswap import ops
+from fxswap.errors import LayoutError
 
 __all__ = [
     "INDUCTOR_CONFIG",
@@ -242,7 +243,12 @@ class RegionalProgram:
             # swap ops included, which the generated function calls without the dispatcher.
             return self.run(list(flat))
         if self._straight is None:
+            # The first call runs the step loop and checks every compiled region's arguments
+            # against the layouts it was compiled for (it has no asserts of its own: REGION_CONFIG);
+            # the generated function runs the calls after it.
+            out = self.run(list(flat), call=_checked)
             self._straight = _straight_line(self)
+            return out
         return self._straight(list(flat))
 
     def run(
@@ -277,6 +283,30 @@ class RegionalProgram:
         return [
             env[s] if s is not None else c for s, c in zip(self.outputs, self.output_constants, strict=True)
         ]
+
+
+def _checked(st: Step, args: list[Any]) -> Any:
+    """``st`` called after checking that its arguments are laid out as its program was compiled
+    for (shape, dtype, the strides of dimensions longer than 1, as Inductor's own asserts check).
+    The layouts were worked out when the program was built, from the capture's values: a value
+    made by an op run as FX's Python (a stretch outside the blocks) could differ from them if a
+    kernel lays out its output unlike the op's meta function, and a compiled region would then
+    read the wrong elements."""
+    if not st.glue:
+        for i, (arg, want) in enumerate(zip(args, st.key[1], strict=True)):
+            if isinstance(arg, torch.Tensor) and want[0] == "T":
+                shape, stride, dtype = want[1], want[2], want[3]
+                got = tuple(s if n > 1 else None for n, s in zip(arg.shape, arg.stride(), strict=True))
+                expected = tuple(s if n > 1 else None for n, s in zip(shape, stride, strict=True))
+                if tuple(arg.shape) != shape or arg.dtype != dtype or got != expected:
+                    raise LayoutError(
+                        f"fxswap: input {i} of the compiled region {st.label or '(outside the blocks)'!r} "
+                        f"is a {arg.dtype} tensor of shape {tuple(arg.shape)} and strides {arg.stride()}, "
+                        f"but the region was compiled for {dtype}, {shape}, strides {stride} (what the "
+                        "capture said the op before it makes). Fix: compile with FXSWAP_EAGER_EDGES=0, so "
+                        "that the ops outside the blocks are compiled too, and report the model."
+                    )
+    return st.call(args)
 
 
 def _straight_line(program: RegionalProgram) -> Callable[[list[Any]], list[Any]]:
@@ -326,6 +356,8 @@ def _straight_line(program: RegionalProgram) -> Callable[[list[Any]], list[Any]]
             lines.append(f"        {', '.join(f's{i}' for i in st.outputs)}, = f{k}(a)")
         else:
             lines.append(f"        f{k}(a)")
+        lines.append("        a = None")  # a callee that does not empty it: not past its step
+    lines.append("        pass")  # a program of no steps
     lines.append("    finally:")
     lines.append("        swap_table(previous)")
     outs = []
@@ -390,7 +422,7 @@ def _glue_lines(k: int, st: Step, namespace: dict[str, Any]) -> list[str] | None
         return None
     # each value is cleared after its last use: temporaries always; a slot where this step is its
     # last reader (st.drop), as the boxed module drops what it took from its list
-    last: dict[str, fx.Node] = {}
+    last = {expr[n]: n for n in temps}  # a value nothing reads: cleared after its own line
     for n, _ in body:
         for a in n.all_input_nodes:
             last[expr[a]] = n

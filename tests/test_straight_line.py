@@ -163,3 +163,52 @@ def test_a_call_with_other_strides_is_a_new_signature(monkeypatch: pytest.Monkey
         plans = len(sm.plans)
         torch.testing.assert_close(sm(d), model(d), rtol=1e-5, atol=1e-5)
     assert len(sm.plans) == plans == 3
+
+
+def test_the_first_call_checks_each_compiled_region_input_against_its_layout() -> None:
+    """The regions have no asserts of their own: a program's first call checks every compiled
+    region's arguments against the layouts it was compiled for, then the generated function runs.
+    Here one recorded layout is made wrong (a matrix's strides transposed), as a kernel outside the
+    blocks laying out its output unlike its meta function would make it."""
+    import dataclasses
+
+    from fxswap import ops
+    from fxswap.errors import LayoutError
+    from fxswap.regional import RegionalProgram
+
+    torch.manual_seed(0)
+    model = SixBlocks().eval()
+    x = torch.randn(8, 32)
+    sm = fxswap.compile(model, mode="layerwise", max_vram_gb=2 * _weights(model) / 2**30, **COMMON)
+    with torch.no_grad():
+        want = sm(x)
+    entry = sm._current
+    assert entry is not None
+    program = entry.fn
+    args, kwargs = sm._canonical((x,), {})
+
+    def again(steps: list[Any]) -> RegionalProgram:
+        return RegionalProgram(
+            steps,
+            program.n_slots,
+            program.constants,
+            program.outputs,
+            program.output_constants,
+            program.n_inputs,
+        )
+
+    steps = list(program.steps)
+    k = next(i for i, st in enumerate(steps) if not st.glue)
+    layouts = list(steps[k].key[1])
+    j = next(i for i, lay in enumerate(layouts) if lay[0] == "T" and len(lay[1]) == 2 and min(lay[1]) > 1)
+    tag, shape, stride, *rest = layouts[j]
+    layouts[j] = (tag, shape, stride[::-1], *rest)
+    steps[k] = dataclasses.replace(steps[k], key=(steps[k].key[0], tuple(layouts), *steps[k].key[2:]))
+    with torch.no_grad(), ops.bound_units(entry.units):
+        flat = sm._builder.flat(entry, {"args": args, "kwargs": kwargs})
+        with pytest.raises(LayoutError, match="compiled for"):
+            again(steps)(*flat)
+        fresh = again(list(program.steps))
+        first = fresh(*flat)[0]  # checked
+        second = fresh(*flat)[0]  # the generated function
+    assert torch.equal(first, want) and torch.equal(second, want)

@@ -456,8 +456,12 @@ class SwapState:
 
 
 def _shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    # a tensor as the compiled model's signature sees it (its layout too: other strides are a new
+    # build, which must run under this node's budget like any first call)
+    from fxswap.build import tensor_signature
+
     def one(v: Any) -> Any:
-        return (tuple(v.shape), v.dtype, v.device.type) if isinstance(v, Tensor) else ("V", repr(v))
+        return tensor_signature(v) if isinstance(v, Tensor) else ("V", repr(v))
 
     return tuple(one(a) for a in args) + tuple((k, one(v)) for k, v in sorted(kwargs.items()))
 
