@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -54,7 +55,13 @@ from fxswap.passes.analyse import graph_ir, placeholder_roles, stored_storage
 from fxswap.passes.dequant import DequantSpec, insert_dequant, placeholder_weights
 from fxswap.passes.device_rules import apply_rules
 from fxswap.passes.sequence_parallel import SequenceParallel
-from fxswap.regional import compile_inductor, compile_regional, regions_enabled
+from fxswap.regional import (
+    compile_inductor,
+    compile_regional,
+    input_layout,
+    regions_enabled,
+    significant_strides,
+)
 from fxswap.runtime import SwapRuntime, default_device
 from fxswap.stored import attach, stored_weights
 from fxswap.swapplan import SwapPlan, fingerprint_parts
@@ -138,7 +145,7 @@ def tensor_signature(t: torch.Tensor) -> tuple[Hashable, ...]:
     the dimensions longer than 1; a sparse or other non-strided tensor's layout kind), dtype and
     device type."""
     if t.layout == torch.strided:
-        layout: Hashable = tuple(s if n > 1 else None for n, s in zip(t.shape, t.stride(), strict=True))
+        layout: Hashable = significant_strides(t.shape, t.stride())
     else:
         layout = str(t.layout)
     return (tuple(t.shape), layout, t.dtype, t.device.type)
@@ -146,13 +153,6 @@ def tensor_signature(t: torch.Tensor) -> tuple[Hashable, ...]:
 
 def _entry(model: torch.nn.Module, args: Any, kwargs: Any) -> Any:
     return model(*args, **kwargs)
-
-
-def _laid_out(x: Any) -> Any:
-    """What a compiled program assumes of an input: a tensor's shape, strides and dtype."""
-    if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.stride(), x.dtype)
-    return ("value", id(x))
 
 
 def _to_meta(x: Any) -> Any:
@@ -680,7 +680,8 @@ class Builder:
         if "error" in made:
             raise made["error"]
         flat: list[Any] = made["flat"]
-        if any(_laid_out(a) != _laid_out(b) for a, b in zip(standins, flat, strict=True)):
+        laid_out = functools.partial(input_layout, device=self.device)
+        if any(laid_out(a) != laid_out(b) for a, b in zip(standins, flat, strict=True)):
             logger.warning("fxswap: a resident's copy is laid out unlike its stand-in; compiling again")
             fn = self.compile(entry, flat)
         return Built(entry, fn, flat, entry.unit_ids, entry.units)

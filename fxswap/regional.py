@@ -50,7 +50,9 @@ __all__ = [
     "compile_inductor",
     "compile_regional",
     "edges_eager",
+    "input_layout",
     "regions_enabled",
+    "significant_strides",
 ]
 
 logger = logging.getLogger("fxswap.compiler")
@@ -296,9 +298,12 @@ def _checked(st: Step, args: list[Any]) -> Any:
         for i, (arg, want) in enumerate(zip(args, st.key[1], strict=True)):
             if isinstance(arg, torch.Tensor) and want[0] == "T":
                 shape, stride, dtype = want[1], want[2], want[3]
-                got = tuple(s if n > 1 else None for n, s in zip(arg.shape, arg.stride(), strict=True))
-                expected = tuple(s if n > 1 else None for n, s in zip(shape, stride, strict=True))
-                if tuple(arg.shape) != shape or arg.dtype != dtype or got != expected:
+                got = significant_strides(arg.shape, arg.stride())
+                if (
+                    tuple(arg.shape) != shape
+                    or arg.dtype != dtype
+                    or got != significant_strides(shape, stride)
+                ):
                     raise LayoutError(
                         f"fxswap: input {i} of the compiled region {st.label or '(outside the blocks)'!r} "
                         f"is a {arg.dtype} tensor of shape {tuple(arg.shape)} and strides {arg.stride()}, "
@@ -444,7 +449,15 @@ def _glue_lines(k: int, st: Step, namespace: dict[str, Any]) -> list[str] | None
     return lines
 
 
-def _layout(v: Any, device: torch.device) -> tuple[Any, ...]:
+def significant_strides(shape: Sequence[int], stride: Sequence[int]) -> tuple[int | None, ...]:
+    """The strides that address something: those of the dimensions longer than 1 (Inductor's own
+    asserts ignore the others, and so do a call's signature and the first call's layout check)."""
+    return tuple(s if n > 1 else None for n, s in zip(shape, stride, strict=True))
+
+
+def input_layout(v: Any, device: torch.device) -> tuple[Any, ...]:
+    """What a compiled region assumes of one input, as its program is keyed: a tensor's shape,
+    strides, dtype and device (a meta tensor stands for one on ``device``); another value's repr."""
     if isinstance(v, torch.Tensor):
         dev = v.device if v.device.type != "meta" else device
         return ("T", tuple(v.shape), tuple(v.stride()), v.dtype, str(dev))
@@ -534,7 +547,7 @@ def compile_regional(
     keys = []
     for region, ins, _outs, _table in plans:
         # regions_enabled: with it off, the one region is compiled with Inductor's asserts
-        layouts = tuple(_layout(example[s], device) for s in ins)
+        layouts = tuple(input_layout(example[s], device) for s in ins)
         keys.append((region.signature, layouts, regions_enabled()))
     # Run as FX's Python, not compiled: glue always; and, unless FXSWAP_EAGER_EDGES=0, every
     # stretch outside the repeated blocks (prologue, epilogue, ops between blocks), as regional
